@@ -1,0 +1,532 @@
+"""ICP: length-prefixed pbRPC frames on a stream socket, both sides calling.
+
+Three layers, each in its own method group of :class:`IcpProtocol`:
+
+* framing: a big-endian uint32 length and one serialized ``RPCBase``
+  (Twisted's ``Int32StringReceiver`` with a per-connection ceiling);
+* the connection lifecycle, an explicit machine (``IcpState``):
+  connecting -> handshaking -> ready -> closed;
+* the call engine: outbound calls keyed by ``tag`` in a table of
+  outstanding Deferreds, inbound requests routed by ``msg_type`` to an
+  injected handler table.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from google.protobuf.message import DecodeError, EncodeError, Message
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
+
+from protocols.errors import (
+    IcpDisconnectedError,
+    IcpHandlerError,
+    IcpNotConnectedError,
+    IcpNotFoundError,
+    IcpProtocolError,
+    IcpRemoteError,
+    IcpTimeoutError,
+)
+from protocols.generated import ICP_pb2, pbRPC_pb2
+
+RPCBase = pbRPC_pb2.RPCBase
+VersionInfo = pbRPC_pb2.VersionInfo
+SUCCESS = RPCBase.SUCCESS
+FAILED = RPCBase.FAILED
+NOTFOUND = RPCBase.NOTFOUND
+
+HANDSHAKE_MSG_TYPE = 0xFFFFFFFF
+PROTOCOL_VERSION = (1, 1)
+DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+DEFAULT_CALL_TIMEOUT = 10.0
+_TAG_MASK = 0xFFFFFFFF
+# errorDescription is for humans; keep a buggy handler's text from growing frames.
+_MAX_ERROR_DESCRIPTION = 200
+
+
+@dataclass(frozen=True, slots=True)
+class IcpMethod:
+    """One ICP message type: its number, name and message classes."""
+
+    msg_type: int
+    name: str
+    request: type[Message]
+    response: type[Message]
+
+
+def _method_table() -> dict[int, IcpMethod]:
+    table = {}
+    for name, msg_type in ICP_pb2.MSGTYPE.items():
+        table[msg_type] = IcpMethod(
+            msg_type, name, getattr(ICP_pb2, f"{name}Request"), getattr(ICP_pb2, f"{name}Response")
+        )
+    return table
+
+
+#: Every message type of WIRE.md, by msgType value.
+ICP_METHODS: Mapping[int, IcpMethod] = _method_table()
+MSG_IS_CHANNEL_ALLOWED = ICP_pb2.IsChannelAllowed
+MSG_PING = ICP_pb2.Ping
+MSG_DISCONNECT_USER_SESSION = ICP_pb2.DisconnectUserSession
+MSG_LOGOFF_USER_SESSION = ICP_pb2.LogoffUserSession
+MSG_VIRTUAL_CHANNEL_OPEN = ICP_pb2.OtsApiVirtualChannelOpen
+MSG_LOGON_USER = ICP_pb2.LogonUser
+MSG_SWITCH_TO = ICP_pb2.SwitchTo
+MSG_PROPERTY_BOOL = ICP_pb2.PropertyBool
+MSG_PROPERTY_NUMBER = ICP_pb2.PropertyNumber
+MSG_PROPERTY_STRING = ICP_pb2.PropertyString
+MSG_VIRTUAL_CHANNEL_CLOSE = ICP_pb2.OtsApiVirtualChannelClose
+MSG_START_REMOTE_CONTROL = ICP_pb2.OtsApiStartRemoteControl
+MSG_STOP_REMOTE_CONTROL = ICP_pb2.OtsApiStopRemoteControl
+MSG_REMOTE_CONTROL_ENDED = ICP_pb2.RemoteControlEnded
+MSG_MESSAGE = ICP_pb2.Message
+MSG_PROPERTY_BULK = ICP_pb2.PropertyBulk
+
+#: A request handler: takes the decoded request, returns the response message
+#: or a Deferred firing with it. Raising IcpHandlerError answers FAILED with
+#: its text; any other exception answers FAILED generically and is logged.
+Handler: TypeAlias = Callable[[Any], "Message | Deferred[Message]"]
+
+
+def parse(message_type: type[Message], data: bytes) -> Any:
+    """Decode ``data`` strictly: proto2 required fields must all be present
+    (the Python runtime's parser does not check that by itself)."""
+    message = message_type.FromString(data)
+    if not message.IsInitialized():
+        missing = ", ".join(message.FindInitializationErrors())
+        raise DecodeError(f"{message_type.__name__} is missing required fields: {missing}")
+    return message
+
+
+def method_name(msg_type: int) -> str:
+    method = ICP_METHODS.get(msg_type)
+    if method is not None:
+        return method.name
+    return "Handshake" if msg_type == HANDSHAKE_MSG_TYPE else f"unknown({msg_type})"
+
+
+class IcpState(enum.Enum):
+    """Where a connection is in its life.
+
+    CONNECTING: the protocol exists, the transport is not there yet.
+    HANDSHAKING: connected; only the VersionInfo exchange is accepted.
+    READY: calls flow both ways.
+    CLOSED: nothing flows; every call fails with the recorded reason.
+    """
+
+    CONNECTING = "connecting"
+    HANDSHAKING = "handshaking"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+_TRANSITIONS: dict[IcpState, frozenset[IcpState]] = {
+    IcpState.CONNECTING: frozenset({IcpState.HANDSHAKING, IcpState.CLOSED}),
+    IcpState.HANDSHAKING: frozenset({IcpState.READY, IcpState.CLOSED}),
+    IcpState.READY: frozenset({IcpState.CLOSED}),
+    IcpState.CLOSED: frozenset(),
+}
+
+
+class _Outstanding:
+    """One outbound call waiting for its answer."""
+
+    __slots__ = ("deferred", "method", "timeout", "timer")
+
+    def __init__(
+        self, deferred: Deferred[Any], method: IcpMethod, timeout: float, timer: IDelayedCall
+    ) -> None:
+        self.deferred = deferred
+        self.method = method
+        self.timeout = timeout
+        self.timer = timer
+
+
+class IcpProtocol(Int32StringReceiver):
+    """One ICP connection, either end.
+
+    The bridge is the responder (it waits for the RDP server's handshake);
+    the stand-in RDP server is the initiator (``initiator=True``).
+
+    Invariants: every tag in ``_pending`` belongs to a call whose Deferred has
+    not fired and whose timer is armed; once the state is CLOSED ``_pending``
+    is empty and ``_closed_reason`` is set.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        handlers: Mapping[int, Handler],
+        *,
+        clock: IReactorTime | None = None,
+        initiator: bool = False,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        version: tuple[int, int] = PROTOCOL_VERSION,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # the global one only as default
+        unknown = set(handlers) - set(ICP_METHODS)
+        if unknown:
+            raise ValueError(f"handlers for unknown ICP message types: {sorted(unknown)}")
+        self.MAX_LENGTH = max_frame_size
+        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.handlers = handlers
+        self.initiator = initiator
+        self.call_timeout = call_timeout
+        self.version = version
+        self.state = IcpState.CONNECTING
+        self.peer_version: tuple[int, int] | None = None
+        self._pending: dict[int, _Outstanding] = {}
+        self._next_tag = 1
+        self._handshake_tag: int | None = None
+        self._closed_reason: Exception | None = None
+        self._drop_reason: IcpProtocolError | None = None
+        self._ready_waiters: list[Deferred[tuple[int, int]]] = []
+        self._closed_waiters: list[Deferred[Exception]] = []
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _enter(self, new: IcpState) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"ICP connection cannot go from {self.state.value} to {new.value}")
+        self.state = new
+
+    def when_ready(self) -> Deferred[tuple[int, int]]:
+        """A new Deferred that fires with the peer's (major, minor) version
+        once the handshake is done; fails with the close reason if the
+        connection closes first."""
+        if self.state is IcpState.READY:
+            assert self.peer_version is not None
+            return succeed(self.peer_version)
+        if self.state is IcpState.CLOSED:
+            assert self._closed_reason is not None
+            return fail(self._closed_reason)
+        d: Deferred[tuple[int, int]] = Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def when_closed(self) -> Deferred[Exception]:
+        """A new Deferred that fires with the close reason (an exception
+        instance, never a failure) once the connection is gone."""
+        if self.state is IcpState.CLOSED and self.transport is None:
+            assert self._closed_reason is not None
+            return succeed(self._closed_reason)
+        d: Deferred[Exception] = Deferred()
+        self._closed_waiters.append(d)
+        return d
+
+    @property
+    def pending_calls(self) -> int:
+        return len(self._pending)
+
+    def connectionMade(self) -> None:
+        self._enter(IcpState.HANDSHAKING)
+        if self.initiator:
+            self._handshake_tag = self._allocate_tag()
+            self._send(
+                RPCBase(
+                    tag=self._handshake_tag,
+                    isResponse=False,
+                    status=SUCCESS,
+                    msgType=HANDSHAKE_MSG_TYPE,
+                    versionInfo=VersionInfo(vmajor=self.version[0], vminor=self.version[1]),
+                )
+            )
+
+    def _become_ready(self, peer_version: tuple[int, int]) -> None:
+        self.peer_version = peer_version
+        self._enter(IcpState.READY)
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(peer_version)
+
+    def _close(self, reason: Exception) -> None:
+        """Enter CLOSED and fail everything waiting, at once."""
+        if self.state is IcpState.CLOSED:
+            return
+        self._enter(IcpState.CLOSED)
+        self._closed_reason = reason
+        # Errbacks may start new calls; those fail at once since we are CLOSED.
+        while self._pending:
+            _, outstanding = self._pending.popitem()
+            outstanding.timer.cancel()
+            outstanding.deferred.errback(reason)
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.errback(reason)
+
+    def drop(self, error: IcpProtocolError) -> None:
+        """Close this connection because the peer broke the protocol."""
+        if self.state is IcpState.CLOSED:
+            return
+        self.log.error("dropping ICP connection: {reason}", reason=str(error))
+        self._drop_reason = error
+        self._close(IcpDisconnectedError(f"connection dropped: {error}"))
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def close(self) -> None:
+        """Close the connection on our own initiative (shutdown)."""
+        self._close(IcpDisconnectedError("connection closed locally"))
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        cause = self._drop_reason or (reason.value if reason is not None else None)
+        self._close(IcpDisconnectedError(f"connection lost: {cause}"))
+        self.transport = None
+        assert self._closed_reason is not None
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(self._closed_reason)
+
+    # -- framing -------------------------------------------------------------
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.drop(
+            IcpProtocolError(f"frame length {length} exceeds the limit of {self.MAX_LENGTH} bytes")
+        )
+
+    def stringReceived(self, frame: bytes) -> None:
+        if self.state is IcpState.CLOSED:
+            return  # the rest of a read that arrived after we decided to drop
+        try:
+            rpc = parse(RPCBase, frame)
+        except DecodeError as e:
+            self.drop(IcpProtocolError(f"unparseable frame of {len(frame)} bytes ({e})"))
+            return
+        if self.state is IcpState.READY:
+            if rpc.isResponse:
+                self._response_received(rpc)
+            else:
+                self._request_received(rpc)
+        else:
+            self._handshake_received(rpc)
+
+    def _send(self, rpc: RPCBase) -> None:
+        self.sendString(rpc.SerializeToString())
+
+    # -- handshake -----------------------------------------------------------
+
+    def _handshake_received(self, rpc: RPCBase) -> None:
+        if rpc.msgType != HANDSHAKE_MSG_TYPE or not rpc.HasField("versionInfo"):
+            self.drop(
+                IcpProtocolError(
+                    f"expected a handshake, got {method_name(rpc.msgType)} "
+                    f"({'response' if rpc.isResponse else 'request'}, tag {rpc.tag})"
+                )
+            )
+            return
+        peer = (rpc.versionInfo.vmajor, rpc.versionInfo.vminor)
+        if self.initiator:
+            if not rpc.isResponse or rpc.tag != self._handshake_tag:
+                self.drop(IcpProtocolError(f"unexpected handshake frame (tag {rpc.tag})"))
+            elif rpc.status != SUCCESS or peer[0] != self.version[0]:
+                self.drop(
+                    IcpProtocolError(f"peer refused or speaks ICP {peer[0]}.{peer[1]}")
+                )
+            else:
+                self._become_ready(peer)
+            return
+        if rpc.isResponse:
+            self.drop(IcpProtocolError("got a handshake response, but we did not ask"))
+            return
+        self._send(
+            RPCBase(
+                tag=rpc.tag,
+                isResponse=True,
+                status=SUCCESS,
+                msgType=HANDSHAKE_MSG_TYPE,
+                versionInfo=VersionInfo(vmajor=self.version[0], vminor=self.version[1]),
+            )
+        )
+        if peer[0] > self.version[0]:
+            self.drop(
+                IcpProtocolError(
+                    f"peer speaks ICP {peer[0]}.{peer[1]}, newer than our "
+                    f"{self.version[0]}.{self.version[1]}"
+                )
+            )
+            return
+        self._become_ready(peer)
+
+    # -- outbound calls ------------------------------------------------------
+
+    def _allocate_tag(self) -> int:
+        tag = self._next_tag
+        while tag in self._pending or tag == self._handshake_tag:
+            tag = (tag + 1) & _TAG_MASK
+        self._next_tag = (tag + 1) & _TAG_MASK
+        return tag
+
+    def call(self, msg_type: int, request: Message, timeout: float | None = None) -> Deferred[Any]:
+        """Send a request to the peer.
+
+        Returns a Deferred that fires with the decoded response message, or
+        fails with IcpTimeoutError (no answer within ``timeout``, default the
+        connection's call timeout), IcpRemoteError (peer answered FAILED),
+        IcpNotFoundError (peer answered NOTFOUND), IcpProtocolError (answer
+        not decodable), IcpDisconnectedError (connection gone before or
+        during the call) or IcpNotConnectedError (handshake not done yet).
+        Cancelling it forgets the call; a late answer is then ignored.
+        """
+        if self.state is not IcpState.READY:
+            if self.state is IcpState.CLOSED:
+                assert self._closed_reason is not None
+                return fail(self._closed_reason)
+            return fail(IcpNotConnectedError(f"ICP connection is {self.state.value}"))
+        method = ICP_METHODS[msg_type]
+        if not isinstance(request, method.request):
+            raise TypeError(f"{method.name} needs a {method.request.__name__}")
+        try:
+            payload = request.SerializeToString()
+        except EncodeError as e:
+            return fail(e)
+        tag = self._allocate_tag()
+        d: Deferred[Any] = Deferred(lambda _: self._forget(tag))
+        if timeout is None:
+            timeout = self.call_timeout
+        timer = self.clock.callLater(timeout, self._timed_out, tag)
+        self._pending[tag] = _Outstanding(d, method, timeout, timer)
+        self._send(
+            RPCBase(tag=tag, isResponse=False, status=SUCCESS, msgType=msg_type, payload=payload)
+        )
+        return d
+
+    def _forget(self, tag: int) -> None:
+        outstanding = self._pending.pop(tag, None)
+        if outstanding is not None:
+            outstanding.timer.cancel()
+
+    def _timed_out(self, tag: int) -> None:
+        outstanding = self._pending.pop(tag)
+        outstanding.deferred.errback(
+            IcpTimeoutError(outstanding.method.msg_type, outstanding.timeout)
+        )
+
+    def _response_received(self, rpc: RPCBase) -> None:
+        outstanding = self._pending.pop(rpc.tag, None)
+        if outstanding is None:
+            self.log.warn(
+                "ignoring ICP response with unknown tag {tag} ({method})",
+                tag=rpc.tag,
+                method=method_name(rpc.msgType),
+            )
+            return
+        outstanding.timer.cancel()
+        method = outstanding.method
+        d = outstanding.deferred
+        if rpc.msgType != method.msg_type:
+            d.errback(
+                IcpProtocolError(
+                    f"answer to {method.name} (tag {rpc.tag}) came as {method_name(rpc.msgType)}"
+                )
+            )
+        elif rpc.status == SUCCESS:
+            try:
+                response = parse(method.response, rpc.payload)
+            except DecodeError as e:
+                d.errback(IcpProtocolError(f"undecodable {method.name} answer: {e}"))
+            else:
+                d.callback(response)
+        elif rpc.status == NOTFOUND:
+            d.errback(IcpNotFoundError(method.msg_type))
+        else:
+            d.errback(IcpRemoteError(method.msg_type, rpc.errorDescription))
+
+    # -- inbound requests ----------------------------------------------------
+
+    def _request_received(self, rpc: RPCBase) -> None:
+        tag, msg_type = rpc.tag, rpc.msgType
+        handler = self.handlers.get(msg_type)
+        if handler is None:
+            self.log.info(
+                "answering NOTFOUND to ICP request {method} (tag {tag})",
+                method=method_name(msg_type),
+                tag=tag,
+            )
+            self._send(RPCBase(tag=tag, isResponse=True, status=NOTFOUND, msgType=msg_type))
+            return
+        method = ICP_METHODS[msg_type]
+        try:
+            request = parse(method.request, rpc.payload)
+        except DecodeError as e:
+            self.log.warn(
+                "malformed {method} request (tag {tag}): {error}",
+                method=method.name, tag=tag, error=str(e),
+            )
+            self._answer_failed(tag, msg_type, f"malformed {method.name}Request")
+            return
+        try:
+            result = handler(request)
+        except Exception:
+            self._handler_failed(Failure(), tag, method)
+            return
+        if isinstance(result, Deferred):
+            result.addCallbacks(
+                self._answer, self._handler_failed, callbackArgs=(tag, method),
+                errbackArgs=(tag, method),
+            )
+        else:
+            self._answer(result, tag, method)
+
+    def _answer(self, response: Message, tag: int, method: IcpMethod) -> None:
+        if self.state is not IcpState.READY:
+            self.log.debug("connection gone; dropping answer to {method}", method=method.name)
+            return
+        if not isinstance(response, method.response):
+            self.log.error(
+                "{method} handler returned {kind}, not {expected}",
+                method=method.name, kind=type(response).__name__,
+                expected=method.response.__name__,
+            )
+            self._answer_failed(tag, method.msg_type, "internal error")
+            return
+        try:
+            payload = response.SerializeToString()
+        except EncodeError as e:
+            self.log.error(
+                "{method} handler returned an incomplete response: {error}",
+                method=method.name, error=str(e),
+            )
+            self._answer_failed(tag, method.msg_type, "internal error")
+            return
+        self._send(
+            RPCBase(
+                tag=tag, isResponse=True, status=SUCCESS, msgType=method.msg_type, payload=payload
+            )
+        )
+
+    def _handler_failed(self, failure: Failure, tag: int, method: IcpMethod) -> None:
+        if failure.check(IcpHandlerError):
+            description = str(failure.value)
+            self.log.info(
+                "{method} refused (tag {tag}): {reason}", method=method.name, tag=tag,
+                reason=description,
+            )
+        else:
+            description = f"internal error in {method.name}"
+            self.log.failure("{method} handler failed (tag {tag})", failure,
+                             method=method.name, tag=tag)
+        if self.state is IcpState.READY:
+            self._answer_failed(tag, method.msg_type, description)
+
+    def _answer_failed(self, tag: int, msg_type: int, description: str) -> None:
+        self._send(
+            RPCBase(
+                tag=tag,
+                isResponse=True,
+                status=FAILED,
+                msgType=msg_type,
+                errorDescription=description[:_MAX_ERROR_DESCRIPTION],
+            )
+        )
