@@ -1,0 +1,253 @@
+"""Authentication: the Authenticator interface, the users file with scrypt
+hashes, PAM, and an in-memory authenticator for tests and demos."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from bridge.permissions import GUEST, level_name, level_value
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who authenticated, with the permission flags of their level."""
+
+    username: str
+    domain: str
+    permission: int
+
+
+class Authenticator(Protocol):
+    def authenticate(self, username: str, password: str, domain: str) -> Deferred[Identity | None]:
+        """Fires with the Identity, or None when the credentials are wrong.
+        Never logs or keeps the password."""
+        ...
+
+
+#: Runs a blocking function off the reactor thread, returning a Deferred.
+BlockingRunner = Callable[..., "Deferred[Any]"]
+
+
+def _run_here(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    from twisted.internet.defer import maybeDeferred
+
+    return maybeDeferred(f, *args)
+
+
+class InMemoryAuthenticator:
+    """Users and passwords held in memory (tests, demos)."""
+
+    def __init__(self, users: dict[str, tuple[str, int]]) -> None:
+        self._users = users
+
+    def authenticate(self, username: str, password: str, domain: str) -> Deferred[Identity | None]:
+        entry = self._users.get(username)
+        if entry is None or not hmac.compare_digest(entry[0].encode(), password.encode()):
+            return succeed(None)
+        return succeed(Identity(username, domain, entry[1]))
+
+
+# -- users file ---------------------------------------------------------------
+
+# scrypt cost: n=2**15, r=8 takes ~32 MiB and tens of ms, done off the reactor.
+SCRYPT_N = 2**15
+SCRYPT_R = 8
+SCRYPT_P = 1
+
+
+class UsersFileError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class UserEntry:
+    name: str
+    permission: int
+    password_hash: str
+
+
+def hash_password(password: str, n: int = SCRYPT_N) -> str:
+    salt = secrets.token_bytes(16)
+    digest = _scrypt(password, salt, n, SCRYPT_R, SCRYPT_P)
+    return "$".join(
+        ["scrypt", f"n={n},r={SCRYPT_R},p={SCRYPT_P}", _b64(salt), _b64(digest)]
+    )
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Constant-time check of ``password`` against a hash_password() string."""
+    try:
+        scheme, params, salt_text, digest_text = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        cost = dict(item.split("=") for item in params.split(","))
+        salt = base64.b64decode(salt_text)
+        expected = base64.b64decode(digest_text)
+        actual = _scrypt(password, salt, int(cost["n"]), int(cost["r"]), int(cost["p"]))
+    except (ValueError, KeyError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(
+        password.encode(), salt=salt, n=n, r=r, p=p, dklen=32, maxmem=256 * 1024 * 1024
+    )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def read_users(path: Path) -> dict[str, UserEntry]:
+    """Parse a users file: ``name:level:hash`` per line, ``#`` comments."""
+    users: dict[str, UserEntry] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return users
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(":")
+        if len(parts) != 3:
+            raise UsersFileError(f"{path}:{number}: expected name:level:hash")
+        name, level, password_hash = parts
+        try:
+            users[name] = UserEntry(name, level_value(level), password_hash)
+        except ValueError as e:
+            raise UsersFileError(f"{path}:{number}: {e}") from None
+    return users
+
+
+def write_users(path: Path, users: Iterable[UserEntry]) -> None:
+    """Replace the users file atomically, mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# icp-bridge users: name:level:scrypt hash (managed by `icp-bridge users`)"]
+    lines += [f"{u.name}:{level_name(u.permission)}:{u.password_hash}" for u in users]
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
+
+
+def check_username(name: str) -> None:
+    if not name or ":" in name or any(c.isspace() for c in name) or name.startswith("#"):
+        raise UsersFileError(f"bad user name {name!r}: no spaces, ':' or leading '#'")
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600, owner: tuple[int, int] | None = None,
+                 ) -> None:
+    """Write ``data`` to ``path`` so readers see the old or the new file,
+    never a torn one, and a crash leaves no partial file: a temp file in the
+    same directory (O_EXCL, mode set before any byte), fsync, rename over
+    the target (which replaces a planted symlink rather than following
+    it), then fsync the directory."""
+    directory = path.parent
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    try:
+        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(temp_name)
+        raise
+    os.close(fd)
+    try:
+        os.rename(temp_name, path)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class UsersFileAuthenticator:
+    """Checks passwords against the users file, re-read when it changes.
+    scrypt runs through ``run_blocking`` (a thread pool in the service) so
+    the reactor never waits on it."""
+
+    log = Logger()
+
+    def __init__(self, path: Path, run_blocking: BlockingRunner = _run_here) -> None:
+        self.path = path
+        self._run_blocking = run_blocking
+        self._users: dict[str, UserEntry] = {}
+        self._stamp: tuple[int, int] | None = None
+        # A fixed hash to spend the same time on unknown users.
+        self._dummy_hash = hash_password(secrets.token_hex(8), n=2**10)
+
+    def users(self) -> dict[str, UserEntry]:
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._stamp:
+            try:
+                self._users = read_users(self.path)
+            except UsersFileError as e:
+                self.log.error("cannot read users file: {error}", error=str(e))
+            self._stamp = stamp
+        return self._users
+
+    def authenticate(self, username: str, password: str, domain: str) -> Deferred[Identity | None]:
+        entry = self.users().get(username)
+        encoded = entry.password_hash if entry is not None else self._dummy_hash
+
+        def checked(ok: bool) -> Identity | None:
+            if ok and entry is not None:
+                return Identity(username, domain, entry.permission)
+            return None
+
+        return self._run_blocking(verify_password, password, encoded).addCallback(checked)
+
+
+class PamAuthenticator:
+    """Authenticates against PAM (``pip install icp-bridge[pam]``). The
+    permission level comes from the ``permission.level`` property (per user
+    or global), guest if unset, as ogon does."""
+
+    def __init__(self, level_of: Callable[[str], int], service: str = "login",
+                 run_blocking: BlockingRunner = _run_here) -> None:
+        try:
+            import pam  # type: ignore[import-not-found]
+        except ImportError:
+            raise RuntimeError(
+                "authenticator = 'pam' needs the python-pam package: "
+                "pip install 'icp-bridge[pam]'"
+            ) from None
+        self._pam = pam
+        self._service = service
+        self._level_of = level_of
+        self._run_blocking = run_blocking
+
+    def _check(self, username: str, password: str) -> bool:
+        return bool(self._pam.pam().authenticate(username, password, service=self._service))
+
+    def authenticate(self, username: str, password: str, domain: str) -> Deferred[Identity | None]:
+        def checked(ok: bool) -> Identity | None:
+            return Identity(username, domain, self._level_of(username)) if ok else None
+
+        return self._run_blocking(self._check, username, password).addCallback(checked)
+
+
+DEFAULT_PAM_LEVEL = int(GUEST)

@@ -1,0 +1,131 @@
+"""Auth tokens: unguessable, carrying a permission level, expiring.
+
+Two kinds: a *logon token* from ``logonConnection`` (sliding lifetime) and a
+*session token* bound to a session (written to its token file, valid while
+the session exists). Only a SHA-256 of each token is kept, in memory and on
+disk, so the state database does not hold usable secrets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IReactorTime
+
+from bridge.auth import Identity
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass
+class TokenRecord:
+    digest: str
+    username: str
+    domain: str
+    permission: int
+    session_id: int | None  # set for session tokens
+    expires_at: float | None  # None: lives as long as its session
+    lifetime: float | None
+
+
+TokenListener = Callable[[str, "TokenRecord | None"], None]
+
+
+class TokenStore:
+    """Issued tokens by digest. ``listener(digest, record)`` hears of every
+    change (record None on removal) so the state store can persist it."""
+
+    # Persist a slid expiry only when it moved this much, so that using a
+    # token (every OTS API call) does not mean a database write.
+    PERSIST_SLIDE = 60.0
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._records: dict[str, TokenRecord] = {}
+        self._persisted_expiry: dict[str, float | None] = {}
+        self.listener: TokenListener | None = None
+
+    def _changed(self, record: TokenRecord) -> None:
+        self._persisted_expiry[record.digest] = record.expires_at
+        if self.listener is not None:
+            self.listener(record.digest, record)
+
+    def _removed(self, digest: str) -> None:
+        self._persisted_expiry.pop(digest, None)
+        if self.listener is not None:
+            self.listener(digest, None)
+
+    def restore(self, records: Iterable[TokenRecord]) -> None:
+        for record in records:
+            self._records[record.digest] = record
+            self._persisted_expiry[record.digest] = record.expires_at
+
+    def issue(self, identity: Identity, lifetime: float | None = None,
+              session_id: int | None = None) -> str:
+        """A new token for ``identity``: a logon token expiring ``lifetime``
+        seconds after its last use, or (``session_id`` given) a session
+        token that lives as long as the session."""
+        token = secrets.token_urlsafe(32)
+        record = TokenRecord(
+            digest=token_digest(token),
+            username=identity.username,
+            domain=identity.domain,
+            permission=identity.permission,
+            session_id=session_id,
+            expires_at=None if lifetime is None else self.clock.seconds() + lifetime,
+            lifetime=lifetime,
+        )
+        self._records[record.digest] = record
+        self._changed(record)
+        return token
+
+    def lookup(self, token: str) -> TokenRecord | None:
+        """The live record of ``token`` (sliding its expiry), else None."""
+        if not token:
+            return None
+        digest = token_digest(token)
+        record = self._records.get(digest)
+        if record is None:
+            return None
+        if record.expires_at is not None and record.lifetime is not None:
+            now = self.clock.seconds()
+            if now >= record.expires_at:
+                del self._records[digest]
+                self._removed(digest)
+                return None
+            record.expires_at = now + record.lifetime
+            persisted = self._persisted_expiry.get(digest)
+            if persisted is None or record.expires_at - persisted >= self.PERSIST_SLIDE:
+                self._changed(record)
+        return record
+
+    def revoke(self, token: str) -> bool:
+        digest = token_digest(token)
+        if self._records.pop(digest, None) is None:
+            return False
+        self._removed(digest)
+        return True
+
+    def revoke_session(self, session_id: int) -> None:
+        for digest, record in list(self._records.items()):
+            if record.session_id == session_id:
+                del self._records[digest]
+                self._removed(digest)
+
+    def expire(self) -> int:
+        """Drop every expired token; returns how many."""
+        now = self.clock.seconds()
+        dead = [d for d, r in self._records.items()
+                if r.expires_at is not None and now >= r.expires_at]
+        for digest in dead:
+            del self._records[digest]
+            self._removed(digest)
+        return len(dead)
+
+    def __len__(self) -> int:
+        return len(self._records)
