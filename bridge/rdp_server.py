@@ -73,6 +73,7 @@ class RdpServerLink(Factory):
     """
 
     log = Logger()
+    noisy = False  # the listening service logs where it listens
 
     def __init__(
         self,

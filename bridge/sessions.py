@@ -149,6 +149,9 @@ class SessionRegistry:
             self._by_connection[session.connection_id] = session.session_id
         self._next_session_id = max(self._next_session_id, session.session_id + 1)
 
+    def restore_next_session_id(self, next_session_id: int) -> None:
+        self._next_session_id = max(self._next_session_id, next_session_id)
+
     @property
     def next_session_id(self) -> int:
         return self._next_session_id

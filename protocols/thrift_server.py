@@ -277,6 +277,8 @@ class ThriftServerProtocol(Protocol):
 class ThriftServerFactory(Factory):
     """Builds a ThriftServerProtocol per connection around one handler."""
 
+    noisy = False
+
     def __init__(self, service_module: ModuleType, handler: Any,
                  max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.methods = service_methods(service_module)

@@ -1,0 +1,370 @@
+"""The ``icp-bridge`` command: ``users``, ``ctl`` and ``peer``.
+
+(The service itself runs under twistd: ``twistd -n icp-bridge``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bridge.auth import (
+    UserEntry,
+    UsersFileError,
+    check_username,
+    hash_password,
+    read_users,
+    write_users,
+)
+from bridge.config import default_users_file
+from bridge.permissions import LEVELS, level_name
+
+TOKEN_ENV = "ICP_BRIDGE_TOKEN"  # noqa: S105 - the variable name, not a secret
+
+
+def _read_password(prompt: str) -> str:
+    """From the terminal without echo, else the first line of stdin."""
+    if sys.stdin.isatty():
+        first = getpass.getpass(prompt)
+        if getpass.getpass("again: ") != first:
+            raise SystemExit("passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\n")
+
+
+# -- users -------------------------------------------------------------------
+
+def cmd_users(args: argparse.Namespace) -> int:
+    path = Path(args.users) if args.users else default_users_file()
+    try:
+        users = read_users(path)
+        if args.action == "list":
+            if not users:
+                print(f"no users in {path}")
+            for entry in users.values():
+                print(f"{entry.name}\t{level_name(entry.permission)}")
+            return 0
+        check_username(args.name)
+        if args.action == "add":
+            password = _read_password(f"password for {args.name}: ")
+            if not password:
+                raise SystemExit("empty password refused")
+            users[args.name] = UserEntry(args.name, LEVELS[args.permission],
+                                         hash_password(password, n=args.scrypt_n))
+            write_users(path, users.values())
+            print(f"user {args.name} ({args.permission}) saved in {path}")
+        else:
+            if users.pop(args.name, None) is None:
+                print(f"no user {args.name} in {path}", file=sys.stderr)
+                return 1
+            write_users(path, users.values())
+            print(f"user {args.name} removed from {path}")
+    except UsersFileError as e:
+        print(f"icp-bridge users: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- ctl -----------------------------------------------------------------------
+
+INFO_CLASSES = {
+    "SessionId": 4, "UserName": 5, "WinStationName": 6, "DomainName": 7, "ConnectState": 8,
+    "ClientBuildNumber": 9, "ClientName": 10, "ClientProductId": 12, "ClientHardwareId": 13,
+    "ClientAddress": 14, "ClientDisplay": 15, "ClientProtocolType": 16, "LogonTime": 18,
+    "SessionInfo": 24,
+}
+STATES = ["Active", "Connected", "ConnectQuery", "Shadow", "Disconnected", "Idle", "Listen",
+          "Reset", "Down", "Init"]
+
+
+def _client(args: argparse.Namespace) -> tuple[Any, Any]:
+    from thrift.protocol import TBinaryProtocol
+    from thrift.transport import TSocket, TSSLSocket, TTransport
+
+    from protocols.generated.otsapi_blocking import otsapi
+
+    if args.tls:
+        kwargs: dict[str, Any] = {"host": args.host, "port": args.port}
+        if args.insecure:
+            import ssl
+
+            kwargs["cert_reqs"] = ssl.CERT_NONE
+        else:
+            kwargs["ca_certs"] = args.cafile
+        socket = TSSLSocket.TSSLSocket(**kwargs)
+    else:
+        socket = TSocket.TSocket(args.host, args.port)
+    socket.setTimeout(args.timeout * 1000)
+    transport = TTransport.TFramedTransport(socket)
+    client = otsapi.Client(TBinaryProtocol.TBinaryProtocolAccelerated(transport))
+    transport.open()
+    return client, transport
+
+
+def _token(args: argparse.Namespace) -> str:
+    token = args.token or os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise SystemExit(f"this command needs a token: --token or ${TOKEN_ENV} "
+                         f"(get one with `icp-bridge ctl logon USER`)")
+    return token
+
+
+def _display(value: Any) -> Any:
+    """A Thrift struct as plain data."""
+    if hasattr(value, "thrift_spec"):
+        return {k: _display(v) for k, v in vars(value).items() if v is not None}
+    if isinstance(value, list):
+        return [_display(v) for v in value]
+    return value
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=False)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    client, transport = _client(args)
+    try:
+        result, text = args.run(client, args)
+    finally:
+        transport.close()
+    if args.json:
+        print(json.dumps(_display(result), indent=2, sort_keys=True))
+    else:
+        print(text)
+    return 0
+
+
+def _ctl_ping(client: Any, args: argparse.Namespace) -> tuple[Any, str]:
+    value = client.ping(args.value)
+    return value, f"pong {value}"
+
+
+def _ctl_version(client: Any, args: argparse.Namespace) -> tuple[Any, str]:
+    from protocols.generated.otsapi_blocking.ttypes import TVersion
+
+    v = client.getVersionInfo(TVersion(1, 1))
+    return v, f"OTS API {v.VersionMajor}.{v.VersionMinor}"
+
+
+def _ctl_logon(client: Any, args: argparse.Namespace) -> tuple[Any, str]:
+    password = _read_password(f"password for {args.user}: ")
+    r = client.logonConnection(args.user, password, args.domain)
+    if not r.success:
+        raise SystemExit("logon failed")
+    return r, r.authToken
+
+
+def _ctl_permission(client: Any, args: argparse.Namespace) -> tuple[Any, str]:
+    flags = client.getPermissionForToken(_token(args))
+    return flags, f"0x{flags:03x} ({level_name(flags)})" if flags else "0 (unknown token)"
+
+
+def _ctl_sessions(client: Any, args: argparse.Namespace) -> tuple[Any, str]:
+    r = client.enumerateSessions(_token(args), 1)
+    if not r.returnValue:
+        raise SystemExit("enumerateSessions refused (token unknown or lacks QUERY_INFORMATION)")
+    rows = []
+    for info in r.sessionInfoList:
+        user = client.querySessionInformation(_token(args), info.sessionId, 5)
+        rows.append([info.sessionId, STATES[info.connectState] if 0 <= info.connectState < 10
+                     else info.connectState, info.winStationName,
+                     user.infoValue.stringValue if user.returnValue else ""])
+    return r, _table(rows, ["SESSION", "STATE", "WINSTATION", "USER"]) if rows else "no sessions"
+
+
+def _ctl_query(client: Any, args: argparse.Namespace) -> tuple[Any, str]:
+    names = args.info or ["SessionInfo"]
+    results, lines = {}, []
+    for name in names:
+        number = INFO_CLASSES.get(name)
+        if number is None:
+            number = int(name) if name.lstrip("-").isdigit() else None
+        if number is None:
+            raise SystemExit(f"unknown info class {name}; one of {', '.join(INFO_CLASSES)}")
+        r = client.querySessionInformation(_token(args), args.session, number)
+        value = _display(r.infoValue) if r.returnValue else None
+        results[name] = value
+        lines.append(f"{name}: {value if r.returnValue else '(not available)'}")
+    return results, "\n".join(lines)
+
+
+def _ctl_vc_open(client: Any, args: argparse.Namespace) -> tuple[Any, str]:
+    flags = args.flags | (1 if args.dynamic else 0)
+    r = client.virtualChannelOpen(_token(args), args.session, args.name, args.dynamic, flags)
+    if not r.pipeName:
+        raise SystemExit("virtualChannelOpen failed")
+    return r, f"pipe {r.pipeName} instance {r.instance}"
+
+
+def _ctl_bool(method: str) -> Callable[[Any, argparse.Namespace], tuple[Any, str]]:
+    def run(client: Any, args: argparse.Namespace) -> tuple[Any, str]:
+        if method == "virtualChannelClose":
+            ok = client.virtualChannelClose(_token(args), args.session, args.name, args.instance)
+        else:
+            ok = getattr(client, method)(_token(args), args.session, args.wait)
+        if not ok:
+            raise SystemExit(f"{method} failed")
+        return ok, "ok"
+
+    return run
+
+
+def _ctl_message(client: Any, args: argparse.Namespace) -> tuple[Any, str]:
+    r = client.sendMessage(_token(args), args.session, args.title, args.text, args.style,
+                           args.message_timeout, args.wait)
+    if r == 0:
+        raise SystemExit("sendMessage failed")
+    return r, f"result {r}"
+
+
+# -- peer ----------------------------------------------------------------------
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred, ensureDeferred
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from bridge.peer import StandInRdpServer
+
+    password = _read_password(f"password for {args.user}: ") if args.user else ""
+    if not args.quiet:
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+
+    async def run(reactor: Any) -> None:
+        peer = StandInRdpServer(reactor, answer_delay=args.delay)
+        proto = await peer.connect(f"unix:{args.socket}")
+        print(f"connected to {args.socket}, ICP {proto.peer_version[0]}.{proto.peer_version[1]}",
+              flush=True)
+        for connection_id in range(args.first_connection,
+                                   args.first_connection + args.connections):
+            r = await peer.logon(connection_id, args.user or "", password, args.domain)
+            print(f"connection {connection_id}: logon {args.user or '(greeter)'} -> "
+                  f"{r.serviceEndpoint} ({r.maxWidth}x{r.maxHeight})", flush=True)
+        if args.once:
+            peer.close()
+            return
+        print("answering the bridge's requests; Ctrl-C to stop", flush=True)
+        closed: Deferred[Any] = proto.when_closed()
+        reason = await closed
+        print(f"bridge closed the connection: {reason}", flush=True)
+
+    task.react(lambda reactor: ensureDeferred(run(reactor)))
+    return 0
+
+
+# -- argument parsing ------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icp-bridge",
+        description="Tools for icp-bridge (the service runs as `twistd -n icp-bridge`).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    users = commands.add_parser("users", help="manage the users file")
+    user_actions = users.add_subparsers(dest="action", required=True)
+    add = user_actions.add_parser("add", help="add or change a user (password on stdin)")
+    add.add_argument("name")
+    add.add_argument("--permission", choices=sorted(LEVELS), required=True)
+    # Tests use a cheap cost; operators keep the default.
+    add.add_argument("--scrypt-n", type=int, default=2**15, help=argparse.SUPPRESS)
+    listing = user_actions.add_parser("list", help="list users and their permission level")
+    remove = user_actions.add_parser("remove", help="remove a user")
+    remove.add_argument("name")
+    for action in (add, listing, remove):
+        action.add_argument("--users", help=f"users file [default: {default_users_file()}]")
+    users.set_defaults(func=cmd_users)
+
+    ctl = commands.add_parser("ctl", help="call the OTS API (admin client)")
+    ctl.add_argument("--host", default="127.0.0.1")
+    ctl.add_argument("--port", type=int, default=9091)
+    ctl.add_argument("--tls", action="store_true", help="connect with TLS")
+    ctl.add_argument("--cafile", help="CA certificate to verify the bridge with (TLS)")
+    ctl.add_argument("--insecure", action="store_true", help="TLS without verification")
+    ctl.add_argument("--timeout", type=float, default=30.0, help="socket timeout, seconds")
+    ctl.add_argument("--token", help=f"auth token [default: ${TOKEN_ENV}]")
+    ctl.add_argument("--json", action="store_true", help="print JSON")
+    ctl.set_defaults(func=cmd_ctl)
+    calls = ctl.add_subparsers(dest="call", required=True)
+
+    c = calls.add_parser("ping", help="echo a number")
+    c.add_argument("value", type=int, nargs="?", default=1)
+    c.set_defaults(run=_ctl_ping)
+    calls.add_parser("version", help="OTS API version").set_defaults(run=_ctl_version)
+    c = calls.add_parser("logon", help="get a token (password on stdin); prints it")
+    c.add_argument("user")
+    c.add_argument("--domain", default="")
+    c.set_defaults(run=_ctl_logon)
+    calls.add_parser("permission", help="the token's permission flags").set_defaults(
+        run=_ctl_permission)
+    calls.add_parser("sessions", help="list sessions").set_defaults(run=_ctl_sessions)
+    c = calls.add_parser("query", help="query session information")
+    c.add_argument("session", type=int)
+    c.add_argument("info", nargs="*", help=f"info classes [default: SessionInfo]: "
+                                           f"{', '.join(INFO_CLASSES)}")
+    c.set_defaults(run=_ctl_query)
+    c = calls.add_parser("vc-open", help="open a virtual channel")
+    c.add_argument("session", type=int)
+    c.add_argument("name")
+    c.add_argument("--dynamic", action="store_true")
+    c.add_argument("--flags", type=lambda s: int(s, 0), default=0)
+    c.set_defaults(run=_ctl_vc_open)
+    c = calls.add_parser("vc-close", help="close a virtual channel")
+    c.add_argument("session", type=int)
+    c.add_argument("name")
+    c.add_argument("instance", type=int)
+    c.set_defaults(run=_ctl_bool("virtualChannelClose"))
+    for name, method in (("disconnect", "disconnectSession"), ("logoff", "logoffSession")):
+        c = calls.add_parser(name, help=f"{name} a session")
+        c.add_argument("session", type=int)
+        c.add_argument("--wait", action="store_true", help="wait for the RDP server")
+        c.set_defaults(run=_ctl_bool(method))
+    c = calls.add_parser("message", help="show a message box in a session")
+    c.add_argument("session", type=int)
+    c.add_argument("title")
+    c.add_argument("text")
+    c.add_argument("--style", type=int, default=0)
+    c.add_argument("--timeout", dest="message_timeout", type=int, default=0)
+    c.add_argument("--wait", action="store_true")
+    c.set_defaults(run=_ctl_message)
+
+    peer = commands.add_parser("peer", help="run a stand-in RDP server")
+    # The path real RDP servers dial (winpr maps the named pipe there).
+    peer.add_argument("--socket", default="/tmp/.pipe/ogon_SessionManager",  # noqa: S108
+                      help="the bridge's ICP socket")
+    peer.add_argument("--user", help="log this user on (password on stdin)")
+    peer.add_argument("--domain", default="")
+    peer.add_argument("--connections", type=int, default=1,
+                      help="client connections to log on")
+    peer.add_argument("--first-connection", type=int, default=1)
+    peer.add_argument("--delay", type=float, default=0.0,
+                      help="seconds to hold every answer to the bridge")
+    peer.add_argument("--once", action="store_true", help="log on, then exit")
+    peer.add_argument("--quiet", action="store_true", help="no log lines")
+    peer.set_defaults(func=cmd_peer)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from thrift.Thrift import TException
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (OSError, TException) as e:
+        print(f"icp-bridge {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

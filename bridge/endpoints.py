@@ -1,0 +1,147 @@
+"""Listening on endpoint strings, with the care a UNIX socket path needs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+
+class StartupError(Exception):
+    """The service cannot start; the text is one line for the operator."""
+
+
+def _split_endpoint(description: str) -> list[str]:
+    """Split an endpoint string on unescaped colons (``\\:`` escapes one)."""
+    parts, current, escaped = [], [], False
+    for char in description:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def unix_socket_path(description: str) -> Path | None:
+    """The socket path of a ``unix:`` server endpoint string, else None."""
+    parts = _split_endpoint(description)
+    if parts[0] != "unix":
+        return None
+    for part in parts[1:]:
+        if part.startswith("address="):
+            return Path(part[len("address="):])
+    for part in parts[1:]:
+        if "=" not in part:
+            return Path(part)
+    return None
+
+
+def prepare_unix_socket(path: Path) -> None:
+    """Make the directory; remove a stale socket file left by a dead
+    process; refuse if a live process still listens on the path."""
+    log = Logger(namespace="bridge.endpoints")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"{path} exists and is not a socket; remove it or choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as e:
+        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise StartupError(f"cannot check socket {path}: {e.strerror}") from None
+    else:
+        raise StartupError(f"another process is listening on {path} (is a bridge running?)")
+    finally:
+        probe.close()
+    os.unlink(path)
+    log.info("removed stale socket {path}", path=str(path))
+
+
+def validate_endpoint(reactor: Any, description: str, option: str) -> None:
+    """Parse an endpoint string now (it reads TLS certificate files), so a
+    mistake stops startup with one line naming the option."""
+    try:
+        serverFromString(reactor, description)
+    except Exception as e:
+        raise StartupError(f"{option}: bad endpoint {description!r}: {e}") from None
+
+
+def describe_port(port: IListeningPort) -> str:
+    address = port.getHost()
+    name = getattr(address, "name", None)
+    if name is not None:
+        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    return f"{address.type.lower()}:{address.host}:{address.port}"
+
+
+class ListeningService(Service):
+    """Listens on an endpoint string while running; ``port`` is the
+    listening port once started (tests read bound addresses from it).
+    Binding happens in privilegedStartService, so twistd can bind before
+    dropping privileges, and a failure stops startup."""
+
+    log = Logger()
+
+    def __init__(self, what: str, description: str, factory: Factory, reactor: Any) -> None:
+        self.what = what
+        self.description = description
+        self.factory = factory
+        self.reactor = reactor
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        if self.port is None:
+            self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.port is None:
+            self._listen()
+        super().startService()
+
+    def _listen(self) -> None:
+        path = unix_socket_path(self.description)
+        if path is not None:
+            prepare_unix_socket(path)
+        endpoint = serverFromString(self.reactor, self.description)
+        outcome: list[Any] = []
+        endpoint.listen(self.factory).addBoth(outcome.append)
+        if not outcome:
+            raise StartupError(f"{self.what}: listening on {self.description} did not complete")
+        result = outcome[0]
+        if isinstance(result, Failure):
+            raise StartupError(
+                f"{self.what}: cannot listen on {self.description}: {result.getErrorMessage()}"
+            )
+        self.port = result
+        self.log.info("{what} listening on {address}", what=self.what,
+                      address=describe_port(result))
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return maybeDeferred(lambda: None)
+        return maybeDeferred(port.stopListening)

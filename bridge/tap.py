@@ -1,0 +1,86 @@
+"""``twistd icp-bridge``: options and makeService."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.python import usage
+
+from bridge.config import Config, ConfigError, load_config
+from bridge.endpoints import StartupError, validate_endpoint
+from bridge.service import BridgeService
+
+# flag name -> config key; every flag overrides the config file.
+FLAG_KEYS = {
+    "icp": "icp_endpoint",
+    "thrift": "thrift_endpoint",
+    "state": "state_dir",
+    "users": "users_file",
+    "token-dir": "token_dir",
+    "call-timeout": "call_timeout",
+    "metrics": "metrics_endpoint",
+}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Session-manager bridge for FreeRDS/ogon RDP servers: listens for the RDP "
+        "server on ICP and for WTSAPI clients on the OTS API (Thrift)."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file; flags override it."],
+        ["icp", None, None, "ICP endpoint for the RDP server "
+         "[default: unix:/tmp/.pipe/ogon_SessionManager:mode=600]"],
+        ["thrift", None, None, "OTS API endpoint [default: tcp:9091:interface=127.0.0.1]"],
+        ["state", None, None, "state directory (SQLite database)"],
+        ["users", None, None, "users file"],
+        ["token-dir", None, None, "directory of per-session token files [default: /tmp]"],
+        ["call-timeout", None, None, "seconds before a bridged call fails [default: 10]",
+         float],
+        ["metrics", None, None, "metrics endpoint (reserved)"],
+    ]
+
+    def postOptions(self) -> None:
+        overrides: dict[str, Any] = {}
+        for flag, key in FLAG_KEYS.items():
+            value = self[flag]
+            if value is not None:
+                overrides[key] = str(value) if key.endswith(("_dir", "_file")) else value
+        try:
+            config = load_config(Path(self["config"]) if self["config"] else None, overrides)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        from twisted.internet import reactor
+
+        try:
+            validate_endpoint(reactor, config.icp_endpoint, "icp_endpoint")
+            validate_endpoint(reactor, config.thrift_endpoint, "thrift_endpoint")
+        except StartupError as e:
+            raise usage.UsageError(str(e)) from None
+        self.config: Config = config
+
+
+class _ExitOnStartupError(BridgeService):
+    """Under twistd, a startup failure is one line and exit status 1, not
+    a traceback."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            raise SystemExit(f"icp-bridge: {e}") from None
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except StartupError as e:
+            raise SystemExit(f"icp-bridge: {e}") from None
+
+
+def makeService(options: Options) -> BridgeService:
+    try:
+        return _ExitOnStartupError(options.config)
+    except StartupError as e:
+        raise SystemExit(f"icp-bridge: {e}") from None
