@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.lockfile import FilesystemLock
 
 
 class StartupError(Exception):
@@ -59,6 +60,13 @@ def prepare_unix_socket(path: Path) -> None:
     process; refuse if a live process still listens on the path."""
     log = Logger(namespace="bridge.endpoints")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    # Twisted's unix: endpoint holds <path>.lock while listening (lockfile=1,
+    # its default): a live holder is another bridge, refused without the
+    # probe connection below, which it would take for an RDP server.
+    lock = FilesystemLock(f"{path}.lock")
+    if not lock.lock():
+        raise StartupError(f"another icp-bridge is listening on {path}")
+    lock.unlock()
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:

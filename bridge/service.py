@@ -39,16 +39,21 @@ class BridgeService(MultiService):
     log = Logger(namespace="bridge.service")
 
     def __init__(self, config: Config, reactor: Any | None = None,
-                 authenticator: Authenticator | None = None) -> None:
+                 authenticator: Authenticator | None = None, clock: Any | None = None) -> None:
+        """``clock`` (default: the reactor) times bridged calls, tokens and
+        session times; tests pass a Clock."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
+        if clock is None:
+            clock = reactor
         self.config = config
         self.reactor = reactor
+        self.clock = clock
         self.store = StateStore(config.state_dir / "state.sqlite3")
-        self.registry = SessionRegistry(reactor)
-        self.tokens = TokenStore(reactor)
-        self.tokens.restore(restore(self.store, self.registry, reactor.seconds()))
+        self.registry = SessionRegistry(clock)
+        self.tokens = TokenStore(clock)
+        self.tokens.restore(restore(self.store, self.registry, clock.seconds()))
         self.tokens.listener = self.store.token_changed
         self.store.attach(self.registry)
         self.token_files = SessionTokenFiles(config.token_dir, self.tokens)
@@ -59,7 +64,7 @@ class BridgeService(MultiService):
         self.authenticator = authenticator or self._make_authenticator()
         handlers = RdpRequestHandlers(self.registry, self.authenticator, config)
         self.link = RdpServerLink(
-            handlers.table(), self.registry, reactor, config.call_timeout,
+            handlers.table(), self.registry, clock, config.call_timeout,
             config.max_icp_frame, config.allowed_peer_uids,
         )
         self.otsapi = OtsApiHandler(self.registry, self.tokens, self.link, self.authenticator,
@@ -73,7 +78,7 @@ class BridgeService(MultiService):
         )
         self.thrift_listener.setServiceParent(self)
         sweeper = TimerService(TOKEN_SWEEP_INTERVAL, self.tokens.expire)
-        sweeper.clock = reactor
+        sweeper.clock = clock
         sweeper.setServiceParent(self)
 
     def _run_blocking(self, f: Any, *args: Any) -> Deferred[Any]:

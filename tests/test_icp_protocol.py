@@ -18,7 +18,6 @@ from protocols.errors import (
     IcpHandlerError,
     IcpNotConnectedError,
     IcpNotFoundError,
-    IcpProtocolError,
     IcpRemoteError,
     IcpTimeoutError,
 )
@@ -378,7 +377,7 @@ def test_any_chunking_of_pings_answers_each_in_order(tags: list[int], data: st.D
 
 @given(st.binary(max_size=64))
 def test_arbitrary_frame_bodies_never_raise(body: bytes) -> None:
-    proto, transport, _ = ready_icp({PING: pong_handler})
+    proto, _, _ = ready_icp({PING: pong_handler})
     proto.dataReceived(frame(body))
     # Either a valid RPCBase (answered or ignored) or a clean drop; never an exception.
     assert proto.state in (IcpState.READY, IcpState.CLOSED)

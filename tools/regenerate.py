@@ -97,7 +97,9 @@ def generate(target: Path) -> None:
 
 def output_files(tree: Path) -> list[Path]:
     return sorted(
-        p for p in tree.rglob("*") if p.is_file() and p.name != STAMP.name and "__pycache__" not in p.parts
+        p
+        for p in tree.rglob("*")
+        if p.is_file() and p.name != STAMP.name and "__pycache__" not in p.parts
     )
 
 
