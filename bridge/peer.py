@@ -18,6 +18,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from protocols import icp
+from protocols.errors import IcpHandlerError
 from protocols.generated import ICP_pb2
 
 IDOK = 1
@@ -45,6 +46,12 @@ class StandInRdpServer:
         self.connections: dict[int, ClientConnection] = {}
         self.protocol: icp.IcpProtocol | None = None
         self.requests_seen: list[tuple[str, Message]] = []
+        # Request type names answered FAILED, for failure tests.
+        self.refuse: set[str] = set()
+        # While true, answers wait in ``held`` until release() (tests).
+        self.hold = False
+        self.held: list[tuple[Deferred[Message], Any, Message]] = []
+        self._seen_waiters: list[tuple[int, Deferred[None]]] = []
         self._next_instance = 1
 
     # -- talking to the bridge -------------------------------------------------
@@ -119,12 +126,43 @@ class StandInRdpServer:
             icp.MSG_LOGOFF_USER_SESSION: self._answer(self._logoff),
         }
 
+    def when_requests_seen(self, count: int) -> Deferred[None]:
+        """Fires once ``count`` requests from the bridge have arrived in all."""
+        d: Deferred[None] = Deferred()
+        self._seen_waiters.append((count, d))
+        self._check_seen()
+        return d
+
+    def _check_seen(self) -> None:
+        ready = [(n, d) for n, d in self._seen_waiters if len(self.requests_seen) >= n]
+        for waiter in ready:
+            self._seen_waiters.remove(waiter)
+            waiter[1].callback(None)
+
+    def release(self, order: list[int] | None = None) -> None:
+        """Answer the held requests, in ``order`` (indexes) if given."""
+        held, self.held = self.held, []
+        for index in order if order is not None else range(len(held)):
+            d, build, request = held[index]
+            d.callback(build(request))
+
     def _answer(self, build: Any) -> icp.Handler:
         def handler(request: Message) -> Message | Deferred[Message]:
-            self.requests_seen.append((type(request).__name__, request))
-            if self.answer_delay > 0:
-                return deferLater(self.reactor, self.answer_delay, build, request)
-            return build(request)
+            name = type(request).__name__
+            self.requests_seen.append((name, request))
+            try:
+                if name in self.refuse:
+                    raise IcpHandlerError(f"{name} refused by the stand-in")
+                if self.hold:
+                    d: Deferred[Message] = Deferred()
+                    self.held.append((d, build, request))
+                    return d
+                if self.answer_delay > 0:
+                    return deferLater(self.reactor, self.answer_delay, build, request)
+                return build(request)
+            finally:
+                # Waiters may release() at once: only once the request is held.
+                self._check_seen()
 
         return handler
 

@@ -13,8 +13,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 
 from bridge.endpoints import StartupError
 from bridge.sessions import ConnectState
@@ -179,8 +179,8 @@ def test_stale_socket_is_replaced_live_one_refused(short_dir: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_second_bridge_on_same_socket_refuses_to_start(bridge: BridgeUnderTest) -> None:
-    from tests.conftest import make_config
     from bridge.service import BridgeService
+    from tests.conftest import make_config
 
     other = BridgeService(make_config(bridge.base, state_dir=bridge.base / "state2"), reactor)
     with pytest.raises(StartupError, match="another icp-bridge"):
