@@ -132,6 +132,8 @@ def restore(store: StateStore, registry: SessionRegistry, now: float) -> list[To
     RDP server reconnects them (greeters, which had no user, are dropped);
     returns the live tokens of live sessions and of logons."""
     log = Logger(namespace="bridge.state")
+    # Before any save below rewrites it: ids of ended sessions stay used.
+    registry.restore_next_session_id(store.next_session_id())
     kept = 0
     for session in store.load_sessions():
         if not session.logged_on:
@@ -145,7 +147,6 @@ def restore(store: StateStore, registry: SessionRegistry, now: float) -> list[To
         registry.restore(session)
         store.save_session(session, registry.next_session_id)
         kept += 1
-    registry.restore_next_session_id(store.next_session_id())
     tokens = []
     for record in store.load_tokens():
         expired = record.expires_at is not None and record.expires_at <= now

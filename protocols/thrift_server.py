@@ -59,7 +59,8 @@ class ThriftMethod:
 def service_methods(service_module: ModuleType) -> dict[str, ThriftMethod]:
     """Every method of a generated service module, by wire name."""
     methods = {}
-    for name in service_module.Iface.names():
+    names = [attr[: -len("_args")] for attr in vars(service_module) if attr.endswith("_args")]
+    for name in names:
         args_type = getattr(service_module, f"{name}_args")
         result_type = getattr(service_module, f"{name}_result", None)
         arg_names = tuple(spec[2] for spec in args_type.thrift_spec if spec is not None)
@@ -102,6 +103,11 @@ class ThriftServerProtocol(Protocol):
         self._buffer = bytearray()
         self._mode: str | None = None
         self._protocol_factory = _protocol_factory()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        # Replies to calls still running are dropped from now on.
+        self.connected = False
+        self._buffer.clear()
 
     # -- bytes in -------------------------------------------------------------
 

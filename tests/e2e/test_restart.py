@@ -1,0 +1,75 @@
+"""State across restarts: sessions, tokens and token files survive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest_twisted
+
+from bridge.sessions import ConnectState
+from bridge.state import StateStore
+from tests.conftest import start_bridge
+from tests.e2e.otsapi_client import BlockingClient
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_keeps_sessions_tokens_and_files(short_dir: Path) -> None:
+    first = await start_bridge(short_dir)
+    peer = await first.peer()
+    await peer.logon(1, "alice", "alice-pw")
+    await peer.logon(2, "bob", "bob-pw")
+    await peer.logon(3, "", "")  # a greeter: gone after the restart
+    alice = first.service.registry.by_connection(1).session_id
+    token_file = short_dir / "tokens" / f"ogon.session.{alice}"
+    session_token = token_file.read_text().strip()
+    client = BlockingClient(first.thrift_port)
+    admin = (await client.call("logonConnection", "alice", "alice-pw", "")).authToken
+    client.close()
+    await first.stop()
+
+    second = await start_bridge(short_dir)
+    try:
+        registry = second.service.registry
+        assert [(s.username, s.state, s.connection_id) for s in registry] == [
+            ("alice", ConnectState.DISCONNECTED, None), ("bob", ConnectState.DISCONNECTED, None)]
+        assert token_file.read_text().strip() == session_token, "file kept, token still valid"
+        client = BlockingClient(second.thrift_port)
+        assert await client.call("getPermissionForToken", admin) == 0x1FF
+        assert await client.call("getPermissionForToken", session_token) == 0x1FF
+        peer = await second.peer()
+        again = await peer.logon(7, "alice", "alice-pw")
+        assert again.serviceEndpoint.endswith(f"_{alice}")
+        assert registry.by_connection(7).session_id == alice
+        fresh = await peer.logon(8, "guest", "guest-pw")
+        assert not fresh.serviceEndpoint.endswith(("_1", "_2", "_3")), "ids are not reused"
+        client.close()
+    finally:
+        await second.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lost_token_file_is_rewritten_on_restart(short_dir: Path) -> None:
+    first = await start_bridge(short_dir)
+    peer = await first.peer()
+    await peer.logon(1, "bob", "bob-pw")
+    session_id = first.service.registry.by_connection(1).session_id
+    token_file = short_dir / "tokens" / f"ogon.session.{session_id}"
+    old = token_file.read_text().strip()
+    await first.stop()
+    token_file.unlink()  # e.g. /tmp cleaned at boot
+    second = await start_bridge(short_dir)
+    try:
+        new = token_file.read_text().strip()
+        assert new and new != old
+        assert second.service.tokens.lookup(new).session_id == session_id
+        assert second.service.tokens.lookup(old) is None
+    finally:
+        await second.stop()
+
+
+def test_state_store_round_trip(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s" / "state.sqlite3")
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert (tmp_path / "s" / "state.sqlite3").stat().st_mode & 0o777 == 0o600
+    assert store.load_sessions() == [] and store.next_session_id() == 1
+    store.close()

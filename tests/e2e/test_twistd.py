@@ -1,0 +1,139 @@
+"""The real thing: ``twistd -n icp-bridge`` in a subprocess, the stand-in RDP
+server and ``icp-bridge ctl``; kill -9 and a restart keep the sessions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.utils import getProcessOutputAndValue
+
+from bridge.peer import StandInRdpServer
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+class Twistd(ProcessProtocol):
+    """A twistd child whose log we watch for a line."""
+
+    def __init__(self) -> None:
+        self.output = ""
+        self.waiting: list[tuple[str, Deferred[None]]] = []
+        self.ended: Deferred[Any] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data.decode(errors="replace")
+        for text, d in list(self.waiting):
+            if text in self.output:
+                self.waiting.remove((text, d))
+                d.callback(None)
+
+    errReceived = outReceived
+
+    def wait_for(self, text: str) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.waiting.append((text, d))
+        self.outReceived(b"")
+        return d
+
+    def processEnded(self, reason: Any) -> None:
+        for _, d in self.waiting:
+            d.errback(RuntimeError(f"twistd ended:\n{self.output}"))
+        self.waiting = []
+        self.ended.callback(reason.value)  # an exit status, not an error here
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def start_twistd(base: Path, port: int) -> tuple[Twistd, Any]:
+    proc = Twistd()
+    args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "icp-bridge", "--icp", f"unix:{base}/icp.sock:mode=600",
+            "--thrift", f"tcp:{port}:interface=127.0.0.1", "--state", str(base / "state"),
+            "--users", str(base / "users"), "--token-dir", str(base / "tokens")]
+    transport = reactor.spawnProcess(proc, sys.executable, args, env=ENV, path=str(ROOT))
+    await proc.wait_for("OTS API listening on")
+    return proc, transport
+
+
+async def cli(*args: str, stdin: str = "") -> tuple[str, str, int]:
+    if stdin:
+        args = ("-c", f"import sys, io; sys.stdin = io.StringIO({stdin!r}); "
+                "from bridge.cli import main; sys.exit(main(sys.argv[1:]))", *args)
+    else:
+        args = ("-m", "bridge.cli", *args)
+    out, err, code = await getProcessOutputAndValue(sys.executable, args, env=ENV,
+                                                    path=str(ROOT))
+    return out.decode(), err.decode(), code
+
+
+@pytest_twisted.ensureDeferred
+async def test_demo_and_kill_9_restart(short_dir: Path) -> None:
+    _, err, code = await cli("users", "add", "alice", "--permission", "full", "--users",
+                             str(short_dir / "users"), "--scrypt-n", "1024",
+                             stdin="alice-pw\n")
+    assert code == 0, err
+    port = free_port()
+    proc, transport = await start_twistd(short_dir, port)
+    assert f"ICP (RDP server) listening on unix:{short_dir}/icp.sock" in proc.output
+
+    peer = StandInRdpServer(reactor)
+    await peer.connect(f"unix:{short_dir}/icp.sock")
+    await peer.logon(1, "alice", "alice-pw")
+    ctl = ("ctl", "--port", str(port))
+    out, err, code = await cli(*ctl, "logon", "alice", stdin="alice-pw\n")
+    assert code == 0, err
+    token = out.strip()
+    out, err, code = await cli(*ctl, "--token", token, "sessions")
+    assert code == 0, err
+    assert "Active" in out and "alice" in out and "RDP-Tcp#1" in out
+    out, err, code = await cli(*ctl, "--token", token, "--json", "vc-open", "1", "CLIPRDR")
+    assert code == 0, err
+    assert json.loads(out)["pipeName"].endswith("_svc_CLIPRDR_1")
+    token_file = short_dir / "tokens" / "ogon.session.1"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+
+    closed = peer.protocol.when_closed()
+    transport.signalProcess(signal.SIGKILL)
+    await proc.ended
+    await closed
+
+    proc, transport = await start_twistd(short_dir, port)
+    out, err, code = await cli(*ctl, "--token", token, "sessions")
+    assert code == 0, err
+    assert "Disconnected" in out and "alice" in out
+    out, err, code = await cli(*ctl, "--token", token, "query", "1", "UserName")
+    assert "UserName: {'stringValue': 'alice'}" in out
+    out, err, code = await cli(*ctl, "--token", token, "logoff", "1")
+    assert code == 0, err
+    assert not token_file.exists()
+    transport.signalProcess(signal.SIGTERM)
+    await proc.ended
+    assert "Server Shut Down" in proc.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_config_is_one_line(short_dir: Path) -> None:
+    config = short_dir / "bridge.toml"
+    config.write_text("call_timeout = 'soon'\n")
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, ["-c", "from twisted.scripts.twistd import run; run()", "-n",
+                         "icp-bridge", "--config", str(config)], env=ENV, path=str(ROOT))
+    assert code != 0
+    text = (out + err).decode()
+    assert "call_timeout: expected a number of seconds" in text
+    assert "Traceback" not in text
