@@ -36,12 +36,15 @@ class BridgeService(MultiService):
     ``thrift_listener`` (ListeningService, ``.port`` once started).
     """
 
-    log = Logger(namespace="bridge.service")
+    log = Logger()
 
     def __init__(self, config: Config, reactor: Any | None = None,
-                 authenticator: Authenticator | None = None, clock: Any | None = None) -> None:
+                 authenticator: Authenticator | None = None, clock: Any | None = None,
+                 exit_on_startup_error: bool = False) -> None:
         """``clock`` (default: the reactor) times bridged calls, tokens and
-        session times; tests pass a Clock."""
+        session times; tests pass a Clock. With ``exit_on_startup_error``
+        (under twistd) a failure to start is one line and exit status 1, not
+        a traceback."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -50,6 +53,7 @@ class BridgeService(MultiService):
         self.config = config
         self.reactor = reactor
         self.clock = clock
+        self.exit_on_startup_error = exit_on_startup_error
         self.store = StateStore(config.state_dir / "state.sqlite3")
         self.registry = SessionRegistry(clock)
         self.tokens = TokenStore(clock)
@@ -109,6 +113,22 @@ class BridgeService(MultiService):
         return UsersFileAuthenticator(config.users_file, run_blocking=self._run_blocking)
 
     def privilegedStartService(self) -> None:
+        try:
+            self._privileged_start()
+        except StartupError as e:
+            if not self.exit_on_startup_error:
+                raise
+            raise SystemExit(f"icp-bridge: {e}") from None
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except StartupError as e:
+            if not self.exit_on_startup_error:
+                raise
+            raise SystemExit(f"icp-bridge: {e}") from None
+
+    def _privileged_start(self) -> None:
         self.log.info("icp-bridge starting (pid {pid}); state in {state_dir}, token files in "
                       "{token_dir}", pid=os.getpid(), state_dir=str(self.config.state_dir),
                       token_dir=str(self.config.token_dir))

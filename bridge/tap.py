@@ -62,25 +62,8 @@ class Options(usage.Options):
         self.config: Config = config
 
 
-class _ExitOnStartupError(BridgeService):
-    """Under twistd, a startup failure is one line and exit status 1, not
-    a traceback."""
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except StartupError as e:
-            raise SystemExit(f"icp-bridge: {e}") from None
-
-    def startService(self) -> None:
-        try:
-            super().startService()
-        except StartupError as e:
-            raise SystemExit(f"icp-bridge: {e}") from None
-
-
 def makeService(options: Options) -> BridgeService:
     try:
-        return _ExitOnStartupError(options.config)
+        return BridgeService(options.config, exit_on_startup_error=True)
     except StartupError as e:
         raise SystemExit(f"icp-bridge: {e}") from None
