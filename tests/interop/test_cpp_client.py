@@ -80,6 +80,7 @@ async def run_client(binary: Path, port: int, framed: str, tls: str, cafile: str
         str(binary), ["127.0.0.1", str(port), framed, tls, cafile, "alice", "alice-pw",
                       str(session)])
     lines = dict(line.split(": ", 1) for line in out.decode().splitlines() if ": " in line)
+    lines["stderr"] = err.decode()
     return lines, code
 
 
