@@ -8,6 +8,7 @@ Used by ``icp-bridge peer``, the tests and the benchmark.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,10 @@ class StandInRdpServer:
         self.call_timeout = call_timeout
         self.connections: dict[int, ClientConnection] = {}
         self.protocol: icp.IcpProtocol | None = None
-        self.requests_seen: list[tuple[str, Message]] = []
+        # The latest requests from the bridge (bounded: the stand-in may run
+        # for hours under load), and how many arrived in all.
+        self.requests_seen: deque[tuple[str, Message]] = deque(maxlen=1000)
+        self.requests_count = 0
         # Request type names answered FAILED, for failure tests.
         self.refuse: set[str] = set()
         # While true, answers wait in ``held`` until release() (tests).
@@ -134,7 +138,9 @@ class StandInRdpServer:
         return d
 
     def _check_seen(self) -> None:
-        ready = [(n, d) for n, d in self._seen_waiters if len(self.requests_seen) >= n]
+        if not self._seen_waiters:
+            return
+        ready = [(n, d) for n, d in self._seen_waiters if self.requests_count >= n]
         for waiter in ready:
             self._seen_waiters.remove(waiter)
             waiter[1].callback(None)
@@ -150,6 +156,7 @@ class StandInRdpServer:
         def handler(request: Message) -> Message | Deferred[Message]:
             name = type(request).__name__
             self.requests_seen.append((name, request))
+            self.requests_count += 1
             try:
                 if name in self.refuse:
                     raise IcpHandlerError(f"{name} refused by the stand-in")

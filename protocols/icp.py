@@ -14,6 +14,7 @@ Three layers, each in its own method group of :class:`IcpProtocol`:
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -35,6 +36,7 @@ from protocols.errors import (
     IcpTimeoutError,
 )
 from protocols.generated import ICP_pb2, pbRPC_pb2
+from protocols.transport import write_now
 
 RPCBase = pbRPC_pb2.RPCBase
 VersionInfo = pbRPC_pb2.VersionInfo
@@ -47,6 +49,7 @@ PROTOCOL_VERSION = (1, 1)
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
 DEFAULT_CALL_TIMEOUT = 10.0
 _TAG_MASK = 0xFFFFFFFF
+_LENGTH = struct.Struct("!I")
 # errorDescription is for humans; keep a buggy handler's text from growing frames.
 _MAX_ERROR_DESCRIPTION = 200
 
@@ -313,7 +316,10 @@ class IcpProtocol(Int32StringReceiver):
             self._handshake_received(rpc)
 
     def _send(self, rpc: RPCBase) -> None:
-        self.sendString(rpc.SerializeToString())
+        if self.transport is None:
+            return
+        body = rpc.SerializeToString()
+        write_now(self.transport, _LENGTH.pack(len(body)) + body)
 
     # -- handshake -----------------------------------------------------------
 

@@ -226,7 +226,7 @@ async def test_timeout_answers_failure_value(world: World) -> None:
     c = world.client
     token = await world.logon("alice", "alice-pw")
     world.peer.hold = True
-    seen = len(world.peer.requests_seen)
+    seen = world.peer.requests_count
     pending = c.call("virtualChannelOpen", token, world.bob, "slow", False, 0)
     await world.peer.when_requests_seen(seen + 1)
     world.clock.advance(9.9)
@@ -244,7 +244,7 @@ async def test_rdp_server_dying_fails_pending_calls_at_once(world: World) -> Non
     token = await world.logon("alice", "alice-pw")
     extra = BlockingClient(world.bridge.thrift_port)
     world.peer.hold = True
-    seen = len(world.peer.requests_seen)
+    seen = world.peer.requests_count
     pending = [c.call("virtualChannelOpen", token, world.bob, "a", False, 0),
                extra.call("disconnectSession", token, world.alice, True)]
     await world.peer.when_requests_seen(seen + 2)
@@ -290,7 +290,7 @@ async def test_many_clients_out_of_order_answers_reach_their_callers(world: Worl
     count = 200
     clients = [await twisted_client(world.bridge.thrift_port) for _ in range(count)]
     world.peer.hold = True
-    seen = len(world.peer.requests_seen)
+    seen = world.peer.requests_count
     calls = [proto.client.virtualChannelOpen(token, world.bob, f"ch{i}", False, 0)
              for i, proto in enumerate(clients)]
     await world.peer.when_requests_seen(seen + count)

@@ -1,0 +1,77 @@
+"""write_now: immediate sends on plain sockets only."""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import reactor
+from twisted.internet.protocol import Protocol
+from twisted.internet.tcp import Server
+from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+from protocols.transport import write_now
+
+
+def plain_server() -> tuple[Server, socket.socket]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    server = Server(ours, Protocol(), ("127.0.0.1", 1), None, 1, reactor)
+    return server, theirs
+
+
+def close(server: Server, peer: socket.socket) -> None:
+    server.stopReading()  # Server() registered it with the reactor
+    server.socket.close()
+    peer.close()
+
+
+def test_plain_socket_sends_at_once() -> None:
+    server, peer = plain_server()
+    write_now(server, b"hello")
+    assert peer.recv(10) == b"hello"
+    assert not server.dataBuffer and not server._tempDataBuffer
+    close(server, peer)
+
+
+def test_queued_data_keeps_its_order() -> None:
+    server, peer = plain_server()
+    server._tempDataBuffer.append(b"first")
+    queued = []
+    server.write = queued.append  # type: ignore[method-assign]
+    write_now(server, b"second")
+    assert queued == [b"second"], "queued behind what is there, not sent ahead of it"
+    peer.setblocking(False)
+    try:
+        assert peer.recv(10) == b""
+    except BlockingIOError:
+        pass
+    close(server, peer)
+
+
+def test_tls_marked_transport_is_not_bypassed() -> None:
+    server, peer = plain_server()
+    server.TLS = True
+    server.write = lambda data: setattr(server, "written", data)  # type: ignore[method-assign]
+    write_now(server, b"secret")
+    assert server.written == b"secret"
+    peer.setblocking(False)
+    try:
+        assert peer.recv(10) == b""
+    except BlockingIOError:
+        pass
+    close(server, peer)
+
+
+def test_wrapper_and_string_transports_use_write() -> None:
+    server, peer = plain_server()
+    wrapper = ProtocolWrapper(WrappingFactory(None), Protocol())
+    wrapper.makeConnection(server)
+    written = []
+    wrapper.write = written.append  # type: ignore[method-assign]
+    write_now(wrapper, b"x")
+    assert written == [b"x"], "a wrapper forwards writeSomeData to the raw socket: never use it"
+    transport = StringTransport()
+    write_now(transport, b"y")
+    assert transport.value() == b"y"
+    close(server, peer)
