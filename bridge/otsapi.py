@@ -47,6 +47,10 @@ MAX_MESSAGE_WAIT = 3600.0
 _FILETIME_UNIX_EPOCH = 116444736000000000  # 1970-01-01 in 100 ns ticks since 1601
 
 
+def _vc_open_failed() -> TReturnVirtualChannelOpen:
+    return TReturnVirtualChannelOpen(pipeName="", instance=0)
+
+
 class WtsInfoClass:
     """WTS_INFO_CLASS values the bridge answers (WIRE.md section 3)."""
 
@@ -138,21 +142,23 @@ class OtsApiHandler:
         return record, session
 
     def _bridged(self, method: str, session: Session, msg_type: int, request: Message,
-                 on_answer: Callable[[Any], T], failure_value: T,
+                 on_answer: Callable[[Any], T], failure_value: Callable[[], T] | T,
                  timeout: float | None = None) -> Deferred[T]:
         """Send ``request`` to the RDP server; fires with ``on_answer(response)``
-        or, on any ICP failure, with ``failure_value`` (logged)."""
+        or, on any ICP failure, with the failure value (logged). A callable
+        ``failure_value`` is called for it, so structs are built only when
+        needed."""
         d = self.rdp.call(msg_type, request, timeout)
         d.addCallbacks(on_answer, self._bridge_failed,
                        errbackArgs=(method, session.session_id, failure_value))
         return d
 
     def _bridge_failed(self, failure: Failure, method: str, session_id: int,
-                       failure_value: T) -> T:
+                       failure_value: Callable[[], T] | T) -> T:
         failure.trap(IcpError)
         self.log.warn("{method} for session {session_id} failed: {reason}",
                       method=method, session_id=session_id, reason=failure.getErrorMessage())
-        return failure_value
+        return failure_value() if callable(failure_value) else failure_value
 
     def _connection(self, method: str, session: Session) -> int | None:
         if session.connection_id is None:
@@ -289,18 +295,17 @@ class OtsApiHandler:
                            flags: int | None
                            ) -> TReturnVirtualChannelOpen | Deferred[TReturnVirtualChannelOpen]:
         method = "virtualChannelOpen"
-        failed = TReturnVirtualChannelOpen(pipeName="", instance=0)
         auth = self._authorize(method, authToken, sessionId, Permission.VIRTUAL_CHANNEL)
         if auth is None:
-            return failed
+            return _vc_open_failed()
         session = auth[1]
         name = virtualName or ""
         if not self.channels.allowed(name):
             self._refuse(method, session.session_id, f"channel {name} is not allowed")
-            return failed
+            return _vc_open_failed()
         connection_id = self._connection(method, session)
         if connection_id is None:
-            return failed
+            return _vc_open_failed()
         flags = (flags or 0) & 0xFFFFFFFF
         dynamic = bool(isDynChannel) and bool(flags & WTS_CHANNEL_OPTION_DYNAMIC)
         request = ICP_pb2.OtsApiVirtualChannelOpenRequest(
@@ -311,7 +316,7 @@ class OtsApiHandler:
             method, session, icp.MSG_VIRTUAL_CHANNEL_OPEN, request,
             lambda r: TReturnVirtualChannelOpen(pipeName=r.connectionString,
                                                 instance=_signed(r.instance, 32)),
-            failed,
+            _vc_open_failed,
         )
 
     def virtualChannelClose(self, authToken: str | None, sessionId: int | None,

@@ -22,6 +22,12 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+# Every OTS API call presents its token; hashing it each time showed in
+# profiles. Digests of recently seen tokens are kept in memory (the tokens
+# themselves are in this process's memory anyway, only never on disk).
+_DIGEST_CACHE_SIZE = 4096
+
+
 @dataclass
 class TokenRecord:
     digest: str
@@ -47,6 +53,7 @@ class TokenStore:
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self._records: dict[str, TokenRecord] = {}
+        self._digests: dict[str, str] = {}
         self._persisted_expiry: dict[str, float | None] = {}
         self.listener: TokenListener | None = None
 
@@ -88,7 +95,12 @@ class TokenStore:
         """The live record of ``token`` (sliding its expiry), else None."""
         if not token:
             return None
-        digest = token_digest(token)
+        digest = self._digests.get(token)
+        if digest is None:
+            digest = token_digest(token)
+            if len(self._digests) >= _DIGEST_CACHE_SIZE:
+                self._digests.clear()
+            self._digests[token] = digest
         record = self._records.get(digest)
         if record is None:
             return None

@@ -14,6 +14,7 @@ Three layers, each in its own method group of :class:`IcpProtocol`:
 from __future__ import annotations
 
 import enum
+import heapq
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from protocols.errors import (
     IcpTimeoutError,
 )
 from protocols.generated import ICP_pb2, pbRPC_pb2
-from protocols.transport import write_now
+from protocols.transport import TurnBatchedWriter
 
 RPCBase = pbRPC_pb2.RPCBase
 VersionInfo = pbRPC_pb2.VersionInfo
@@ -139,17 +140,17 @@ _TRANSITIONS: dict[IcpState, frozenset[IcpState]] = {
 
 
 class _Outstanding:
-    """One outbound call waiting for its answer."""
+    """One outbound call waiting for its answer, until ``deadline``."""
 
-    __slots__ = ("deferred", "method", "timeout", "timer")
+    __slots__ = ("deadline", "deferred", "method", "timeout")
 
     def __init__(
-        self, deferred: Deferred[Any], method: IcpMethod, timeout: float, timer: IDelayedCall
+        self, deferred: Deferred[Any], method: IcpMethod, timeout: float, deadline: float
     ) -> None:
         self.deferred = deferred
         self.method = method
         self.timeout = timeout
-        self.timer = timer
+        self.deadline = deadline
 
 
 class IcpProtocol(Int32StringReceiver):
@@ -159,8 +160,15 @@ class IcpProtocol(Int32StringReceiver):
     the stand-in RDP server is the initiator (``initiator=True``).
 
     Invariants: every tag in ``_pending`` belongs to a call whose Deferred has
-    not fired and whose timer is armed; once the state is CLOSED ``_pending``
-    is empty and ``_closed_reason`` is set.
+    not fired, and has an entry in ``_deadlines``; while ``_pending`` is not
+    empty one sweep timer is armed for no later than the earliest deadline;
+    once the state is CLOSED ``_pending`` is empty and ``_closed_reason`` is
+    set.
+
+    Timeouts: one timer per connection rather than one per call (a
+    DelayedCall per call showed in profiles). ``_deadlines`` is a heap of
+    (deadline, sequence, tag); entries of calls already answered are
+    skipped when they come up.
     """
 
     log = Logger()
@@ -189,8 +197,12 @@ class IcpProtocol(Int32StringReceiver):
         self.state = IcpState.CONNECTING
         self.peer_version: tuple[int, int] | None = None
         self._pending: dict[int, _Outstanding] = {}
+        self._deadlines: list[tuple[float, int, int]] = []
+        self._deadline_sequence = 0
+        self._sweep_call: IDelayedCall | None = None
         self._next_tag = 1
         self._handshake_tag: int | None = None
+        self._writer: TurnBatchedWriter | None = None
         self._closed_reason: Exception | None = None
         self._drop_reason: IcpProtocolError | None = None
         self._ready_waiters: list[Deferred[tuple[int, int]]] = []
@@ -232,6 +244,7 @@ class IcpProtocol(Int32StringReceiver):
         return len(self._pending)
 
     def connectionMade(self) -> None:
+        self._writer = TurnBatchedWriter(self.transport)
         self._enter(IcpState.HANDSHAKING)
         if self.initiator:
             self._handshake_tag = self._allocate_tag()
@@ -258,10 +271,13 @@ class IcpProtocol(Int32StringReceiver):
             return
         self._enter(IcpState.CLOSED)
         self._closed_reason = reason
+        self._deadlines.clear()
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
         # Errbacks may start new calls; those fail at once since we are CLOSED.
         while self._pending:
             _, outstanding = self._pending.popitem()
-            outstanding.timer.cancel()
             outstanding.deferred.errback(reason)
         waiters, self._ready_waiters = self._ready_waiters, []
         for d in waiters:
@@ -274,16 +290,22 @@ class IcpProtocol(Int32StringReceiver):
         self.log.error("dropping ICP connection: {reason}", reason=str(error))
         self._drop_reason = error
         self._close(IcpDisconnectedError(f"connection dropped: {error}"))
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self._lose_connection()
 
     def close(self) -> None:
         """Close the connection on our own initiative (shutdown)."""
         self._close(IcpDisconnectedError("connection closed locally"))
+        self._lose_connection()
+
+    def _lose_connection(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()  # e.g. the handshake answer to a too-new peer
         if self.transport is not None:
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._writer is not None:
+            self._writer.discard()
         cause = self._drop_reason or (reason.value if reason is not None else None)
         self._close(IcpDisconnectedError(f"connection lost: {cause}"))
         self.transport = None
@@ -316,10 +338,10 @@ class IcpProtocol(Int32StringReceiver):
             self._handshake_received(rpc)
 
     def _send(self, rpc: RPCBase) -> None:
-        if self.transport is None:
+        if self._writer is None or self.transport is None:
             return
         body = rpc.SerializeToString()
-        write_now(self.transport, _LENGTH.pack(len(body)) + body)
+        self._writer.write(_LENGTH.pack(len(body)) + body)
 
     # -- handshake -----------------------------------------------------------
 
@@ -401,23 +423,61 @@ class IcpProtocol(Int32StringReceiver):
         d: Deferred[Any] = Deferred(lambda _: self._forget(tag))
         if timeout is None:
             timeout = self.call_timeout
-        timer = self.clock.callLater(timeout, self._timed_out, tag)
-        self._pending[tag] = _Outstanding(d, method, timeout, timer)
+        deadline = self.clock.seconds() + timeout
+        self._pending[tag] = _Outstanding(d, method, timeout, deadline)
+        self._deadline_sequence += 1
+        heapq.heappush(self._deadlines, (deadline, self._deadline_sequence, tag))
+        sweep = self._sweep_call
+        if sweep is None or not sweep.active() or sweep.getTime() > deadline:
+            self._arm_sweep(deadline)
         self._send(
             RPCBase(tag=tag, isResponse=False, status=SUCCESS, msgType=msg_type, payload=payload)
         )
         return d
 
     def _forget(self, tag: int) -> None:
-        outstanding = self._pending.pop(tag, None)
-        if outstanding is not None:
-            outstanding.timer.cancel()
+        self._pending.pop(tag, None)
+        self._prune_deadlines()
 
-    def _timed_out(self, tag: int) -> None:
-        outstanding = self._pending.pop(tag)
-        outstanding.deferred.errback(
-            IcpTimeoutError(outstanding.method.msg_type, outstanding.timeout)
+    def _prune_deadlines(self) -> None:
+        """Drop heap entries of answered calls from the front (they come in
+        roughly in call order, so this keeps the heap near the number of
+        calls in flight), and the timer when nothing is left to time."""
+        deadlines, pending = self._deadlines, self._pending
+        while deadlines and deadlines[0][2] not in pending:
+            heapq.heappop(deadlines)
+        if not pending and self._sweep_call is not None:
+            if self._sweep_call.active():
+                self._sweep_call.cancel()
+            self._sweep_call = None
+
+    def _arm_sweep(self, deadline: float) -> None:
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = self.clock.callLater(
+            max(0.0, deadline - self.clock.seconds()), self._sweep
         )
+
+    def _sweep(self) -> None:
+        """Fail every call whose deadline has passed; re-arm for the next."""
+        self._sweep_call = None
+        now = self.clock.seconds()
+        deadlines = self._deadlines
+        expired = []
+        while deadlines and deadlines[0][0] <= now:
+            deadline, _, tag = heapq.heappop(deadlines)
+            outstanding = self._pending.get(tag)
+            # A reused tag has a later deadline: that entry is still to come.
+            if outstanding is not None and outstanding.deadline == deadline:
+                del self._pending[tag]
+                expired.append(outstanding)
+        self._prune_deadlines()
+        if deadlines:
+            self._arm_sweep(deadlines[0][0])
+        for outstanding in expired:
+            outstanding.deferred.errback(
+                IcpTimeoutError(outstanding.method.msg_type, outstanding.timeout)
+            )
 
     def _response_received(self, rpc: RPCBase) -> None:
         outstanding = self._pending.pop(rpc.tag, None)
@@ -428,7 +488,7 @@ class IcpProtocol(Int32StringReceiver):
                 method=method_name(rpc.msgType),
             )
             return
-        outstanding.timer.cancel()
+        self._prune_deadlines()
         method = outstanding.method
         d = outstanding.deferred
         if rpc.msgType != method.msg_type:

@@ -29,7 +29,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from protocols.transport import write_now
+from protocols.transport import is_plain_socket, write_now
 
 try:  # the C extension; without it the pure-Python codec is used.
     from thrift.protocol import fastbinary
@@ -65,6 +65,10 @@ class ThriftMethod:
     oneway: bool
     # A REPLY's message header up to its seqid (strict binary), built once.
     reply_prefix: bytes
+
+    def arguments(self, args: Any) -> tuple[Any, ...]:
+        """The handler's positional arguments, in IDL order."""
+        return tuple(getattr(args, name) for name in self.arg_names)
 
 
 def service_methods(service_module: ModuleType) -> dict[str, ThriftMethod]:
@@ -121,6 +125,9 @@ class ThriftServerProtocol(Protocol):
         self._input = TMemoryBuffer()
         self._iprot = self._protocol_factory.getProtocol(self._input)
         self._by_name = {name.encode(): method for name, method in methods.items()}
+
+    def connectionMade(self) -> None:
+        self._plain = is_plain_socket(self.transport)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         # Replies to calls still running are dropped from now on.
@@ -254,7 +261,13 @@ class ThriftServerProtocol(Protocol):
         stream.seek(offset)
         self._input._buffer = stream
         try:
-            args.read(self._iprot)
+            if fastbinary is not None:
+                # What the generated read() does, minus its per-call ABC
+                # isinstance check of the transport.
+                fastbinary.decode_binary(args, self._iprot,
+                                         [method.args_type, method.args_type.thrift_spec])
+            else:
+                args.read(self._iprot)
         except Exception as e:
             self.log.warn("bad arguments to {method} from {peer}: {error}",
                           method=method.name, peer=self._peer(), error=str(e))
@@ -265,8 +278,7 @@ class ThriftServerProtocol(Protocol):
             )
             return
         try:
-            result = getattr(self.handler, method.name)(
-                *[getattr(args, a) for a in method.arg_names])
+            result = getattr(self.handler, method.name)(*method.arguments(args))
         except Exception:
             self._failed(Failure(), method, seqid, framed)
             return
@@ -321,7 +333,7 @@ class ThriftServerProtocol(Protocol):
     def _write(self, payload: bytes, framed: bool) -> None:
         if framed:
             payload = _HEADER.pack(len(payload)) + payload
-        write_now(self.transport, payload)
+        write_now(self.transport, payload, self._plain)
 
 
 class ThriftServerFactory(Factory):

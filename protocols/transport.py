@@ -7,7 +7,15 @@ from typing import Any
 from twisted.internet.abstract import FileDescriptor
 
 
-def write_now(transport: Any, data: bytes) -> None:
+def is_plain_socket(transport: Any) -> bool:
+    """Whether write_now may send on ``transport`` directly: a socket
+    transport without TLS. TLS wraps the real one (a ProtocolWrapper, which
+    forwards unknown attributes such as writeSomeData to the raw socket) or
+    marks it ``TLS``, and must never be bypassed."""
+    return isinstance(transport, FileDescriptor) and not getattr(transport, "TLS", False)
+
+
+def write_now(transport: Any, data: bytes, plain: bool | None = None) -> None:
     """Write ``data``, sending at once when nothing is queued.
 
     ``transport.write`` only queues: the bytes leave on the next reactor turn,
@@ -15,27 +23,68 @@ def write_now(transport: Any, data: bytes) -> None:
     A bridged call writes twice per hop, so on its hot path we try the socket
     first through ``writeSomeData`` (FileDescriptor's "write what you can now")
     and queue only what is left. Anything queued already, a TLS or test
-    transport, or an error falls back to ``transport.write``, which keeps
+    transport (see is_plain_socket; ``plain`` passes a cached answer), a
+    producer, or an error falls back to ``transport.write``, which keeps
     ordering and error handling Twisted's.
-
-    Only a plain socket transport qualifies: TLS wraps the real one (a
-    ProtocolWrapper, which forwards unknown attributes such as writeSomeData
-    to the raw socket) or marks it ``TLS``, and must never be bypassed.
     """
-    if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False):
-        transport.write(data)
-        return
-    write_some = transport.writeSomeData
+    if plain is None:
+        plain = is_plain_socket(transport)
     if (
-        getattr(transport, "dataBuffer", b"")
-        or getattr(transport, "_tempDataBuffer", None)
-        or getattr(transport, "disconnecting", False)
-        or getattr(transport, "producer", None) is not None
+        not plain
+        or transport.dataBuffer
+        or transport._tempDataBuffer
+        or transport.disconnecting
+        or transport.producer is not None
     ):
         transport.write(data)
         return
-    sent = write_some(data)
+    sent = transport.writeSomeData(data)
     if isinstance(sent, BaseException):
         transport.write(data)  # Twisted notices the broken connection on its own turn
     elif sent < len(data):
         transport.write(data[sent:])
+
+
+class TurnBatchedWriter:
+    """Coalesces the writes of one reactor turn into one send.
+
+    The ICP socket carries every bridged call: under load, one turn handles
+    many OTS API requests, each producing an ICP frame. Sending each frame
+    with its own syscall dominated the profile; this collects them and sends
+    once, from a ``callLater(0)``, which Twisted runs after the turn's I/O
+    and before it polls again, so no frame waits for another poll. Transports
+    that write_now would not send at once (TLS, wrappers, test transports)
+    get each write directly, in order.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self._batching = is_plain_socket(transport)
+        self._pending: list[bytes] = []
+        self._flush_call: Any = None
+
+    def write(self, data: bytes) -> None:
+        if not self._batching:
+            self.transport.write(data)
+            return
+        self._pending.append(data)
+        if self._flush_call is None:
+            self._flush_call = self.transport.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Send what is collected now (also called before a close)."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if self._pending:
+            data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending.clear()
+            write_now(self.transport, data, plain=True)
+
+    def discard(self) -> None:
+        """The connection is gone: drop what was not sent."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._pending.clear()

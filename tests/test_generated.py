@@ -49,6 +49,10 @@ def test_regenerating_reproduces_the_tree() -> None:
                               text=True).stdout.strip()
     if versions != stamp["tools"]["thrift"]:
         pytest.skip(f"different thrift compiler ({versions})")
+    protoc = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "--version"],
+                            capture_output=True, text=True).stdout.strip()
+    if protoc and protoc != stamp["tools"]["protoc"]:
+        pytest.skip(f"different protoc ({protoc})")
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "regenerate.py"), "--check"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -308,6 +308,35 @@ class OutboundTests(SynchronousTestCase):
         clock.advance(1)
         assert self.failureResultOf(d, IcpTimeoutError).value.timeout == 1
 
+    def test_each_call_times_out_at_its_own_deadline(self) -> None:
+        proto, transport, clock = ready_icp(call_timeout=10)
+        first = proto.call(PING, ICP_pb2.PingRequest())  # deadline 10
+        clock.advance(3)
+        short = proto.call(PING, ICP_pb2.PingRequest(), timeout=2)  # deadline 5
+        late = proto.call(PING, ICP_pb2.PingRequest())  # deadline 13
+        tags = [m.tag for m in answers(transport)]
+        proto.dataReceived(frame(response(tags[2], PING, ICP_pb2.PingResponse(pong=True))))
+        assert self.successResultOf(late).pong
+        clock.advance(1.9)
+        self.assertNoResult(short)
+        clock.advance(0.1)
+        self.failureResultOf(short, IcpTimeoutError)
+        clock.advance(4.9)
+        self.assertNoResult(first)
+        clock.advance(0.1)
+        assert self.failureResultOf(first, IcpTimeoutError).value.timeout == 10
+        assert clock.getDelayedCalls() == [] and proto.pending_calls == 0
+
+    def test_many_answered_calls_leave_no_timers(self) -> None:
+        proto, transport, clock = ready_icp()
+        for _ in range(3):
+            calls = [proto.call(PING, ICP_pb2.PingRequest()) for _ in range(50)]
+            for rpc in answers(transport):
+                proto.dataReceived(frame(response(rpc.tag, PING,
+                                                  ICP_pb2.PingResponse(pong=True))))
+            assert all(self.successResultOf(d).pong for d in calls)
+        assert clock.getDelayedCalls() == [] and proto._deadlines == []
+
     def test_disconnect_fails_every_pending_call_at_once(self) -> None:
         proto, _, clock = ready_icp()
         calls = [proto.call(PING, ICP_pb2.PingRequest()) for _ in range(100)]

@@ -1,0 +1,23 @@
+"""A tiny run of the benchmark, so bench/ cannot rot. It asserts that every
+call was answered correctly, never how fast: speed lives in bench/."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from bench.run import goals, run
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the load generator needs g++")
+def test_quick_bench_runs_and_answers_every_call() -> None:
+    report = run(quick=True)
+    for side in ("baseline", "bridge"):
+        for connections, result in report[side].items():
+            assert result["errors"] == 0 and result["calls"] > 0, (side, connections)
+        assert report[f"{side}_latency"]["errors"] == 0
+    inflight = report["inflight"]
+    assert inflight["errors"] == 0 and inflight["calls"] == inflight["connections"]
+    assert inflight["fds_after"] <= inflight["fds_before"]
+    assert [name for name, *_ in goals(report)][0].startswith("1. latency")
