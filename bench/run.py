@@ -32,6 +32,8 @@ from thrift.Thrift import TMessageType
 from thrift.transport import TSocket, TTransport
 from thrift.transport.TTransport import TMemoryBuffer
 
+from protocols import icp
+from protocols.generated import ICP_pb2, pbRPC_pb2
 from protocols.generated.otsapi_blocking import otsapi
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,11 +82,42 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def build_loadgen(directory: Path) -> Path:
-    binary = directory / "loadgen"
-    subprocess.run(["g++", "-O2", "-std=c++17", "-o", str(binary), str(HERE / "loadgen.cpp")],
+def build(directory: Path, name: str) -> Path:
+    """Compile bench/NAME.cpp (the load generator, the fast stand-in)."""
+    binary = directory / name
+    subprocess.run(["g++", "-O2", "-std=c++17", "-o", str(binary), str(HERE / f"{name}.cpp")],
                    check=True)
     return binary
+
+
+def frame(message: Any) -> bytes:
+    body = message.SerializeToString()
+    return len(body).to_bytes(4, "big") + body
+
+
+def fast_peer_argv(binary: Path, sock: Path, answer_delay: float) -> list[str]:
+    """The C++ stand-in's command line: its first frames (handshake, a
+    LogonUser for the bench user) and the answer payload per msgType, all
+    encoded with the generated classes so they follow the IDL."""
+    handshake = pbRPC_pb2.RPCBase(
+        tag=1, isResponse=False, status=pbRPC_pb2.RPCBase.SUCCESS,
+        msgType=icp.HANDSHAKE_MSG_TYPE, versionInfo=pbRPC_pb2.VersionInfo(vmajor=1, vminor=1))
+    logon = pbRPC_pb2.RPCBase(
+        tag=2, isResponse=False, status=pbRPC_pb2.RPCBase.SUCCESS, msgType=icp.MSG_LOGON_USER,
+        payload=ICP_pb2.LogonUserRequest(
+            connectionId=1, username="bench", password=PASSWORD, domain="", width=1920,
+            height=1080, colorDepth=32, clientHostName="bench", clientAddress="192.0.2.10",
+            clientBuildNumber=19041, clientProductId=1, clientHardwareId=0,
+            clientProtocolType=2).SerializeToString())
+    answers = {
+        icp.MSG_PING: ICP_pb2.PingResponse(pong=True),
+        icp.MSG_VIRTUAL_CHANNEL_OPEN: ICP_pb2.OtsApiVirtualChannelOpenResponse(
+            connectionString="\\\\.\\pipe\\ogon_1_svc_CLIPRDR_1", instance=1),
+        icp.MSG_VIRTUAL_CHANNEL_CLOSE: ICP_pb2.OtsApiVirtualChannelCloseResponse(success=True),
+    }
+    return [str(binary), str(sock), frame(handshake).hex(), frame(logon).hex(),
+            str(answer_delay),
+            *(f"{msg_type}={m.SerializeToString().hex()}" for msg_type, m in answers.items())]
 
 
 def encode_call(name: str, **args: Any) -> str:
@@ -154,10 +187,11 @@ def baseline(workdir: Path) -> Iterator[tuple[int, list[Process]]]:
 
 
 @contextmanager
-def bridge(workdir: Path, answer_delay: float = 0.0) -> Iterator[tuple[int, list[Process],
-                                                                         str, int]]:
-    """The bridge under twistd, a stand-in RDP server with one logged-on
-    user, and a token: yields (port, [bridge, peer], token, session id)."""
+def bridge(workdir: Path, fast_peer: Path | None, answer_delay: float = 0.0
+           ) -> Iterator[tuple[int, list[Process], str, int]]:
+    """The bridge under twistd, a stand-in RDP server (the C++ one unless
+    ``fast_peer`` is None) with one logged-on user, and a token: yields
+    (port, [bridge, peer], token, session id)."""
     base = Path(tempfile.mkdtemp(prefix="ib-bench-", dir="/tmp"))
     port = free_port()
     users = base / "users"
@@ -175,9 +209,13 @@ def bridge(workdir: Path, answer_delay: float = 0.0) -> Iterator[tuple[int, list
     processes = [server]
     try:
         wait_for(lambda: port_open(port) and sock.exists(), "the bridge")
-        peer = Process("peer", [sys.executable, "-m", "bridge.cli", "peer", "--socket",
-                                str(sock), "--user", "bench", "--delay", str(answer_delay),
-                                "--quiet"], stdin=PASSWORD + "\n", log=workdir / "peer.log")
+        if fast_peer is not None:
+            peer = Process("peer", fast_peer_argv(fast_peer, sock, answer_delay),
+                           log=workdir / "peer.log")
+        else:
+            peer = Process("peer", [sys.executable, "-m", "bridge.cli", "peer", "--socket",
+                                    str(sock), "--user", "bench", "--delay", str(answer_delay),
+                                    "--quiet"], stdin=PASSWORD + "\n", log=workdir / "peer.log")
         processes.append(peer)
         wait_for(lambda: "answering" in (workdir / "peer.log").read_text(), "the stand-in")
         transport = TTransport.TFramedTransport(TSocket.TSocket("127.0.0.1", port))
@@ -222,22 +260,24 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, python_peer: bool = False) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="ib-bench-run-"))
-    binary = build_loadgen(workdir)
+    binary = build(workdir, "loadgen")
+    fast_peer = None if python_peer else build(workdir, "fast_peer")
     connection_counts = [1, 8] if quick else [1, 8, 64, 512]
     rounds = 1 if quick else 4
     seconds = 0.5 if quick else 1.0
     latency_calls, warmup = (500, 100) if quick else (5000, 500)
     inflight = 200 if quick else 10000
     hold = 0.2 if quick else 2.0
-    report: dict[str, Any] = {"baseline": {}, "bridge": {}}
+    report: dict[str, Any] = {"baseline": {}, "bridge": {},
+                              "peer": "Python" if python_peer else "C++"}
 
     # Both servers run at once and the measurements alternate in short
     # rounds, so that the machine's drift (large on a shared VM) hits both
     # sides alike. Only the side being measured has any load.
     with baseline(workdir) as (base_port, base_processes), \
-            bridge(workdir) as (bridge_port, bridge_processes, token, session_id):
+            bridge(workdir, fast_peer) as (bridge_port, bridge_processes, token, session_id):
         sides = {
             "baseline": (base_port, base_processes, encode_call("ping", input=7)),
             "bridge": (bridge_port, bridge_processes, encode_call(
@@ -260,7 +300,7 @@ def run(quick: bool) -> dict[str, Any]:
             for side in sides:
                 report[side][n] = combine(results[side])
 
-    with bridge(workdir, answer_delay=hold) as (port, processes, token, session_id):
+    with bridge(workdir, fast_peer, answer_delay=hold) as (port, processes, token, session_id):
         vc_open = encode_call("virtualChannelOpen", authToken=token, sessionId=session_id,
                               virtualName="CLIPRDR", isDynChannel=False, flags=0)
         server = processes[0]
@@ -306,7 +346,8 @@ def goals(report: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
 
 
 def print_report(report: dict[str, Any]) -> bool:
-    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+          f"{report['peer']} stand-in RDP server")
     print()
     print("side      conns   calls/s     p50 us    p99 us    CPU s (server / peer / loadgen)")
     for side in ("baseline", "bridge"):
@@ -335,9 +376,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny run (for the tests)")
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--python-peer", action="store_true",
+                        help="use the Python stand-in (icp-bridge peer) instead of the C++ one")
     args = parser.parse_args()
     started = time.monotonic()
-    report = run(args.quick)
+    report = run(args.quick, args.python_peer)
     ok = print_report(report)
     print(f"\nbench took {time.monotonic() - started:.0f} s")
     if args.json:
