@@ -337,11 +337,11 @@ class IcpProtocol(Int32StringReceiver):
         else:
             self._handshake_received(rpc)
 
-    def _send(self, rpc: RPCBase) -> None:
+    def _send(self, rpc: RPCBase, batch: bool = True) -> None:
         if self._writer is None or self.transport is None:
             return
         body = rpc.SerializeToString()
-        self._writer.write(_LENGTH.pack(len(body)) + body)
+        self._writer.write(_LENGTH.pack(len(body)) + body, batch)
 
     # -- handshake -----------------------------------------------------------
 
@@ -420,6 +420,9 @@ class IcpProtocol(Int32StringReceiver):
         except EncodeError as e:
             return fail(e)
         tag = self._allocate_tag()
+        # Like Nagle: a lone call goes out at once; while others are in
+        # flight their answers will wake us anyway, so frames are coalesced.
+        batch = bool(self._pending)
         d: Deferred[Any] = Deferred(lambda _: self._forget(tag))
         if timeout is None:
             timeout = self.call_timeout
@@ -431,7 +434,8 @@ class IcpProtocol(Int32StringReceiver):
         if sweep is None or not sweep.active() or sweep.getTime() > deadline:
             self._arm_sweep(deadline)
         self._send(
-            RPCBase(tag=tag, isResponse=False, status=SUCCESS, msgType=msg_type, payload=payload)
+            RPCBase(tag=tag, isResponse=False, status=SUCCESS, msgType=msg_type, payload=payload),
+            batch,
         )
         return d
 
@@ -442,14 +446,12 @@ class IcpProtocol(Int32StringReceiver):
     def _prune_deadlines(self) -> None:
         """Drop heap entries of answered calls from the front (they come in
         roughly in call order, so this keeps the heap near the number of
-        calls in flight), and the timer when nothing is left to time."""
+        calls in flight). The sweep timer stays armed even when nothing is
+        left to time: cancelling and re-arming it on every call of a
+        sequential client cost more than one idle wake-up per timeout."""
         deadlines, pending = self._deadlines, self._pending
         while deadlines and deadlines[0][2] not in pending:
             heapq.heappop(deadlines)
-        if not pending and self._sweep_call is not None:
-            if self._sweep_call.active():
-                self._sweep_call.cancel()
-            self._sweep_call = None
 
     def _arm_sweep(self, deadline: float) -> None:
         if self._sweep_call is not None and self._sweep_call.active():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IReactorTime
 
 
 def is_plain_socket(transport: Any) -> bool:
@@ -57,19 +58,26 @@ class TurnBatchedWriter:
     get each write directly, in order.
     """
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: Any, clock: IReactorTime | None = None) -> None:
         self.transport = transport
         self._batching = is_plain_socket(transport)
+        # Only plain sockets batch, and those know the reactor they run on.
+        self.clock = clock if clock is not None or not self._batching else transport.reactor
         self._pending: list[bytes] = []
         self._flush_call: Any = None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, batch: bool = True) -> None:
+        """Queue ``data`` for the end of this turn; with ``batch=False`` send
+        it at once instead, unless earlier data is still queued (order)."""
         if not self._batching:
             self.transport.write(data)
             return
+        if not batch and not self._pending:
+            write_now(self.transport, data, plain=True)
+            return
         self._pending.append(data)
         if self._flush_call is None:
-            self._flush_call = self.transport.reactor.callLater(0, self.flush)
+            self._flush_call = self.clock.callLater(0, self.flush)
 
     def flush(self) -> None:
         """Send what is collected now (also called before a close)."""

@@ -13,6 +13,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from protocols import icp
 from protocols.errors import (
     IcpDisconnectedError,
     IcpHandlerError,
@@ -335,7 +336,11 @@ class OutboundTests(SynchronousTestCase):
                 proto.dataReceived(frame(response(rpc.tag, PING,
                                                   ICP_pb2.PingResponse(pong=True))))
             assert all(self.successResultOf(d).pong for d in calls)
-        assert clock.getDelayedCalls() == [] and proto._deadlines == []
+        assert proto._deadlines == [] and len(clock.getDelayedCalls()) <= 1
+        # The one sweep timer stays armed while idle; it fires once, finds
+        # nothing to time out, and is not re-armed.
+        clock.advance(icp.DEFAULT_CALL_TIMEOUT)
+        assert clock.getDelayedCalls() == []
 
     def test_disconnect_fails_every_pending_call_at_once(self) -> None:
         proto, _, clock = ready_icp()
@@ -362,7 +367,9 @@ class OutboundTests(SynchronousTestCase):
         d = proto.call(PING, ICP_pb2.PingRequest())
         d.cancel()
         self.failureResultOf(d, CancelledError)
-        assert proto.pending_calls == 0 and clock.getDelayedCalls() == []
+        assert proto.pending_calls == 0 and proto._deadlines == []
+        clock.advance(icp.DEFAULT_CALL_TIMEOUT)
+        assert clock.getDelayedCalls() == []
 
     def test_unknown_tag_is_logged_and_ignored(self) -> None:
         proto, transport, _ = ready_icp()

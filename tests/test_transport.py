@@ -1,4 +1,4 @@
-"""write_now: immediate sends on plain sockets only."""
+"""write_now: immediate sends on plain sockets only; TurnBatchedWriter."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import socket
 
 from twisted.internet import reactor
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.internet.tcp import Server
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-from protocols.transport import write_now
+from protocols.transport import TurnBatchedWriter, write_now
 
 
 def plain_server() -> tuple[Server, socket.socket]:
@@ -74,4 +75,37 @@ def test_wrapper_and_string_transports_use_write() -> None:
     transport = StringTransport()
     write_now(transport, b"y")
     assert transport.value() == b"y"
+    close(server, peer)
+
+
+def test_batched_writes_leave_in_one_send_after_the_turn() -> None:
+    server, peer = plain_server()
+    sends: list[bytes] = []
+    real_send = server.writeSomeData
+    server.writeSomeData = lambda data: (sends.append(data), real_send(data))[1]  # type: ignore[method-assign]
+    clock = Clock()
+    writer = TurnBatchedWriter(server, clock)
+    writer.write(b"one")
+    writer.write(b"two", batch=False)  # earlier data is queued: keeps its place
+    assert sends == []
+    clock.advance(0)
+    assert sends == [b"onetwo"] and peer.recv(10) == b"onetwo"
+    close(server, peer)
+
+
+def test_unbatched_write_goes_at_once_and_discard_drops_the_rest() -> None:
+    server, peer = plain_server()
+    clock = Clock()
+    writer = TurnBatchedWriter(server, clock)
+    writer.write(b"now", batch=False)
+    assert peer.recv(10) == b"now" and clock.getDelayedCalls() == []
+    writer.write(b"later")
+    writer.discard()
+    clock.advance(0)
+    peer.setblocking(False)
+    try:
+        assert peer.recv(10) == b""
+    except BlockingIOError:
+        pass
+    assert clock.getDelayedCalls() == []
     close(server, peer)
