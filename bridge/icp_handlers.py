@@ -186,10 +186,7 @@ class RdpRequestHandlers:
             self.log.info("disconnect for unknown connection {connection_id}",
                           connection_id=request.connectionId)
             return ICP_pb2.DisconnectUserSessionResponse(disconnected=False)
-        if session.logged_on:
-            self.registry.disconnect(session)
-        else:
-            self.registry.end(session)  # a greeter has nothing to come back to
+        self.registry.client_gone(session)
         return ICP_pb2.DisconnectUserSessionResponse(disconnected=True)
 
     def logoff_user_session(

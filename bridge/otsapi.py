@@ -351,10 +351,7 @@ class OtsApiHandler:
 
         def answered(response: ICP_pb2.DisconnectUserSessionResponse) -> bool:
             if response.disconnected and session.connection_id == connection_id:
-                if session.logged_on:
-                    self.registry.disconnect(session)
-                else:
-                    self.registry.end(session)
+                self.registry.client_gone(session)
             return response.disconnected
 
         d = self._bridged(method, session, icp.MSG_DISCONNECT_USER_SESSION, request, answered,

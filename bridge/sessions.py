@@ -223,6 +223,14 @@ class SessionRegistry:
         self.log.info("session {session_id} disconnected", session_id=session.session_id)
         self._emit(SessionEvent.DISCONNECTED, session)
 
+    def client_gone(self, session: Session) -> None:
+        """The session's client went away: a user session waits Disconnected
+        for a reconnect; a greeter has nothing to come back to and ends."""
+        if session.logged_on:
+            self.disconnect(session)
+        else:
+            self.end(session)
+
     def end(self, session: Session) -> None:
         """Log the session off: it is gone."""
         if self._sessions.pop(session.session_id, None) is None:
@@ -243,19 +251,11 @@ class SessionRegistry:
         """The RDP server went away, and with it every client connection:
         greeters end, user sessions wait Disconnected for a reconnect."""
         for session in list(self._sessions.values()):
-            if session.connection_id is None:
-                continue
-            if session.logged_on:
-                self.disconnect(session)
-            else:
-                self.end(session)
+            if session.connection_id is not None:
+                self.client_gone(session)
 
     def _detach_connection(self, connection_id: int) -> None:
         """A connection id being reused means its old session lost it."""
         old = self.by_connection(connection_id)
-        if old is None:
-            return
-        if old.logged_on:
-            self.disconnect(old)
-        else:
-            self.end(old)
+        if old is not None:
+            self.client_gone(old)
