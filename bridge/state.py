@@ -4,7 +4,7 @@ so a restarted bridge (even after kill -9) knows them.
 WAL mode with synchronous=NORMAL: a commit survives the process dying at
 any point; only an OS crash or power loss may lose the last commits. Writes
 happen on session events and token issue/revoke, not per OTS API call; each
-is one small transaction (see bench/ for its cost).
+is one small transaction (bench/state_writes.py measures what it costs).
 """
 
 from __future__ import annotations

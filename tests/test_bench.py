@@ -4,10 +4,12 @@ call was answered correctly, never how fast: speed lives in bench/."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
 from bench.run import goals, run
+from bench.state_writes import measure
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the load generator needs g++")
@@ -21,3 +23,8 @@ def test_quick_bench_runs_and_answers_every_call() -> None:
     assert inflight["errors"] == 0 and inflight["calls"] == inflight["connections"]
     assert inflight["fds_after"] <= inflight["fds_before"]
     assert [name[:2] for name, *_ in goals(report)] == ["1.", "2.", "3."]
+
+
+def test_state_write_timing_runs(tmp_path: Path) -> None:
+    results = measure(str(tmp_path), sessions=5, writes=10)
+    assert len(results) == 4 and all(len(d) == 10 for d in results.values())
