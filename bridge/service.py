@@ -26,6 +26,8 @@ from protocols.generated.otsapi import otsapi
 from protocols.thrift_server import ThriftServerFactory
 
 TOKEN_SWEEP_INTERVAL = 60.0
+# How often the state database's write-ahead log is checkpointed (off the reactor).
+CHECKPOINT_INTERVAL = 5.0
 
 
 class BridgeService(MultiService):
@@ -84,6 +86,16 @@ class BridgeService(MultiService):
         sweeper = TimerService(TOKEN_SWEEP_INTERVAL, self.tokens.expire)
         sweeper.clock = clock
         sweeper.setServiceParent(self)
+        # Real time, not ``clock``: this is disk I/O, not protocol time.
+        checkpointer = TimerService(CHECKPOINT_INTERVAL, self._checkpoint)
+        checkpointer.clock = reactor
+        checkpointer.setServiceParent(self)
+
+    def _checkpoint(self) -> Deferred[None]:
+        d = self._run_blocking(self.store.checkpoint)
+        d.addErrback(lambda failure: self.log.failure("state database checkpoint failed",
+                                                      failure))
+        return d
 
     def _run_blocking(self, f: Any, *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)

@@ -73,3 +73,20 @@ def test_state_store_round_trip(tmp_path: Path) -> None:
     assert (tmp_path / "s" / "state.sqlite3").stat().st_mode & 0o777 == 0o600
     assert store.load_sessions() == [] and store.next_session_id() == 1
     store.close()
+
+
+def test_writes_never_checkpoint_checkpoint_does(tmp_path: Path) -> None:
+    from bridge.sessions import ClientInfo, Session
+
+    path = tmp_path / "state.sqlite3"
+    store = StateStore(path)
+    for n in range(1, 400):  # well past SQLite's default autocheckpoint of 1000 pages
+        store.save_session(Session(n, f"u{n}", "", ConnectState.ACTIVE, n, ClientInfo()), n + 1)
+    page = store._db.execute("PRAGMA page_size").fetchone()[0]
+    wal_bytes = Path(f"{path}-wal").stat().st_size
+    assert wal_bytes > 1000 * (page + 24), "commits never checkpoint (the WAL kept growing)"
+    before = path.stat().st_size
+    store.checkpoint()
+    assert path.stat().st_size > before + 10 * page, "checkpoint() copied the WAL over"
+    store.close()
+    assert len(StateStore(path).load_sessions()) == 399
