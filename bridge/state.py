@@ -71,8 +71,8 @@ class StateStore:
 
     def checkpoint(self) -> None:
         """Copy the write-ahead log into the database. Blocks: call it from
-        a worker thread, one call at a time. PASSIVE never makes the
-        reactor's writes wait."""
+        a worker thread, one call at a time. PASSIVE takes no lock the
+        reactor's commits wait on (the disk itself may still slow them)."""
         if self.path == ":memory:":
             return
         if self._checkpointer is None:
