@@ -141,9 +141,10 @@ class BridgeService(MultiService):
             raise SystemExit(f"icp-bridge: {e}") from None
 
     def _privileged_start(self) -> None:
-        self.log.info("icp-bridge starting (pid {pid}); state in {state_dir}, token files in "
-                      "{token_dir}", pid=os.getpid(), state_dir=str(self.config.state_dir),
-                      token_dir=str(self.config.token_dir))
+        self.log.info("icp-bridge starting (pid {pid}, {reactor}); state in {state_dir}, token "
+                      "files in {token_dir}", pid=os.getpid(),
+                      reactor=type(self.reactor).__name__,
+                      state_dir=str(self.config.state_dir), token_dir=str(self.config.token_dir))
         if self.config.metrics_endpoint:
             self.log.warn("metrics_endpoint is reserved for a later release and not served: "
                           "{endpoint}", endpoint=self.config.metrics_endpoint)

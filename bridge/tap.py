@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from bridge.config import Config, ConfigError, load_config
 from bridge.endpoints import StartupError, validate_endpoint
+from bridge.reactor import install_unless_chosen
 from bridge.service import BridgeService
 
 # flag name -> config key; every flag overrides the config file.
@@ -52,6 +53,7 @@ class Options(usage.Options):
             config = load_config(Path(self["config"]) if self["config"] else None, overrides)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        install_unless_chosen()  # before the first import of the reactor
         from twisted.internet import reactor
 
         try:

@@ -90,6 +90,7 @@ async def test_demo_and_kill_9_restart(short_dir: Path) -> None:
     port = free_port()
     proc, transport = await start_twistd(short_dir, port)
     assert f"ICP (RDP server) listening on unix:{short_dir}/icp.sock" in proc.output
+    assert "BridgeReactor)" in proc.output  # twistd without --reactor runs ours
 
     peer = StandInRdpServer(reactor)
     await peer.connect(f"unix:{short_dir}/icp.sock")
