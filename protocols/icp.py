@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import math
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -109,6 +110,40 @@ def parse(message_type: type[Message], data: bytes) -> Any:
     return message
 
 
+_ONE_BYTE_VARINTS = [bytes((value,)) for value in range(0x80)]
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
+    if value < 0x80:
+        return _ONE_BYTE_VARINTS[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _request_fields(msg_type: int) -> bytes:
+    """RPCBase fields 2-4 of a request (isResponse=false, status=SUCCESS,
+    msgType) and the key of field 5 (payload)."""
+    return b"\x10\x00\x18\x00\x20" + _varint(msg_type) + b"\x2a"
+
+
+def request_frame(tag: int, request_fields: bytes, payload: bytes) -> bytes:
+    """A framed RPCBase request, byte for byte what ``RPCBase(tag=tag,
+    isResponse=False, status=SUCCESS, msgType=..., payload=payload)
+    .SerializeToString()`` gives (fields in number order; tests check it),
+    without building a message object for every outbound call."""
+    body = b"".join((b"\x08", _varint(tag), request_fields, _varint(len(payload)), payload))
+    return _LENGTH.pack(len(body)) + body
+
+
+# What follows the tag in a request of each message type.
+_REQUEST_FIELDS = {msg_type: _request_fields(msg_type) for msg_type in ICP_METHODS}
+
+
 def method_name(msg_type: int) -> str:
     method = ICP_METHODS.get(msg_type)
     if method is not None:
@@ -200,6 +235,8 @@ class IcpProtocol(Int32StringReceiver):
         self._deadlines: list[tuple[float, int, int]] = []
         self._deadline_sequence = 0
         self._sweep_call: IDelayedCall | None = None
+        # When the armed sweep fires (inf: none armed); saves asking the timer.
+        self._sweep_at = math.inf
         self._next_tag = 1
         self._handshake_tag: int | None = None
         self._writer: TurnBatchedWriter | None = None
@@ -272,9 +309,7 @@ class IcpProtocol(Int32StringReceiver):
         self._enter(IcpState.CLOSED)
         self._closed_reason = reason
         self._deadlines.clear()
-        if self._sweep_call is not None and self._sweep_call.active():
-            self._sweep_call.cancel()
-        self._sweep_call = None
+        self._cancel_sweep()
         # Errbacks may start new calls; those fail at once since we are CLOSED.
         while self._pending:
             _, outstanding = self._pending.popitem()
@@ -420,23 +455,21 @@ class IcpProtocol(Int32StringReceiver):
         except EncodeError as e:
             return fail(e)
         tag = self._allocate_tag()
+        pending = self._pending
         # Like Nagle: a lone call goes out at once; while others are in
         # flight their answers will wake us anyway, so frames are coalesced.
-        batch = bool(self._pending)
+        batch = bool(pending)
         d: Deferred[Any] = Deferred(lambda _: self._forget(tag))
         if timeout is None:
             timeout = self.call_timeout
         deadline = self.clock.seconds() + timeout
-        self._pending[tag] = _Outstanding(d, method, timeout, deadline)
+        pending[tag] = _Outstanding(d, method, timeout, deadline)
         self._deadline_sequence += 1
         heapq.heappush(self._deadlines, (deadline, self._deadline_sequence, tag))
-        sweep = self._sweep_call
-        if sweep is None or not sweep.active() or sweep.getTime() > deadline:
+        if deadline < self._sweep_at:
             self._arm_sweep(deadline)
-        self._send(
-            RPCBase(tag=tag, isResponse=False, status=SUCCESS, msgType=msg_type, payload=payload),
-            batch,
-        )
+        assert self._writer is not None  # READY implies connected
+        self._writer.write(request_frame(tag, _REQUEST_FIELDS[msg_type], payload), batch)
         return d
 
     def _forget(self, tag: int) -> None:
@@ -454,15 +487,22 @@ class IcpProtocol(Int32StringReceiver):
             heapq.heappop(deadlines)
 
     def _arm_sweep(self, deadline: float) -> None:
-        if self._sweep_call is not None and self._sweep_call.active():
-            self._sweep_call.cancel()
+        self._cancel_sweep()
+        self._sweep_at = deadline
         self._sweep_call = self.clock.callLater(
             max(0.0, deadline - self.clock.seconds()), self._sweep
         )
 
+    def _cancel_sweep(self) -> None:
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
+        self._sweep_at = math.inf
+
     def _sweep(self) -> None:
         """Fail every call whose deadline has passed; re-arm for the next."""
         self._sweep_call = None
+        self._sweep_at = math.inf
         now = self.clock.seconds()
         deadlines = self._deadlines
         expired = []

@@ -439,3 +439,15 @@ def test_requests_round_trip_to_the_handler(message: ICP_pb2.LogonUserRequest) -
     assert seen == [message]
     [got] = answers(transport)
     assert ICP_pb2.LogonUserResponse.FromString(got.payload).maxWidth == 2
+
+
+@given(tag=st.integers(0, 2**32 - 1), msg_type=st.sampled_from(sorted(icp.ICP_METHODS)),
+       payload=st.binary(max_size=300))
+def test_hand_encoded_request_envelope_is_what_protobuf_writes(
+        tag: int, msg_type: int, payload: bytes) -> None:
+    """call() frames requests without a message object; the bytes must be
+    exactly the generated class's, length prefix included."""
+    body = RPCBase(tag=tag, isResponse=False, status=RPCBase.SUCCESS, msgType=msg_type,
+                   payload=payload).SerializeToString()
+    assert icp.request_frame(tag, icp._REQUEST_FIELDS[msg_type], payload) == (
+        struct.pack("!I", len(body)) + body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import pytest
 from thrift.protocol import TBinaryProtocol
 from thrift.Thrift import TApplicationException, TMessageType
 from thrift.transport.TTransport import TMemoryBuffer
@@ -13,6 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from protocols import thrift_server
 from protocols.generated.otsapi_blocking import otsapi
 from protocols.thrift_server import ThriftServerProtocol, service_methods
 
@@ -169,3 +171,12 @@ class ThriftServerTests(SynchronousTestCase):
         transport.clear()
         handler.later[0].callback(1)
         assert transport.value() == b""
+
+
+@pytest.mark.parametrize("names", [(), ("a",), ("a", "b", "c")])
+def test_handler_arguments_come_in_idl_order_for_any_arity(names: tuple[str, ...]) -> None:
+    class Args:
+        a, b, c = 1, 2, 3
+
+    assert thrift_server._argument_getter(names)(Args()) == tuple(
+        getattr(Args, name) for name in names)
