@@ -2,8 +2,8 @@
 
 Three layers, each in its own method group of :class:`IcpProtocol`:
 
-* framing: a big-endian uint32 length and one serialized ``RPCBase``
-  (Twisted's ``Int32StringReceiver`` with a per-connection ceiling);
+* framing: a big-endian uint32 length and one serialized ``RPCBase``,
+  with a per-connection ceiling on the length;
 * the connection lifecycle, an explicit machine (``IcpState``):
   connecting -> handshaking -> ready -> closed;
 * the call engine: outbound calls keyed by ``tag`` in a table of
@@ -24,8 +24,8 @@ from typing import Any, TypeAlias
 from google.protobuf.message import DecodeError, EncodeError, Message
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from protocols.errors import (
@@ -188,7 +188,7 @@ class _Outstanding:
         self.deadline = deadline
 
 
-class IcpProtocol(Int32StringReceiver):
+class IcpProtocol(Protocol):
     """One ICP connection, either end.
 
     The bridge is the responder (it waits for the RDP server's handshake);
@@ -223,7 +223,9 @@ class IcpProtocol(Int32StringReceiver):
         unknown = set(handlers) - set(ICP_METHODS)
         if unknown:
             raise ValueError(f"handlers for unknown ICP message types: {sorted(unknown)}")
-        self.MAX_LENGTH = max_frame_size
+        self.max_frame_size = max_frame_size
+        # The start of a frame whose end has not arrived yet.
+        self._partial = bytearray()
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.handlers = handlers
         self.initiator = initiator
@@ -351,14 +353,37 @@ class IcpProtocol(Int32StringReceiver):
 
     # -- framing -------------------------------------------------------------
 
-    def lengthLimitExceeded(self, length: int) -> None:
-        self.drop(
-            IcpProtocolError(f"frame length {length} exceeds the limit of {self.MAX_LENGTH} bytes")
-        )
+    def dataReceived(self, data: bytes) -> None:
+        if self._partial:
+            partial = self._partial
+            partial += data
+            del partial[: self._frames(partial)]
+        else:
+            # The usual read: whole frames, taken from ``data`` itself.
+            used = self._frames(data)
+            if used < len(data):
+                self._partial += memoryview(data)[used:]
 
-    def stringReceived(self, frame: bytes) -> None:
-        if self.state is IcpState.CLOSED:
-            return  # the rest of a read that arrived after we decided to drop
+    def _frames(self, buffer: bytes | bytearray) -> int:
+        """Handle every whole frame at the start of ``buffer``; returns how
+        many bytes they took (all of them once the connection is closed:
+        the rest of a read that arrived after we decided to drop)."""
+        size = len(buffer)
+        offset = 0
+        while size - offset >= 4 and self.state is not IcpState.CLOSED:
+            (length,) = _LENGTH.unpack_from(buffer, offset)
+            if length > self.max_frame_size:
+                self.drop(IcpProtocolError(
+                    f"frame length {length} exceeds the limit of {self.max_frame_size} bytes"))
+                break
+            end = offset + 4 + length
+            if end > size:
+                break
+            self._frame_received(bytes(buffer[offset + 4 : end]))
+            offset = end
+        return size if self.state is IcpState.CLOSED else offset
+
+    def _frame_received(self, frame: bytes) -> None:
         try:
             rpc = parse(RPCBase, frame)
         except DecodeError as e:
