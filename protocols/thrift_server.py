@@ -131,6 +131,8 @@ class ThriftServerProtocol(Protocol):
         self.max_frame_size = max_frame_size
         self._buffer = bytearray()
         self._mode: str | None = None
+        # Set once the connection is closing: no further requests are served.
+        self._closing = False
         self._protocol_factory = _protocol_factory()
         # One decoding protocol per connection, pointed at each message in
         # turn: allocating a protocol and buffer per call showed in profiles.
@@ -144,11 +146,19 @@ class ThriftServerProtocol(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         # Replies to calls still running are dropped from now on.
         self.connected = False
+        self._closing = True
         self._buffer.clear()
 
     # -- bytes in -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._mode == "framed" and not self._buffer:
+            # The usual read: whole frames and nothing held back, so they are
+            # taken from ``data`` itself; only an incomplete tail is kept.
+            used = self._framed_messages(data)
+            if used < len(data):
+                self._buffer += memoryview(data)[used:]
+            return
         self._buffer += data
         if self._mode is None:
             if len(self._buffer) < 4:
@@ -156,7 +166,7 @@ class ThriftServerProtocol(Protocol):
             if not self._detect_mode():
                 return
         if self._mode == "framed":
-            self._framed_messages()
+            del self._buffer[: self._framed_messages(self._buffer)]
         else:
             self._unframed_messages()
 
@@ -177,26 +187,28 @@ class ThriftServerProtocol(Protocol):
             self._mode = "framed"
         return True
 
-    def _framed_messages(self) -> None:
-        buffer = self._buffer
+    def _framed_messages(self, buffer: bytes | bytearray) -> int:
+        """Serve every whole frame at the start of ``buffer``; returns how
+        many bytes they took (all of them once the connection is closing)."""
+        size = len(buffer)
         offset = 0
-        while len(buffer) - offset >= 4 and self.connected:
+        while size - offset >= 4 and not self._closing:
             (length,) = _HEADER.unpack_from(buffer, offset)
             if length < 0 or length > self.max_frame_size:
                 self._reject(
                     f"frame length {length} is outside 0..{self.max_frame_size} bytes"
                 )
-                return
+                break
             end = offset + 4 + length
-            if len(buffer) < end:
+            if end > size:
                 break
             self._message(bytes(buffer[offset + 4 : end]), framed=True)
             offset = end
-        del buffer[:offset]
+        return size if self._closing else offset
 
     def _unframed_messages(self) -> None:
         # No length prefix: find where one message ends by skipping over it.
-        while self._buffer and self.connected:
+        while self._buffer and not self._closing:
             data = bytes(self._buffer)
             transport = TMemoryBuffer(data)
             iprot = TBinaryProtocol.TBinaryProtocol(transport)
@@ -218,6 +230,7 @@ class ThriftServerProtocol(Protocol):
     def _reject(self, reason: str) -> None:
         self.log.warn("closing OTS API connection from {peer}: {reason}",
                       peer=self._peer(), reason=reason)
+        self._closing = True
         self._buffer.clear()
         self.transport.loseConnection()
 
