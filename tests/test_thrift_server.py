@@ -164,6 +164,15 @@ class ThriftServerTests(SynchronousTestCase):
         assert transport.disconnecting
         assert any("compact" in str(e.get("reason")) for e in events)
 
+    def test_nothing_after_a_rejected_frame_is_served(self) -> None:
+        proto, transport, _ = connected()
+        ping = framed(call_bytes("ping", 2, input=1))
+        with capturedLogs():
+            proto.dataReceived(framed(b"\x82\x21\x01\x04ping\x00") + ping)
+            proto.dataReceived(ping)
+        assert transport.disconnecting
+        assert transport.value() == b""
+
     def test_reply_after_disconnect_is_dropped(self) -> None:
         proto, transport, handler = connected()
         proto.dataReceived(framed(call_bytes("getPermissionForToken", 1, authToken="a")))
