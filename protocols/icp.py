@@ -555,7 +555,6 @@ class IcpProtocol(Protocol):
                 method=method_name(rpc.msgType),
             )
             return
-        self._prune_deadlines()
         method = outstanding.method
         d = outstanding.deferred
         if rpc.msgType != method.msg_type:
@@ -575,6 +574,8 @@ class IcpProtocol(Protocol):
             d.errback(IcpNotFoundError(method.msg_type))
         else:
             d.errback(IcpRemoteError(method.msg_type, rpc.errorDescription))
+        # Bookkeeping after the answer is on its way, not before.
+        self._prune_deadlines()
 
     # -- inbound requests ----------------------------------------------------
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.tcp import Connection
 
 
 def is_plain_socket(transport: Any) -> bool:
-    """Whether write_now may send on ``transport`` directly: a socket
-    transport without TLS. TLS wraps the real one (a ProtocolWrapper, which
-    forwards unknown attributes such as writeSomeData to the raw socket) or
-    marks it ``TLS``, and must never be bypassed."""
-    return isinstance(transport, FileDescriptor) and not getattr(transport, "TLS", False)
+    """Whether write_now may send on ``transport``'s socket directly: a TCP
+    or UNIX stream transport without TLS. TLS wraps the real one (a
+    ProtocolWrapper, which forwards unknown attributes such as ``socket`` to
+    the raw transport) or marks it ``TLS``, and must never be bypassed."""
+    return isinstance(transport, Connection) and not getattr(transport, "TLS", False)
 
 
 def write_now(transport: Any, data: bytes, plain: bool | None = None) -> None:
@@ -22,11 +22,11 @@ def write_now(transport: Any, data: bytes, plain: bool | None = None) -> None:
     ``transport.write`` only queues: the bytes leave on the next reactor turn,
     after an ``epoll_ctl`` to watch for writability and before another to stop.
     A bridged call writes twice per hop, so on its hot path we try the socket
-    first through ``writeSomeData`` (FileDescriptor's "write what you can now")
-    and queue only what is left. Anything queued already, a TLS or test
+    first and queue only what is left. Anything queued already, a TLS or test
     transport (see is_plain_socket; ``plain`` passes a cached answer), a
-    producer, or an error falls back to ``transport.write``, which keeps
-    ordering and error handling Twisted's.
+    producer, a full socket buffer or a socket error falls back to
+    ``transport.write``, which keeps ordering and error handling Twisted's
+    (a broken connection is noticed and closed on its next turn).
     """
     if plain is None:
         plain = is_plain_socket(transport)
@@ -39,10 +39,12 @@ def write_now(transport: Any, data: bytes, plain: bool | None = None) -> None:
     ):
         transport.write(data)
         return
-    sent = transport.writeSomeData(data)
-    if isinstance(sent, BaseException):
-        transport.write(data)  # Twisted notices the broken connection on its own turn
-    elif sent < len(data):
+    try:
+        sent = transport.socket.send(data)
+    except OSError:  # EAGAIN, ENOBUFS, a reset: Twisted's write path copes
+        transport.write(data)
+        return
+    if sent < len(data):
         transport.write(data[sent:])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.protocol import Protocol
@@ -23,6 +24,7 @@ def plain_server() -> tuple[Server, socket.socket]:
 
 def close(server: Server, peer: socket.socket) -> None:
     server.stopReading()  # Server() registered it with the reactor
+    server.stopWriting()  # and so did any write that had to be queued
     server.socket.close()
     peer.close()
 
@@ -79,11 +81,38 @@ def test_wrapper_and_string_transports_use_write() -> None:
     close(server, peer)
 
 
+class CountingSocket:
+    """A socket that records what is sent through it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sends: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.sends.append(bytes(data))
+        return self.sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_a_full_socket_buffer_queues_the_rest_in_order() -> None:
+    server, peer = plain_server()
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = bytes(range(256)) * 4096  # 1 MiB: far more than the buffers hold
+    write_now(server, big)
+    queued = len(server.dataBuffer) + sum(map(len, server._tempDataBuffer))
+    assert 0 < queued < len(big)
+    write_now(server, b"after")  # must not overtake the queued bytes
+    assert server._tempDataBuffer[-1] == b"after"
+    close(server, peer)
+
+
 def test_batched_writes_leave_in_one_send_after_the_turn() -> None:
     server, peer = plain_server()
-    sends: list[bytes] = []
-    real_send = server.writeSomeData
-    server.writeSomeData = lambda data: (sends.append(data), real_send(data))[1]  # type: ignore[method-assign]
+    counting = CountingSocket(server.socket)
+    server.socket = counting  # type: ignore[assignment]
+    sends = counting.sends
     clock = Clock()
     writer = TurnBatchedWriter(server, clock)
     writer.write(b"one")
