@@ -38,7 +38,7 @@ from protocols.errors import (
     IcpTimeoutError,
 )
 from protocols.generated import ICP_pb2, pbRPC_pb2
-from protocols.transport import TurnBatchedWriter
+from protocols.transport import TurnBatchedWriter, read_with_recv
 
 RPCBase = pbRPC_pb2.RPCBase
 VersionInfo = pbRPC_pb2.VersionInfo
@@ -283,6 +283,7 @@ class IcpProtocol(Protocol):
         return len(self._pending)
 
     def connectionMade(self) -> None:
+        read_with_recv(self.transport)
         self._writer = TurnBatchedWriter(self.transport)
         self._enter(IcpState.HANDSHAKING)
         if self.initiator:

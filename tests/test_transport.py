@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, unix
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.tcp import Server
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-from protocols.transport import TurnBatchedWriter, write_now
+from protocols.transport import TurnBatchedWriter, read_with_recv, write_now
 
 
 def plain_server() -> tuple[Server, socket.socket]:
@@ -134,4 +136,38 @@ def test_unbatched_write_goes_at_once_and_discard_drops_the_rest() -> None:
     clock.advance(0)
     assert_nothing_sent(peer)
     assert clock.getDelayedCalls() == []
+    close(server, peer)
+
+
+class Collect(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+def test_unix_transport_reads_with_recv_and_drops_passed_descriptors() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    protocol = Collect()
+    server = unix.Server(ours, protocol, None, None, 1, reactor)
+    protocol.makeConnection(server)
+    read_with_recv(server)
+    assert "doRead" in vars(server)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with open(os.devnull) as passed:
+        theirs.sendmsg([b"frame"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                     struct.pack("i", passed.fileno()))])
+    assert server.doRead() is None
+    assert protocol.data == b"frame"
+    assert len(os.listdir("/proc/self/fd")) == fds_before, "the passed descriptor leaked"
+    close(server, theirs)
+
+
+def test_recv_reads_are_only_for_unix_transports() -> None:
+    server, peer = plain_server()
+    read_with_recv(server)
+    assert "doRead" not in vars(server)
+    read_with_recv(StringTransport())  # no error, nothing to change
     close(server, peer)
