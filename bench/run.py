@@ -5,7 +5,8 @@ Prints a table (throughput and p50/p99 latency at 1, 8, 64, 512 connections)
 and the three goal ratios of the performance issue, with the CPU each process
 used. ``--quick`` is a tiny run for the test suite.
 
-usage: python -m bench.run [--quick] [--json FILE]
+usage: python -m bench.run [--quick] [--json FILE] [--python-peer]
+                          [--baseline-reactor default|bridge]
 """
 
 from __future__ import annotations
@@ -175,9 +176,10 @@ def loadgen(binary: Path, port: int, request_hex: str, mode: str, connections: i
 
 
 @contextmanager
-def baseline(workdir: Path) -> Iterator[tuple[int, list[Process]]]:
+def baseline(workdir: Path, bridge_reactor: bool = False) -> Iterator[tuple[int, list[Process]]]:
     port = free_port()
-    server = Process("baseline", [sys.executable, "-m", "bench.baseline_server", str(port)],
+    argv = [sys.executable, "-m", "bench.baseline_server", str(port)]
+    server = Process("baseline", [*argv, "--bridge-reactor"] if bridge_reactor else argv,
                      log=workdir / "baseline.log")
     try:
         wait_for(lambda: port_open(port), "the baseline server")
@@ -260,7 +262,8 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run(quick: bool, python_peer: bool = False) -> dict[str, Any]:
+def run(quick: bool, python_peer: bool = False, baseline_reactor: str = "default"
+        ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="ib-bench-run-"))
     binary = build(workdir, "loadgen")
     fast_peer = None if python_peer else build(workdir, "fast_peer")
@@ -271,12 +274,13 @@ def run(quick: bool, python_peer: bool = False) -> dict[str, Any]:
     inflight = 200 if quick else 10000
     hold = 0.2 if quick else 2.0
     report: dict[str, Any] = {"baseline": {}, "bridge": {},
-                              "peer": "Python" if python_peer else "C++"}
+                              "peer": "Python" if python_peer else "C++",
+                              "baseline_reactor": baseline_reactor}
 
     # Both servers run at once and the measurements alternate in short
     # rounds, so that the machine's drift (large on a shared VM) hits both
     # sides alike. Only the side being measured has any load.
-    with baseline(workdir) as (base_port, base_processes), \
+    with baseline(workdir, baseline_reactor == "bridge") as (base_port, base_processes), \
             bridge(workdir, fast_peer) as (bridge_port, bridge_processes, token, session_id):
         sides = {
             "baseline": (base_port, base_processes, encode_call("ping", input=7)),
@@ -347,7 +351,8 @@ def goals(report: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
 
 def print_report(report: dict[str, Any]) -> bool:
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
-          f"{report['peer']} stand-in RDP server")
+          f"{report['peer']} stand-in RDP server, baseline on the "
+          f"{report['baseline_reactor']} reactor")
     print()
     print("side      conns   calls/s     p50 us    p99 us    CPU s (server / peer / loadgen)")
     for side in ("baseline", "bridge"):
@@ -378,9 +383,12 @@ def main() -> int:
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--python-peer", action="store_true",
                         help="use the Python stand-in (icp-bridge peer) instead of the C++ one")
+    parser.add_argument("--baseline-reactor", choices=("default", "bridge"), default="default",
+                        help="run the baseline on Twisted's default reactor (as users would) "
+                             "or on the bridge's BridgeReactor")
     args = parser.parse_args()
     started = time.monotonic()
-    report = run(args.quick, args.python_peer)
+    report = run(args.quick, args.python_peer, args.baseline_reactor)
     ok = print_report(report)
     print(f"\nbench took {time.monotonic() - started:.0f} s")
     if args.json:
