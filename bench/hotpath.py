@@ -18,7 +18,6 @@ import argparse
 import cProfile
 import pstats
 import statistics
-import struct
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from bench.run import encode_call, frame
 from bridge.auth import InMemoryAuthenticator
 from bridge.config import Config
 from bridge.permissions import FULL
@@ -41,22 +41,9 @@ from protocols.generated.otsapi import otsapi as twisted_otsapi
 from protocols.generated.otsapi_blocking import otsapi
 from protocols.thrift_server import ThriftServerFactory
 
-_LENGTH = struct.Struct("!I")
 
-
-def _icp_frame(rpc: Any) -> bytes:
-    body = rpc.SerializeToString()
-    return _LENGTH.pack(len(body)) + body
-
-
-def _thrift_call(name: str, **args: Any) -> bytes:
-    buffer = TMemoryBuffer()
-    oprot = TBinaryProtocol.TBinaryProtocol(buffer)
-    oprot.writeMessageBegin(name, TMessageType.CALL, 1)
-    getattr(otsapi, f"{name}_args")(**args).write(oprot)
-    oprot.writeMessageEnd()
-    body = buffer.getvalue()
-    return _LENGTH.pack(len(body)) + body
+def thrift_call(name: str, **args: Any) -> bytes:
+    return bytes.fromhex(encode_call(name, **args))
 
 
 class HotPath:
@@ -86,16 +73,16 @@ class HotPath:
         factory = ThriftServerFactory(twisted_otsapi, self.service.otsapi)
         self.thrift = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         self.thrift.makeConnection(self.thrift_transport)
-        token = self._thrift_reply(_thrift_call("logonConnection", username="bench",
+        token = self._thrift_reply(thrift_call("logonConnection", username="bench",
                                                 password="pw", domain=""))
-        self.request = _thrift_call("virtualChannelOpen", authToken=token, sessionId=1,
+        self.request = thrift_call("virtualChannelOpen", authToken=token, sessionId=1,
                                     virtualName="CLIPRDR", isDynChannel=False, flags=0)
         self.answer_payload = ICP_pb2.OtsApiVirtualChannelOpenResponse(
             connectionString="\\\\.\\pipe\\ogon_1_svc_CLIPRDR_1", instance=1
         ).SerializeToString()
 
     def _rdp_request(self, tag: int, msg_type: int, **fields: Any) -> None:
-        self.icp.dataReceived(_icp_frame(pbRPC_pb2.RPCBase(
+        self.icp.dataReceived(frame(pbRPC_pb2.RPCBase(
             tag=tag, isResponse=False, status=pbRPC_pb2.RPCBase.SUCCESS, msgType=msg_type,
             **fields)))
 
@@ -114,7 +101,7 @@ class HotPath:
         ahead so that encoding them is not timed (tags are handed out in
         order by a fresh connection)."""
         first = self.icp._next_tag
-        return [_icp_frame(pbRPC_pb2.RPCBase(
+        return [frame(pbRPC_pb2.RPCBase(
             tag=first + i, isResponse=True, status=pbRPC_pb2.RPCBase.SUCCESS,
             msgType=icp.MSG_VIRTUAL_CHANNEL_OPEN, payload=self.answer_payload))
             for i in range(count)]

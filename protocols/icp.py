@@ -481,15 +481,14 @@ class IcpProtocol(Protocol):
         except EncodeError as e:
             return fail(e)
         tag = self._allocate_tag()
-        pending = self._pending
         # Like Nagle: a lone call goes out at once; while others are in
         # flight their answers will wake us anyway, so frames are coalesced.
-        batch = bool(pending)
+        batch = bool(self._pending)
         d: Deferred[Any] = Deferred(lambda _: self._forget(tag))
         if timeout is None:
             timeout = self.call_timeout
         deadline = self.clock.seconds() + timeout
-        pending[tag] = _Outstanding(d, method, timeout, deadline)
+        self._pending[tag] = _Outstanding(d, method, timeout, deadline)
         self._deadline_sequence += 1
         heapq.heappush(self._deadlines, (deadline, self._deadline_sequence, tag))
         if deadline < self._sweep_at:

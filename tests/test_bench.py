@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.hotpath import HotPath
 from bench.run import goals, run
 from bench.state_writes import measure
 
@@ -28,3 +29,11 @@ def test_quick_bench_runs_and_answers_every_call() -> None:
 def test_state_write_timing_runs(tmp_path: Path) -> None:
     results = measure(str(tmp_path), sessions=5, writes=10)
     assert len(results) == 4 and all(len(d) == 10 for d in results.values())
+
+
+def test_hot_path_harness_runs_real_bridged_calls(tmp_path: Path) -> None:
+    path = HotPath(tmp_path)
+    path.check()  # one call: the ICP request went out, the Thrift reply came back right
+    answers = path.answers(20)
+    assert path.run(answers) > 0
+    assert path.icp.pending_calls == 0, "every call was answered"

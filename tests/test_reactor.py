@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 
 from bridge.reactor import BridgeReactor
@@ -80,19 +80,15 @@ def test_ready_descriptors_are_read(bridge_reactor: BridgeReactor, pairs: Any) -
 
 def test_a_failing_reader_is_logged_and_dropped_others_still_read(
         bridge_reactor: BridgeReactor, pairs: Any) -> None:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        bad_sock, bad_peer = pair(pairs)
-        good_sock, good_peer = pair(pairs)
-        bad, good = Reader(bad_sock, fail=True), Reader(good_sock)
-        bridge_reactor.addReader(bad)
-        bridge_reactor.addReader(good)
-        bad_peer.send(b"x")
-        good_peer.send(b"y")
+    bad_sock, bad_peer = pair(pairs)
+    good_sock, good_peer = pair(pairs)
+    bad, good = Reader(bad_sock, fail=True), Reader(good_sock)
+    bridge_reactor.addReader(bad)
+    bridge_reactor.addReader(good)
+    bad_peer.send(b"x")
+    good_peer.send(b"y")
+    with capturedLogs() as events:
         bridge_reactor.doIteration(0)
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     assert good.received == [b"y"]
     assert len(bad.lost) == 1 and bad.lost[0].check(ValueError)
     assert bad not in bridge_reactor.getReaders()
@@ -106,7 +102,6 @@ def test_a_dispatch_error_outside_the_descriptor_is_logged(
         bridge_reactor: BridgeReactor, pairs: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """If dispatching itself fails (e.g. a connectionLost that raises), the
     poll goes on with the other descriptors and says what happened."""
-    events: list[dict[str, Any]] = []
     a, b = pair(pairs)
     c, d = pair(pairs)
     first, second = Reader(a), Reader(c)
@@ -120,13 +115,10 @@ def test_a_dispatch_error_outside_the_descriptor_is_logged(
         original(selectable, fd, event)
 
     monkeypatch.setattr(bridge_reactor, "_doReadOrWrite", dispatch)
-    globalLogPublisher.addObserver(events.append)
-    try:
-        b.send(b"1")
-        d.send(b"2")
+    b.send(b"1")
+    d.send(b"2")
+    with capturedLogs() as events:
         bridge_reactor.doIteration(0)
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     assert second.received == [b"2"]
     assert any("unhandled error dispatching I/O" in e.get("log_format", "") and
                e["log_failure"].check(RuntimeError) for e in events)
