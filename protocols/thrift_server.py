@@ -62,7 +62,6 @@ class ThriftMethod:
     name: str
     args_type: type
     result_type: type
-    arg_names: tuple[str, ...]
     oneway: bool
     # A REPLY's message header up to its seqid (strict binary), built once.
     reply_prefix: bytes
@@ -92,7 +91,7 @@ def service_methods(service_module: ModuleType) -> dict[str, ThriftMethod]:
         arg_names = tuple(spec[2] for spec in args_type.thrift_spec if spec is not None)
         encoded = name.encode()
         methods[name] = ThriftMethod(
-            name, args_type, result_type, arg_names, oneway=result_type is None,
+            name, args_type, result_type, oneway=result_type is None,
             reply_prefix=_TWO_INTS.pack(_VERSION_1 | TMessageType.REPLY, len(encoded)) + encoded,
             arguments=_argument_getter(arg_names),
         )
