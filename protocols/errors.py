@@ -47,6 +47,11 @@ class IcpNotConnectedError(IcpError):
     """There is no connection ready to carry the call (none, or mid-handshake)."""
 
 
+class IcpFrameTooLargeError(IcpError):
+    """A request the bridge would send is bigger than the peer reads reliably
+    (see ``max_send_frame``); it was not sent."""
+
+
 class IcpProtocolError(IcpError):
     """The peer broke the protocol: the reason a connection was dropped, or a
     malformed answer to one call."""

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from protocols.errors import (
     IcpDisconnectedError,
+    IcpFrameTooLargeError,
     IcpHandlerError,
     IcpNotConnectedError,
     IcpNotFoundError,
@@ -37,7 +38,7 @@ from protocols.errors import (
     IcpRemoteError,
     IcpTimeoutError,
 )
-from protocols.generated import ICP_pb2, pbRPC_pb2
+from protocols.generated import ICP_pb2, SBP_pb2, pbRPC_pb2
 from protocols.transport import TurnBatchedWriter, read_with_recv
 
 RPCBase = pbRPC_pb2.RPCBase
@@ -49,11 +50,19 @@ NOTFOUND = RPCBase.NOTFOUND
 HANDSHAKE_MSG_TYPE = 0xFFFFFFFF
 PROTOCOL_VERSION = (1, 1)
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+#: The largest frame sent to the peer. ogon's RDP server reads a body with one
+#: read() that must return all of it; on Linux a send of up to 32 KiB on a
+#: UNIX stream socket is queued whole, so frames up to this size always
+#: arrive in one piece (bigger ones break the connection now and then).
+DEFAULT_MAX_SEND_FRAME = 32 * 1024
 DEFAULT_CALL_TIMEOUT = 10.0
 _TAG_MASK = 0xFFFFFFFF
 _LENGTH = struct.Struct("!I")
 # errorDescription is for humans; keep a buggy handler's text from growing frames.
 _MAX_ERROR_DESCRIPTION = 200
+# Room for the length prefix and RPCBase fields around a request's payload
+# (tag, flags, msgType and the payload's own key and length: under 32 bytes).
+_ENVELOPE_ALLOWANCE = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,14 +77,15 @@ class IcpMethod:
 
 def _method_table() -> dict[int, IcpMethod]:
     table = {}
-    for name, msg_type in ICP_pb2.MSGTYPE.items():
-        table[msg_type] = IcpMethod(
-            msg_type, name, getattr(ICP_pb2, f"{name}Request"), getattr(ICP_pb2, f"{name}Response")
-        )
+    # ICP's own types, and the greeter's SBP types the RDP server forwards.
+    for module in (ICP_pb2, SBP_pb2):
+        for name, msg_type in module.MSGTYPE.items():
+            table[msg_type] = IcpMethod(msg_type, name, getattr(module, f"{name}Request"),
+                                        getattr(module, f"{name}Response"))
     return table
 
 
-#: Every message type of WIRE.md, by msgType value.
+#: Every message type of WIRE.md (sections 1 and 4), by msgType value.
 ICP_METHODS: Mapping[int, IcpMethod] = _method_table()
 MSG_IS_CHANNEL_ALLOWED = ICP_pb2.IsChannelAllowed
 MSG_PING = ICP_pb2.Ping
@@ -93,6 +103,9 @@ MSG_STOP_REMOTE_CONTROL = ICP_pb2.OtsApiStopRemoteControl
 MSG_REMOTE_CONTROL_ENDED = ICP_pb2.RemoteControlEnded
 MSG_MESSAGE = ICP_pb2.Message
 MSG_PROPERTY_BULK = ICP_pb2.PropertyBulk
+MSG_SBP_AUTHENTICATE_USER = SBP_pb2.AuthenticateUser
+MSG_SBP_END_SESSION = SBP_pb2.EndSession
+MSG_SBP_VERSION_INFO = SBP_pb2.VersionInfo
 
 #: A request handler: takes the decoded request, returns the response message
 #: or a Deferred firing with it. Raising IcpHandlerError answers FAILED with
@@ -216,6 +229,7 @@ class IcpProtocol(Protocol):
         initiator: bool = False,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_send_frame: int = DEFAULT_MAX_SEND_FRAME,
         version: tuple[int, int] = PROTOCOL_VERSION,
     ) -> None:
         if clock is None:
@@ -224,6 +238,7 @@ class IcpProtocol(Protocol):
         if unknown:
             raise ValueError(f"handlers for unknown ICP message types: {sorted(unknown)}")
         self.max_frame_size = max_frame_size
+        self.max_send_frame = max_send_frame
         # The start of a frame whose end has not arrived yet.
         self._partial = bytearray()
         self.clock: IReactorTime = clock  # type: ignore[assignment]
@@ -284,7 +299,7 @@ class IcpProtocol(Protocol):
 
     def connectionMade(self) -> None:
         read_with_recv(self.transport)
-        self._writer = TurnBatchedWriter(self.transport)
+        self._writer = TurnBatchedWriter(self.transport, frame_limit=self.max_send_frame)
         self._enter(IcpState.HANDSHAKING)
         if self.initiator:
             self._handshake_tag = self._allocate_tag()
@@ -465,7 +480,9 @@ class IcpProtocol(Protocol):
         connection's call timeout), IcpRemoteError (peer answered FAILED),
         IcpNotFoundError (peer answered NOTFOUND), IcpProtocolError (answer
         not decodable), IcpDisconnectedError (connection gone before or
-        during the call) or IcpNotConnectedError (handshake not done yet).
+        during the call), IcpNotConnectedError (handshake not done yet) or
+        IcpFrameTooLargeError (not sent: too big for the peer). A timeout of
+        ``math.inf`` waits for the answer or the connection's end.
         Cancelling it forgets the call; a late answer is then ignored.
         """
         if self.state is not IcpState.READY:
@@ -480,6 +497,13 @@ class IcpProtocol(Protocol):
             payload = request.SerializeToString()
         except EncodeError as e:
             return fail(e)
+        if len(payload) + _ENVELOPE_ALLOWANCE > self.max_send_frame:
+            self.log.error(
+                "not sending {method} request of {size} bytes: over the {limit}-byte frame "
+                "limit", method=method.name, size=len(payload), limit=self.max_send_frame)
+            return fail(IcpFrameTooLargeError(
+                f"{method.name} request of {len(payload)} bytes exceeds the "
+                f"{self.max_send_frame}-byte frame limit"))
         tag = self._allocate_tag()
         # Like Nagle: a lone call goes out at once; while others are in
         # flight their answers will wake us anyway, so frames are coalesced.
@@ -513,6 +537,8 @@ class IcpProtocol(Protocol):
 
     def _arm_sweep(self, deadline: float) -> None:
         self._cancel_sweep()
+        if math.isinf(deadline):
+            return  # only calls without a deadline are left
         self._sweep_at = deadline
         self._sweep_call = self.clock.callLater(
             max(0.0, deadline - self.clock.seconds()), self._sweep
@@ -634,11 +660,17 @@ class IcpProtocol(Protocol):
             )
             self._answer_failed(tag, method.msg_type, "internal error")
             return
-        self._send(
-            RPCBase(
-                tag=tag, isResponse=True, status=SUCCESS, msgType=method.msg_type, payload=payload
-            )
-        )
+        body = RPCBase(tag=tag, isResponse=True, status=SUCCESS, msgType=method.msg_type,
+                       payload=payload).SerializeToString()
+        if len(body) + 4 > self.max_send_frame:
+            self.log.error(
+                "{method} answer (tag {tag}) is {size} bytes, over the {limit}-byte frame limit "
+                "an ogon RDP server reads reliably; answering FAILED instead",
+                method=method.name, tag=tag, size=len(body) + 4, limit=self.max_send_frame)
+            self._answer_failed(tag, method.msg_type, "answer too large")
+            return
+        if self._writer is not None and self.transport is not None:
+            self._writer.write(_LENGTH.pack(len(body)) + body)
 
     def _handler_failed(self, failure: Failure, tag: int, method: IcpMethod) -> None:
         if failure.check(IcpHandlerError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from types import MethodType
 from typing import Any
 
@@ -66,23 +67,117 @@ def write_now(transport: Any, data: bytes, plain: bool | None = None) -> None:
         transport.write(data[sent:])
 
 
+class FrameAligner:
+    """Makes every send() on a plain stream socket carry whole frames only,
+    at most ``limit`` bytes of them (one frame alone if it is bigger).
+
+    ogon's RDP server reads a frame's 4-byte length, then its body with one
+    read() that must return all of it: a body split between two socket
+    buffers (skbs) whose second half is not queued yet breaks the
+    connection. Linux queues one send() of up to 32 KiB on an AF_UNIX
+    stream socket as one skb, all or nothing, so frames cut into such sends
+    always arrive whole. Both ways out are covered: ``send`` for data sent at
+    once, and Twisted's own ``writeSomeData`` (replaced on the transport)
+    for what it had to buffer.
+
+    Invariant: ``_frame_left`` is how many bytes of a frame that went out
+    only in part are still to be sent (0 between frames); Twisted's write
+    buffer always starts where the last send stopped.
+    """
+
+    def __init__(self, transport: Any, limit: int) -> None:
+        self.transport = transport
+        self.limit = limit
+        self._frame_left = 0
+        self._send_some = transport.writeSomeData
+        transport.writeSomeData = self._write_some
+
+    def _end_of_chunk(self, data: Any, start: int) -> int:
+        """Where the next send should stop: the end of the unfinished frame,
+        else of as many whole frames as fit in ``limit`` (at least one)."""
+        if self._frame_left:
+            return min(len(data), start + self._frame_left)
+        end = start
+        while len(data) - end >= 4:
+            (length,) = _FRAME_LENGTH.unpack_from(data, end)
+            frame_end = end + 4 + length
+            if end > start and frame_end - start > self.limit:
+                break
+            end = frame_end
+            if end - start >= self.limit:
+                break
+        return min(len(data), end) if end > start else len(data)
+
+    def _account(self, data: Any, start: int, sent: int) -> None:
+        """Move ``_frame_left`` over ``sent`` bytes sent from ``start``."""
+        position, left = start, self._frame_left
+        stop = start + sent
+        while position < stop:
+            if left == 0:
+                if len(data) - position < 4:
+                    left = len(data) - position  # a torn tail: nothing to parse
+                else:
+                    (length,) = _FRAME_LENGTH.unpack_from(data, position)
+                    left = 4 + length
+            step = min(left, stop - position)
+            position += step
+            left -= step
+        self._frame_left = left
+
+    def _write_some(self, data: Any) -> Any:
+        end = self._end_of_chunk(data, 0)
+        sent = self._send_some(data if end == len(data) else memoryview(data)[:end])
+        if isinstance(sent, int) and sent > 0:
+            self._account(data, 0, sent)
+        return sent
+
+    def send(self, data: bytes) -> None:
+        """Send whole frames now, as far as the socket takes them; queue the
+        rest (in order) for Twisted to send through ``_write_some``."""
+        transport = self.transport
+        if (transport.dataBuffer or transport._tempDataBuffer or transport.disconnecting
+                or transport.producer is not None):
+            transport.write(data)
+            return
+        offset = 0
+        while offset < len(data):
+            end = self._end_of_chunk(data, offset)
+            sent = self._send_some(memoryview(data)[offset:end])
+            if not isinstance(sent, int) or sent <= 0:
+                break  # would block, or an error Twisted will find on its own
+            self._account(data, offset, sent)
+            offset += sent
+            if offset < end:
+                break
+        if offset < len(data):
+            transport.write(data[offset:] if offset else data)
+
+
+_FRAME_LENGTH = struct.Struct("!I")
+
+
 class TurnBatchedWriter:
-    """Coalesces the writes of one reactor turn into one send.
+    """Coalesces the writes of one reactor turn into few sends.
 
     The ICP socket carries every bridged call: under load, one turn handles
     many OTS API requests, each producing an ICP frame. Sending each frame
     with its own syscall dominated the profile; this collects them and sends
-    once, from a ``callLater(0)``, which Twisted runs after the turn's I/O
-    and before it polls again, so no frame waits for another poll. Transports
-    that write_now would not send at once (TLS, wrappers, test transports)
-    get each write directly, in order.
+    them from a ``callLater(0)``, which Twisted runs after the turn's I/O
+    and before it polls again, so no frame waits for another poll. With
+    ``frame_limit`` the data are length-prefixed frames and each send
+    carries whole frames of at most that many bytes (see FrameAligner).
+    Transports that write_now would not send at once (TLS, wrappers, test
+    transports) get each write directly, in order.
     """
 
-    def __init__(self, transport: Any, clock: IReactorTime | None = None) -> None:
+    def __init__(self, transport: Any, clock: IReactorTime | None = None,
+                 frame_limit: int | None = None) -> None:
         self.transport = transport
         self._batching = is_plain_socket(transport)
         # Only plain sockets batch, and those know the reactor they run on.
         self.clock = clock if clock is not None or not self._batching else transport.reactor
+        self._aligner = (FrameAligner(transport, frame_limit)
+                         if self._batching and frame_limit is not None else None)
         self._pending: list[bytes] = []
         self._flush_call: Any = None
 
@@ -93,11 +188,17 @@ class TurnBatchedWriter:
             self.transport.write(data)
             return
         if not batch and not self._pending:
-            write_now(self.transport, data, plain=True)
+            self._send(data)
             return
         self._pending.append(data)
         if self._flush_call is None:
             self._flush_call = self.clock.callLater(0, self.flush)
+
+    def _send(self, data: bytes) -> None:
+        if self._aligner is not None:
+            self._aligner.send(data)
+        else:
+            write_now(self.transport, data, plain=True)
 
     def flush(self) -> None:
         """Send what is collected now (also called before a close)."""
@@ -108,7 +209,16 @@ class TurnBatchedWriter:
         if self._pending:
             data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
             self._pending.clear()
-            write_now(self.transport, data, plain=True)
+            self._send(data)
+
+    @property
+    def queued(self) -> int:
+        """Bytes written but not yet handed to the kernel."""
+        pending = sum(map(len, self._pending))
+        transport = self.transport
+        buffered = getattr(transport, "_tempDataLen", 0) + len(
+            getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+        return pending + max(0, buffered)
 
     def discard(self) -> None:
         """The connection is gone: drop what was not sent."""
