@@ -35,6 +35,7 @@ from bridge.auth import InMemoryAuthenticator
 from bridge.config import Config
 from bridge.permissions import FULL
 from bridge.service import BridgeService
+from bridge.sessions import ClientInfo
 from protocols import icp
 from protocols.generated import ICP_pb2, pbRPC_pb2
 from protocols.generated.otsapi import otsapi as twisted_otsapi
@@ -62,11 +63,13 @@ class HotPath:
         self.icp.makeConnection(self.icp_transport)
         self._rdp_request(1, icp.HANDSHAKE_MSG_TYPE,
                           versionInfo=pbRPC_pb2.VersionInfo(vmajor=1, vminor=1))
-        self._rdp_request(2, icp.MSG_LOGON_USER, payload=ICP_pb2.LogonUserRequest(
-            connectionId=1, username="bench", password="pw", domain="", width=1024,
-            height=768, colorDepth=32, clientHostName="bench", clientAddress="192.0.2.1",
-            clientBuildNumber=1, clientProductId=1, clientHardwareId=0,
-            clientProtocolType=2).SerializeToString())
+        # A logged-on session on connection 1, as a LogonUser would leave it
+        # (without starting a backend process: this measures the hot path).
+        registry = self.service.registry
+        session = registry.create(1, ClientInfo(width=1024, height=768, color_depth=32),
+                                  "bench", "", FULL)
+        registry.connected(session)
+        registry.log_on(session, "bench", "", FULL)
         self.icp_transport.clear()
 
         self.thrift_transport = StringTransport()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import resource
 import shutil
 import signal
@@ -121,6 +122,20 @@ def fast_peer_argv(binary: Path, sock: Path, answer_delay: float) -> list[str]:
             *(f"{msg_type}={m.SerializeToString().hex()}" for msg_type, m in answers.items())]
 
 
+def bench_config(base: Path) -> Path:
+    """A config whose sessions run the stand-in backend (a logon starts one)."""
+    backend = [sys.executable, str(ROOT / "bridge" / "standin_backend.py"), "--socket",
+               "{pipe_dir}/{endpoint}"]
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    path = base / "bridge.toml"
+    path.write_text(
+        f'pipe_dir = "{base}/pipes"\n'
+        + "".join(f'[modules.{name}]\ncommand = {json.dumps(backend)}\n'
+                  f'endpoint = "ogon_{{session_id}}_{name}"\nuser = "{user}"\n'
+                  for name in ("greeter", "xsession")))
+    return path
+
+
 def encode_call(name: str, **args: Any) -> str:
     buffer = TMemoryBuffer()
     oprot = TBinaryProtocol.TBinaryProtocol(buffer)
@@ -204,7 +219,8 @@ def bridge(workdir: Path, fast_peer: Path | None, answer_delay: float = 0.0
     sock = base / "icp.sock"
     server = Process("bridge", [
         sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-        "--pidfile=", "icp-bridge", "--icp", f"unix:{sock}:mode=600",
+        "--pidfile=", "icp-bridge", "--config", str(bench_config(base)),
+        "--icp", f"unix:{sock}:mode=600",
         "--thrift", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
         "--state", str(base / "state"), "--users", str(users), "--token-dir", str(base),
     ], log=workdir / "bridge.log")
@@ -216,8 +232,9 @@ def bridge(workdir: Path, fast_peer: Path | None, answer_delay: float = 0.0
                            log=workdir / "peer.log")
         else:
             peer = Process("peer", [sys.executable, "-m", "bridge.cli", "peer", "--socket",
-                                    str(sock), "--user", "bench", "--delay", str(answer_delay),
-                                    "--quiet"], stdin=PASSWORD + "\n", log=workdir / "peer.log")
+                                    str(sock), "--user", "bench", "--direct", "--pipe-dir", "",
+                                    "--delay", str(answer_delay), "--quiet"],
+                           stdin=PASSWORD + "\n", log=workdir / "peer.log")
         processes.append(peer)
         wait_for(lambda: "answering" in (workdir / "peer.log").read_text(), "the stand-in")
         transport = TTransport.TFramedTransport(TSocket.TSocket("127.0.0.1", port))

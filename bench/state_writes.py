@@ -1,12 +1,13 @@
 """How long the bridge's durable-state writes hold the reactor.
 
 StateStore writes run on the reactor thread, one small SQLite transaction
-per session event or token issue/revoke (WAL, synchronous=NORMAL: no fsync
-per commit), while a worker thread checkpoints the WAL, as the service does
-(here every 0.2 s instead of 5 s, to have many checkpoints in the run). This
-times each kind of write against a database that already holds
-``--sessions`` sessions and as many tokens, in a directory on the same kind
-of disk as the state dir would be.
+per session change (its row and its journal row) or token issue/revoke
+(WAL, synchronous=NORMAL: no fsync per commit), while a worker thread
+checkpoints the WAL, as the service does (here every 0.2 s instead of
+5 s, to have many checkpoints in the run). This times each kind of write
+against a database that already holds ``--sessions`` sessions and as
+many tokens, in a directory on the same kind of disk as the state dir
+would be.
 
 usage: python -m bench.state_writes [--dir DIR] [--sessions N] [--writes N]
 """
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bridge.sessions import ClientInfo, ConnectState, Session
+from bridge.sessions import ClientInfo, ConnectState, Session, SessionChange, SessionEvent
 from bridge.state import StateStore
 from bridge.tokens import TokenRecord
 
@@ -34,6 +35,13 @@ def session(session_id: int) -> Session:
         client=ClientInfo(host_name=f"client{session_id}", address="192.0.2.10", build_number=19041,
                           width=1920, height=1080, color_depth=32),
     )
+
+
+def change(event: SessionEvent, n: int) -> list[SessionChange]:
+    """One session change, as the registry hands it to the store (session
+    row and journal row in one transaction)."""
+    s = session(n)
+    return [SessionChange(event, s, ConnectState.INIT, s.state, "bench", time.time(), n + 1)]
 
 
 def token(n: int) -> TokenRecord:
@@ -56,7 +64,7 @@ def measure(directory: str, sessions: int, writes: int) -> dict[str, list[float]
     try:
         store = StateStore(base / "state.sqlite")
         for n in range(1, sessions + 1):
-            store.save_session(session(n), n + 1)
+            store.write(change(SessionEvent.CREATED, n))
             store.token_changed(token(n).digest, token(n))
         first = sessions + 1
         stop = threading.Event()
@@ -68,13 +76,14 @@ def measure(directory: str, sessions: int, writes: int) -> dict[str, list[float]
         checkpointer = threading.Thread(target=checkpoints)
         checkpointer.start()
         results = {
-            "save_session (logon, state change)": timed(
-                writes, lambda n: store.save_session(session(n), n + 1), first),
+            "write (logon, state change, + journal)": timed(
+                writes, lambda n: store.write(change(SessionEvent.LOGGED_ON, n)), first),
             "token_changed (issue)": timed(
                 writes, lambda n: store.token_changed(token(n).digest, token(n)), first),
             "token_changed (revoke)": timed(
                 writes, lambda n: store.token_changed(token(n).digest, None), first),
-            "delete_session (session ends)": timed(writes, store.delete_session, first),
+            "write (session ends, + journal)": timed(
+                writes, lambda n: store.write(change(SessionEvent.ENDED, n)), first),
         }
         stop.set()
         checkpointer.join()

@@ -4,29 +4,75 @@ hashes, PAM, and an in-memory authenticator for tests and demos."""
 from __future__ import annotations
 
 import base64
+import grp
 import hashlib
 import hmac
 import os
+import pwd
 import secrets
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from bridge.permissions import GUEST, level_name, level_value
+from bridge.permissions import USER, level_name, level_value
+
+if TYPE_CHECKING:
+    from bridge.properties import PropertyTable
 
 
 @dataclass(frozen=True)
 class Identity:
-    """Who authenticated, with the permission flags of their level."""
+    """Who authenticated, with the permission flags of their level.
+    ``pam`` holds a live PAM handle (PAM authenticator only) with which a
+    PAM session can be opened for the user's desktop."""
 
     username: str
     domain: str
     permission: int
+    pam: Any = field(default=None, compare=False, repr=False)
+
+
+def user_groups(username: str) -> list[str] | None:
+    """Names of the system groups of ``username``; None if there is no such
+    system user."""
+    try:
+        entry = pwd.getpwnam(username)
+    except KeyError:
+        return None
+    names = []
+    for gid in os.getgrouplist(username, entry.pw_gid):
+        try:
+            names.append(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            continue
+    return names
+
+
+def logon_allowed(properties: PropertyTable, username: str,
+                  groups_of: Callable[[str], list[str] | None] = user_groups) -> bool:
+    """ogon's group rule (PermissionManager::isLogonAllowedForUser): a user
+    in a group of ``permission.groups.blackList`` may not log on; else one
+    in a group of ``permission.groups.whiteList`` may; anyone else only if
+    the white list holds ``*`` (ogon's default). A user with no system
+    account has no groups."""
+    white = properties.split_list("permission.groups.whiteList")
+    black = properties.split_list("permission.groups.blackList")
+    decided: dict[str, bool] = {name: True for name in white if name != "*"}
+    decided.update({name: False for name in black if name != "*"})
+    unknown_allowed = "*" in white and "*" not in black
+    allowed = False
+    for group in groups_of(username) or []:
+        verdict = decided.get(group)
+        if verdict is False:
+            return False
+        if verdict is True:
+            allowed = True
+    return allowed or unknown_allowed
 
 
 class Authenticator(Protocol):
@@ -99,6 +145,22 @@ def verify_password(password: str, encoded: str) -> bool:
     except (ValueError, KeyError):
         return False
     return hmac.compare_digest(actual, expected)
+
+
+def dummy_hash(n: int) -> str:
+    """A hash of the given cost that no password matches, checked for
+    unknown users so that they take as long as known ones. Random salt and
+    digest: making it costs no scrypt run."""
+    return "$".join(["scrypt", f"n={n},r={SCRYPT_R},p={SCRYPT_P}",
+                     _b64(secrets.token_bytes(16)), _b64(secrets.token_bytes(32))])
+
+
+def _cost(encoded: str) -> int:
+    try:
+        params = dict(item.split("=") for item in encoded.split("$")[1].split(","))
+        return int(params["n"])
+    except (IndexError, KeyError, ValueError):
+        return SCRYPT_N
 
 
 def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -192,8 +254,7 @@ class UsersFileAuthenticator:
         self._run_blocking = run_blocking
         self._users: dict[str, UserEntry] = {}
         self._stamp: tuple[int, int] | None = None
-        # A fixed hash to spend the same time on unknown users.
-        self._dummy_hash = hash_password(secrets.token_hex(8), n=2**10)
+        self._dummy_hash = dummy_hash(SCRYPT_N)
 
     def users(self) -> dict[str, UserEntry]:
         try:
@@ -207,6 +268,9 @@ class UsersFileAuthenticator:
             except UsersFileError as e:
                 self.log.error("cannot read users file: {error}", error=str(e))
             self._stamp = stamp
+            # Unknown users cost what known ones do: no timing tells them apart.
+            costs = [_cost(entry.password_hash) for entry in self._users.values()]
+            self._dummy_hash = dummy_hash(max(costs, default=SCRYPT_N))
         return self._users
 
     def authenticate(self, username: str, password: str, domain: str) -> Deferred[Identity | None]:
@@ -222,32 +286,77 @@ class UsersFileAuthenticator:
 
 
 class PamAuthenticator:
-    """Authenticates against PAM (``pip install icp-bridge[pam]``). The
-    permission level comes from the ``permission.level`` property (per user
-    or global), guest if unset, as ogon does."""
+    """Authenticates against PAM (``pip install icp-bridge[pam]``), service
+    ``ogon`` as ogon's pam module uses. The permission level comes from the
+    ``permission.level`` property (per user or global; ogon's default is
+    USER). With ``for_session`` the PAM handle stays open in the Identity so
+    that a PAM session can be opened for the user's desktop."""
 
-    def __init__(self, level_of: Callable[[str], int], service: str = "login",
-                 run_blocking: BlockingRunner = _run_here) -> None:
-        try:
-            import pam  # type: ignore[import-not-found]
-        except ImportError:
-            raise RuntimeError(
-                "authenticator = 'pam' needs the python-pam package: "
-                "pip install 'icp-bridge[pam]'"
-            ) from None
-        self._pam = pam
+    log = Logger()
+
+    def __init__(self, level_of: Callable[[str], int], service: str = "ogon",
+                 run_blocking: BlockingRunner = _run_here, pam_module: Any = None) -> None:
+        if pam_module is None:
+            try:
+                import pam as pam_module  # type: ignore[import-not-found]
+            except ImportError:
+                raise RuntimeError(
+                    "authenticator = 'pam' needs the python-pam package: "
+                    "pip install 'icp-bridge[pam]'"
+                ) from None
+        self._pam = pam_module
         self._service = service
         self._level_of = level_of
         self._run_blocking = run_blocking
 
-    def _check(self, username: str, password: str) -> bool:
-        return bool(self._pam.pam().authenticate(username, password, service=self._service))
+    def _check(self, username: str, password: str, keep: bool) -> Any:
+        handle = self._pam.pam()
+        if handle.authenticate(username, password, service=self._service, call_end=not keep):
+            return handle
+        if keep:
+            handle.end()
+        return None
 
-    def authenticate(self, username: str, password: str, domain: str) -> Deferred[Identity | None]:
-        def checked(ok: bool) -> Identity | None:
-            return Identity(username, domain, self._level_of(username)) if ok else None
+    def authenticate(self, username: str, password: str, domain: str,
+                     for_session: bool = False) -> Deferred[Identity | None]:
+        def checked(handle: Any) -> Identity | None:
+            if handle is None:
+                return None
+            return Identity(username, domain, self._level_of(username),
+                            pam=handle if for_session else None)
 
-        return self._run_blocking(self._check, username, password).addCallback(checked)
+        return self._run_blocking(self._check, username, password, for_session).addCallback(
+            checked)
+
+    def open_session(self, identity: Identity) -> Deferred[Callable[[], Deferred[Any]] | None]:
+        """Open a PAM session with the identity's handle; fires with a
+        function that closes it (and ends the handle), or None when PAM
+        would not open one (logged; the desktop still starts)."""
+        handle = identity.pam
+        if handle is None:
+            return succeed(None)
+
+        def opened(status: int) -> Callable[[], Deferred[Any]] | None:
+            if status != 0:
+                self.log.warn("PAM would not open a session for {username} (status "
+                              "{status})", username=identity.username, status=status)
+                return None
+            return lambda: self._run_blocking(self._close, handle)
+
+        return self._run_blocking(handle.open_session).addCallback(opened)
+
+    @staticmethod
+    def _close(handle: Any) -> None:
+        try:
+            handle.close_session()
+        finally:
+            handle.end()
+
+    @staticmethod
+    def release(identity: Identity) -> None:
+        """End a kept handle that no PAM session will use."""
+        if identity.pam is not None:
+            identity.pam.end()
 
 
-DEFAULT_PAM_LEVEL = int(GUEST)
+DEFAULT_PAM_LEVEL = int(USER)

@@ -83,20 +83,35 @@ STATES = ["Active", "Connected", "ConnectQuery", "Shadow", "Disconnected", "Idle
           "Reset", "Down", "Init"]
 
 
+def _default_certificate() -> Path:
+    """The bridge's certificate where it keeps it by default (its
+    ssl.certificate property unless set otherwise)."""
+    from bridge.config import default_state_dir
+    from bridge.tls import default_pair
+
+    return default_pair(os.geteuid() == 0, default_state_dir())[0]
+
+
 def _client(args: argparse.Namespace) -> tuple[Any, Any]:
     from thrift.protocol import TBinaryProtocol
     from thrift.transport import TSocket, TSSLSocket, TTransport
 
     from protocols.generated.otsapi_blocking import otsapi
 
-    if args.tls:
+    if not args.plain:
+        import ssl
+
         kwargs: dict[str, Any] = {"host": args.host, "port": args.port}
         if args.insecure:
-            import ssl
-
             kwargs["cert_reqs"] = ssl.CERT_NONE
         else:
-            kwargs["ca_certs"] = args.cafile
+            # The bridge's certificate is self-signed: trust exactly it.
+            cafile = Path(args.cafile) if args.cafile else _default_certificate()
+            if not cafile.exists():
+                raise SystemExit(
+                    f"no certificate at {cafile} to verify the bridge with: pass --cafile "
+                    f"(its ssl.certificate), --insecure, or --plain for a tcp: endpoint")
+            kwargs["ca_certs"] = str(cafile)
         socket = TSSLSocket.TSSLSocket(**kwargs)
     else:
         socket = TSocket.TSocket(args.host, args.port)
@@ -239,17 +254,30 @@ def cmd_peer(args: argparse.Namespace) -> int:
     password = _read_password(f"password for {args.user}: ") if args.user else ""
     if not args.quiet:
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    statuses = {0: "AUTH_SUCCESSFUL", 1: "AUTH_BAD_CREDENTIALS", 2: "AUTH_WRONG_SESSION_STATE",
+                3: "AUTH_UNKNOWN_ERROR"}
 
     async def run(reactor: Any) -> None:
-        peer = StandInRdpServer(reactor, answer_delay=args.delay)
+        peer = StandInRdpServer(reactor, answer_delay=args.delay,
+                                pipe_dir=Path(args.pipe_dir) if args.pipe_dir else None)
         proto = await peer.connect(f"unix:{args.socket}")
         print(f"connected to {args.socket}, ICP {proto.peer_version[0]}.{proto.peer_version[1]}",
               flush=True)
         for connection_id in range(args.first_connection,
                                    args.first_connection + args.connections):
-            r = await peer.logon(connection_id, args.user or "", password, args.domain)
-            print(f"connection {connection_id}: logon {args.user or '(greeter)'} -> "
-                  f"{r.serviceEndpoint} ({r.maxWidth}x{r.maxHeight})", flush=True)
+            direct = args.direct or not args.user
+            r = await peer.logon(connection_id, args.user if direct else "",
+                                 password if direct else "", args.domain)
+            who = args.user if direct and args.user else "(greeter)"
+            print(f"connection {connection_id}: logon {who} -> {r.serviceEndpoint} "
+                  f"({r.maxWidth}x{r.maxHeight})", flush=True)
+            if not direct:
+                status = await peer.greeter_login(connection_id, args.user, password,
+                                                  args.domain)
+                connection = peer.connections.get(connection_id)
+                endpoint = connection.service_endpoint if connection is not None else "?"
+                print(f"connection {connection_id}: greeter login {args.user}: "
+                      f"{statuses.get(status, status)}; now on {endpoint}", flush=True)
         if args.once:
             peer.close()
             return
@@ -259,6 +287,28 @@ def cmd_peer(args: argparse.Namespace) -> int:
         print(f"bridge closed the connection: {reason}", flush=True)
 
     task.react(lambda reactor: ensureDeferred(run(reactor)))
+    return 0
+
+
+# -- backend and state ---------------------------------------------------------
+
+def cmd_backend(args: argparse.Namespace) -> int:
+    from bridge import standin_backend
+
+    return standin_backend.main(args.backend_args)
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    from bridge.config import default_state_dir
+    from bridge.state import check
+
+    path = Path(args.file) if args.file else default_state_dir() / "state.sqlite3"
+    problems = check(path)
+    if problems:
+        for problem in problems:
+            print(f"{path}: {problem}")
+        return 1
+    print(f"{path}: sound")
     return 0
 
 
@@ -288,8 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     ctl = commands.add_parser("ctl", help="call the OTS API (admin client)")
     ctl.add_argument("--host", default="127.0.0.1")
     ctl.add_argument("--port", type=int, default=9091)
-    ctl.add_argument("--tls", action="store_true", help="connect with TLS")
-    ctl.add_argument("--cafile", help="CA certificate to verify the bridge with (TLS)")
+    ctl.add_argument("--plain", action="store_true",
+                     help="plain TCP instead of TLS (for a tcp: thrift_endpoint)")
+    ctl.add_argument("--tls", action="store_true", help=argparse.SUPPRESS)  # the default now
+    ctl.add_argument("--cafile", help="certificate to verify the bridge with "
+                                      "[default: the bridge's own ssl.certificate]")
     ctl.add_argument("--insecure", action="store_true", help="TLS without verification")
     ctl.add_argument("--timeout", type=float, default=30.0, help="socket timeout, seconds")
     ctl.add_argument("--token", help=f"auth token [default: ${TOKEN_ENV}]")
@@ -349,9 +402,27 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--first-connection", type=int, default=1)
     peer.add_argument("--delay", type=float, default=0.0,
                       help="seconds to hold every answer to the bridge")
+    peer.add_argument("--direct", action="store_true",
+                      help="send the password in LogonUser instead of logging on through "
+                           "the greeter (SBP)")
+    peer.add_argument("--pipe-dir", default="/tmp/.pipe",  # noqa: S108
+                      help="where backend endpoints are (connect to them as ogon does; "
+                           "'' to not connect)")
     peer.add_argument("--once", action="store_true", help="log on, then exit")
     peer.add_argument("--quiet", action="store_true", help="no log lines")
     peer.set_defaults(func=cmd_peer)
+
+    backend = commands.add_parser(
+        "backend", help="run a stand-in session backend (for [modules.*] in demos and tests)",
+        add_help=False)
+    backend.add_argument("backend_args", nargs=argparse.REMAINDER)
+    backend.set_defaults(func=cmd_backend)
+
+    state = commands.add_parser("state", help="the state database")
+    state_actions = state.add_subparsers(dest="action", required=True)
+    state_check = state_actions.add_parser("check", help="say whether a state database is sound")
+    state_check.add_argument("file", nargs="?", help="[default: <state_dir>/state.sqlite3]")
+    state.set_defaults(func=cmd_state)
     return parser
 
 

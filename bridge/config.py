@@ -6,11 +6,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bridge.backends import Module
 from bridge.permissions import LEVELS
+from bridge.properties import PropertyValue
 
 
 class ConfigError(Exception):
@@ -35,7 +38,17 @@ def default_users_file() -> Path:
     return Path(base) / "icp-bridge" / "users"
 
 
-PropertyValue = bool | int | str
+def default_modules() -> dict[str, Module]:
+    """What ogon's defaults start: the Qt greeter (ogon's module.greeter,
+    run as the bridge's user as ogon runs it). A desktop module has no
+    built-in default: it names the operator's X or Wayland session."""
+    return {
+        "greeter": Module(
+            name="greeter", command=("ogon-qt-greeter", "-platform", "ogon"),
+            endpoint="ogon_{session_id}_Qt", user="session",
+            environment={"OGON_PIPE_PATH": "{pipe_dir}/ogon_{session_id}_Qt"},
+        ),
+    }
 
 
 @dataclass
@@ -43,117 +56,184 @@ class Config:
     """Every option of the service; field names are the TOML keys."""
 
     icp_endpoint: str = "unix:/tmp/.pipe/ogon_SessionManager:mode=600"
-    thrift_endpoint: str = "tcp:9091:interface=127.0.0.1"
+    # TLS on 9091, as ogon's WTSAPI clients dial; without privateKey/certKey
+    # the ssl.certificate / ssl.key pair is used (generated when missing).
+    thrift_endpoint: str = "ssl:9091:interface=127.0.0.1"
     metrics_endpoint: str = ""
     state_dir: Path = field(default_factory=default_state_dir)
     users_file: Path = field(default_factory=default_users_file)
     # Real WTSAPI clients read /tmp/ogon.session.<sid>; files are 0600 and atomic.
     token_dir: Path = Path("/tmp")  # noqa: S108
+    # Where winpr puts named pipes: backends' endpoints live here.
+    pipe_dir: Path = Path("/tmp/.pipe")  # noqa: S108
     authenticator: str = "users-file"
     call_timeout: float = 10.0
     token_lifetime: float = 24 * 3600.0
     max_icp_frame: int = 16 * 1024 * 1024
+    max_icp_send: int = 32 * 1024
     max_thrift_frame: int = 4 * 1024 * 1024
     # Empty: any peer uid may connect (the socket mode still applies).
     allowed_peer_uids: list[int] = field(default_factory=list)
-    # Empty allow list: every channel not denied is allowed.
+    # Checked before ogon's virtualChannel.whiteList property.
     channels_allow: list[str] = field(default_factory=list)
     channels_deny: list[str] = field(default_factory=list)
-    greeter_endpoint: str = "ogon_greeter_{session_id}"
-    desktop_endpoint: str = "ogon_desktop_{session_id}"
-    max_width: int = 3840
-    max_height: int = 2160
     properties: dict[str, PropertyValue] = field(default_factory=dict)
     user_properties: dict[str, dict[str, PropertyValue]] = field(default_factory=dict)
+    modules: dict[str, Module] = field(default_factory=default_modules)
 
     def validate(self) -> None:
         if self.authenticator not in ("users-file", "pam"):
             raise ConfigError(
                 f"authenticator: {self.authenticator!r} is not one of users-file, pam"
             )
-        for name in ("call_timeout", "token_lifetime"):
+        for name in ("call_timeout", "token_lifetime", "max_icp_frame", "max_thrift_frame"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
-        for name in ("max_icp_frame", "max_thrift_frame", "max_width", "max_height"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be positive")
-        for template_name in ("greeter_endpoint", "desktop_endpoint"):
-            try:
-                getattr(self, template_name).format(session_id=1)
-            except (KeyError, IndexError, ValueError) as e:
-                raise ConfigError(
-                    f"{template_name}: bad template ({e}); only {{session_id}} may be used"
-                ) from None
-        level = self.properties.get("permission.level")
-        if level is not None and str(level).lower() not in LEVELS:
-            raise ConfigError("properties.permission.level: must be full, user or guest")
+        if self.max_icp_send < 256:
+            raise ConfigError("max_icp_send: must be at least 256 bytes")
+        for scope, table in [("properties", self.properties),
+                             *((f"user_properties.{u}", t)
+                               for u, t in self.user_properties.items())]:
+            level = table.get("permission.level")
+            if level is not None and str(level).lower() not in LEVELS:
+                raise ConfigError(f"{scope}.permission.level: must be full, user or guest")
 
 
-_PATH_FIELDS = {"state_dir", "users_file", "token_dir"}
+def _number(key: str, value: Any, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__}")
+    if positive and value <= 0:
+        raise ConfigError(f"{key}: must be positive")
+    return float(value)
 
 
-def _check_type(key: str, value: Any, expected: Any) -> Any:
-    """Coerce/validate one TOML value against the dataclass field type."""
-    if key in _PATH_FIELDS:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a path string, got {type(value).__name__}")
-        return Path(value)
-    if key == "call_timeout" or key == "token_lifetime":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number of seconds, got {type(value).__name__}")
-        return float(value)
-    if expected is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__}")
-        return value
-    if expected is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
-        return value
-    if key == "allowed_peer_uids":
-        if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            raise ConfigError(f"{key}: expected a list of integer uids")
-        return value
-    if key in ("channels_allow", "channels_deny"):
+def _integer(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _string(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _path(key: str, value: Any) -> Path:
+    return Path(_string(key, value))
+
+
+def _string_list(what: str) -> Callable[[str, Any], list[str]]:
+    def check(key: str, value: Any) -> list[str]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key}: expected a list of channel names")
+            raise ConfigError(f"{key}: expected a list of {what}")
         return value
-    if key == "properties":
-        return _check_properties(key, value)
-    if key == "user_properties":
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a table of per-user property tables")
-        return {user: _check_properties(f"{key}.{user}", table) for user, table in value.items()}
-    raise ConfigError(f"{key}: unsupported option")  # pragma: no cover - every field is listed
+    return check
 
 
-def _check_properties(key: str, table: Any) -> dict[str, PropertyValue]:
+def _uids(key: str, value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{key}: expected a list of integer uids")
+    return value
+
+
+def _property_table(key: str, table: Any) -> dict[str, PropertyValue]:
+    """Property paths compare case-insensitively (as in ogon): stored lower-case."""
     if not isinstance(table, dict):
         raise ConfigError(f"{key}: expected a table of property paths")
+    out: dict[str, PropertyValue] = {}
     for path, value in table.items():
         if not isinstance(value, bool | int | str):
             raise ConfigError(
                 f"{key}.{path}: a property is a boolean, integer or string, "
-                f"not {type(value).__name__}"
-            )
-    return dict(table)
+                f"not {type(value).__name__}")
+        lowered = path.lower()
+        if lowered in out:
+            raise ConfigError(f"{key}.{path}: given twice (property paths ignore case)")
+        out[lowered] = value
+    return out
 
 
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
-_SIMPLE = {"int": int, "str": str, "float": float}
+def _user_properties(key: str, value: Any) -> dict[str, dict[str, PropertyValue]]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table of per-user property tables")
+    return {user: _property_table(f"{key}.{user}", table) for user, table in value.items()}
+
+
+_MODULE_KEYS = {"command", "endpoint", "user", "ready_timeout", "stop_timeout", "environment"}
+
+
+def _module(name: str, table: Any) -> Module:
+    key = f"modules.{name}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: expected a table")
+    unknown = set(table) - _MODULE_KEYS
+    if unknown:
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown module option "
+                          f"(known: {', '.join(sorted(_MODULE_KEYS))})")
+    for required in ("command", "endpoint"):
+        if required not in table:
+            raise ConfigError(f"{key}.{required}: missing")
+    command = table["command"]
+    if not isinstance(command, list) or not command or not all(
+            isinstance(part, str) for part in command):
+        raise ConfigError(f"{key}.command: expected a non-empty list of strings (argv)")
+    environment = table.get("environment", {})
+    if not isinstance(environment, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in environment.items()):
+        raise ConfigError(f"{key}.environment: expected a table of strings")
+    module = Module(
+        name=name, command=tuple(command), endpoint=_string(f"{key}.endpoint", table["endpoint"]),
+        user=_string(f"{key}.user", table.get("user", "session")),
+        ready_timeout=_number(f"{key}.ready_timeout", table.get("ready_timeout", 30)),
+        stop_timeout=_number(f"{key}.stop_timeout", table.get("stop_timeout", 5)),
+        environment=dict(environment),
+    )
+    placeholders = {"session_id": "1", "user": "u", "endpoint": "e", "width": "1", "height": "1",
+                    "bpp": "1", "pipe_dir": "/p"}
+    for where, text in [(f"{key}.endpoint", module.endpoint),
+                        *((f"{key}.command", part) for part in module.command),
+                        *((f"{key}.environment.{k}", v) for k, v in environment.items())]:
+        try:
+            text.format(**placeholders)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"{where}: bad placeholder ({e}); use {{session_id}}, {{user}}, "
+                              "{endpoint}, {width}, {height}, {bpp} or {pipe_dir}") from None
+    return module
+
+
+def _modules(key: str, value: Any) -> dict[str, Module]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected tables [modules.NAME]")
+    modules = default_modules()
+    modules.update({name: _module(name, table) for name, table in value.items()})
+    return modules
+
+
+_CHECKERS: dict[str, Callable[[str, Any], Any]] = {
+    "icp_endpoint": _string, "thrift_endpoint": _string, "metrics_endpoint": _string,
+    "state_dir": _path, "users_file": _path, "token_dir": _path, "pipe_dir": _path,
+    "authenticator": _string,
+    "call_timeout": _number, "token_lifetime": _number,
+    "max_icp_frame": _integer, "max_icp_send": _integer, "max_thrift_frame": _integer,
+    "allowed_peer_uids": _uids,
+    "channels_allow": _string_list("channel names"), "channels_deny": _string_list("channel names"),
+    "properties": _property_table, "user_properties": _user_properties,
+    "modules": _modules,
+}
+assert set(_CHECKERS) == {f.name for f in dataclasses.fields(Config)}, "every option is checked"
 
 
 def config_from_mapping(values: dict[str, Any], base: Config | None = None) -> Config:
     """A Config from TOML-like values over ``base`` (defaults if None)."""
     config = dataclasses.replace(base) if base is not None else Config()
     for key, value in values.items():
-        if key not in _FIELD_TYPES:
-            known = ", ".join(sorted(_FIELD_TYPES))
+        checker = _CHECKERS.get(key)
+        if checker is None:
+            known = ", ".join(sorted(_CHECKERS))
             raise ConfigError(f"unknown option {key!r} (known: {known})")
-        expected = _SIMPLE.get(str(_FIELD_TYPES[key]), None)
-        setattr(config, key, _check_type(key, value, expected))
+        setattr(config, key, checker(key, value))
     config.validate()
     return config
 

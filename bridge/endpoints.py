@@ -23,7 +23,7 @@ class StartupError(Exception):
     """The service cannot start; the text is one line for the operator."""
 
 
-def _split_endpoint(description: str) -> list[str]:
+def split_endpoint(description: str) -> list[str]:
     """Split an endpoint string on unescaped colons (``\\:`` escapes one)."""
     parts, current, escaped = [], [], False
     for char in description:
@@ -43,7 +43,7 @@ def _split_endpoint(description: str) -> list[str]:
 
 def unix_socket_path(description: str) -> Path | None:
     """The socket path of a ``unix:`` server endpoint string, else None."""
-    parts = _split_endpoint(description)
+    parts = split_endpoint(description)
     if parts[0] != "unix":
         return None
     for part in parts[1:]:
@@ -59,7 +59,6 @@ def prepare_unix_socket(path: Path) -> None:
     """Make the directory; remove a stale socket file left by a dead
     process; refuse if a live process still listens on the path."""
     log = Logger(namespace="bridge.endpoints")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     # Twisted's unix: endpoint holds <path>.lock while listening (lockfile=1,
     # its default): a live holder is another bridge, refused without the
     # probe connection below, which it would take for an RDP server.
@@ -85,6 +84,43 @@ def prepare_unix_socket(path: Path) -> None:
         probe.close()
     os.unlink(path)
     log.info("removed stale socket {path}", path=str(path))
+
+
+def check_directory(path: Path, option: str, shared: bool) -> None:
+    """Create ``path``, or refuse one another user could tamper with.
+
+    A directory is safe when root or the bridge's own user owns it and no
+    one else may write to it, or only with the sticky bit set (as winpr
+    makes /tmp/.pipe: then no one may remove or rename another's socket).
+    Made here it is owned by the bridge's user: mode 1777 when ``shared``
+    and the bridge runs as root (backends of other users create their
+    endpoints in it, as with winpr), else 0755.
+    """
+    euid = os.geteuid()
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        mode = 0o1777 if shared and euid == 0 else 0o755
+        try:
+            path.mkdir(parents=True, mode=0o755)
+            os.chmod(path, mode)  # mkdir's mode is cut by the umask
+        except FileExistsError:
+            info = path.lstat()
+        except OSError as e:
+            raise StartupError(f"{option}: cannot create directory {path}: "
+                               f"{e.strerror or e}") from None
+        else:
+            return
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise StartupError(f"{option}: {path} is not a directory (a symlink or file is in the "
+                           f"way); remove it")
+    if info.st_uid not in (0, euid):
+        raise StartupError(f"{option}: directory {path} belongs to uid {info.st_uid}, who could "
+                           f"swap the sockets in it; remove it or make it root's")
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        raise StartupError(f"{option}: directory {path} is writable by others without the "
+                           f"sticky bit (mode {stat.S_IMODE(info.st_mode):04o}); chmod o-w,g-w "
+                           f"or +t it")
 
 
 def validate_endpoint(reactor: Any, description: str, option: str) -> None:

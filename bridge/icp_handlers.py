@@ -1,86 +1,32 @@
-"""Answers to what the RDP server asks the bridge over ICP."""
+"""Answers to what the RDP server asks the bridge over ICP, and to the
+greeter's SBP requests it forwards. Each handler checks, asks the session
+lifecycle, and maps the answer."""
 
 from __future__ import annotations
-
-import secrets
-from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from bridge.auth import Authenticator, Identity
-from bridge.config import Config, PropertyValue
-from bridge.sessions import ClientInfo, Session, SessionRegistry
+from bridge.lifecycle import SessionLifecycle
+from bridge.properties import ChannelPolicy, PropertyTable, as_int32, as_uint32
+from bridge.sessions import ClientInfo, SessionRegistry
 from protocols import icp
-from protocols.generated import ICP_pb2
-
-_UINT32_MAX = 0xFFFFFFFF
-_INT32_RANGE = range(-(2**31), 2**31)
-
-
-class PropertyTable:
-    """Configured properties, with per-user overrides (``user_properties``)."""
-
-    def __init__(self, config: Config) -> None:
-        self._global = config.properties
-        self._per_user = config.user_properties
-
-    def get(self, path: str, username: str = "") -> PropertyValue | None:
-        user_table = self._per_user.get(username) if username else None
-        if user_table is not None and path in user_table:
-            return user_table[path]
-        return self._global.get(path)
-
-    def get_bool(self, path: str, username: str) -> bool | None:
-        value = self.get(path, username)
-        return value if isinstance(value, bool) else None
-
-    def get_number(self, path: str, username: str, valid: range | None = None) -> int | None:
-        value = self.get(path, username)
-        if isinstance(value, bool) or not isinstance(value, int):
-            return None
-        if valid is not None and value not in valid:
-            return None
-        return value
-
-    def get_string(self, path: str, username: str) -> str | None:
-        value = self.get(path, username)
-        return value if isinstance(value, str) else None
-
-
-class ChannelPolicy:
-    """IsChannelAllowed: deny list first, then the allow list if one is set.
-    RDP channel names compare case-insensitively."""
-
-    def __init__(self, allow: list[str], deny: list[str]) -> None:
-        self._allow = {name.lower() for name in allow}
-        self._deny = {name.lower() for name in deny}
-
-    def allowed(self, name: str) -> bool:
-        key = name.lower()
-        if key in self._deny:
-            return False
-        return not self._allow or key in self._allow
+from protocols.generated import ICP_pb2, SBP_pb2
 
 
 class RdpRequestHandlers:
-    """The ICP handler table the bridge offers the RDP server."""
+    """The ICP handler table the bridge offers the RDP server. The types
+    ogon's session manager answers, plus IsChannelAllowed and
+    LogoffUserSession (ogon answers those NOTFOUND)."""
 
     log = Logger()
 
-    def __init__(
-        self,
-        registry: SessionRegistry,
-        authenticator: Authenticator,
-        config: Config,
-        make_cookie: Callable[[], str] = lambda: secrets.token_hex(16),
-    ) -> None:
+    def __init__(self, registry: SessionRegistry, lifecycle: SessionLifecycle,
+                 properties: PropertyTable, channels: ChannelPolicy) -> None:
         self.registry = registry
-        self.authenticator = authenticator
-        self.config = config
-        self.properties = PropertyTable(config)
-        self.channels = ChannelPolicy(config.channels_allow, config.channels_deny)
-        self._make_cookie = make_cookie
+        self.lifecycle = lifecycle
+        self.properties = properties
+        self.channels = channels
 
     def table(self) -> dict[int, icp.Handler]:
         return {
@@ -94,6 +40,9 @@ class RdpRequestHandlers:
             icp.MSG_PROPERTY_STRING: self.property_string,
             icp.MSG_PROPERTY_BULK: self.property_bulk,
             icp.MSG_REMOTE_CONTROL_ENDED: self.remote_control_ended,
+            icp.MSG_SBP_AUTHENTICATE_USER: self.sbp_authenticate_user,
+            icp.MSG_SBP_END_SESSION: self.sbp_end_session,
+            icp.MSG_SBP_VERSION_INFO: self.sbp_version_info,
         }
 
     # -- simple questions ----------------------------------------------------
@@ -106,149 +55,129 @@ class RdpRequestHandlers:
     ) -> ICP_pb2.IsChannelAllowedResponse:
         allowed = self.channels.allowed(request.channelName)
         if not allowed:
-            self.log.info("channel {channel} refused by policy", channel=request.channelName)
+            self.log.info("channel {channel} refused by policy",
+                          channel=request.channelName[:100])
         return ICP_pb2.IsChannelAllowedResponse(channelAllowed=allowed)
 
     # -- logon ----------------------------------------------------------------
 
-    def logon_user(
-        self, request: ICP_pb2.LogonUserRequest
-    ) -> ICP_pb2.LogonUserResponse | Deferred[ICP_pb2.LogonUserResponse]:
+    def logon_user(self, request: ICP_pb2.LogonUserRequest
+                   ) -> Deferred[ICP_pb2.LogonUserResponse]:
         client = ClientInfo(
-            host_name=request.clientHostName,
-            address=request.clientAddress,
-            build_number=request.clientBuildNumber,
-            product_id=request.clientProductId,
-            hardware_id=request.clientHardwareId,
-            protocol_type=request.clientProtocolType,
-            width=request.width,
-            height=request.height,
-            color_depth=request.colorDepth,
-        )
-        if not request.username:
-            return self._greeter(request.connectionId, client)
-        d = self.authenticator.authenticate(request.username, request.password, request.domain)
-        # The request holds the password; pass on only what is needed.
-        return d.addCallback(
-            self._logon_decided, request.connectionId, request.username, request.domain, client
+            host_name=request.clientHostName, address=request.clientAddress,
+            build_number=request.clientBuildNumber, product_id=request.clientProductId,
+            hardware_id=request.clientHardwareId, protocol_type=request.clientProtocolType,
+            width=request.width, height=request.height, color_depth=request.colorDepth,
+            initial_width=request.width, initial_height=request.height,
         )
 
-    def _logon_decided(self, identity: Identity | None, connection_id: int, username: str,
-                       domain: str, client: ClientInfo) -> ICP_pb2.LogonUserResponse:
-        if identity is None:
-            self.log.warn(
-                "failed logon for user {username} on connection {connection_id}",
-                username=username, connection_id=connection_id,
-            )
-            return self._greeter(connection_id, client)
-        current = self.registry.by_connection(connection_id)
-        target = self.registry.disconnected_session_of(identity.username, identity.domain)
-        if target is not None:
-            if current is not None and not current.logged_on:
-                self.registry.end(current)
-            self.registry.reconnect(target, connection_id, client)
-            session = target
-        elif current is not None and not current.logged_on:
-            current.client = client
-            self.registry.log_on(current, identity.username, identity.domain, identity.permission)
-            session = current
-        else:
-            session = self.registry.create(
-                connection_id, client, identity.username, identity.domain,
-                identity.permission, cookies=(self._make_cookie(), self._make_cookie()),
-            )
-        return self._logon_response(session, self.config.desktop_endpoint)
+        async def logon() -> ICP_pb2.LogonUserResponse:
+            # The request holds the password; only the lifecycle sees it.
+            answer = await self.lifecycle.logon_user(
+                request.connectionId, request.username, request.password, request.domain,
+                client)
+            return ICP_pb2.LogonUserResponse(
+                serviceEndpoint=answer.service_endpoint, maxWidth=answer.max_width,
+                maxHeight=answer.max_height, backendCookie=answer.backend_cookie,
+                ogonCookie=answer.ogon_cookie)
 
-    def _greeter(self, connection_id: int, client: ClientInfo) -> ICP_pb2.LogonUserResponse:
-        session = self.registry.by_connection(connection_id)
-        if session is None:
-            session = self.registry.create(
-                connection_id, client, cookies=(self._make_cookie(), self._make_cookie())
-            )
-        return self._logon_response(session, self.config.greeter_endpoint)
+        return Deferred.fromCoroutine(logon())
 
-    def _logon_response(self, session: Session, template: str) -> ICP_pb2.LogonUserResponse:
-        return ICP_pb2.LogonUserResponse(
-            serviceEndpoint=template.format(session_id=session.session_id),
-            maxWidth=self.config.max_width,
-            maxHeight=self.config.max_height,
-            backendCookie=session.backend_cookie,
-            ogonCookie=session.ogon_cookie,
-        )
-
-    # -- session ends --------------------------------------------------------
+    # -- sessions ending -------------------------------------------------------
 
     def disconnect_user_session(
         self, request: ICP_pb2.DisconnectUserSessionRequest
     ) -> ICP_pb2.DisconnectUserSessionResponse:
-        session = self.registry.by_connection(request.connectionId)
-        if session is None:
-            self.log.info("disconnect for unknown connection {connection_id}",
-                          connection_id=request.connectionId)
-            return ICP_pb2.DisconnectUserSessionResponse(disconnected=False)
-        self.registry.client_gone(session)
-        return ICP_pb2.DisconnectUserSessionResponse(disconnected=True)
+        return ICP_pb2.DisconnectUserSessionResponse(
+            disconnected=self.lifecycle.client_disconnected(request.connectionId))
 
     def logoff_user_session(
         self, request: ICP_pb2.LogoffUserSessionRequest
-    ) -> ICP_pb2.LogoffUserSessionResponse:
-        session = self.registry.by_connection(request.connectionId)
-        if session is None:
-            self.log.info("logoff for unknown connection {connection_id}",
-                          connection_id=request.connectionId)
-            return ICP_pb2.LogoffUserSessionResponse(loggedoff=False)
-        self.registry.end(session)
-        return ICP_pb2.LogoffUserSessionResponse(loggedoff=True)
+    ) -> Deferred[ICP_pb2.LogoffUserSessionResponse]:
+        async def logoff() -> ICP_pb2.LogoffUserSessionResponse:
+            done = await self.lifecycle.client_logged_off(request.connectionId)
+            return ICP_pb2.LogoffUserSessionResponse(loggedoff=done)
+
+        return Deferred.fromCoroutine(logoff())
 
     def remote_control_ended(
         self, request: ICP_pb2.RemoteControlEndedRequest
     ) -> ICP_pb2.RemoteControlEndedResponse:
-        spy = self.registry.by_connection(request.spyId)
-        if spy is None:
-            return ICP_pb2.RemoteControlEndedResponse(success=False)
-        self.registry.set_shadowing(spy, None)
-        return ICP_pb2.RemoteControlEndedResponse(success=True)
+        return ICP_pb2.RemoteControlEndedResponse(
+            success=self.lifecycle.remote_control_ended(request.spyId))
+
+    # -- SBP, forwarded from the greeter ------------------------------------
+
+    def sbp_version_info(self, request: SBP_pb2.VersionInfoRequest
+                         ) -> SBP_pb2.VersionInfoResponse:
+        major, minor = self.lifecycle.sbp_version(request.sessionId, request.vmajor,
+                                                  request.vminor)
+        return SBP_pb2.VersionInfoResponse(vmajor=major, vminor=minor)
+
+    def sbp_authenticate_user(self, request: SBP_pb2.AuthenticateUserRequest
+                              ) -> Deferred[SBP_pb2.AuthenticateUserResponse]:
+        async def authenticate() -> SBP_pb2.AuthenticateUserResponse:
+            status = await self.lifecycle.authenticate_user(
+                request.sessionId, request.username, request.password, request.domain)
+            return SBP_pb2.AuthenticateUserResponse(authStatus=status)
+
+        return Deferred.fromCoroutine(authenticate())
+
+    def sbp_end_session(self, request: SBP_pb2.EndSessionRequest
+                        ) -> Deferred[SBP_pb2.EndSessionResponse]:
+        async def end() -> SBP_pb2.EndSessionResponse:
+            return SBP_pb2.EndSessionResponse(
+                success=await self.lifecycle.end_session_request(request.sessionId))
+
+        return Deferred.fromCoroutine(end())
 
     # -- properties ----------------------------------------------------------
 
-    def _username(self, connection_id: int) -> str:
+    def _lookup(self, connection_id: int, path: str, kind: type) -> object:
+        """A property as the asking connection's session sees it: its user's
+        overrides and its client's ``current.connection.*`` values."""
         session = self.registry.by_connection(connection_id)
-        return session.username if session is not None else ""
+        username = session.username if session is not None else ""
+        connection = self.lifecycle.connection_values(session) if session is not None else None
+        if kind is bool:
+            return self.properties.get_bool(path, username, connection)
+        if kind is int:
+            return self.properties.get_number(path, username, connection)
+        return self.properties.get_string(path, username, connection)
 
     def property_bool(self, request: ICP_pb2.PropertyBoolRequest) -> ICP_pb2.PropertyBoolResponse:
-        value = self.properties.get_bool(request.path, self._username(request.connectionId))
+        value = self._lookup(request.connectionId, request.path, bool)
         return ICP_pb2.PropertyBoolResponse(value=bool(value), success=value is not None)
 
     def property_number(
         self, request: ICP_pb2.PropertyNumberRequest
     ) -> ICP_pb2.PropertyNumberResponse:
-        value = self.properties.get_number(
-            request.path, self._username(request.connectionId), range(_UINT32_MAX + 1)
-        )
-        return ICP_pb2.PropertyNumberResponse(value=value or 0, success=value is not None)
+        value = self._lookup(request.connectionId, request.path, int)
+        return ICP_pb2.PropertyNumberResponse(
+            value=as_uint32(value) if isinstance(value, int) else 0, success=value is not None)
 
     def property_string(
         self, request: ICP_pb2.PropertyStringRequest
     ) -> ICP_pb2.PropertyStringResponse:
-        value = self.properties.get_string(request.path, self._username(request.connectionId))
-        return ICP_pb2.PropertyStringResponse(value=value or "", success=value is not None)
+        value = self._lookup(request.connectionId, request.path, str)
+        return ICP_pb2.PropertyStringResponse(value=value if isinstance(value, str) else "",
+                                              success=value is not None)
 
     def property_bulk(self, request: ICP_pb2.PropertyBulkRequest) -> ICP_pb2.PropertyBulkResponse:
-        username = self._username(request.connectionId)
         response = ICP_pb2.PropertyBulkResponse()
         for wanted in request.properties:
             result = response.results.add(success=False)
             path = wanted.propertyPath
             if wanted.propertyType == ICP_pb2.PropertyReq.PROP_BOOL:
-                flag = self.properties.get_bool(path, username)
-                if flag is not None:
+                flag = self._lookup(request.connectionId, path, bool)
+                if isinstance(flag, bool):
                     result.success, result.boolValue = True, flag
             elif wanted.propertyType == ICP_pb2.PropertyReq.PROP_NUMBER:
-                number = self.properties.get_number(path, username, _INT32_RANGE)
-                if number is not None:
-                    result.success, result.intValue = True, number
+                number = self._lookup(request.connectionId, path, int)
+                if isinstance(number, int):
+                    result.success, result.intValue = True, as_int32(number)
             else:
-                text = self.properties.get_string(path, username)
-                if text is not None:
+                text = self._lookup(request.connectionId, path, str)
+                if isinstance(text, str):
                     result.success, result.stringValue = True, text
         return response

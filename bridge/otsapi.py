@@ -8,22 +8,24 @@ those of the IDL, since the Thrift server calls them by wire name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from google.protobuf.message import Message
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from bridge.auth import Authenticator, Identity
+from bridge.auth import Authenticator, Identity, logon_allowed
 from bridge.config import Config
-from bridge.icp_handlers import ChannelPolicy
-from bridge.permissions import Permission
-from bridge.sessions import ConnectState, Session, SessionRegistry
+from bridge.lifecycle import SessionLifecycle
+from bridge.permissions import Permission, level_value
+from bridge.properties import ChannelPolicy, PropertyTable
+from bridge.sessions import ConnectState, Session, SessionRegistry, StateWriteError
 from bridge.tokens import TokenRecord, TokenStore
 from protocols import icp
-from protocols.errors import IcpError
+from protocols.errors import IcpError, IcpTimeoutError
 from protocols.generated import ICP_pb2
 from protocols.generated.otsapi.ttypes import (
     TWTSINFO,
@@ -40,10 +42,10 @@ from protocols.generated.otsapi.ttypes import (
 VERSION = (1, 1)
 WTS_CURRENT_SESSION = -1
 WTS_CHANNEL_OPTION_DYNAMIC = 0x1
-MESSAGE_CUSTOM_TYPE = 0
+#: include/ogon/message.h: the only Message type sendMessage sends.
+MESSAGE_CUSTOM_TYPE = 1
+IDTIMEOUT = 32000
 IDASYNC = 32001
-# A message box with timeout 0 waits for the user; we still stop waiting at some point.
-MAX_MESSAGE_WAIT = 3600.0
 _FILETIME_UNIX_EPOCH = 116444736000000000  # 1970-01-01 in 100 ns ticks since 1601
 
 
@@ -97,13 +99,16 @@ class OtsApiHandler:
     log = Logger()
 
     def __init__(self, registry: SessionRegistry, tokens: TokenStore, rdp: RdpCaller,
-                 authenticator: Authenticator, config: Config) -> None:
+                 authenticator: Authenticator, config: Config, lifecycle: SessionLifecycle,
+                 properties: PropertyTable, channels: ChannelPolicy) -> None:
         self.registry = registry
         self.tokens = tokens
         self.rdp = rdp
         self.authenticator = authenticator
         self.config = config
-        self.channels = ChannelPolicy(config.channels_allow, config.channels_deny)
+        self.lifecycle = lifecycle
+        self.properties = properties
+        self.channels = channels
 
     # -- helpers --------------------------------------------------------------
 
@@ -121,7 +126,9 @@ class OtsApiHandler:
     def _authorize(self, method: str, token: str | None, session_id: int | None,
                    flag: Permission) -> tuple[TokenRecord, Session] | None:
         """The token's record and the session it may act on with ``flag``,
-        or None (logged) when it may not."""
+        or None (logged) when it may not (ogon's getSessionAndCheckForPerm:
+        a token may do anything to its own session, needs the flag for
+        another's)."""
         record = self.tokens.lookup(token or "")
         if record is None:
             self._refuse(method, session_id, "unknown or expired token")
@@ -165,14 +172,16 @@ class OtsApiHandler:
             self._refuse(method, session.session_id, "session has no client connection")
         return session.connection_id
 
-    @staticmethod
-    def _maybe_wait(d: Deferred[T], wait: bool, immediate: T) -> T | Deferred[T]:
-        """With ``wait`` the caller gets the RDP server's answer; without,
-        ``immediate`` as soon as the request is sent, unless it already
-        failed (no RDP server), in which case the failure value."""
-        if wait or d.called:
-            return d
-        return immediate
+    def _lifecycle(self, method: str, session_id: int, work: Any) -> Deferred[bool]:
+        """Run a lifecycle coroutine; a stored-state failure answers False."""
+        def failed(failure: Failure) -> bool:
+            failure.trap(StateWriteError)
+            self.log.warn("{method} for session {session_id} failed: {reason}",
+                          method=method, session_id=session_id,
+                          reason=failure.getErrorMessage())
+            return False
+
+        return Deferred.fromCoroutine(work).addErrback(failed)
 
     # -- local methods --------------------------------------------------------
 
@@ -185,28 +194,44 @@ class OtsApiHandler:
     def logonConnection(self, username: str | None, password: str | None, domain: str | None
                         ) -> TReturnLogonConnection | Deferred[TReturnLogonConnection]:
         username, domain = username or "", domain or ""
+        refused = TReturnLogonConnection(success=False, authToken="")
 
         def decided(identity: Identity | None) -> TReturnLogonConnection:
             if identity is None:
                 self.log.warn("failed OTS API logon for user {username}", username=username)
-                return TReturnLogonConnection(success=False, authToken="")
-            token = self.tokens.issue(identity, lifetime=self.config.token_lifetime)
+                return refused
+            level = self.properties.get_string("permission.level", identity.username)
+            if level is not None and self.config.authenticator == "pam":
+                identity = Identity(identity.username, identity.domain, level_value(level))
+            try:
+                token = self.tokens.issue(identity, lifetime=self.config.token_lifetime)
+            except StateWriteError as e:
+                self.log.error("OTS API logon for user {username} failed: {error}",
+                               username=username, error=str(e))
+                return refused
             self.log.info("OTS API logon for user {username}", username=username)
             return TReturnLogonConnection(success=True, authToken=token)
 
         if not username:
             self.log.warn("OTS API logon without a user name refused")
-            return TReturnLogonConnection(success=False, authToken="")
+            return refused
+        if not logon_allowed(self.properties, username):
+            self.log.warn("OTS API logon of user {username} refused by "
+                          "permission.groups.whiteList/blackList", username=username)
+            return refused
         return self.authenticator.authenticate(username, password or "", domain).addCallback(
-            decided
-        )
+            decided)
 
     def getPermissionForToken(self, authToken: str | None) -> int:
         record = self.tokens.lookup(authToken or "")
         return record.permission if record is not None else 0
 
     def logoffConnection(self, authToken: str | None) -> bool:
-        return self.tokens.revoke(authToken or "")
+        try:
+            return self.tokens.revoke(authToken or "")
+        except StateWriteError as e:
+            self.log.error("logoffConnection failed: {error}", error=str(e))
+            return False
 
     def enumerateSessions(self, authToken: str | None, Version: int | None
                           ) -> TReturnEnumerateSession:
@@ -220,7 +245,7 @@ class OtsApiHandler:
         sessions = [
             TSessionInfo(sessionId=s.session_id, winStationName=s.win_station_name,
                          connectState=int(s.state))
-            for s in sorted(self.registry, key=lambda s: s.session_id)
+            for s in self.registry
         ]
         return TReturnEnumerateSession(returnValue=True, sessionInfoList=sessions)
 
@@ -300,7 +325,7 @@ class OtsApiHandler:
             return _vc_open_failed()
         session = auth[1]
         name = virtualName or ""
-        if not self.channels.allowed(name):
+        if not self.channels.allowed(name, session.username):
             self._refuse(method, session.session_id, f"channel {name} is not allowed")
             return _vc_open_failed()
         connection_id = self._connection(method, session)
@@ -339,116 +364,76 @@ class OtsApiHandler:
 
     def disconnectSession(self, authToken: str | None, sessionId: int | None,
                           wait: bool | None) -> bool | Deferred[bool]:
-        method = "disconnectSession"
-        auth = self._authorize(method, authToken, sessionId, Permission.DISCONNECT)
+        """ogon's TaskDisconnect: LogoffUserSession for the session's
+        connection (the RDP server drops the client), then Disconnected;
+        without ``wait`` True as soon as that is sent."""
+        auth = self._authorize("disconnectSession", authToken, sessionId, Permission.DISCONNECT)
         if auth is None:
             return False
         session = auth[1]
-        connection_id = session.connection_id
-        if connection_id is None:
-            return True  # already disconnected
-        request = ICP_pb2.DisconnectUserSessionRequest(connectionId=connection_id)
-
-        def answered(response: ICP_pb2.DisconnectUserSessionResponse) -> bool:
-            if response.disconnected and session.connection_id == connection_id:
-                self.registry.client_gone(session)
-            return response.disconnected
-
-        d = self._bridged(method, session, icp.MSG_DISCONNECT_USER_SESSION, request, answered,
-                          False)
-        return self._maybe_wait(d, bool(wait), True)
+        return self._lifecycle("disconnectSession", session.session_id,
+                               self.lifecycle.disconnect(session, bool(wait)))
 
     def logoffSession(self, authToken: str | None, sessionId: int | None,
                       wait: bool | None) -> bool | Deferred[bool]:
-        method = "logoffSession"
-        auth = self._authorize(method, authToken, sessionId, Permission.LOGOFF)
+        """ogon's TaskLogoff: the session ends whatever the RDP server
+        answers; with ``wait`` the answer is the RDP server's."""
+        auth = self._authorize("logoffSession", authToken, sessionId, Permission.LOGOFF)
         if auth is None:
             return False
         session = auth[1]
-        connection_id = session.connection_id
-        if connection_id is None:
-            # No client attached: nothing for the RDP server to do.
-            self.registry.end(session)
-            return True
-        request = ICP_pb2.LogoffUserSessionRequest(connectionId=connection_id)
-
-        def answered(response: ICP_pb2.LogoffUserSessionResponse) -> bool:
-            if response.loggedoff:
-                self.registry.end(session)
-            return response.loggedoff
-
-        d = self._bridged(method, session, icp.MSG_LOGOFF_USER_SESSION, request, answered, False)
-        return self._maybe_wait(d, bool(wait), True)
+        return self._lifecycle("logoffSession", session.session_id,
+                               self.lifecycle.logoff(session, bool(wait)))
 
     def startRemoteControlSession(self, authToken: str | None, sourceLogonId: int | None,
                                   targetLogonId: int | None, HotkeyVk: int | None,
                                   HotkeyModifiers: int | None, flags: int | None
                                   ) -> bool | Deferred[bool]:
+        """As ogon: only with a session token, from its own session, with
+        the session's REMOTE_CONTROL right, onto an Active session."""
         method = "startRemoteControlSession"
         record = self.tokens.lookup(authToken or "")
-        if record is None:
-            self._refuse(method, sourceLogonId, "unknown or expired token")
+        if record is None or record.session_id is None:
+            self._refuse(method, sourceLogonId, "needs the token of the caller's session")
             return False
         source_id = record.session_id if sourceLogonId in (None, WTS_CURRENT_SESSION) \
             else sourceLogonId
-        source = self.registry.get(source_id) if source_id is not None else None
-        if source is None or not self._owns(record, source):
-            self._refuse(method, sourceLogonId, "source must be the caller's own session")
+        if source_id != record.session_id:
+            self._refuse(method, sourceLogonId, "can only start from the token's own session")
             return False
-        if targetLogonId == source.session_id:
+        if targetLogonId == source_id:
             self._refuse(method, sourceLogonId, "a session cannot shadow itself")
             return False
-        auth = self._authorize(method, authToken, targetLogonId, Permission.REMOTE_CONTROL)
-        if auth is None:
+        if not record.permission & Permission.REMOTE_CONTROL:
+            self._refuse(method, sourceLogonId, "token lacks REMOTE_CONTROL")
             return False
-        target = auth[1]
-        if self._connection(method, source) is None or self._connection(method, target) is None:
+        spy = self.registry.get(source_id)
+        target = self.registry.get(targetLogonId) if targetLogonId is not None else None
+        if spy is None or target is None:
+            self._refuse(method, targetLogonId, "no such session")
             return False
-        request = ICP_pb2.OtsApiStartRemoteControlRequest(
-            connectionId=source.connection_id, targetConnectionId=target.connection_id,
-            hotKeyVk=(HotkeyVk or 0) & 0xFF, hotKeyModifiers=(HotkeyModifiers or 0) & 0xFFFF,
-            flags=(flags or 0) & 0xFFFFFFFF,
-        )
-
-        def answered(response: ICP_pb2.OtsApiStartRemoteControlResponse) -> bool:
-            if response.success:
-                self.registry.set_shadowing(source, target)
-            return response.success
-
-        return self._bridged(method, source, icp.MSG_START_REMOTE_CONTROL, request, answered,
-                             False)
+        return self._lifecycle(method, source_id, self.lifecycle.start_shadow(
+            spy, target, HotkeyVk or 0, HotkeyModifiers or 0, flags or 0))
 
     def stopRemoteControlSession(self, authToken: str | None, sourceLogonId: int | None,
                                  targetLogonId: int | None) -> bool | Deferred[bool]:
-        """Stops the shadowing that involves ``sourceLogonId``: its own, if
-        it is shadowing, and that of every session shadowing it."""
+        """Stops the shadowing that involves ``sourceLogonId``: of every
+        session shadowing it (ogon) and its own, if it is shadowing."""
         method = "stopRemoteControlSession"
         auth = self._authorize(method, authToken, sourceLogonId, Permission.REMOTE_CONTROL)
         if auth is None:
             return False
         session = auth[1]
-        spies = [s for s in self.registry
-                 if s.shadowing == session.session_id
-                 or (s is session and s.shadowing is not None)]
-        spies = [s for s in spies if s.connection_id is not None]
-        if not spies:
-            return True
-        calls = []
-        for spy in spies:
-            def answered(response: ICP_pb2.OtsApiStopRemoteControlResponse,
-                         spy: Session = spy) -> bool:
-                if response.success:
-                    self.registry.set_shadowing(spy, None)
-                return response.success
-
-            request = ICP_pb2.OtsApiStopRemoteControlRequest(connectionId=spy.connection_id)
-            calls.append(self._bridged(method, spy, icp.MSG_STOP_REMOTE_CONTROL, request,
-                                       answered, False))
-        return gatherResults(calls).addCallback(all)
+        return self._lifecycle(method, session.session_id,
+                               self.lifecycle.stop_shadowing(session))
 
     def sendMessage(self, authToken: str | None, sessionId: int | None, title: str | None,
                     message: str | None, style: int | None, timeout: int | None,
                     wait: bool | None) -> int | Deferred[int]:
+        """ogon's sendMessage: a MESSAGE_CUSTOM_TYPE box with the title and
+        text. Without ``wait``: IDASYNC once sent. With: the user's answer,
+        or IDTIMEOUT when ``timeout`` seconds pass (0: wait as long as the
+        RDP server keeps the box) or the RDP server answers 0."""
         method = "sendMessage"
         auth = self._authorize(method, authToken, sessionId, Permission.MESSAGE)
         if auth is None:
@@ -462,9 +447,20 @@ class OtsApiHandler:
             connectionId=connection_id, type=MESSAGE_CUSTOM_TYPE, style=(style or 0) & 0xFFFFFFFF,
             timeout=seconds, parameterNum=2, parameter1=title or "", parameter2=message or "",
         )
-        # The RDP server answers when the user clicks or the box times out.
-        icp_timeout = (seconds + self.config.call_timeout) if seconds else MAX_MESSAGE_WAIT
-        d = self._bridged(method, session, icp.MSG_MESSAGE, request,
-                          lambda r: _signed(r.result, 32), 0, timeout=icp_timeout)
-        return self._maybe_wait(d, bool(wait), IDASYNC)
+        d = self.rdp.call(icp.MSG_MESSAGE, request, seconds if seconds else math.inf)
+        if not wait:
+            d.addErrback(self._bridge_failed, method, session.session_id, 0)
+            # Fired already: it could not even be sent (no RDP server).
+            return 0 if d.called else IDASYNC
 
+        def answered(response: ICP_pb2.MessageResponse) -> int:
+            return _signed(response.result, 32) if response.result else IDTIMEOUT
+
+        def failed(failure: Failure) -> int:
+            if failure.check(IcpTimeoutError):
+                self.log.info("sendMessage to session {session_id}: no answer within {s} s",
+                              session_id=session.session_id, s=seconds)
+                return IDTIMEOUT
+            return self._bridge_failed(failure, method, session.session_id, 0)
+
+        return d.addCallbacks(answered, failed)

@@ -1,28 +1,55 @@
-"""A stand-in RDP server: speaks ICP to the bridge like FreeRDS/ogon's does.
+"""A stand-in RDP server: speaks ICP to the bridge the way ogon's does.
 
-It connects, shakes hands, logs scripted users on, and answers what the
-bridge asks (virtual channels, messages, switch-to, shadowing, disconnect,
-logoff) plausibly. ``answer_delay`` holds every answer, for load tests.
-Used by ``icp-bridge peer``, the tests and the benchmark.
+Like ogon's RDP server (rdp-server/icp/icp.c) it answers only Ping,
+SwitchTo, LogoffUserSession, the OTS API's virtual channel and remote
+control requests and Message; anything else (DisconnectUserSession
+included) is answered NOTFOUND. It logs client connections on, tells the
+bridge when a client leaves (DisconnectUserSession) and, like the real
+one, connects to the backend endpoint a logon or SwitchTo names. A stand-in
+backend (``icp-bridge backend``) greets that connection with its session
+id, which is how the stand-in can log a user on through the greeter (SBP
+AuthenticateUser, as the greeter would). Every request from the bridge is
+recorded. ``answer_delay`` holds every answer, for load tests. Used by
+``icp-bridge peer``, the tests and the benchmark.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import Message
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import clientFromString, connectProtocol, quoteStringArgument
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from bridge.backends import pipe_file
 from protocols import icp
 from protocols.errors import IcpHandlerError
-from protocols.generated import ICP_pb2
+from protocols.generated import ICP_pb2, SBP_pb2
 
 IDOK = 1
+
+
+class _BackendLink(Protocol):
+    """The stand-in RDP server's connection to a backend's endpoint."""
+
+    def __init__(self) -> None:
+        self.greeting: Deferred[str] = Deferred()
+        self._received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received += data
+        if b"\n" in self._received and not self.greeting.called:
+            self.greeting.callback(self._received.split(b"\n", 1)[0].decode("ascii", "replace"))
+
+    def connectionLost(self, reason: object = None) -> None:
+        if not self.greeting.called:
+            self.greeting.callback("")
 
 
 @dataclass
@@ -34,16 +61,22 @@ class ClientConnection:
     service_endpoint: str = ""
     channels: dict[int, str] = field(default_factory=dict)  # instance -> name
     shadowing: int | None = None
+    # The session id the backend told us when we connected to it, if it did.
+    backend_session: int | None = None
+    backend: _BackendLink | None = None
 
 
 class StandInRdpServer:
     log = Logger()
 
     def __init__(self, reactor: Any, answer_delay: float = 0.0,
-                 call_timeout: float = icp.DEFAULT_CALL_TIMEOUT) -> None:
+                 call_timeout: float = icp.DEFAULT_CALL_TIMEOUT,
+                 pipe_dir: Path | None = None) -> None:
         self.reactor = reactor
         self.answer_delay = answer_delay
         self.call_timeout = call_timeout
+        # With a pipe directory, connect to each backend endpoint, as ogon does.
+        self.pipe_dir = pipe_dir
         self.connections: dict[int, ClientConnection] = {}
         self.protocol: icp.IcpProtocol | None = None
         # The latest requests from the bridge (bounded: the stand-in may run
@@ -55,6 +88,9 @@ class StandInRdpServer:
         # While true, answers wait in ``held`` until release() (tests).
         self.hold = False
         self.held: list[tuple[Deferred[Message], Any, Message]] = []
+        # What Message answers (the user's click): IDOK unless a test says.
+        self.message_result = IDOK
+        self.switch_success = True
         self._seen_waiters: list[tuple[int, Deferred[None]]] = []
         self._next_instance = 1
 
@@ -73,22 +109,42 @@ class StandInRdpServer:
         await proto.when_ready()
         return proto
 
-    def _call(self, msg_type: int, request: Message) -> Deferred[Any]:
+    def _call(self, msg_type: int, request: Message,
+              timeout: float | None = None) -> Deferred[Any]:
         if self.protocol is None:
             raise RuntimeError("not connected")
-        return self.protocol.call(msg_type, request)
+        return self.protocol.call(msg_type, request, timeout)
 
     async def logon(self, connection_id: int, username: str, password: str, domain: str = "",
-                    width: int = 1920, height: int = 1080) -> ICP_pb2.LogonUserResponse:
+                    width: int = 1920, height: int = 1080,
+                    timeout: float | None = None) -> ICP_pb2.LogonUserResponse:
         response = await self._call(icp.MSG_LOGON_USER, ICP_pb2.LogonUserRequest(
             connectionId=connection_id, username=username, password=password, domain=domain,
             width=width, height=height, colorDepth=32, clientHostName=f"client{connection_id}",
             clientAddress="192.0.2.10", clientBuildNumber=19041, clientProductId=1,
             clientHardwareId=0, clientProtocolType=2,
-        ))
-        self.connections[connection_id] = ClientConnection(
-            connection_id, username, response.serviceEndpoint)
+        ), timeout)
+        connection = ClientConnection(connection_id, username, response.serviceEndpoint)
+        self.connections[connection_id] = connection
+        await self._attach_backend(connection)
         return response
+
+    async def greeter_login(self, connection_id: int, username: str, password: str,
+                            domain: str = "", session_id: int | None = None,
+                            timeout: float | None = None) -> int:
+        """Log a user on through the greeter of ``connection_id``, as ogon's
+        greeter does over SBP (VersionInfo, then AuthenticateUser); returns
+        the AUTH_STATUS. The session id is the one the stand-in backend told
+        us, unless given."""
+        connection = self.connections[connection_id]
+        sid = session_id if session_id is not None else connection.backend_session
+        if sid is None:
+            raise RuntimeError(f"no session id known for connection {connection_id}")
+        await self._call(icp.MSG_SBP_VERSION_INFO,
+                         SBP_pb2.VersionInfoRequest(sessionId=sid, vmajor=1, vminor=1))
+        response = await self._call(icp.MSG_SBP_AUTHENTICATE_USER, SBP_pb2.AuthenticateUserRequest(
+            sessionId=sid, username=username, password=password, domain=domain), timeout)
+        return int(response.authStatus)
 
     async def ping(self) -> bool:
         return (await self._call(icp.MSG_PING, ICP_pb2.PingRequest())).pong
@@ -99,36 +155,82 @@ class StandInRdpServer:
         return response.channelAllowed
 
     async def client_disconnected(self, connection_id: int) -> bool:
-        self.connections.pop(connection_id, None)
+        """The client went away by itself: tell the bridge, as ogon does."""
+        self._drop(connection_id)
         response = await self._call(icp.MSG_DISCONNECT_USER_SESSION,
                                     ICP_pb2.DisconnectUserSessionRequest(
                                         connectionId=connection_id))
         return response.disconnected
 
-    async def client_logged_off(self, connection_id: int) -> bool:
-        self.connections.pop(connection_id, None)
-        response = await self._call(icp.MSG_LOGOFF_USER_SESSION,
-                                    ICP_pb2.LogoffUserSessionRequest(connectionId=connection_id))
-        return response.loggedoff
+    async def remote_control_ended(self, spy_connection_id: int, spied_connection_id: int
+                                   ) -> bool:
+        connection = self.connections.get(spy_connection_id)
+        if connection is not None:
+            connection.shadowing = None
+        response = await self._call(icp.MSG_REMOTE_CONTROL_ENDED, ICP_pb2.RemoteControlEndedRequest(
+            spyId=spy_connection_id, spiedId=spied_connection_id))
+        return response.success
 
     def close(self) -> None:
+        for connection_id in list(self.connections):
+            self._drop(connection_id)
         if self.protocol is not None:
             self.protocol.close()
 
-    # -- answering the bridge --------------------------------------------------
+    # -- backends ----------------------------------------------------------------
+
+    async def _attach_backend(self, connection: ClientConnection) -> None:
+        """Connect to the backend endpoint, as the RDP server does; read the
+        stand-in backend's greeting (its session id) if it sends one."""
+        if self.pipe_dir is None or not connection.service_endpoint:
+            return
+        if connection.backend is not None:
+            connection.backend.transport.loseConnection()
+            connection.backend = None
+        path = pipe_file(self.pipe_dir, connection.service_endpoint)
+        try:
+            backend = await connectProtocol(
+                clientFromString(self.reactor, f"unix:{quoteStringArgument(str(path))}"),
+                _BackendLink())
+            greeting = await backend.greeting.addTimeout(2.0, self.reactor)
+        except Exception as e:
+            self.log.warn("connection {connection_id}: cannot connect to backend {path}: "
+                          "{error}", connection_id=connection.connection_id, path=str(path),
+                          error=str(e))
+            return
+        connection.backend = backend
+        for word in greeting.split():
+            if word.startswith("sid="):
+                connection.backend_session = int(word[4:])
+        self.log.info("connection {connection_id}: connected to backend {endpoint} "
+                      "(session {sid})", connection_id=connection.connection_id,
+                      endpoint=connection.service_endpoint, sid=connection.backend_session)
+
+    def _drop(self, connection_id: int) -> ClientConnection | None:
+        connection = self.connections.pop(connection_id, None)
+        if connection is not None and connection.backend is not None \
+                and connection.backend.transport is not None:
+            connection.backend.transport.loseConnection()
+        return connection
+
+    # -- answering the bridge: the types ogon's RDP server answers -------------
 
     def handlers(self) -> dict[int, icp.Handler]:
         return {
             icp.MSG_PING: self._answer(lambda r: ICP_pb2.PingResponse(pong=True)),
+            icp.MSG_SWITCH_TO: self._answer(self._switch_to),
+            icp.MSG_LOGOFF_USER_SESSION: self._answer(self._logoff),
             icp.MSG_VIRTUAL_CHANNEL_OPEN: self._answer(self._vc_open),
             icp.MSG_VIRTUAL_CHANNEL_CLOSE: self._answer(self._vc_close),
-            icp.MSG_SWITCH_TO: self._answer(self._switch_to),
             icp.MSG_START_REMOTE_CONTROL: self._answer(self._start_shadow),
             icp.MSG_STOP_REMOTE_CONTROL: self._answer(self._stop_shadow),
-            icp.MSG_MESSAGE: self._answer(lambda r: ICP_pb2.MessageResponse(result=IDOK)),
-            icp.MSG_DISCONNECT_USER_SESSION: self._answer(self._disconnect),
-            icp.MSG_LOGOFF_USER_SESSION: self._answer(self._logoff),
+            icp.MSG_MESSAGE: self._answer(
+                lambda r: ICP_pb2.MessageResponse(result=self.message_result)),
         }
+
+    def seen(self, name: str) -> list[Message]:
+        """The recorded requests of one type (e.g. "SwitchToRequest")."""
+        return [request for kind, request in self.requests_seen if kind == name]
 
     def when_requests_seen(self, count: int) -> Deferred[None]:
         """Fires once ``count`` requests from the bridge have arrived in all."""
@@ -173,6 +275,9 @@ class StandInRdpServer:
 
         return handler
 
+    def _known(self, connection_id: int) -> ClientConnection | None:
+        return self.connections.get(connection_id)
+
     def _connection(self, connection_id: int) -> ClientConnection:
         connection = self.connections.get(connection_id)
         if connection is None:
@@ -180,9 +285,31 @@ class StandInRdpServer:
             connection = self.connections[connection_id] = ClientConnection(connection_id)
         return connection
 
+    def _switch_to(self, request: ICP_pb2.SwitchToRequest
+                   ) -> ICP_pb2.SwitchToResponse | Deferred[ICP_pb2.SwitchToResponse]:
+        connection = self._known(request.connectionId)
+        if connection is None or not self.switch_success:
+            return ICP_pb2.SwitchToResponse(success=False)
+        connection.service_endpoint = request.serviceEndpoint
+        connection.backend_session = None
+
+        async def switch() -> ICP_pb2.SwitchToResponse:
+            await self._attach_backend(connection)
+            return ICP_pb2.SwitchToResponse(success=True)
+
+        return Deferred.fromCoroutine(switch())
+
+    def _logoff(self, request: ICP_pb2.LogoffUserSessionRequest
+                ) -> ICP_pb2.LogoffUserSessionResponse:
+        """The RDP server drops that client (also for an OTS API disconnect)."""
+        return ICP_pb2.LogoffUserSessionResponse(
+            loggedoff=self._drop(request.connectionId) is not None)
+
     def _vc_open(self, request: ICP_pb2.OtsApiVirtualChannelOpenRequest
                  ) -> ICP_pb2.OtsApiVirtualChannelOpenResponse:
-        connection = self._connection(request.connectionId)
+        connection = self._known(request.connectionId)
+        if connection is None:
+            return ICP_pb2.OtsApiVirtualChannelOpenResponse(connectionString="", instance=0)
         instance = self._next_instance
         self._next_instance += 1
         connection.channels[instance] = request.virtualName
@@ -196,37 +323,25 @@ class StandInRdpServer:
 
     def _vc_close(self, request: ICP_pb2.OtsApiVirtualChannelCloseRequest
                   ) -> ICP_pb2.OtsApiVirtualChannelCloseResponse:
-        connection = self._connection(request.connectionId)
-        name = connection.channels.get(request.instance)
-        success = name == request.virtualName
-        if success:
+        connection = self._known(request.connectionId)
+        name = connection.channels.get(request.instance) if connection is not None else None
+        success = name is not None and name == request.virtualName
+        if success and connection is not None:
             del connection.channels[request.instance]
         return ICP_pb2.OtsApiVirtualChannelCloseResponse(success=success)
 
-    def _switch_to(self, request: ICP_pb2.SwitchToRequest) -> ICP_pb2.SwitchToResponse:
-        self._connection(request.connectionId).service_endpoint = request.serviceEndpoint
-        return ICP_pb2.SwitchToResponse(success=True)
-
     def _start_shadow(self, request: ICP_pb2.OtsApiStartRemoteControlRequest
                       ) -> ICP_pb2.OtsApiStartRemoteControlResponse:
-        known = request.targetConnectionId in self.connections
-        if known:
-            self._connection(request.connectionId).shadowing = request.targetConnectionId
+        spy = self._known(request.connectionId)
+        known = spy is not None and request.targetConnectionId in self.connections
+        if known and spy is not None:
+            spy.shadowing = request.targetConnectionId
         return ICP_pb2.OtsApiStartRemoteControlResponse(success=known)
 
     def _stop_shadow(self, request: ICP_pb2.OtsApiStopRemoteControlRequest
                      ) -> ICP_pb2.OtsApiStopRemoteControlResponse:
-        connection = self._connection(request.connectionId)
-        was = connection.shadowing is not None
-        connection.shadowing = None
+        connection = self._known(request.connectionId)
+        was = connection is not None and connection.shadowing is not None
+        if connection is not None:
+            connection.shadowing = None
         return ICP_pb2.OtsApiStopRemoteControlResponse(success=was)
-
-    def _disconnect(self, request: ICP_pb2.DisconnectUserSessionRequest
-                    ) -> ICP_pb2.DisconnectUserSessionResponse:
-        return ICP_pb2.DisconnectUserSessionResponse(
-            disconnected=self.connections.pop(request.connectionId, None) is not None)
-
-    def _logoff(self, request: ICP_pb2.LogoffUserSessionRequest
-                ) -> ICP_pb2.LogoffUserSessionResponse:
-        return ICP_pb2.LogoffUserSessionResponse(
-            loggedoff=self.connections.pop(request.connectionId, None) is not None)

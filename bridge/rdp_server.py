@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,6 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from bridge.sessions import SessionRegistry
 from protocols.errors import IcpNotConnectedError
 from protocols.icp import Handler, IcpProtocol, IcpState
 
@@ -78,17 +77,20 @@ class RdpServerLink(Factory):
     def __init__(
         self,
         handlers: Mapping[int, Handler],
-        registry: SessionRegistry,
         clock: IReactorTime,
         call_timeout: float,
         max_frame_size: int,
         allowed_uids: list[int] | None = None,
+        max_send_frame: int = 32 * 1024,
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self.handlers = handlers
-        self.registry = registry
         self.clock = clock
         self.call_timeout = call_timeout
         self.max_frame_size = max_frame_size
+        self.max_send_frame = max_send_frame
+        # Called once the RDP server (and so every client connection) is gone.
+        self.on_lost = on_lost
         self.allowed_uids = set(allowed_uids or ())
         self.current: RdpServerProtocol | None = None
         self._ready_waiters: list[Deferred[RdpServerProtocol]] = []
@@ -96,7 +98,7 @@ class RdpServerLink(Factory):
     def buildProtocol(self, addr: IAddress) -> RdpServerProtocol:
         return RdpServerProtocol(
             self, clock=self.clock, call_timeout=self.call_timeout,
-            max_frame_size=self.max_frame_size,
+            max_frame_size=self.max_frame_size, max_send_frame=self.max_send_frame,
         )
 
     def admit(self, proto: RdpServerProtocol) -> bool:
@@ -129,7 +131,12 @@ class RdpServerLink(Factory):
         self.log.info("RDP server disconnected ({peer}): {reason}",
                       peer=_describe(proto.credentials),
                       reason=reason.getErrorMessage() if reason is not None else "closed")
-        self.registry.rdp_server_lost()
+        self.on_lost()
+
+    @property
+    def credentials(self) -> PeerCredentials | None:
+        """SO_PEERCRED of the connected RDP server, if one is connected."""
+        return self.current.credentials if self.current is not None else None
 
     @property
     def ready(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -12,14 +13,24 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from bridge.auth import Authenticator, PamAuthenticator, UsersFileAuthenticator
+from bridge.backends import BackendLauncher
 from bridge.config import Config
-from bridge.endpoints import ListeningService, StartupError
-from bridge.icp_handlers import PropertyTable, RdpRequestHandlers
+from bridge.endpoints import (
+    ListeningService,
+    StartupError,
+    check_directory,
+    unix_socket_path,
+    validate_endpoint,
+)
+from bridge.icp_handlers import RdpRequestHandlers
+from bridge.lifecycle import RdpPeer, SessionLifecycle
 from bridge.otsapi import OtsApiHandler
-from bridge.permissions import GUEST, level_value
+from bridge.permissions import level_value
+from bridge.properties import ChannelPolicy, PropertyTable
 from bridge.rdp_server import RdpServerLink
-from bridge.sessions import SessionRegistry
+from bridge.sessions import SessionRegistry, StateWriteError
 from bridge.state import StateStore, restore
+from bridge.tls import default_pair, ensure_pair, uses_default_pair, with_certificate
 from bridge.token_files import SessionTokenFiles
 from bridge.tokens import TokenStore
 from protocols.generated.otsapi import otsapi
@@ -28,21 +39,33 @@ from protocols.thrift_server import ThriftServerFactory
 TOKEN_SWEEP_INTERVAL = 60.0
 # How often the state database's write-ahead log is checkpointed (off the reactor).
 CHECKPOINT_INTERVAL = 5.0
+# How often writes the disk refused are tried again.
+STATE_RETRY_INTERVAL = 5.0
+
+
+def property_table(config: Config) -> PropertyTable:
+    """The configured properties over ogon's defaults, with the TLS pair's
+    default paths filled in (they depend on running as root)."""
+    certificate, key = default_pair(os.geteuid() == 0, config.state_dir)
+    defaults = {"ssl.certificate": str(certificate), "ssl.key": str(key)}
+    return PropertyTable({**defaults, **config.properties}, config.user_properties)
 
 
 class BridgeService(MultiService):
     """icp-bridge: the ICP listener, the OTS API listener and their state.
 
     Attributes tests and tools may use: ``registry``, ``tokens``, ``link``
-    (the RDP server link), ``otsapi`` (the handler), ``icp_listener`` and
-    ``thrift_listener`` (ListeningService, ``.port`` once started).
+    (the RDP server link), ``lifecycle``, ``otsapi`` (the handler),
+    ``icp_listener`` and ``thrift_listener`` (ListeningService, ``.port``
+    once started).
     """
 
     log = Logger()
 
     def __init__(self, config: Config, reactor: Any | None = None,
                  authenticator: Authenticator | None = None, clock: Any | None = None,
-                 exit_on_startup_error: bool = False) -> None:
+                 exit_on_startup_error: bool = False,
+                 launcher: BackendLauncher | None = None) -> None:
         """``clock`` (default: the reactor) times bridged calls, tokens and
         session times; tests pass a Clock. With ``exit_on_startup_error``
         (under twistd) a failure to start is one line and exit status 1, not
@@ -56,40 +79,76 @@ class BridgeService(MultiService):
         self.reactor = reactor
         self.clock = clock
         self.exit_on_startup_error = exit_on_startup_error
+        self.properties = property_table(config)
+        self.channels = ChannelPolicy(self.properties, config.channels_allow,
+                                      config.channels_deny)
+        self.thrift_description = self._thrift_endpoint()
+        validate_endpoint(reactor, config.icp_endpoint, "icp_endpoint")
+        validate_endpoint(reactor, self.thrift_description, "thrift_endpoint")
+
         self.store = StateStore(config.state_dir / "state.sqlite3")
-        self.registry = SessionRegistry(clock)
+        self.registry = SessionRegistry(clock, persister=self.store)
         self.tokens = TokenStore(clock)
-        self.tokens.restore(restore(self.store, self.registry, clock.seconds()))
         self.tokens.listener = self.store.token_changed
-        self.store.attach(self.registry)
         self.token_files = SessionTokenFiles(config.token_dir, self.tokens)
         self.token_files.attach(self.registry)
-        for session in self.registry:
-            self.token_files.ensure(session)
+        try:
+            self._kept, self._dropped, live = restore(self.store, self.registry,
+                                                      clock.seconds())
+        except StateWriteError as e:
+            raise StartupError(f"state database cannot be written: {e}") from None
+        self.tokens.restore(live)
 
         self.authenticator = authenticator or self._make_authenticator()
-        handlers = RdpRequestHandlers(self.registry, self.authenticator, config)
+        # Real time, not ``clock``: readiness and stop timeouts wait on processes.
+        self.launcher = launcher or BackendLauncher(
+            reactor, reactor, config.pipe_dir, config.state_dir / "backends")
         self.link = RdpServerLink(
-            handlers.table(), self.registry, clock, config.call_timeout,
-            config.max_icp_frame, config.allowed_peer_uids,
-        )
+            {}, clock, config.call_timeout, config.max_icp_frame, config.allowed_peer_uids,
+            max_send_frame=config.max_icp_send)
+        self.lifecycle = SessionLifecycle(
+            self.registry, self.link, self.authenticator, self.properties, config.modules,
+            self.launcher, self.token_files, clock, config.call_timeout,
+            peer=self._rdp_peer)
+        self.link.on_lost = self.lifecycle.rdp_server_lost
+        handlers = RdpRequestHandlers(self.registry, self.lifecycle, self.properties,
+                                      self.channels)
+        self.link.handlers = handlers.table()
         self.otsapi = OtsApiHandler(self.registry, self.tokens, self.link, self.authenticator,
-                                    config)
+                                    config, self.lifecycle, self.properties, self.channels)
         self.icp_listener = ListeningService("ICP (RDP server)", config.icp_endpoint,
                                              self.link, reactor)
         self.icp_listener.setServiceParent(self)
         self.thrift_listener = ListeningService(
-            "OTS API", config.thrift_endpoint,
+            "OTS API", self.thrift_description,
             ThriftServerFactory(otsapi, self.otsapi, config.max_thrift_frame), reactor,
         )
         self.thrift_listener.setServiceParent(self)
         sweeper = TimerService(TOKEN_SWEEP_INTERVAL, self.tokens.expire)
         sweeper.clock = clock
         sweeper.setServiceParent(self)
+        retry = TimerService(STATE_RETRY_INTERVAL, self._retry_writes)
+        retry.clock = reactor
+        retry.setServiceParent(self)
         # Real time, not ``clock``: this is disk I/O, not protocol time.
         checkpointer = TimerService(CHECKPOINT_INTERVAL, self._checkpoint)
         checkpointer.clock = reactor
         checkpointer.setServiceParent(self)
+
+    def _thrift_endpoint(self) -> str:
+        """The OTS API endpoint, completed with the ssl.certificate/ssl.key
+        pair (generated when missing) when it is ssl: without its own."""
+        description = self.config.thrift_endpoint
+        if not uses_default_pair(description):
+            return description
+        certificate = Path(self.properties.get_string("ssl.certificate") or "")
+        key = Path(self.properties.get_string("ssl.key") or "")
+        ensure_pair(certificate, key)
+        return with_certificate(description, certificate, key)
+
+    def _rdp_peer(self) -> RdpPeer:
+        creds = self.link.credentials
+        return RdpPeer(uid=creds.uid, pid=creds.pid) if creds is not None else RdpPeer()
 
     def _checkpoint(self) -> Deferred[None]:
         d = self._run_blocking(self.store.checkpoint)
@@ -97,17 +156,21 @@ class BridgeService(MultiService):
                                                       failure))
         return d
 
+    def _retry_writes(self) -> None:
+        if self.registry.unwritten:
+            self.registry.flush()
+        self.tokens.flush()
+
     def _run_blocking(self, f: Any, *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
     def _make_authenticator(self) -> Authenticator:
         config = self.config
         if config.authenticator == "pam":
-            properties = PropertyTable(config)
+            properties = self.properties
 
             def level_of(username: str) -> int:
-                level = properties.get_string("permission.level", username)
-                return level_value(level) if level else int(GUEST)
+                return level_value(properties.string_or("permission.level", username, "USER"))
 
             try:
                 return PamAuthenticator(level_of, run_blocking=self._run_blocking)
@@ -134,11 +197,31 @@ class BridgeService(MultiService):
 
     def startService(self) -> None:
         try:
+            if not self.running:
+                self._check_directories()
             super().startService()
         except StartupError as e:
             if not self.exit_on_startup_error:
                 raise
             raise SystemExit(f"icp-bridge: {e}") from None
+        self.lifecycle.adopt(self._kept, self._dropped)
+        for session in self._kept:
+            if self.registry.get(session.session_id) is session:
+                try:
+                    self.token_files.ensure(session)
+                except StateWriteError as e:
+                    self.log.error("session {session_id}: token not stored: {error}",
+                                   session_id=session.session_id, error=str(e))
+        self._kept, self._dropped = [], []
+
+    def _check_directories(self) -> None:
+        """The ICP socket's directory and the backends' pipe directory must
+        not let another user swap what is in them (a swapped ICP socket
+        would receive the next LogonUser, password included)."""
+        path = unix_socket_path(self.config.icp_endpoint)
+        if path is not None:
+            check_directory(path.parent, "icp_endpoint", shared=path.parent == self.config.pipe_dir)
+        check_directory(self.config.pipe_dir, "pipe_dir", shared=True)
 
     def _privileged_start(self) -> None:
         self.log.info("icp-bridge starting (pid {pid}, {reactor}); state in {state_dir}, token "
@@ -148,12 +231,14 @@ class BridgeService(MultiService):
         if self.config.metrics_endpoint:
             self.log.warn("metrics_endpoint is reserved for a later release and not served: "
                           "{endpoint}", endpoint=self.config.metrics_endpoint)
+        self._check_directories()
         super().privilegedStartService()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        await self.lifecycle.shutdown()
         current = self.link.current
         if current is not None:
             # Let the RDP server's disconnect reach the registry (and the

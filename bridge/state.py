@@ -1,23 +1,39 @@
-"""Durable state in SQLite: sessions, the connection map and token digests,
-so a restarted bridge (even after kill -9) knows them.
+"""Durable state in SQLite: sessions, the connection map, token digests and
+the session event journal, so a restarted bridge (even after kill -9)
+knows them and a client of the event stream misses nothing.
 
-WAL mode with synchronous=NORMAL: a commit survives the process dying at
-any point; only an OS crash or power loss may lose the last commits. Writes
-happen on session events and token issue/revoke, not per OTS API call; each
-is one small transaction (bench/state_writes.py measures what it costs);
-checkpoints run in a worker thread.
+Each session change is written with its journal row in one transaction,
+so the journal holds exactly the changes the state holds. WAL mode with
+synchronous=NORMAL: a commit survives the process dying at any point; only
+an OS crash or power loss may lose the last commits. Writes happen on
+session changes and token issue/revoke, not per OTS API call; checkpoints
+run in a worker thread (bench/state_writes.py measures what writes cost).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from twisted.logger import Logger
 
-from bridge.sessions import ClientInfo, ConnectState, Session, SessionEvent, SessionRegistry
+from bridge.endpoints import StartupError
+from bridge.sessions import (
+    BackendRecord,
+    ClientInfo,
+    ConnectState,
+    Session,
+    SessionChange,
+    SessionEvent,
+    SessionRegistry,
+    StateWriteError,
+)
 from bridge.tokens import TokenRecord
 
 SCHEMA = """
@@ -32,7 +48,35 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires_at REAL,
     lifetime REAL
 );
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    session_id INTEGER NOT NULL,
+    username TEXT NOT NULL,
+    event TEXT NOT NULL,
+    old_state INTEGER,
+    new_state INTEGER,
+    reason TEXT NOT NULL
+);
 """
+_TABLES = ("meta", "sessions", "tokens", "events")
+
+
+@dataclass(frozen=True)
+class JournalEvent:
+    """One row of the event journal, as the event stream sends it."""
+
+    id: int
+    time: float
+    session_id: int
+    username: str
+    event: str
+    old_state: int | None
+    new_state: int | None
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def _session_to_json(session: Session) -> str:
@@ -45,28 +89,45 @@ def _session_from_json(text: str) -> Session:
     data = json.loads(text)
     data["state"] = ConnectState(data["state"])
     data["client"] = ClientInfo(**data["client"])
+    if data.get("backend") is not None:
+        data["backend"] = BackendRecord(**data["backend"])
     return Session(**data)
 
 
+def _describe(error: sqlite3.Error) -> str:
+    return str(error) or type(error).__name__
+
+
 class StateStore:
-    """One SQLite database file; every method is one transaction."""
+    """One SQLite database file; every write method is one transaction and
+    raises StateWriteError (having written nothing) when the disk refuses."""
 
     log = Logger()
 
     def __init__(self, path: Path | str) -> None:
         self.path = path
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        # Checkpoints fsync; left to SQLite they would run inside a commit on
-        # the reactor thread now and then (~20 ms here). The service calls
-        # checkpoint() from a worker thread instead.
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
-        self._db.executescript(SCHEMA)
-        if path != ":memory:":
-            Path(path).chmod(0o600)
+        memory = path == ":memory:"
+        try:
+            if not memory:
+                Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints fsync; left to SQLite they would run inside a commit
+            # on the reactor thread now and then (~20 ms here). The service
+            # calls checkpoint() from a worker thread instead.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+            self._db.executescript(SCHEMA)
+            if not memory:
+                os.chmod(path, 0o600)
+        except sqlite3.DatabaseError as e:
+            raise StartupError(
+                f"state database {path} cannot be used ({_describe(e)}): move it aside to start "
+                f"with no saved sessions, or restore it from a backup "
+                f"(`icp-bridge state check {path}` tells what is wrong)") from None
+        except OSError as e:
+            raise StartupError(f"state directory for {path} cannot be used: "
+                               f"{e.strerror or e}") from None
         self._checkpointer: sqlite3.Connection | None = None
 
     def checkpoint(self) -> None:
@@ -87,87 +148,172 @@ class StateStore:
             self._checkpointer = None
         self._db.close()
 
-    # -- sessions -------------------------------------------------------------
+    def _transaction(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        """Run the statements in one transaction; returns each one's lastrowid."""
+        rowids = []
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    rowids.append(self._db.execute(sql, args).lastrowid or 0)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise StateWriteError(f"{self.path}: {_describe(e)}") from None
+        return rowids
+
+    # -- sessions and their journal -------------------------------------------
 
     def load_sessions(self) -> list[Session]:
-        rows = self._db.execute("SELECT data FROM sessions ORDER BY session_id").fetchall()
-        return [_session_from_json(data) for (data,) in rows]
+        """Every stored session; a row that does not parse is logged and
+        skipped (left in place for inspection), not fatal."""
+        sessions = []
+        for session_id, data in self._db.execute(
+                "SELECT session_id, data FROM sessions ORDER BY session_id"):
+            try:
+                sessions.append(_session_from_json(data))
+            except (ValueError, TypeError, KeyError) as e:
+                self.log.error("skipping unreadable session row {session_id} in {path}: "
+                               "{error}", session_id=session_id, path=str(self.path),
+                               error=str(e)[:200])
+        return sessions
 
     def next_session_id(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key='next_session_id'").fetchone()
-        return int(row[0]) if row else 1
+        try:
+            return int(row[0]) if row else 1
+        except ValueError:
+            return 1
 
-    def save_session(self, session: Session, next_session_id: int) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.execute(
-                "INSERT OR REPLACE INTO sessions (session_id, data) VALUES (?, ?)",
-                (session.session_id, _session_to_json(session)),
-            )
-            self._db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_session_id', ?)",
-                (str(next_session_id),),
-            )
-
-    def delete_session(self, session_id: int) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
-            self._db.execute("DELETE FROM tokens WHERE session_id = ?", (session_id,))
-
-    def attach(self, registry: SessionRegistry) -> None:
-        """Persist every change the registry makes from now on."""
-
-        def changed(event: SessionEvent, session: Session) -> None:
-            if event is SessionEvent.ENDED:
-                self.delete_session(session.session_id)
+    def write(self, changes: list[SessionChange]) -> None:
+        """Persister: each change's session row and journal row, and the next
+        session id, in one transaction."""
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        journal_rows = []
+        for change in changes:
+            session = change.session
+            if change.event is SessionEvent.ENDED:
+                statements.append(("DELETE FROM sessions WHERE session_id = ?",
+                                   (session.session_id,)))
+                statements.append(("DELETE FROM tokens WHERE session_id = ?",
+                                   (session.session_id,)))
             else:
-                self.save_session(session, registry.next_session_id)
+                statements.append(("INSERT OR REPLACE INTO sessions (session_id, data) "
+                                   "VALUES (?, ?)", (session.session_id,
+                                                     _session_to_json(session))))
+            journal_rows.append(len(statements))
+            statements.append((
+                "INSERT INTO events (time, session_id, username, event, old_state, new_state,"
+                " reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (change.time, session.session_id, session.username, change.event.value,
+                 None if change.old_state is None else int(change.old_state),
+                 None if change.new_state is None else int(change.new_state),
+                 change.reason[:500])))
+        statements.append(("INSERT OR REPLACE INTO meta (key, value) VALUES "
+                           "('next_session_id', ?)", (str(changes[-1].next_session_id),)))
+        rowids = self._transaction(statements)
+        for change, index in zip(changes, journal_rows, strict=True):
+            change.event_id = rowids[index]
 
-        registry.observe(changed)
+    def events_after(self, after: int, limit: int = 1000) -> list[JournalEvent]:
+        rows = self._db.execute(
+            "SELECT id, time, session_id, username, event, old_state, new_state, reason "
+            "FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit)).fetchall()
+        return [JournalEvent(*row) for row in rows]
+
+    def last_event_id(self) -> int:
+        row = self._db.execute("SELECT MAX(id) FROM events").fetchone()
+        return int(row[0] or 0)
+
+    def prune_events(self, older_than: float, keep_at_most: int) -> int:
+        """Drop journal rows older than ``older_than`` (unix time) and any
+        beyond the newest ``keep_at_most``; returns how many went."""
+        before = self._db.total_changes
+        self._transaction([
+            ("DELETE FROM events WHERE time < ?", (older_than,)),
+            ("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?",
+             (keep_at_most,)),
+        ])
+        return self._db.total_changes - before
 
     # -- tokens ---------------------------------------------------------------
 
     def load_tokens(self) -> list[TokenRecord]:
-        rows = self._db.execute(
-            "SELECT digest, username, domain, permission, session_id, expires_at, lifetime "
-            "FROM tokens"
-        ).fetchall()
-        return [TokenRecord(*row) for row in rows]
+        records = []
+        for row in self._db.execute(
+                "SELECT digest, username, domain, permission, session_id, expires_at, lifetime "
+                "FROM tokens"):
+            try:
+                records.append(TokenRecord(*row))
+            except TypeError as e:  # pragma: no cover - the schema fixes the columns
+                self.log.error("skipping unreadable token row: {error}", error=str(e))
+        return records
 
     def token_changed(self, digest: str, record: TokenRecord | None) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
-            if record is None:
-                self._db.execute("DELETE FROM tokens WHERE digest = ?", (digest,))
-            else:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (record.digest, record.username, record.domain, record.permission,
-                     record.session_id, record.expires_at, record.lifetime),
-                )
+        if record is None:
+            self._transaction([("DELETE FROM tokens WHERE digest = ?", (digest,))])
+        else:
+            self._transaction([(
+                "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record.digest, record.username, record.domain, record.permission,
+                 record.session_id, record.expires_at, record.lifetime))])
 
 
-def restore(store: StateStore, registry: SessionRegistry, now: float) -> list[TokenRecord]:
-    """Load what the last run left: sessions come back Disconnected until the
-    RDP server reconnects them (greeters, which had no user, are dropped);
-    returns the live tokens of live sessions and of logons."""
+def check(path: Path) -> list[str]:
+    """What is wrong with the state database at ``path`` (empty: sound).
+    Opens it read-only; changes nothing."""
+    if not path.exists():
+        return [f"{path} does not exist"]
+    problems = []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        return [f"cannot open {path}: {_describe(e)}"]
+    try:
+        result = [row[0] for row in db.execute("PRAGMA integrity_check")]
+        if result != ["ok"]:
+            problems += [f"integrity: {line}" for line in result[:20]]
+        tables = {row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table'")}
+        problems += [f"table {name} is missing" for name in _TABLES if name not in tables]
+        if "sessions" in tables:
+            for session_id, data in db.execute("SELECT session_id, data FROM sessions"):
+                try:
+                    _session_from_json(data)
+                except (ValueError, TypeError, KeyError) as e:
+                    problems.append(f"session row {session_id} does not parse: {str(e)[:100]}")
+    except sqlite3.DatabaseError as e:
+        problems.append(f"{path} is not a usable SQLite database: {_describe(e)}")
+    finally:
+        db.close()
+    return problems
+
+
+def restore(store: StateStore, registry: SessionRegistry, now: float,
+            ) -> tuple[list[Session], list[Session], list[TokenRecord]]:
+    """Load what the last run left into ``registry`` (whose persister is
+    ``store``). User sessions that had a client come back Disconnected until
+    the RDP server reconnects them; greeter sessions, which had no user, end.
+    Both are journaled like any change. Returns (user sessions restored,
+    greeter sessions ended -- their backends are the caller's to stop, live
+    tokens)."""
     log = Logger(namespace="bridge.state")
-    # Before any save below rewrites it: ids of ended sessions stay used.
+    # Before any write below: ids of ended sessions stay used.
     registry.restore_next_session_id(store.next_session_id())
-    kept = 0
-    for session in store.load_sessions():
-        if not session.logged_on:
-            store.delete_session(session.session_id)
-            continue
-        if session.connection_id is not None:
-            session.connection_id = None
-            session.state = ConnectState.DISCONNECTED
-            session.disconnect_time = now
-            session.shadowing = None
+    loaded = store.load_sessions()
+    for session in loaded:
         registry.restore(session)
-        store.save_session(session, registry.next_session_id)
-        kept += 1
+    kept, dropped = [], []
+    for session in loaded:
+        if not session.logged_on:
+            registry.end(session, "bridge restarted")
+            dropped.append(session)
+            continue
+        if session.connection_id is not None or session.state is not ConnectState.DISCONNECTED:
+            registry.disconnect(session, "bridge restarted")
+        kept.append(session)
     tokens = []
     for record in store.load_tokens():
         expired = record.expires_at is not None and record.expires_at <= now
@@ -176,7 +322,8 @@ def restore(store: StateStore, registry: SessionRegistry, now: float) -> list[To
             store.token_changed(record.digest, None)
         else:
             tokens.append(record)
-    if kept or tokens:
-        log.info("restored {sessions} sessions and {tokens} tokens from {path}",
-                 sessions=kept, tokens=len(tokens), path=str(store.path))
-    return tokens
+    if kept or tokens or dropped:
+        log.info("restored {sessions} sessions and {tokens} tokens from {path} "
+                 "({greeters} greeter sessions ended)", sessions=len(kept),
+                 tokens=len(tokens), greeters=len(dropped), path=str(store.path))
+    return kept, dropped, tokens

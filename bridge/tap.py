@@ -8,7 +8,7 @@ from typing import Any
 from twisted.python import usage
 
 from bridge.config import Config, ConfigError, load_config
-from bridge.endpoints import StartupError, validate_endpoint
+from bridge.endpoints import StartupError
 from bridge.reactor import install_unless_chosen
 from bridge.service import BridgeService
 
@@ -34,7 +34,8 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file; flags override it."],
         ["icp", None, None, "ICP endpoint for the RDP server "
          "[default: unix:/tmp/.pipe/ogon_SessionManager:mode=600]"],
-        ["thrift", None, None, "OTS API endpoint [default: tcp:9091:interface=127.0.0.1]"],
+        ["thrift", None, None, "OTS API endpoint [default: ssl:9091:interface=127.0.0.1, with "
+         "the ssl.certificate/ssl.key pair]"],
         ["state", None, None, "state directory (SQLite database)"],
         ["users", None, None, "users file"],
         ["token-dir", None, None, "directory of per-session token files [default: /tmp]"],
@@ -54,13 +55,6 @@ class Options(usage.Options):
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         install_unless_chosen()  # before the first import of the reactor
-        from twisted.internet import reactor
-
-        try:
-            validate_endpoint(reactor, config.icp_endpoint, "icp_endpoint")
-            validate_endpoint(reactor, config.thrift_endpoint, "thrift_endpoint")
-        except StartupError as e:
-            raise usage.UsageError(str(e)) from None
         self.config: Config = config
 
 

@@ -9,22 +9,37 @@ disk, so the state database does not hold usable secrets.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from bridge.auth import Identity
+from bridge.sessions import StateWriteError
+
+#: Bytes of randomness in a token; as text (URL-safe base64) it is TOKEN_LENGTH long.
+TOKEN_BYTES = 32
+TOKEN_LENGTH = 43
+_TOKEN_SHAPE = re.compile(rf"[A-Za-z0-9_-]{{{TOKEN_LENGTH}}}")
 
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def well_formed(token: str) -> bool:
+    """Could this be a token the bridge issued (length and alphabet)?"""
+    return len(token) == TOKEN_LENGTH and _TOKEN_SHAPE.fullmatch(token) is not None
+
+
 # Every OTS API call presents its token; hashing it each time showed in
 # profiles. Digests of recently seen tokens are kept in memory (the tokens
-# themselves are in this process's memory anyway, only never on disk).
+# themselves are in this process's memory anyway, only never on disk). Only
+# tokens of the issued shape are kept, so that what a client sends cannot
+# grow this beyond 4096 x 43 characters.
 _DIGEST_CACHE_SIZE = 4096
 
 
@@ -49,23 +64,49 @@ class TokenStore:
     # Persist a slid expiry only when it moved this much, so that using a
     # token (every OTS API call) does not mean a database write.
     PERSIST_SLIDE = 60.0
+    log = Logger()
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self._records: dict[str, TokenRecord] = {}
         self._digests: dict[str, str] = {}
         self._persisted_expiry: dict[str, float | None] = {}
+        self._unremoved: set[str] = set()
         self.listener: TokenListener | None = None
 
     def _changed(self, record: TokenRecord) -> None:
-        self._persisted_expiry[record.digest] = record.expires_at
+        """Store a record; raises StateWriteError."""
         if self.listener is not None:
             self.listener(record.digest, record)
+        self._persisted_expiry[record.digest] = record.expires_at
+
+    def _slid(self, record: TokenRecord) -> None:
+        """Best effort: a slid expiry not stored now is stored with the next slide."""
+        try:
+            self._changed(record)
+        except StateWriteError as e:
+            self.log.warn("token expiry not stored yet: {error}", error=str(e))
 
     def _removed(self, digest: str) -> None:
+        """The token is gone from memory; its row goes too, now or (disk
+        refusing) at the next flush()."""
         self._persisted_expiry.pop(digest, None)
-        if self.listener is not None:
-            self.listener(digest, None)
+        self._unremoved.add(digest)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Delete rows of removed tokens that could not be deleted before."""
+        while self._unremoved:
+            digest = next(iter(self._unremoved))
+            try:
+                if self.listener is not None:
+                    self.listener(digest, None)
+            except StateWriteError as e:
+                self.log.warn("{count} revoked tokens still wait for the disk: {error}",
+                              count=len(self._unremoved), error=str(e))
+                return False
+            self._unremoved.discard(digest)
+        return True
 
     def restore(self, records: Iterable[TokenRecord]) -> None:
         for record in records:
@@ -76,8 +117,9 @@ class TokenStore:
               session_id: int | None = None) -> str:
         """A new token for ``identity``: a logon token expiring ``lifetime``
         seconds after its last use, or (``session_id`` given) a session
-        token that lives as long as the session."""
-        token = secrets.token_urlsafe(32)
+        token that lives as long as the session. Raises StateWriteError
+        (and issues nothing) when it cannot be stored."""
+        token = secrets.token_urlsafe(TOKEN_BYTES)
         record = TokenRecord(
             digest=token_digest(token),
             username=identity.username,
@@ -87,13 +129,13 @@ class TokenStore:
             expires_at=None if lifetime is None else self.clock.seconds() + lifetime,
             lifetime=lifetime,
         )
-        self._records[record.digest] = record
         self._changed(record)
+        self._records[record.digest] = record
         return token
 
     def lookup(self, token: str) -> TokenRecord | None:
         """The live record of ``token`` (sliding its expiry), else None."""
-        if not token:
+        if not well_formed(token):
             return None
         digest = self._digests.get(token)
         if digest is None:
@@ -113,19 +155,27 @@ class TokenStore:
             record.expires_at = now + record.lifetime
             persisted = self._persisted_expiry.get(digest)
             if persisted is None or record.expires_at - persisted >= self.PERSIST_SLIDE:
-                self._changed(record)
+                self._slid(record)
         return record
 
     def revoke(self, token: str) -> bool:
-        digest = token_digest(token)
-        if self._records.pop(digest, None) is None:
+        """Forget a token; False if it was not known. Raises StateWriteError
+        (keeping the token) when its removal cannot be stored."""
+        if not well_formed(token):
             return False
-        self._removed(digest)
+        digest = token_digest(token)
+        if digest not in self._records:
+            return False
+        if self.listener is not None:
+            self.listener(digest, None)
+        del self._records[digest]
+        self._persisted_expiry.pop(digest, None)
         return True
 
-    def revoke_session(self, session_id: int) -> None:
+    def revoke_session(self, session_id: int, keep: str | None = None) -> None:
+        """Forget the tokens of a session (but the one with digest ``keep``)."""
         for digest, record in list(self._records.items()):
-            if record.session_id == session_id:
+            if record.session_id == session_id and digest != keep:
                 del self._records[digest]
                 self._removed(digest)
 

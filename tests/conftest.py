@@ -3,7 +3,11 @@ socket path, and the stand-in RDP server connected to it."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
+import signal
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,8 +17,11 @@ import pytest
 import pytest_twisted
 from hypothesis import settings
 from twisted.internet import reactor
+from twisted.logger import formatEvent, globalLogPublisher
 
+from bridge import standin_backend
 from bridge.auth import InMemoryAuthenticator
+from bridge.backends import Module
 from bridge.config import Config
 from bridge.peer import StandInRdpServer
 from bridge.permissions import FULL, GUEST, USER
@@ -22,6 +29,17 @@ from bridge.service import BridgeService
 
 settings.register_profile("ci", deadline=None, max_examples=100)
 settings.load_profile("ci")
+
+
+def _log_to_stderr(event: dict[str, Any]) -> None:
+    """The bridge's log lines, in a failing test's captured stderr."""
+    text = formatEvent(event)
+    if event.get("log_failure") is not None:
+        text += "\n" + event["log_failure"].getTraceback()
+    sys.stderr.write(f"[{event.get('log_namespace', '-')}] {text}\n")
+
+
+globalLogPublisher.addObserver(_log_to_stderr)
 
 USERS = {
     "alice": ("alice-pw", FULL),
@@ -38,6 +56,20 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+STANDIN_BACKEND = Path(standin_backend.__file__)
+# The test users (alice, bob, ...) have no system accounts: backends run as us.
+ME = pwd.getpwuid(os.geteuid()).pw_name
+
+
+def standin_module(name: str, *extra: str, endpoint: str | None = None,
+                   python: str = sys.executable, user: str = ME, **kwargs: Any) -> Module:
+    """A module that runs the stand-in backend (``icp-bridge backend``)."""
+    return Module(
+        name=name,
+        command=(python, str(STANDIN_BACKEND), "--socket", "{pipe_dir}/{endpoint}", *extra),
+        endpoint=endpoint or f"ogon_{{session_id}}_{name}", user=user, **kwargs)
+
+
 def make_config(base: Path, **overrides: Any) -> Config:
     values: dict[str, Any] = {
         "icp_endpoint": f"unix:{base}/icp.sock:mode=600",
@@ -45,12 +77,24 @@ def make_config(base: Path, **overrides: Any) -> Config:
         "state_dir": base / "state",
         "users_file": base / "users",
         "token_dir": base / "tokens",
+        "pipe_dir": base / "pipes",
         "channels_deny": ["blocked"],
         "properties": {"session.timeout": 30, "ssl.enabled": True, "desktop.name": "xfce"},
         "user_properties": {"alice": {"desktop.name": "kde"}},
+        "modules": {"greeter": standin_module("greeter", ready_timeout=20),
+                    "xsession": standin_module("xsession", ready_timeout=20)},
     }
     values.update(overrides)
     return Config(**values)
+
+
+def kill_process_groups(pids: list[int]) -> None:
+    """Backends outlive the service by design; tests end them."""
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 class BridgeUnderTest:
@@ -71,18 +115,28 @@ class BridgeUnderTest:
         return self.service.thrift_listener.port.getHost().port
 
     async def peer(self, **kwargs: Any) -> StandInRdpServer:
+        kwargs.setdefault("pipe_dir", self.service.config.pipe_dir)
         peer = StandInRdpServer(reactor, **kwargs)
         await peer.connect(f"unix:{self.icp_path}")
         self.peers.append(peer)
         return peer
 
-    async def stop(self) -> None:
+    def backend_pids(self) -> list[int]:
+        return [b.pid for b in self.service.launcher.running()] + [
+            s.backend.pid for s in self.service.registry if s.backend is not None]
+
+    async def stop(self, kill_backends: bool = True) -> None:
+        """Stop the service; its users' backends are killed too, unless a
+        restart test wants the next bridge to adopt them."""
         for peer in self.peers:
             if peer.protocol is not None and peer.protocol.transport is not None:
                 closed = peer.protocol.when_closed()
                 peer.close()
                 await closed
+        pids = self.backend_pids()
         await self.service.stopService()
+        if kill_backends:
+            kill_process_groups(pids)
 
 
 async def start_bridge(base: Path, clock: Any = None, **overrides: Any) -> BridgeUnderTest:

@@ -143,10 +143,15 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("no_such = 1\n", "unknown option 'no_such'"),
     ('call_timeout = "soon"\n', "call_timeout: expected a number"),
-    ("max_width = true\n", "max_width: expected an integer"),
+    ("max_icp_send = true\n", "max_icp_send: expected an integer"),
+    ("[modules.x]\ncommand = []\nendpoint = \"e\"\n", "modules.x.command"),
+    ("[modules.x]\ncommand = [\"a\"]\n", "modules.x.endpoint: missing"),
+    ("[modules.x]\ncommand = [\"a\"]\nendpoint = \"{nope}\"\n", "modules.x.endpoint: bad"),
+    ("[modules.x]\ncommand = [\"a\"]\nendpoint = \"e\"\ncolour = 1\n", "modules.x.colour"),
+    ("[properties]\n\"A.b\" = 1\n\"a.B\" = 2\n", "given twice"),
     ("allowed_peer_uids = [\"root\"]\n", "allowed_peer_uids"),
     ('authenticator = "ldap"\n', "authenticator"),
-    ('desktop_endpoint = "x{user}"\n', "desktop_endpoint"),
+    ('desktop_endpoint = "x{user}"\n', "unknown option 'desktop_endpoint'"),
     ("call_timeout = [\n", "config file"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -167,8 +172,6 @@ def test_twistd_options(tmp_path: Path) -> None:
                           "--state", str(tmp_path), "--users", str(tmp_path / "u")])
     assert options.config.call_timeout == 2.5
     assert options.config.state_dir == tmp_path
-    with pytest.raises(usage.UsageError, match="thrift_endpoint"):
-        Options().parseOptions(["--thrift", "ssl:0:privateKey=/nonexistent.pem"])
     with pytest.raises(usage.UsageError, match="call_timeout"):
         Options().parseOptions(["--call-timeout", "-1"])
     bad = tmp_path / "bad.toml"

@@ -19,7 +19,12 @@ from twisted.internet.protocol import Protocol
 from bridge.endpoints import StartupError
 from bridge.sessions import ConnectState
 from protocols.generated import ICP_pb2
-from protocols.icp import MSG_PROPERTY_BULK, MSG_PROPERTY_NUMBER, MSG_PROPERTY_STRING
+from protocols.icp import (
+    MSG_LOGOFF_USER_SESSION,
+    MSG_PROPERTY_BULK,
+    MSG_PROPERTY_NUMBER,
+    MSG_PROPERTY_STRING,
+)
 from tests.conftest import BridgeUnderTest, start_bridge
 from tests.wire import frame, handshake
 
@@ -51,13 +56,17 @@ async def test_logon_properties_disconnect_logoff(bridge: BridgeUnderTest) -> No
     assert not await peer.is_channel_allowed("BLOCKED")
 
     greeter = await peer.logon(1, "alice", "wrong")
-    assert greeter.serviceEndpoint.startswith("ogon_greeter_")
+    assert greeter.serviceEndpoint == "\\\\.\\pipe\\ogon_1_greeter"
+    assert peer.connections[1].backend_session == 1, "the stand-in connected to the greeter"
     desktop = await peer.logon(1, "alice", "alice-pw")
-    assert desktop.serviceEndpoint.startswith("ogon_desktop_")
-    assert (desktop.maxWidth, desktop.maxHeight) == (3840, 2160)
+    assert desktop.serviceEndpoint == "\\\\.\\pipe\\ogon_2_xsession"
+    assert bridge.service.registry.get(1) is None, "the greeter ended with its connection"
+    assert (desktop.maxWidth, desktop.maxHeight) == (1920, 1200), "ogon's session.maxX/YRes"
+    assert len(desktop.backendCookie) == len(desktop.ogonCookie) == 50
     session = bridge.service.registry.by_connection(1)
     assert session.username == "alice" and session.state is ConnectState.ACTIVE
     assert session.client.host_name == "client1" and session.client.width == 1920
+    assert peer.connections[1].backend_session == session.session_id
 
     token_file = bridge.base / "tokens" / f"ogon.session.{session.session_id}"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
@@ -65,8 +74,11 @@ async def test_logon_properties_disconnect_logoff(bridge: BridgeUnderTest) -> No
     assert bridge.service.tokens.lookup(token).session_id == session.session_id
 
     number = await peer._call(MSG_PROPERTY_NUMBER, ICP_pb2.PropertyNumberRequest(
-        connectionId=1, path="session.timeout"))
-    assert (number.success, number.value) == (True, 30)
+        connectionId=1, path="SESSION.Timeout"))
+    assert (number.success, number.value) == (True, 30), "paths ignore case"
+    width = await peer._call(MSG_PROPERTY_NUMBER, ICP_pb2.PropertyNumberRequest(
+        connectionId=1, path="current.connection.xres"))
+    assert (width.success, width.value) == (True, 1920)
     text = await peer._call(MSG_PROPERTY_STRING, ICP_pb2.PropertyStringRequest(
         connectionId=1, path="desktop.name"))
     assert (text.success, text.value) == (True, "kde"), "per-user override"
@@ -78,10 +90,12 @@ async def test_logon_properties_disconnect_logoff(bridge: BridgeUnderTest) -> No
             {"propertyType": 0, "propertyPath": "ssl.enabled"},
             {"propertyType": 1, "propertyPath": "session.timeout"},
             {"propertyType": 2, "propertyPath": "desktop.name"},
-            {"propertyType": 1, "propertyPath": "desktop.name"}]))
-    assert [(r.success, r.boolValue, r.intValue, r.stringValue) for r in bulk.results] == [
+            {"propertyType": 1, "propertyPath": "desktop.name"},
+            {"propertyType": 2, "propertyPath": "ssl.certificate"}]))
+    assert [(r.success, r.boolValue, r.intValue, r.stringValue) for r in bulk.results[:4]] == [
         (True, True, 0, ""), (True, False, 30, ""), (True, False, 0, "kde"),
         (False, False, 0, "")]
+    assert bulk.results[4].success and bulk.results[4].stringValue.endswith("ogon.crt")
 
     assert await peer.client_disconnected(1)
     assert session.state is ConnectState.DISCONNECTED and session.connection_id is None
@@ -89,7 +103,10 @@ async def test_logon_properties_disconnect_logoff(bridge: BridgeUnderTest) -> No
     assert again.serviceEndpoint == desktop.serviceEndpoint, "reconnected to the same session"
     assert bridge.service.registry.by_connection(2) is session
 
-    assert await peer.client_logged_off(2)
+    # ogon's RDP server never sends LogoffUserSession, but the bridge takes it.
+    gone = await peer._call(MSG_LOGOFF_USER_SESSION,
+                            ICP_pb2.LogoffUserSessionRequest(connectionId=2))
+    assert gone.loggedoff
     assert bridge.service.registry.get(session.session_id) is None
     assert not token_file.exists()
     assert bridge.service.tokens.lookup(token) is None

@@ -15,7 +15,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from bridge.sessions import ConnectState
-from protocols.generated import ICP_pb2
+from protocols.generated import ICP_pb2, SBP_pb2
 from tests.conftest import BridgeUnderTest
 from tests.wire import HANDSHAKE, RPCBase, frame, handshake, request, response
 
@@ -77,7 +77,7 @@ async def test_rdp_server_from_wire_md(bridge: BridgeUnderTest) -> None:
         height=768, colorDepth=24, clientHostName="thin1", clientAddress="192.0.2.7",
         clientBuildNumber=7601, clientProductId=1, clientHardwareId=0, clientProtocolType=2,
     ), ICP_pb2.LogonUserResponse)
-    assert logon.serviceEndpoint.startswith("ogon_desktop_")
+    assert logon.serviceEndpoint == "\\\\.\\pipe\\ogon_1_xsession", "winpr's pipe name"
     property_answer = await peer.call(
         ICP_pb2.PropertyNumber,
         ICP_pb2.PropertyNumberRequest(connectionId=5, path="session.timeout"),
@@ -113,4 +113,32 @@ async def test_rdp_server_from_wire_md(bridge: BridgeUnderTest) -> None:
         ICP_pb2.LogoffUserSession, ICP_pb2.LogoffUserSessionRequest(connectionId=6),
         ICP_pb2.LogoffUserSessionResponse)
     assert logged_off.loggedoff and bridge.service.registry.get(session.session_id) is None
+
+    # The greeter's login (WIRE.md section 4), as the RDP server forwards it.
+    greeter = await peer.call(ICP_pb2.LogonUser, ICP_pb2.LogonUserRequest(
+        connectionId=7, username="", password="", domain="", width=1024, height=768,
+        colorDepth=24, clientHostName="thin2", clientAddress="192.0.2.8", clientBuildNumber=1,
+        clientProductId=1, clientHardwareId=0, clientProtocolType=2), ICP_pb2.LogonUserResponse)
+    greeter_id = bridge.service.registry.by_connection(7).session_id
+    assert greeter.serviceEndpoint == f"\\\\.\\pipe\\ogon_{greeter_id}_greeter"
+    version = await peer.call(202, SBP_pb2.VersionInfoRequest(sessionId=greeter_id, vmajor=1,
+                                                              vminor=1),
+                              SBP_pb2.VersionInfoResponse)
+    assert (version.vmajor, version.vminor) == (1, 1)
+    peer.tag += 1
+    peer.transport.write(frame(request(peer.tag, 200, SBP_pb2.AuthenticateUserRequest(
+        sessionId=greeter_id, username="bob", password="bob-pw", domain=""))))
+    switch = await peer.next_frame()
+    assert (switch.isResponse, switch.msgType) == (False, ICP_pb2.SwitchTo)
+    to = ICP_pb2.SwitchToRequest.FromString(switch.payload)
+    assert (to.connectionId, to.serviceEndpoint) == (
+        7, f"\\\\.\\pipe\\ogon_{greeter_id}_xsession")
+    assert len(to.backendCookie) == len(to.ogonCookie) == 50
+    peer.transport.write(frame(response(switch.tag, switch.msgType,
+                                        ICP_pb2.SwitchToResponse(success=True))))
+    authenticated = await peer.next_frame()
+    assert (authenticated.isResponse, authenticated.tag, authenticated.status) == (
+        True, peer.tag, SUCCESS)
+    assert SBP_pb2.AuthenticateUserResponse.FromString(authenticated.payload).authStatus == 0
+    assert bridge.service.registry.get(greeter_id).username == "bob"
     peer.transport.loseConnection()

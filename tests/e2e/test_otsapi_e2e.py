@@ -141,11 +141,13 @@ async def test_bridged_methods(world: World) -> None:
 
     assert await c.call("sendMessage", token, world.bob, "Title", "Hello", 0, 5, True) == 1
     message = peer.requests_seen[-1][1]
-    assert (message.parameterNum, message.parameter1, message.parameter2, message.timeout) == (
-        2, "Title", "Hello", 5)
+    assert (message.type, message.parameterNum, message.parameter1, message.parameter2,
+            message.timeout) == (1, 2, "Title", "Hello", 5), "MESSAGE_CUSTOM_TYPE"
     assert await c.call("sendMessage", token, world.bob, "T", "M", 0, 0, False) == 32001
 
     alice_token = world.session_token(world.alice)
+    assert not await c.call("startRemoteControlSession", token, world.alice, world.bob,
+                            0x47, 2, 0), "a logon token cannot start remote control"
     assert await c.call("startRemoteControlSession", alice_token, world.alice, world.bob,
                         0x47, 2, 0)
     shadow = peer.requests_seen[-1][1]
@@ -153,16 +155,27 @@ async def test_bridged_methods(world: World) -> None:
             shadow.hotKeyModifiers) == (1, 2, 0x47, 2)
     registry = world.bridge.service.registry
     assert registry.get(world.alice).shadowing == world.bob
-    assert await c.call("stopRemoteControlSession", alice_token, world.bob, world.alice)
+    assert registry.get(world.alice).state is ConnectState.SHADOW, "the spy is in Shadow"
+    states = await c.call("enumerateSessions", token, 1)
+    assert [s.connectState for s in states.sessionInfoList] == [3, 0]
+    assert not await c.call("startRemoteControlSession", alice_token, world.alice, world.bob,
+                            0, 0, 0), "already shadowing"
+    assert await c.call("stopRemoteControlSession", token, world.bob, world.alice)
+    assert peer.requests_seen[-1][0] == "OtsApiStopRemoteControlRequest"
     assert registry.get(world.alice).shadowing is None
+    assert registry.get(world.alice).state is ConnectState.ACTIVE
     assert not await c.call("startRemoteControlSession", alice_token, world.alice,
                             world.alice, 0, 0, 0), "no self-shadowing"
     assert not await c.call("startRemoteControlSession", alice_token, world.bob,
                             world.alice, 0, 0, 0), "source must be the caller's session"
 
+    # ogon's RDP server has no DisconnectUserSession handler: a disconnect is
+    # a LogoffUserSession for the connection, then the session waits.
     assert await c.call("disconnectSession", token, world.bob, True)
     assert registry.get(world.bob).state is ConnectState.DISCONNECTED
-    assert peer.requests_seen[-1][0] == "DisconnectUserSessionRequest"
+    assert peer.requests_seen[-1][0] == "LogoffUserSessionRequest"
+    assert peer.requests_seen[-1][1].connectionId == 2
+    assert 2 not in peer.connections, "the RDP server dropped that client"
     assert await c.call("logoffSession", token, world.bob, False)
     assert registry.get(world.bob) is None
     assert await c.call("logoffSession", token, world.alice, True)
@@ -252,7 +265,9 @@ async def test_rdp_server_dying_fails_pending_calls_at_once(world: World) -> Non
     world.peer.close()
     results = [await d for d in pending]
     elapsed = time.monotonic() - started
-    assert results[0].pipeName == "" and results[1] is False
+    # As ogon: a disconnect whose LogoffUserSession was answered (here: failed
+    # by the loss) goes ahead; the session is disconnected either way.
+    assert results[0].pipeName == "" and results[1] is True
     assert elapsed < 1.0, "no clock advance: failed by the disconnect, not a timeout"
     extra.close()
     # No RDP server at all: failure values at once, and sessions wait disconnected.

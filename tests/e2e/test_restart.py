@@ -25,7 +25,7 @@ async def test_restart_keeps_sessions_tokens_and_files(short_dir: Path) -> None:
     client = BlockingClient(first.thrift_port)
     admin = (await client.call("logonConnection", "alice", "alice-pw", "")).authToken
     client.close()
-    await first.stop()
+    await first.stop(kill_backends=False)  # backends outlive the bridge
 
     second = await start_bridge(short_dir)
     try:
@@ -38,10 +38,10 @@ async def test_restart_keeps_sessions_tokens_and_files(short_dir: Path) -> None:
         assert await client.call("getPermissionForToken", session_token) == 0x1FF
         peer = await second.peer()
         again = await peer.logon(7, "alice", "alice-pw")
-        assert again.serviceEndpoint.endswith(f"_{alice}")
+        assert again.serviceEndpoint.endswith(f"ogon_{alice}_xsession")
         assert registry.by_connection(7).session_id == alice
-        fresh = await peer.logon(8, "guest", "guest-pw")
-        assert not fresh.serviceEndpoint.endswith(("_1", "_2", "_3")), "ids are not reused"
+        await peer.logon(8, "guest", "guest-pw")
+        assert registry.by_connection(8).session_id == 4, "ids 1-3 are not reused"
         client.close()
     finally:
         await second.stop()
@@ -55,7 +55,7 @@ async def test_lost_token_file_is_rewritten_on_restart(short_dir: Path) -> None:
     session_id = first.service.registry.by_connection(1).session_id
     token_file = short_dir / "tokens" / f"ogon.session.{session_id}"
     old = token_file.read_text().strip()
-    await first.stop()
+    await first.stop(kill_backends=False)
     token_file.unlink()  # e.g. /tmp cleaned at boot
     second = await start_bridge(short_dir)
     try:
@@ -76,12 +76,14 @@ def test_state_store_round_trip(tmp_path: Path) -> None:
 
 
 def test_writes_never_checkpoint_checkpoint_does(tmp_path: Path) -> None:
-    from bridge.sessions import ClientInfo, Session
+    from bridge.sessions import ClientInfo, Session, SessionChange, SessionEvent
 
     path = tmp_path / "state.sqlite3"
     store = StateStore(path)
     for n in range(1, 400):  # well past SQLite's default autocheckpoint of 1000 pages
-        store.save_session(Session(n, f"u{n}", "", ConnectState.ACTIVE, n, ClientInfo()), n + 1)
+        session = Session(n, f"u{n}", "", ConnectState.ACTIVE, n, ClientInfo())
+        store.write([SessionChange(SessionEvent.CREATED, session, None, session.state, "",
+                                   float(n), n + 1)])
     page = store._db.execute("PRAGMA page_size").fetchone()[0]
     wal_bytes = Path(f"{path}-wal").stat().st_size
     assert wal_bytes > 1000 * (page + 24), "commits never checkpoint (the WAL kept growing)"

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,11 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
 from bridge.peer import StandInRdpServer
+from tests.conftest import ME, STANDIN_BACKEND
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -59,15 +62,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def start_twistd(base: Path, port: int) -> tuple[Twistd, Any]:
+def write_config(base: Path, port: int) -> Path:
+    """What an operator would write: TLS on a port of ours, the TLS pair
+    and the backends' pipes in the test's directory, stand-in backends."""
+    backend = [sys.executable, str(STANDIN_BACKEND), "--socket", "{pipe_dir}/{endpoint}"]
+    config = base / "bridge.toml"
+    config.write_text(f"""
+icp_endpoint = "unix:{base}/icp.sock:mode=600"
+thrift_endpoint = "ssl:{port}:interface=127.0.0.1"
+state_dir = "{base}/state"
+users_file = "{base}/users"
+token_dir = "{base}/tokens"
+pipe_dir = "{base}/pipes"
+
+[properties]
+"ssl.certificate" = "{base}/tls/ogon.crt"
+"ssl.key" = "{base}/tls/ogon.key"
+
+[modules.greeter]
+command = {json.dumps(backend)}
+endpoint = "ogon_{{session_id}}_Qt"
+user = "{ME}"
+
+[modules.xsession]
+command = {json.dumps(backend)}
+endpoint = "ogon_{{session_id}}_X11"
+user = "{ME}"
+""")
+    return config
+
+
+async def start_twistd(base: Path, config: Path) -> tuple[Twistd, Any]:
     proc = Twistd()
     args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "icp-bridge", "--icp", f"unix:{base}/icp.sock:mode=600",
-            "--thrift", f"tcp:{port}:interface=127.0.0.1", "--state", str(base / "state"),
-            "--users", str(base / "users"), "--token-dir", str(base / "tokens")]
+            "-n", "--pidfile=", "icp-bridge", "--config", str(config)]
     transport = reactor.spawnProcess(proc, sys.executable, args, env=ENV, path=str(ROOT))
     await proc.wait_for("OTS API listening on")
     return proc, transport
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 async def cli(*args: str, stdin: str = "") -> tuple[str, str, int]:
@@ -88,14 +127,25 @@ async def test_demo_and_kill_9_restart(short_dir: Path) -> None:
                              stdin="alice-pw\n")
     assert code == 0, err
     port = free_port()
-    proc, transport = await start_twistd(short_dir, port)
+    config = write_config(short_dir, port)
+    proc, transport = await start_twistd(short_dir, config)
     assert f"ICP (RDP server) listening on unix:{short_dir}/icp.sock" in proc.output
     assert "BridgeReactor)" in proc.output  # twistd without --reactor runs ours
+    assert "generated a self-signed TLS certificate" in proc.output
+    certificate = short_dir / "tls" / "ogon.crt"
+    assert stat.S_IMODE((short_dir / "tls" / "ogon.key").stat().st_mode) == 0o600
 
-    peer = StandInRdpServer(reactor)
+    # The demo: a client connects, the greeter starts, the user logs on in it.
+    peer = StandInRdpServer(reactor, pipe_dir=short_dir / "pipes")
     await peer.connect(f"unix:{short_dir}/icp.sock")
-    await peer.logon(1, "alice", "alice-pw")
-    ctl = ("ctl", "--port", str(port))
+    greeter = await peer.logon(1, "", "")
+    assert greeter.serviceEndpoint == "\\\\.\\pipe\\ogon_1_Qt"
+    assert await peer.greeter_login(1, "alice", "alice-pw") == 0
+    assert peer.connections[1].service_endpoint == "\\\\.\\pipe\\ogon_1_X11"
+    assert peer.connections[1].backend_session == 1, "connected to the desktop"
+    await proc.wait_for("session 1 xsession: standin-backend")  # its output, in our log
+
+    ctl = ("ctl", "--port", str(port), "--cafile", str(certificate))
     out, err, code = await cli(*ctl, "logon", "alice", stdin="alice-pw\n")
     assert code == 0, err
     token = out.strip()
@@ -107,13 +157,17 @@ async def test_demo_and_kill_9_restart(short_dir: Path) -> None:
     assert json.loads(out)["pipeName"].endswith("_svc_CLIPRDR_1")
     token_file = short_dir / "tokens" / "ogon.session.1"
     assert token_file.stat().st_mode & 0o777 == 0o600
+    backend_pid = int(proc.output.split("started xsession (pid ")[1].split(")")[0])
 
     closed = peer.protocol.when_closed()
     transport.signalProcess(signal.SIGKILL)
     await proc.ended
     await closed
+    assert alive(backend_pid), "the desktop outlives the bridge"
 
-    proc, transport = await start_twistd(short_dir, port)
+    proc, transport = await start_twistd(short_dir, config)
+    await proc.wait_for(f"adopted xsession backend (pid {backend_pid})")
+    assert "started xsession" not in proc.output, "nothing started twice"
     out, err, code = await cli(*ctl, "--token", token, "sessions")
     assert code == 0, err
     assert "Disconnected" in out and "alice" in out
@@ -122,9 +176,15 @@ async def test_demo_and_kill_9_restart(short_dir: Path) -> None:
     out, err, code = await cli(*ctl, "--token", token, "logoff", "1")
     assert code == 0, err
     assert not token_file.exists()
+    await proc.wait_for("session 1 ended")
     transport.signalProcess(signal.SIGTERM)
     await proc.ended
     assert "Server Shut Down" in proc.output
+    for _ in range(100):  # SIGTERM was sent; the process group is reaped by init
+        if not alive(backend_pid):
+            break
+        await deferLater(reactor, 0.05)
+    assert not alive(backend_pid), "logoff stopped the backend"
 
 
 @pytest_twisted.ensureDeferred
@@ -136,5 +196,5 @@ async def test_bad_config_is_one_line(short_dir: Path) -> None:
                          "icp-bridge", "--config", str(config)], env=ENV, path=str(ROOT))
     assert code != 0
     text = (out + err).decode()
-    assert "call_timeout: expected a number of seconds" in text
+    assert "call_timeout: expected a number, got str" in text
     assert "Traceback" not in text

@@ -1,0 +1,645 @@
+"""Backends: the programs a session runs (a greeter, a desktop), started,
+watched and stopped on the reactor.
+
+A backend is started in its own process group (and session), as the
+session's user when the bridge runs as root, with a clean environment
+(WIRE.md section 5). It is *ready* once its endpoint socket in the pipe
+directory accepts a connection. Its output goes to a log file under the
+state directory, which the bridge follows and copies into its own log
+(prefixed with the session, rate-limited): a file rather than a pipe, so a
+backend writing after the bridge was killed does not die of SIGPIPE. A
+backend outlives the bridge; a restarted bridge adopts it again by pid and
+start time and watches it with a pidfd.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import process
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from bridge.sessions import BackendRecord
+
+#: ogon's PATH for sessions when the environment gives none (STD_PATH).
+STANDARD_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: How often readiness is probed while a backend starts.
+READY_PROBE_INTERVAL = 0.1
+#: How often backend log files are read.
+OUTPUT_POLL_INTERVAL = 1.0
+#: Lines kept for the log line of a failed start.
+LAST_LINES = 5
+#: Backend output copied into the bridge's log: a burst, then this many a second.
+OUTPUT_BURST = 20
+OUTPUT_RATE = 2.0
+#: A backend log file is emptied once it grows past this (it is followed, not archived).
+OUTPUT_FILE_LIMIT = 1024 * 1024
+_MAX_LINE = 500
+PIPE_PREFIX = "\\\\.\\pipe\\"
+
+
+class BackendError(Exception):
+    """A backend could not be started or did not become ready; ``last_lines``
+    are its last lines of output."""
+
+    def __init__(self, message: str, last_lines: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.last_lines = last_lines or []
+
+    def describe(self) -> str:
+        if not self.last_lines:
+            return str(self)
+        return f"{self}; last output: {' | '.join(self.last_lines)}"
+
+
+@dataclass(frozen=True)
+class Module:
+    """One ``[modules.NAME]`` table: how to run a kind of backend."""
+
+    name: str
+    command: tuple[str, ...]
+    endpoint: str
+    user: str = "session"
+    ready_timeout: float = 30.0
+    stop_timeout: float = 5.0
+    environment: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """What a backend is started for: the session and its client."""
+
+    session_id: int
+    username: str  # the session's user; "" for a greeter
+    domain: str
+    width: int
+    height: int
+    bpp: int
+    max_width: int
+    max_height: int
+    client_name: str
+    client_address: str
+    backend_cookie: str
+    ogon_cookie: str
+    rdp_server_uid: int | None = None
+    rdp_server_pid: int | None = None
+    # For a greeter: the user name the client typed, if any (OGON_USER).
+    typed_user: str = ""
+    typed_domain: str = ""
+    # environment.add / environment.filter (ogon's properties), already split.
+    environment_add: tuple[tuple[str, str], ...] = ()
+    environment_pass: tuple[str, ...] = ()
+
+
+def pipe_name(endpoint: str) -> str:
+    """The named pipe ``endpoint`` as the RDP server wants it: ``\\\\.\\pipe\\NAME``."""
+    return endpoint if endpoint.startswith(PIPE_PREFIX) else PIPE_PREFIX + endpoint
+
+
+def pipe_file(pipe_dir: Path, endpoint: str) -> Path:
+    """Where winpr puts the named pipe ``endpoint``: ``<pipe_dir>/NAME``."""
+    name = endpoint[len(PIPE_PREFIX):] if endpoint.startswith(PIPE_PREFIX) else endpoint
+    return pipe_dir / name
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot),
+    None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after it.
+    fields = data[data.rfind(b")") + 2:].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def accepts_connections(path: Path) -> bool:
+    """Whether a UNIX socket listens at ``path`` (connect and close at once)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(str(path))
+    except BlockingIOError:
+        return True  # listening, its backlog momentarily full
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+class _GroupLeaderProcess(process.Process):
+    """A child in its own session and process group, so that stopping a
+    backend reaches everything it started. Twisted's own PTY processes call
+    setsid() at this point of the fork; the posix_spawn fast path has no
+    hook for it, so it is not used."""
+
+    def _trySpawnInsteadOfFork(self, *args: Any, **kwargs: Any) -> bool:
+        return False
+
+    def _setupChild(self, *args: Any, **kwargs: Any) -> None:
+        os.setsid()
+        super()._setupChild(*args, **kwargs)
+
+
+class _Watcher(ProcessProtocol):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def processEnded(self, reason: Failure) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        if sig is not None:
+            how = f"killed by signal {sig}"
+        else:
+            how = f"exit status {code}"
+        self.backend._exited(how)
+
+
+class _PidfdReader:
+    """IReadDescriptor for a pidfd: readable once the process has exited."""
+
+    def __init__(self, fd: int, backend: Backend) -> None:
+        self.fd = fd
+        self.backend = backend
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> None:
+        self.backend._exited("exited (adopted: status unknown)")
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "pidfd"
+
+
+class Backend:
+    """One backend process, started by this bridge or adopted from a
+    previous run. ``when_exited()`` fires with a description of how it ended."""
+
+    log = Logger()
+
+    def __init__(self, launcher: BackendLauncher, session_id: int, module: Module,
+                 record: BackendRecord) -> None:
+        self.launcher = launcher
+        self.session_id = session_id
+        self.module = module
+        self.record = record
+        self.running = True
+        self.exit_reason: str | None = None
+        self.last_lines: deque[str] = deque(maxlen=LAST_LINES)
+        self._exit_waiters: list[Deferred[str]] = []
+        self._process: Any = None
+        self._pidfd: _PidfdReader | None = None
+        self._kill_call: Any = None
+        self._output: _OutputFollower | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.record.pid
+
+    def when_exited(self) -> Deferred[str]:
+        if not self.running:
+            assert self.exit_reason is not None
+            return succeed(self.exit_reason)
+        d: Deferred[str] = Deferred()
+        self._exit_waiters.append(d)
+        return d
+
+    def _exited(self, how: str) -> None:
+        if not self.running:
+            return
+        self.running = False
+        self.exit_reason = how
+        if self._pidfd is not None:
+            self.launcher.reactor.removeReader(self._pidfd)
+            os.close(self._pidfd.fd)
+            self._pidfd = None
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        if self._output is not None:
+            self._output.read()
+            self._output.close()
+        self.launcher._forget(self)
+        waiters, self._exit_waiters = self._exit_waiters, []
+        for d in waiters:
+            d.callback(how)
+
+    def _signal(self, signum: int) -> None:
+        """Signal the backend's process group (its pid, since it leads it)."""
+        if not self.running:
+            return
+        if self._process is None and process_start_ticks(self.pid) != self.record.start_ticks:
+            self._exited("exited (adopted: pid gone or reused)")
+            return
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            pass
+        except PermissionError as e:
+            self.log.error("cannot signal backend of session {session_id} (pid {pid}): "
+                           "{error}", session_id=self.session_id, pid=self.pid,
+                           error=e.strerror)
+
+    def stop(self) -> Deferred[str]:
+        """SIGTERM to the process group, SIGKILL after the module's
+        stop_timeout; fires once the backend is gone."""
+        d = self.when_exited()
+        if self.running:
+            self._signal(signal.SIGTERM)
+            if self.running and (self._kill_call is None or not self._kill_call.active()):
+                self._kill_call = self.launcher.clock.callLater(
+                    self.module.stop_timeout, self._signal, signal.SIGKILL)
+        return d
+
+
+class _OutputFollower:
+    """Copies new lines of a backend's log file into the bridge's log,
+    prefixed with the session and limited to a burst then a steady rate."""
+
+    log = Logger(namespace="bridge.backends.output")
+
+    def __init__(self, backend: Backend, path: Path, clock: IReactorTime,
+                 from_end: bool) -> None:
+        self.backend = backend
+        self.path = path
+        self.clock = clock
+        self._fd: int | None = None
+        self._offset = 0
+        self._partial = b""
+        self._tokens = float(OUTPUT_BURST)
+        self._last_refill = clock.seconds()
+        self._dropped = 0
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            if from_end:
+                self._offset = os.fstat(self._fd).st_size
+        except OSError:
+            self._fd = None
+
+    def read(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            size = os.fstat(self._fd).st_size
+            if size < self._offset:  # emptied by us below, or by someone
+                self._offset = 0
+            if size == self._offset:
+                return
+            data = os.pread(self._fd, min(size - self._offset, 256 * 1024), self._offset)
+            self._offset += len(data)
+            if self._offset >= OUTPUT_FILE_LIMIT:
+                # Followed, not archived: start the file over (writers use O_APPEND).
+                os.truncate(self.path, 0)
+                self._offset = 0
+        except OSError:
+            return
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()[-_MAX_LINE:]
+        for raw in lines:
+            self._line(raw.decode("utf-8", "replace").rstrip("\r")[:_MAX_LINE])
+
+    def _line(self, text: str) -> None:
+        if not text:
+            return
+        self.backend.last_lines.append(text)
+        now = self.clock.seconds()
+        self._tokens = min(float(OUTPUT_BURST),
+                           self._tokens + (now - self._last_refill) * OUTPUT_RATE)
+        self._last_refill = now
+        if self._tokens < 1:
+            self._dropped += 1
+            return
+        self._tokens -= 1
+        if self._dropped:
+            self.log.info("session {session_id} {module}: {count} lines not logged (rate limit)",
+                          session_id=self.backend.session_id, module=self.backend.module.name,
+                          count=self._dropped)
+            self._dropped = 0
+        self.log.info("session {session_id} {module}: {line}", session_id=self.backend.session_id,
+                      module=self.backend.module.name, line=text)
+
+    def close(self) -> None:
+        if self._partial:
+            self._line(self._partial.decode("utf-8", "replace"))
+            self._partial = b""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass(frozen=True)
+class Account:
+    """Whom a backend runs as."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+
+
+class BackendLauncher:
+    """Starts, adopts and stops backends; one per service."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, clock: IReactorTime, pipe_dir: Path, log_dir: Path,
+                 as_root: bool | None = None,
+                 spawn: Callable[..., Any] | None = None) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.pipe_dir = pipe_dir
+        self.log_dir = log_dir
+        self.as_root = os.geteuid() == 0 if as_root is None else as_root
+        self._spawn = spawn or self._spawn_process
+        self._backends: dict[int, Backend] = {}
+        self._poll: Any = None
+        self._warned_own_user = False
+
+    # -- accounts and environment -----------------------------------------------
+
+    def own_account(self) -> Account:
+        entry = pwd.getpwuid(os.geteuid())
+        return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir,
+                       entry.pw_shell)
+
+    def account_for(self, module: Module, context: LaunchContext) -> Account:
+        """The account the backend runs as. Raises BackendError."""
+        if not self.as_root:
+            if not self._warned_own_user:
+                self.log.warn("not running as root: backends run as the bridge's own user "
+                              "({user}), not as the session's user",
+                              user=self.own_account().name)
+                self._warned_own_user = True
+            return self.own_account()
+        name = context.username if module.user == "session" else module.user
+        if not name:
+            return self.own_account()  # a greeter: no user yet, as ogon runs it
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise BackendError(f"no system account {name!r} to run {module.name} as") from None
+        return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
+
+    @staticmethod
+    def placeholders(module: Module, context: LaunchContext, pipe_dir: Path
+                     ) -> dict[str, str]:
+        values = {
+            "session_id": str(context.session_id), "user": context.username,
+            "width": str(context.width), "height": str(context.height),
+            "bpp": str(context.bpp), "pipe_dir": str(pipe_dir),
+        }
+        values["endpoint"] = module.endpoint.format(**values)
+        return values
+
+    def environment(self, module: Module, context: LaunchContext, account: Account,
+                    values: Mapping[str, str]) -> dict[str, str]:
+        """A fresh environment (WIRE.md section 5): ogon's variables, the
+        ``environment.filter`` pass-through list, ``environment.add``, the
+        module's own table."""
+        env: dict[str, str] = {}
+        names = context.environment_pass
+        if "*" in names:
+            env.update(os.environ)
+        else:
+            env.update({name: os.environ[name] for name in names if name in os.environ})
+        env.update({
+            "USER": account.name, "LOGNAME": account.name, "HOME": account.home,
+            "SHELL": account.shell, "UID": str(account.uid),
+            "OGON_SID": str(context.session_id),
+            "OGON_COOKIE": context.ogon_cookie, "OGON_BACKEND_COOKIE": context.backend_cookie,
+            "OGON_CONNECTION_BPP": str(context.bpp),
+            "OGON_SMAX": f"{context.max_width}x{context.max_height}",
+        })
+        env.setdefault("PATH", STANDARD_PATH)
+        user = context.username or context.typed_user
+        domain = context.domain if context.username else context.typed_domain
+        if user:
+            env["OGON_USER"] = user
+        if domain:
+            env["OGON_DOMAIN"] = domain
+        if context.client_name:
+            env["OGON_SESSION_CLIENT_NAME"] = context.client_name
+        if context.client_address:
+            env["OGON_SESSION_CLIENT_ADDRESS"] = context.client_address
+        if context.rdp_server_uid is not None:
+            env["OGON_UID"] = str(context.rdp_server_uid)
+        if not context.username and context.rdp_server_pid is not None:
+            env["OGON_PID"] = str(context.rdp_server_pid)  # greeters only, as ogon
+        env.update(dict(context.environment_add))
+        env.update({key: value.format(**values) for key, value in module.environment.items()})
+        return env
+
+    # -- starting ---------------------------------------------------------------
+
+    def _spawn_process(self, protocol: ProcessProtocol, executable: str, args: list[str],
+                       env: dict[str, str], path: str, uid: int | None, gid: int | None,
+                       child_fds: dict[int, int]) -> Any:
+        return _GroupLeaderProcess(self.reactor, executable, args, env, path, protocol,
+                                   uid, gid, child_fds)
+
+    def start(self, module: Module, context: LaunchContext) -> Deferred[Backend]:
+        """Start ``module`` for a session; fires with the Backend once its
+        endpoint accepts connections, or fails with BackendError (the process
+        is then stopped)."""
+        try:
+            backend = self._start(module, context)
+        except BackendError as e:
+            return fail(e)
+        return self._wait_ready(backend)
+
+    def _start(self, module: Module, context: LaunchContext) -> Backend:
+        account = self.account_for(module, context)
+        values = self.placeholders(module, context, self.pipe_dir)
+        try:
+            argv = [part.format(**values) for part in module.command]
+        except (KeyError, IndexError, ValueError) as e:
+            raise BackendError(f"module {module.name}: bad placeholder in command ({e})") \
+                from None
+        endpoint = values["endpoint"]
+        env = self.environment(module, context, account, values)
+        if "/" not in argv[0] and shutil.which(argv[0], path=env["PATH"]) is None:
+            raise BackendError(f"module {module.name}: command {argv[0]!r} not found in PATH "
+                               f"({env['PATH']})")
+        socket_path = pipe_file(self.pipe_dir, endpoint)
+        self._remove_stale_socket(socket_path)
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log_path = self.log_dir / f"session-{context.session_id}-{module.name}.log"
+        try:
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
+            null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise BackendError(f"cannot open backend log {log_path}: {e.strerror}") from None
+        home = account.home if os.path.isdir(account.home) else "/"
+        switch = self.as_root and account.uid != os.geteuid()
+        backend = Backend(self, context.session_id, module,
+                          BackendRecord(module.name, 0, 0, endpoint, str(log_path)))
+        try:
+            child = self._spawn(_Watcher(backend), argv[0], argv, env, home,
+                                account.uid if switch else None,
+                                account.gid if switch else None,
+                                {0: null_fd, 1: log_fd, 2: log_fd})
+        except OSError as e:
+            raise BackendError(f"cannot start {argv[0]}: {e.strerror or e}") from None
+        finally:
+            os.close(log_fd)
+            os.close(null_fd)
+        backend._process = child
+        backend.record = BackendRecord(module.name, child.pid,
+                                       process_start_ticks(child.pid) or 0, endpoint,
+                                       str(log_path))
+        backend._output = _OutputFollower(backend, log_path, self.clock, from_end=True)
+        self._track(backend)
+        self.log.info("session {session_id}: started {module} (pid {pid}) as {user}: {command}",
+                      session_id=context.session_id, module=module.name, pid=child.pid,
+                      user=account.name, command=" ".join(argv)[:300])
+        return backend
+
+    def _remove_stale_socket(self, path: Path) -> None:
+        """A socket left at the endpoint by a dead backend would look ready."""
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return
+        except OSError:
+            return
+        if stat.S_ISSOCK(mode) and not accepts_connections(path):
+            try:
+                path.unlink()
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    self.log.warn("cannot remove stale endpoint {path}: {error}",
+                                  path=str(path), error=e.strerror)
+
+    def _wait_ready(self, backend: Backend) -> Deferred[Backend]:
+        d: Deferred[Backend] = Deferred()
+        path = pipe_file(self.pipe_dir, backend.record.endpoint)
+        deadline = self.clock.seconds() + backend.module.ready_timeout
+        call: list[Any] = []
+
+        def exited(how: str) -> None:
+            if not d.called:
+                for pending in call:
+                    if pending.active():
+                        pending.cancel()
+                d.errback(BackendError(f"{backend.module.name} {how} before it was ready",
+                                       list(backend.last_lines)))
+
+        def probe() -> None:
+            call.clear()
+            if d.called or not backend.running:
+                return
+            if accepts_connections(path):
+                d.callback(backend)
+                return
+            if self.clock.seconds() >= deadline:
+                backend.stop()
+                if backend._output is not None:
+                    backend._output.read()
+                d.errback(BackendError(
+                    f"{backend.module.name} not ready within {backend.module.ready_timeout:g} s "
+                    f"(nothing accepts connections at {path})", list(backend.last_lines)))
+                return
+            call.append(self.clock.callLater(READY_PROBE_INTERVAL, probe))
+
+        backend.when_exited().addCallback(exited)
+        probe()
+        return d
+
+    # -- adopting after a restart -----------------------------------------------
+
+    def adopt(self, session_id: int, module: Module, record: BackendRecord) -> Backend | None:
+        """Watch a backend a previous run started; None if it is gone."""
+        if record.pid <= 0 or process_start_ticks(record.pid) != record.start_ticks:
+            return None
+        try:
+            fd = os.pidfd_open(record.pid)
+        except OSError:
+            return None
+        backend = Backend(self, session_id, module, record)
+        backend._pidfd = _PidfdReader(fd, backend)
+        if record.log_path:
+            backend._output = _OutputFollower(backend, Path(record.log_path), self.clock,
+                                              from_end=True)
+        self._track(backend)
+        # An exit between the checks above and now makes the pidfd readable at once.
+        self.reactor.addReader(backend._pidfd)
+        self.log.info("session {session_id}: adopted {module} backend (pid {pid})",
+                      session_id=session_id, module=module.name, pid=record.pid)
+        return backend
+
+    def kill_orphan(self, record: BackendRecord, stop_timeout: float = 5.0) -> None:
+        """Stop a backend a previous run left for a session that is gone."""
+        if record.pid <= 0 or process_start_ticks(record.pid) != record.start_ticks:
+            return
+        for signum, delay in ((signal.SIGTERM, 0.0), (signal.SIGKILL, stop_timeout)):
+            self.clock.callLater(delay, self._kill_if_same, record, signum)
+
+    @staticmethod
+    def _kill_if_same(record: BackendRecord, signum: int) -> None:
+        if process_start_ticks(record.pid) == record.start_ticks:
+            try:
+                os.killpg(record.pid, signum)
+            except OSError:
+                pass
+
+    # -- bookkeeping --------------------------------------------------------------
+
+    def _track(self, backend: Backend) -> None:
+        self._backends[id(backend)] = backend
+        if self._poll is None:
+            self._poll = self.clock.callLater(OUTPUT_POLL_INTERVAL, self._read_output)
+
+    def _forget(self, backend: Backend) -> None:
+        self._backends.pop(id(backend), None)
+
+    def _read_output(self) -> None:
+        self._poll = None
+        for backend in list(self._backends.values()):
+            if backend._output is not None:
+                backend._output.read()
+        if self._backends:
+            self._poll = self.clock.callLater(OUTPUT_POLL_INTERVAL, self._read_output)
+
+    def running(self) -> list[Backend]:
+        return list(self._backends.values())
+
+    def close(self) -> None:
+        """Stop following output (the backends themselves keep running)."""
+        if self._poll is not None and self._poll.active():
+            self._poll.cancel()
+        self._poll = None
+        for backend in list(self._backends.values()):
+            if backend._pidfd is not None:
+                self.reactor.removeReader(backend._pidfd)
+                os.close(backend._pidfd.fd)
+                backend._pidfd = None
+            if backend._output is not None:
+                backend._output.close()
+                backend._output = None
+

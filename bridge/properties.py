@@ -1,0 +1,156 @@
+"""Session-manager properties, looked up the way ogon's PropertyManager does.
+
+Paths compare case-insensitively; a user's own value wins over the global
+one, which wins over ogon's default. ``current.connection.*`` paths are
+answered from the asking connection's client. Values are booleans,
+integers (signed, 64-bit, as ogon's ``long``) or strings, and a property is
+only found under its own type: asking for a number that is configured as a
+string answers "not found", as in ogon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+PropertyValue = bool | int | str
+
+#: ogon's own defaults (session-manager/common/appcontext/ApplicationContext.cpp
+#: setupDefaultValues), by lower-cased path. ``ssl.certificate`` and
+#: ``ssl.key`` are filled in by the service, since where they live depends
+#: on whether the bridge runs as root.
+OGON_DEFAULTS: dict[str, PropertyValue] = {
+    "tcp.keepalive.params": "-1,-1",
+    "module": "xsession",
+    "auth.module": "PAM",
+    "auth.greeter": "greeter",
+    "session.reconnect": True,
+    "session.reconnect.fromsameclient": False,
+    "session.timeout": 1,
+    "session.singlesession": True,
+    "session.remotecontrol.ask": False,
+    "environment.filter": "",
+    "environment.add": "",
+    "permission.level": "USER",
+    "permission.groups.whitelist": "*",
+    "permission.groups.blacklist": "",
+    "virtualchannel.whitelist": "*",
+    "session.maxxres": 1920,
+    "session.maxyres": 1200,
+    "session.xres": 1024,
+    "session.yres": 768,
+    "session.colordepth": 24,
+}
+
+CONNECTION_PREFIX = "current.connection."
+
+
+@dataclass(frozen=True)
+class ConnectionValues:
+    """What ``current.connection.*`` answers for one client connection
+    (ogon's Connection::getProperty): the size in use (clamped to the
+    session's maximum), the colour depth, and the size the client asked for."""
+
+    xres: int
+    yres: int
+    colordepth: int
+    initialxres: int
+    initialyres: int
+
+
+class PropertyTable:
+    """Global properties, per-user overrides and ogon's defaults."""
+
+    def __init__(self, global_values: Mapping[str, PropertyValue],
+                 per_user: Mapping[str, Mapping[str, PropertyValue]],
+                 defaults: Mapping[str, PropertyValue] | None = None) -> None:
+        base = dict(OGON_DEFAULTS if defaults is None else defaults)
+        self._global = {**{k.lower(): v for k, v in base.items()},
+                        **{k.lower(): v for k, v in global_values.items()}}
+        self._per_user = {user: {k.lower(): v for k, v in table.items()}
+                          for user, table in per_user.items()}
+
+    def get(self, path: str, username: str = "",
+            connection: ConnectionValues | None = None) -> PropertyValue | None:
+        key = path.lower()
+        if key.startswith(CONNECTION_PREFIX):
+            if connection is None:
+                return None
+            value = getattr(connection, key[len(CONNECTION_PREFIX):], None)
+            return value if isinstance(value, int) else None
+        user_table = self._per_user.get(username) if username else None
+        if user_table is not None and key in user_table:
+            return user_table[key]
+        return self._global.get(key)
+
+    def get_bool(self, path: str, username: str = "",
+                 connection: ConnectionValues | None = None) -> bool | None:
+        value = self.get(path, username, connection)
+        return value if isinstance(value, bool) else None
+
+    def get_number(self, path: str, username: str = "",
+                   connection: ConnectionValues | None = None) -> int | None:
+        value = self.get(path, username, connection)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None
+        return value
+
+    def get_string(self, path: str, username: str = "",
+                   connection: ConnectionValues | None = None) -> str | None:
+        value = self.get(path, username, connection)
+        return value if isinstance(value, str) else None
+
+    def bool_or(self, path: str, username: str, default: bool) -> bool:
+        value = self.get_bool(path, username)
+        return default if value is None else value
+
+    def number_or(self, path: str, username: str, default: int) -> int:
+        value = self.get_number(path, username)
+        return default if value is None else value
+
+    def string_or(self, path: str, username: str, default: str) -> str:
+        value = self.get_string(path, username)
+        return default if value is None else value
+
+    def split_list(self, path: str, username: str = "") -> list[str]:
+        """A ``;``-separated list property (ogon's whiteList/blackList form),
+        trimmed, empty entries dropped."""
+        text = self.get_string(path, username) or ""
+        return [item.strip() for item in text.split(";") if item.strip()]
+
+
+def as_uint32(value: int) -> int:
+    """A property number in PropertyNumberResponse.value (uint32): ogon
+    stores a ``long`` there, which keeps the low 32 bits (-1 -> 0xFFFFFFFF)."""
+    return value & 0xFFFFFFFF
+
+
+def as_int32(value: int) -> int:
+    """A property number in PropertyValue.intValue (int32), truncated to
+    32 bits as ogon's ``long`` to ``int32`` assignment does."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+class ChannelPolicy:
+    """Which virtual channels a session may open.
+
+    ogon's rule (Session::isVirtualChannelAllowed): the
+    ``virtualChannel.whiteList`` property, ``;``-separated, ``*`` for all,
+    names compared case-insensitively; an empty list allows nothing. The
+    bridge's own ``channels_deny`` list is checked first, and a non-empty
+    ``channels_allow`` list narrows further.
+    """
+
+    def __init__(self, properties: PropertyTable, allow: list[str], deny: list[str]) -> None:
+        self.properties = properties
+        self._allow = {name.lower() for name in allow}
+        self._deny = {name.lower() for name in deny}
+
+    def allowed(self, name: str, username: str = "") -> bool:
+        key = name.lower()
+        if key in self._deny or (self._allow and key not in self._allow):
+            return False
+        white = [item.lower() for item in self.properties.split_list(
+            "virtualChannel.whiteList", username)]
+        return "*" in white or key in white

@@ -1,0 +1,130 @@
+"""A stand-in session backend, for demos and tests (``icp-bridge backend``).
+
+It does what a backend must for the bridge and the RDP server: create its
+endpoint socket and accept connections on it (logging each one), and exit
+on SIGTERM. It can also report what it was started with, exit on its own,
+crash at start or be slow to start.
+
+Standard library only, and runnable as a plain script
+(``python3 standin_backend.py ...``), so that a test can run it as another
+user who cannot read the bridge's installation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+
+def say(text: str) -> None:
+    print(f"standin-backend[{os.getpid()}]: {text}", flush=True)
+
+
+def report(path: str) -> None:
+    """Write what the bridge started us with (for the tests) to ``path``."""
+    data = {
+        "env": dict(os.environ), "uid": os.getuid(), "gid": os.getgid(),
+        "groups": sorted(os.getgroups()), "pid": os.getpid(), "pgid": os.getpgid(0),
+        "sid": os.getsid(0), "cwd": os.getcwd(), "argv": sys.argv,
+    }
+    temp = f"{path}.{os.getpid()}.tmp"
+    with open(temp, "w") as f:
+        json.dump(data, f)
+    os.replace(temp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="icp-bridge backend", description=__doc__)
+    parser.add_argument("--socket", required=True,
+                        help="the endpoint socket to create (pipe_dir/endpoint)")
+    parser.add_argument("--report", help="write environment, ids and process group here")
+    parser.add_argument("--exit-after", type=float, help="exit by itself after this many s")
+    parser.add_argument("--exit-status", type=int, default=0)
+    parser.add_argument("--delay", type=float, default=0.0,
+                        help="seconds to wait before listening (a slow start)")
+    parser.add_argument("--crash", action="store_true", help="fail at once, before listening")
+    parser.add_argument("--child", action="store_true",
+                        help="start a child process (stopped with the process group)")
+    args = parser.parse_args(argv)
+
+    if args.report:
+        report(args.report)
+    if args.crash:
+        print("standin-backend: crashing at start as asked", file=sys.stderr, flush=True)
+        return 3
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    child = None
+    if args.child:
+        child = subprocess.Popen(["sleep", "3600"])
+        say(f"started child {child.pid}")
+    if args.delay:
+        time.sleep(args.delay)
+    try:
+        os.unlink(args.socket)
+    except FileNotFoundError:
+        pass
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(args.socket)
+    server.listen(16)
+    say(f"listening on {args.socket}")
+    deadline = time.monotonic() + args.exit_after if args.exit_after is not None else None
+    clients: dict[int, tuple[socket.socket, int]] = {}
+    accepted = 0
+    try:
+        while not stopping:
+            timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+            if deadline is not None and time.monotonic() >= deadline:
+                say(f"exiting by itself with status {args.exit_status}")
+                return args.exit_status
+            try:
+                ready, _, _ = select.select([server, *(c for c, _ in clients.values())], [], [],
+                                            timeout)
+            except InterruptedError:
+                continue
+            for sock in ready:
+                if sock is server:
+                    conn, _ = server.accept()
+                    accepted += 1
+                    clients[conn.fileno()] = (conn, accepted)
+                    say(f"accepted connection {accepted}")
+                    # Who we are, for the stand-in RDP server (a real backend
+                    # speaks ogon's backend protocol here instead).
+                    try:
+                        conn.sendall(f"icp-bridge-standin sid={os.environ.get('OGON_SID', '')}"
+                                     f"\n".encode())
+                    except OSError:
+                        pass
+                    continue
+                conn, number = clients[sock.fileno()]
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    del clients[sock.fileno()]
+                    conn.close()
+                    say(f"connection {number} closed")
+                else:
+                    say(f"connection {number}: {len(data)} bytes")
+        say("terminated (SIGTERM)")
+        return 0
+    finally:
+        server.close()
+        try:
+            os.unlink(args.socket)
+        except OSError:
+            pass
+        # A child is left to the process group's SIGTERM (what the tests check).
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The TLS certificate of the OTS API (and of the RDP server, which reads the
+same ``ssl.certificate``/``ssl.key`` pair over ICP), and completing endpoint
+strings with it.
+
+ogon's session manager generates a self-signed pair at startup when the
+files are missing; so does the bridge, with the ``cryptography`` package.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import socket
+from pathlib import Path
+
+from twisted.internet.endpoints import quoteStringArgument
+from twisted.logger import Logger
+
+from bridge.endpoints import StartupError, split_endpoint
+
+log = Logger(namespace="bridge.tls")
+
+#: ogon's defaults for the pair, used when the bridge runs as root.
+OGON_CERTIFICATE = Path("/etc/ssl/certs/ogon.crt")
+OGON_KEY = Path("/etc/ssl/private/ogon.key")
+#: Years a generated certificate is valid (clients do not verify it; the
+#: date only has to stay valid).
+_VALIDITY_DAYS = 10 * 365
+
+
+def default_pair(running_as_root: bool, state_dir: Path) -> tuple[Path, Path]:
+    """Where the pair lives unless ``ssl.certificate``/``ssl.key`` say."""
+    if running_as_root:
+        return OGON_CERTIFICATE, OGON_KEY
+    return state_dir / "tls" / "ogon.crt", state_dir / "tls" / "ogon.key"
+
+
+def _readable(path: Path, option: str) -> bool:
+    """True if ``path`` exists and can be read; False if it does not exist;
+    StartupError (one line naming the option) when it exists but cannot be
+    read or is not a regular file."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except FileNotFoundError:
+        return False
+    except IsADirectoryError:
+        raise StartupError(f"{option}: {path} is a directory, not a PEM file") from None
+    except OSError as e:
+        raise StartupError(f"{option}: cannot read {path}: {e.strerror}") from None
+    return True
+
+
+def ensure_pair(certificate: Path, key: Path) -> bool:
+    """Make sure the pair exists: keep readable files, generate both when
+    both are missing. Returns True if it generated them. A pair with only
+    one half, or a file that cannot be read, stops startup."""
+    have_cert = _readable(certificate, "ssl.certificate")
+    have_key = _readable(key, "ssl.key")
+    if have_cert and have_key:
+        return False
+    if have_cert or have_key:
+        present, missing = (certificate, key) if have_cert else (key, certificate)
+        raise StartupError(
+            f"TLS pair incomplete: {present} exists but {missing} does not; provide both "
+            f"(ssl.certificate / ssl.key) or remove {present} to have a pair generated")
+    try:
+        generate_pair(certificate, key)
+    except OSError as e:
+        raise StartupError(f"cannot create the TLS pair {certificate} / {key}: "
+                           f"{e.strerror or e}") from None
+    log.info("generated a self-signed TLS certificate {certificate} (key {key})",
+             certificate=str(certificate), key=str(key))
+    return True
+
+
+def generate_pair(certificate: Path, key: Path) -> None:
+    """Write a new self-signed RSA-2048 certificate for this host (and
+    localhost) and its key: key mode 0600, certificate 0644."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    # RSA, not EC: RDP clients of every age accept RSA server certificates.
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    host = socket.gethostname() or "localhost"
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "icp-bridge")])
+    now = datetime.datetime.now(datetime.UTC)
+    alt_names: list[x509.GeneralName] = [x509.DNSName("localhost"),
+                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                         x509.IPAddress(ipaddress.ip_address("::1"))]
+    if host != "localhost":
+        alt_names.insert(0, x509.DNSName(host))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name)
+        .public_key(private_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=_VALIDITY_DAYS))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(private_key, hashes.SHA256())
+    )
+    key_pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption())
+    from bridge.auth import atomic_write
+
+    for path, mode in ((key, 0o700), (certificate, 0o755)):
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, mode=mode)
+    atomic_write(key, key_pem, mode=0o600)
+    atomic_write(certificate, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+
+def with_certificate(description: str, certificate: Path, key: Path) -> str:
+    """An ``ssl:`` endpoint string with ``certKey``/``privateKey`` added
+    when it names neither; anything else unchanged."""
+    parts = split_endpoint(description)
+    if parts[0] != "ssl":
+        return description
+    names = {part.split("=", 1)[0] for part in parts[1:] if "=" in part}
+    if "privateKey" in names or "certKey" in names:
+        return description
+    return (f"{description}:privateKey={quoteStringArgument(str(key))}"
+            f":certKey={quoteStringArgument(str(certificate))}")
+
+
+def uses_default_pair(description: str) -> bool:
+    """Whether an endpoint string will be served with the properties' pair."""
+    parts = split_endpoint(description)
+    names = {part.split("=", 1)[0] for part in parts[1:] if "=" in part}
+    return parts[0] == "ssl" and not names & {"privateKey", "certKey"}
+
