@@ -169,10 +169,7 @@ class _Watcher(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
-        if sig is not None:
-            how = f"killed by signal {sig}"
-        else:
-            how = f"exit status {code}"
+        how = f"was killed by signal {sig}" if sig is not None else f"exited with status {code}"
         self.backend._exited(how)
 
 
@@ -187,7 +184,7 @@ class _PidfdReader:
         return self.fd
 
     def doRead(self) -> None:
-        self.backend._exited("exited (adopted: status unknown)")
+        self.backend._exited("exited (adopted after a restart: status unknown)")
 
     def connectionLost(self, reason: Failure) -> None:
         pass

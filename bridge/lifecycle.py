@@ -112,6 +112,7 @@ class SessionLifecycle:
         self.cookie = cookie
         self.backends: dict[int, Backend] = {}
         self._timeouts: dict[int, IDelayedCall] = {}
+        self._pam_closers: dict[int, Callable[[], Deferred[Any]]] = {}
         self._ending: set[int] = set()
         self.shutting_down = False
 
@@ -243,11 +244,38 @@ class SessionLifecycle:
             self.log.warn("logon of user {username} ({where}) refused by "
                           "permission.groups.whiteList/blackList", username=username, where=where)
             return None
-        identity = await self.authenticator.authenticate(username, password, domain)
+        if hasattr(self.authenticator, "open_session"):
+            # PAM keeps its handle for the desktop's PAM session.
+            identity = await self.authenticator.authenticate(  # type: ignore[call-arg]
+                username, password, domain, for_session=True)
+        else:
+            identity = await self.authenticator.authenticate(username, password, domain)
         if identity is None:
             self.log.warn("failed logon for user {username} ({where})", username=username,
                           where=where)
         return identity
+
+    def _release(self, identity: Identity) -> None:
+        """The identity starts no desktop: end its PAM handle, if any."""
+        release = getattr(self.authenticator, "release", None)
+        if identity.pam is not None and release is not None:
+            release(identity)
+
+    async def _open_pam_session(self, session: Session, identity: Identity) -> None:
+        """With PAM, a desktop runs inside a PAM session, closed at its end."""
+        opener = getattr(self.authenticator, "open_session", None)
+        if opener is None or identity.pam is None:
+            return
+        closer = await opener(identity)
+        if closer is not None:
+            self._pam_closers[session.session_id] = closer
+
+    def _close_pam_session(self, session_id: int) -> None:
+        closer = self._pam_closers.pop(session_id, None)
+        if closer is not None:
+            closer().addErrback(lambda f: self.log.failure(
+                "closing the PAM session of session {session_id} failed", f,
+                session_id=session_id))
 
     def _choose(self, identity: Identity, client_host: str) -> tuple[Session | None,
                                                                       Session | None]:
@@ -279,6 +307,7 @@ class SessionLifecycle:
         max_width, max_height = self.max_size(identity.username)
         client = self._clamped(client, max_width, max_height)
         if target is not None:
+            self._release(identity)
             if target.connection_id is not None:
                 self.log.info("session {session_id}: single session, disconnecting connection "
                               "{connection_id} for the new logon",
@@ -297,10 +326,13 @@ class SessionLifecycle:
                 connection_id, client, identity.username, identity.domain, identity.permission,
                 cookies=(self.cookie(), self.cookie()))
         except StateWriteError as e:
+            self._release(identity)
             raise IcpHandlerError("session state could not be stored") from e
         try:
+            await self._open_pam_session(session, identity)
             backend = await self._start_backend(session, greeter=False)
         except BackendError:
+            self._close_pam_session(session.session_id)
             self.registry.end(session, "desktop did not start")
             raise
         if self.registry.get(session.session_id) is not session:
@@ -400,6 +432,7 @@ class SessionLifecycle:
         if replace is not None:
             await self.end(replace, "single session: replaced by a new logon")
         if target is not None:
+            self._release(identity)
             await self._switch_to_existing(greeter, connection_id, target)
         else:
             await self._switch_to_new_desktop(greeter, identity)
@@ -452,8 +485,10 @@ class SessionLifecycle:
         probe = Session(**{**greeter.__dict__, "username": identity.username,
                            "domain": identity.domain})
         try:
+            await self._open_pam_session(greeter, identity)
             desktop = await self._start_backend(probe, greeter=False)
         except BackendError as e:
+            self._close_pam_session(greeter.session_id)
             self.log.error("desktop for user {username} in session {session_id} did not start: "
                            "{error}; the greeter stays", username=identity.username,
                            session_id=greeter.session_id, error=e.describe())
@@ -465,6 +500,7 @@ class SessionLifecycle:
         try:
             self._record(greeter, desktop)
         except StateWriteError as e:
+            self._close_pam_session(greeter.session_id)
             desktop.stop()
             if greeter_backend is not None:
                 self._watch(greeter, greeter_backend)
@@ -479,6 +515,7 @@ class SessionLifecycle:
                 self.registry.set_backend(greeter, greeter_backend.record, decided=False)
                 self._watch(greeter, greeter_backend)
             desktop.stop()
+            self._close_pam_session(greeter.session_id)
             raise
         try:
             self.registry.log_on(greeter, identity.username, identity.domain,
@@ -678,6 +715,7 @@ class SessionLifecycle:
                     self._stop_shadow_call(spy)
             backend = self.backends.pop(session_id, None)
             self.registry.end(session, reason)
+            self._close_pam_session(session_id)
             if backend is not None and backend.running:
                 backend.stop()
             elif session.backend is not None and backend is None and not backend_gone:

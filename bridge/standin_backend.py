@@ -53,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--crash", action="store_true", help="fail at once, before listening")
     parser.add_argument("--child", action="store_true",
                         help="start a child process (stopped with the process group)")
+    parser.add_argument("--ignore-term", action="store_true",
+                        help="ignore SIGTERM (to be stopped with SIGKILL)")
     args = parser.parse_args(argv)
 
     if args.report:
@@ -61,7 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("standin-backend: crashing at start as asked", file=sys.stderr, flush=True)
         return 3
     stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    if args.ignore_term:
+        signal.signal(signal.SIGTERM, lambda *_: say("ignoring SIGTERM"))
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     child = None
     if args.child:
         child = subprocess.Popen(["sleep", "3600"])

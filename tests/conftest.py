@@ -139,9 +139,11 @@ class BridgeUnderTest:
             kill_process_groups(pids)
 
 
-async def start_bridge(base: Path, clock: Any = None, **overrides: Any) -> BridgeUnderTest:
+async def start_bridge(base: Path, clock: Any = None,
+                       users: dict[str, tuple[str, int]] | None = None,
+                       **overrides: Any) -> BridgeUnderTest:
     service = BridgeService(make_config(base, **overrides), reactor,
-                            authenticator=InMemoryAuthenticator(dict(USERS)), clock=clock)
+                            authenticator=InMemoryAuthenticator(dict(users or USERS)), clock=clock)
     service.startService()
     return BridgeUnderTest(service, base)
 

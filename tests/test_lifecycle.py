@@ -606,3 +606,60 @@ class LifecycleTests(SynchronousTestCase):
 
 def _fields(message: Any) -> dict[str, Any]:
     return {field.name: value for field, value in message.ListFields()}
+
+
+class FakePamHandle:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def authenticate(self, username: str, password: str, service: str, call_end: bool) -> bool:
+        self.log.append(f"authenticate {username} service={service} call_end={call_end}")
+        return password == "pw"
+
+    def open_session(self) -> int:
+        self.log.append("open_session")
+        return 0
+
+    def close_session(self) -> int:
+        self.log.append("close_session")
+        return 0
+
+    def end(self) -> int:
+        self.log.append("end")
+        return 0
+
+
+class PamSessionTests(SynchronousTestCase):
+    """With PAM, a desktop runs inside a PAM session (service ogon)."""
+
+    def setUp(self) -> None:
+        from bridge.auth import PamAuthenticator
+
+        self.pam_log: list[str] = []
+        fake = type("pam", (), {"pam": lambda _=None: FakePamHandle(self.pam_log)})
+        case = LifecycleTests("test_empty_user_starts_the_greeter_and_answers_its_pipe")
+        case.make()
+        self.case = case
+        case.lifecycle.authenticator = PamAuthenticator(lambda user: FULL, pam_module=fake)
+
+    def test_a_desktop_opens_a_pam_session_and_its_end_closes_it(self) -> None:
+        case = self.case
+        case.logon(1, "alice", "pw")
+        assert self.pam_log == ["authenticate alice service=ogon call_end=False",
+                                "open_session"]
+        case.successResultOf(Deferred.fromCoroutine(
+            case.lifecycle.logoff(case.registry.get(1), wait=False)))
+        assert self.pam_log[-2:] == ["close_session", "end"]
+
+    def test_a_reconnect_opens_no_second_session(self) -> None:
+        case = self.case
+        case.logon(1, "alice", "pw")
+        case.handlers.disconnect_user_session(ICP_pb2.DisconnectUserSessionRequest(
+            connectionId=1))
+        self.pam_log.clear()
+        case.logon(2, "alice", "pw")
+        assert self.pam_log == ["authenticate alice service=ogon call_end=False", "end"]
+
+    def test_wrong_password_ends_the_handle(self) -> None:
+        self.case.logon(1, "alice", "no")
+        assert self.pam_log == ["authenticate alice service=ogon call_end=False", "end"]

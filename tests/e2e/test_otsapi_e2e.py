@@ -317,3 +317,43 @@ async def test_many_clients_out_of_order_answers_reach_their_callers(world: Worl
         f"ch{i}" for i in range(count)]
     for proto in clients:
         proto.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_message_waits_as_ogon(world: World) -> None:
+    c, peer = world.client, world.peer
+    token = await world.logon("alice", "alice-pw")
+    peer.hold = True
+    seen = peer.requests_count
+    timed = c.call("sendMessage", token, world.bob, "t", "m", 0, 30, True)
+    await peer.when_requests_seen(seen + 1)
+    world.clock.advance(29.9)
+    assert not timed.called, "waits exactly its timeout, not the call timeout"
+    world.clock.advance(0.2)
+    assert await timed == 32000, "IDTIMEOUT"
+    forever = c.call("sendMessage", token, world.bob, "t", "m", 0, 0, True)
+    await peer.when_requests_seen(seen + 2)
+    world.clock.advance(7200)  # far past the call timeout (the token lives 24 h)
+    assert not forever.called, "timeout 0: until the user answers"
+    peer.hold = False
+    peer.release([1])
+    assert await forever == 1, "the user's IDOK"
+    peer.message_result = 0
+    assert await c.call("sendMessage", token, world.bob, "t", "m", 0, 5, True) == 32000, \
+        "an answer of 0 means the box timed out"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stand_in_answers_only_what_ogons_rdp_server_answers(world: World) -> None:
+    from protocols.errors import IcpNotFoundError
+    from protocols.generated import ICP_pb2
+    from protocols.icp import MSG_DISCONNECT_USER_SESSION, MSG_PROPERTY_STRING
+
+    link = world.bridge.service.link
+    for msg_type, request in [
+            (MSG_DISCONNECT_USER_SESSION, ICP_pb2.DisconnectUserSessionRequest(connectionId=1)),
+            (MSG_PROPERTY_STRING, ICP_pb2.PropertyStringRequest(connectionId=1, path="x"))]:
+        with pytest.raises(IcpNotFoundError):
+            await link.call(msg_type, request)
+    assert all(name != "DisconnectUserSessionRequest" for name, _ in world.peer.requests_seen), \
+        "NOTFOUND: the stand-in has no handler for it, as ogon's RDP server has none"

@@ -9,9 +9,11 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -92,11 +94,28 @@ user = "{ME}"
     return config
 
 
+# twistd children of the running test, killed at its end even when it fails.
+RUNNING: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_twistd() -> Iterator[None]:
+    yield
+    while RUNNING:
+        transport = RUNNING.pop()
+        if transport.pid is not None:
+            try:
+                os.kill(transport.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 async def start_twistd(base: Path, config: Path) -> tuple[Twistd, Any]:
     proc = Twistd()
     args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
             "-n", "--pidfile=", "icp-bridge", "--config", str(config)]
     transport = reactor.spawnProcess(proc, sys.executable, args, env=ENV, path=str(ROOT))
+    RUNNING.append(transport)
     await proc.wait_for("OTS API listening on")
     return proc, transport
 
