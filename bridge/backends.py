@@ -119,7 +119,7 @@ def pipe_file(pipe_dir: Path, endpoint: str) -> Path:
 
 def process_start_ticks(pid: int) -> int | None:
     """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot),
-    None if there is no such process."""
+    None if there is no such process, or only its zombie is left."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -128,6 +128,8 @@ def process_start_ticks(pid: int) -> int | None:
     # The command name (field 2) may hold spaces and parentheses: split after it.
     fields = data[data.rfind(b")") + 2:].split()
     try:
+        if fields[0] in (b"Z", b"X"):
+            return None
         return int(fields[19])
     except (IndexError, ValueError):
         return None
@@ -273,11 +275,14 @@ class Backend:
         return d
 
 
+_output_log = Logger(namespace="bridge.backends.output")
+
+
 class _OutputFollower:
     """Copies new lines of a backend's log file into the bridge's log,
     prefixed with the session and limited to a burst then a steady rate."""
 
-    log = Logger(namespace="bridge.backends.output")
+    log = _output_log
 
     def __init__(self, backend: Backend, path: Path, clock: IReactorTime,
                  from_end: bool) -> None:

@@ -180,8 +180,10 @@ class ListeningService(Service):
                 f"{self.what}: cannot listen on {self.description}: {result.getErrorMessage()}"
             )
         self.port = result
-        self.log.info("{what} listening on {address}", what=self.what,
-                      address=describe_port(result))
+        address = describe_port(result)
+        if split_endpoint(self.description)[0] == "ssl":
+            address = address.replace("tcp:", "tls:", 1)
+        self.log.info("{what} listening on {address}", what=self.what, address=address)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -458,6 +458,9 @@ class SessionLifecycle:
                            "session {session_id}", connection_id=connection_id,
                            session_id=session.session_id)
             raise IcpHandlerError("the RDP server refused the switch")
+        self.log.info("RDP server switched connection {connection_id} to {endpoint} (session "
+                      "{session_id})", connection_id=connection_id,
+                      endpoint=answer.service_endpoint, session_id=session.session_id)
 
     async def _switch_to_existing(self, greeter: Session, connection_id: int,
                                   target: Session) -> None:
@@ -525,6 +528,8 @@ class SessionLifecycle:
             await self.end(greeter, "session state could not be stored")
             raise IcpHandlerError("session state could not be stored") from e
         if greeter_backend is not None:
+            self.log.info("session {session_id}: stopping the greeter (pid {pid})",
+                          session_id=greeter.session_id, pid=greeter_backend.pid)
             greeter_backend.stop()
 
     async def end_session_request(self, session_id: int) -> bool:

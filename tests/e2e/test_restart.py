@@ -8,7 +8,7 @@ import pytest_twisted
 
 from bridge.sessions import ConnectState
 from bridge.state import StateStore
-from tests.conftest import start_bridge
+from tests.conftest import kill_process_groups, start_bridge
 from tests.e2e.otsapi_client import BlockingClient
 
 
@@ -92,3 +92,26 @@ def test_writes_never_checkpoint_checkpoint_does(tmp_path: Path) -> None:
     assert path.stat().st_size > before + 10 * page, "checkpoint() copied the WAL over"
     store.close()
     assert len(StateStore(path).load_sessions()) == 399
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_gone_during_the_restart_ends_its_session(short_dir: Path) -> None:
+    first = await start_bridge(short_dir)
+    peer = await first.peer()
+    await peer.logon(1, "alice", "alice-pw")
+    await peer.logon(2, "bob", "bob-pw")
+    alice = first.service.registry.by_connection(1)
+    bob = first.service.registry.by_connection(2)
+    pids = first.backend_pids()
+    await first.stop(kill_backends=False)
+    kill_process_groups([alice.backend.pid])  # e.g. the machine's OOM killer
+    second = await start_bridge(short_dir)
+    try:
+        registry = second.service.registry
+        assert registry.get(alice.session_id) is None, "its backend is gone: it ended"
+        assert registry.get(bob.session_id).backend.pid == bob.backend.pid, "adopted"
+        assert not (short_dir / "tokens" / f"ogon.session.{alice.session_id}").exists()
+        assert [b.pid for b in second.service.launcher.running()] == [bob.backend.pid]
+    finally:
+        await second.stop()
+        kill_process_groups(pids)
