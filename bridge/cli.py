@@ -40,7 +40,44 @@ def _read_password(prompt: str) -> str:
 
 # -- users -------------------------------------------------------------------
 
+def cmd_lockouts(args: argparse.Namespace) -> int:
+    """List or clear failed-logon lockouts in the state database (the
+    running bridge sees a cleared one at its next logon attempt)."""
+    import time
+
+    from bridge.config import default_state_dir
+    from bridge.throttle import LockoutStore, source_key, user_key
+
+    path = (Path(args.state) if args.state else default_state_dir()) / "state.sqlite3"
+    if not path.exists():
+        print(f"no state database at {path}", file=sys.stderr)
+        return 1
+    store = LockoutStore(path)
+    try:
+        if args.action == "lockouts":
+            now = time.time()
+            rows = [(key, count) for key, count in sorted(store.load().items())
+                    if count.locked_until > now or args.all]
+            if not rows:
+                print("no lockouts")
+            for key, count in rows:
+                left = max(0, count.locked_until - now)
+                print(f"{key}\t{count.failures} failures\t"
+                      f"{'locked ' + format(left, '.0f') + ' s more' if left else 'not locked'}")
+            return 0
+        key = source_key(args.source) if args.source else user_key(args.name or "")
+        if store.delete(key):
+            print(f"unlocked {key}")
+            return 0
+        print(f"no lockout for {key}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
 def cmd_users(args: argparse.Namespace) -> int:
+    if args.action in ("lockouts", "unlock"):
+        return cmd_lockouts(args)
     path = Path(args.users) if args.users else default_users_file()
     try:
         users = read_users(path)
@@ -333,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name")
     for action in (add, listing, remove):
         action.add_argument("--users", help=f"users file [default: {default_users_file()}]")
+    lockouts = user_actions.add_parser(
+        "lockouts", help="users and client addresses locked out after failed logons")
+    lockouts.add_argument("--all", action="store_true", help="also counts not locked yet")
+    unlock = user_actions.add_parser("unlock", help="clear a lockout (user, or --source ADDR)")
+    unlock.add_argument("name", nargs="?")
+    unlock.add_argument("--source", help="a client address instead of a user")
+    for action in (lockouts, unlock):
+        action.add_argument("--state", help="state directory [default: the service's]")
     users.set_defaults(func=cmd_users)
 
     ctl = commands.add_parser("ctl", help="call the OTS API (admin client)")

@@ -72,6 +72,28 @@ class Config:
     max_icp_frame: int = 16 * 1024 * 1024
     max_icp_send: int = 32 * 1024
     max_thrift_frame: int = 4 * 1024 * 1024
+    # Hardening: what a storm, a slow or idle client, a client that does not
+    # read, an RDP server that stops reading may take. 0 disables a timeout.
+    listen_backlog: int = 4096
+    max_connections: int = 16384
+    frame_timeout: float = 10.0
+    first_call_timeout: float = 30.0
+    tls_handshake_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    max_calls_per_connection: int = 1000
+    max_output_buffer: int = 16 * 1024 * 1024
+    icp_handshake_timeout: float = 10.0
+    max_icp_pending: int = 50000
+    max_icp_queued: int = 16 * 1024 * 1024
+    # Failed logons: a delay after logon_failures_before_delay in a row (per
+    # user and per client address), doubling up to logon_delay_max; a lockout
+    # of lockout_time after lockout_failures.
+    logon_failures_before_delay: int = 3
+    logon_delay_max: float = 8.0
+    lockout_failures: int = 10
+    lockout_time: float = 900.0
+    # Password checks waiting for a thread, per kind (RDP server / OTS API).
+    password_check_queue: int = 32
     # Empty: any peer uid may connect (the socket mode still applies).
     allowed_peer_uids: list[int] = field(default_factory=list)
     # Checked before ogon's virtualChannel.whiteList property.
@@ -91,6 +113,15 @@ class Config:
                 raise ConfigError(f"{name}: must be positive")
         if self.max_icp_send < 256:
             raise ConfigError("max_icp_send: must be at least 256 bytes")
+        for name in ("listen_backlog", "max_connections", "max_calls_per_connection",
+                     "max_output_buffer", "max_icp_pending", "max_icp_queued",
+                     "logon_failures_before_delay", "lockout_failures", "password_check_queue"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
+        for name in ("frame_timeout", "first_call_timeout", "tls_handshake_timeout",
+                     "idle_timeout", "icp_handshake_timeout", "logon_delay_max", "lockout_time"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be 0 (off) or more seconds")
         for scope, table in [("properties", self.properties),
                              *((f"user_properties.{u}", t)
                                for u, t in self.user_properties.items())]:
@@ -117,6 +148,10 @@ def _string(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
     return value
+
+
+def _seconds(key: str, value: Any) -> float:
+    return _number(key, value, positive=False)
 
 
 def _path(key: str, value: Any) -> Path:
@@ -217,6 +252,13 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "authenticator": _string,
     "call_timeout": _number, "token_lifetime": _number,
     "max_icp_frame": _integer, "max_icp_send": _integer, "max_thrift_frame": _integer,
+    "listen_backlog": _integer, "max_connections": _integer, "frame_timeout": _seconds,
+    "first_call_timeout": _seconds, "tls_handshake_timeout": _seconds,
+    "idle_timeout": _seconds, "max_calls_per_connection": _integer,
+    "max_output_buffer": _integer, "icp_handshake_timeout": _seconds,
+    "max_icp_pending": _integer, "max_icp_queued": _integer,
+    "logon_failures_before_delay": _integer, "logon_delay_max": _seconds,
+    "lockout_failures": _integer, "lockout_time": _seconds, "password_check_queue": _integer,
     "allowed_peer_uids": _uids,
     "channels_allow": _string_list("channel names"), "channels_deny": _string_list("channel names"),
     "properties": _property_table, "user_properties": _user_properties,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import stat
@@ -16,7 +17,6 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.lockfile import FilesystemLock
 
 
 class StartupError(Exception):
@@ -55,17 +55,40 @@ def unix_socket_path(description: str) -> Path | None:
     return None
 
 
-def prepare_unix_socket(path: Path) -> None:
-    """Make the directory; remove a stale socket file left by a dead
-    process; refuse if a live process still listens on the path."""
+def claim_unix_socket(path: Path) -> int:
+    """Take the socket path for this process: an flock on ``<path>.lock``
+    (held until the returned descriptor closes, which the kernel does when
+    the process dies, however it dies), then remove a stale socket file or
+    refuse one that some other process still listens on.
+
+    Liveness is decided by the lock and by connecting, never by a pid: a
+    pid left by a kill -9 may be unreaped, or reused by another program.
+    """
     log = Logger(namespace="bridge.endpoints")
-    # Twisted's unix: endpoint holds <path>.lock while listening (lockfile=1,
-    # its default): a live holder is another bridge, refused without the
-    # probe connection below, which it would take for an RDP server.
-    lock = FilesystemLock(f"{path}.lock")
-    if not lock.lock():
-        raise StartupError(f"another icp-bridge is listening on {path}")
-    lock.unlock()
+    lock_path = Path(f"{path}.lock")
+    if lock_path.is_symlink():
+        lock_path.unlink()  # Twisted's own pid lock, left by an older bridge
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StartupError(f"cannot open lock file {lock_path}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"another icp-bridge is listening on {path} (it holds "
+                           f"{lock_path})") from None
+    try:
+        _remove_stale_socket(path, log)
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _remove_stale_socket(path: Path, log: Logger) -> None:
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
@@ -79,11 +102,50 @@ def prepare_unix_socket(path: Path) -> None:
         if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
             raise StartupError(f"cannot check socket {path}: {e.strerror}") from None
     else:
-        raise StartupError(f"another process is listening on {path} (is a bridge running?)")
+        raise StartupError(f"another process is listening on {path} (another session "
+                           f"manager?)")
     finally:
         probe.close()
     os.unlink(path)
     log.info("removed stale socket {path}", path=str(path))
+
+
+def without_twisted_lock(description: str) -> str:
+    """A unix: endpoint string with Twisted's own pid lock turned off: the
+    bridge holds an flock on the same ``<path>.lock`` instead."""
+    parts = split_endpoint(description)
+    if parts[0] != "unix":
+        return description
+    kept = [part for part in description.split(":") if not part.startswith("lockfile=")]
+    return ":".join([*kept, "lockfile=0"])
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """A tcp:/ssl: endpoint string with ``backlog=`` added when it has none.
+    Twisted's default of 50 drops the SYNs of a connection storm (10,000
+    clients after a restart waited out 1, 3, 7 s retries); the kernel clamps
+    the value to net.core.somaxconn."""
+    parts = split_endpoint(description)
+    if parts[0] not in ("tcp", "ssl", "tcp6"):
+        return description
+    if any(part.startswith("backlog=") for part in parts[1:]):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one; returns (before, after)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            return soft, soft
+    return soft, hard
 
 
 def check_directory(path: Path, option: str, shared: bool) -> None:
@@ -154,6 +216,7 @@ class ListeningService(Service):
         self.factory = factory
         self.reactor = reactor
         self.port: IListeningPort | None = None
+        self._lock_fd: int | None = None
 
     def privilegedStartService(self) -> None:
         if self.port is None:
@@ -167,15 +230,22 @@ class ListeningService(Service):
 
     def _listen(self) -> None:
         path = unix_socket_path(self.description)
+        description = self.description
         if path is not None:
-            prepare_unix_socket(path)
-        endpoint = serverFromString(self.reactor, self.description)
+            self._lock_fd = claim_unix_socket(path)
+            description = without_twisted_lock(description)
+        try:
+            endpoint = serverFromString(self.reactor, description)
+        except BaseException:
+            self._unlock()
+            raise
         outcome: list[Any] = []
         endpoint.listen(self.factory).addBoth(outcome.append)
         if not outcome:
             raise StartupError(f"{self.what}: listening on {self.description} did not complete")
         result = outcome[0]
         if isinstance(result, Failure):
+            self._unlock()
             raise StartupError(
                 f"{self.what}: cannot listen on {self.description}: {result.getErrorMessage()}"
             )
@@ -185,9 +255,19 @@ class ListeningService(Service):
             address = address.replace("tcp:", "tls:", 1)
         self.log.info("{what} listening on {address}", what=self.what, address=address)
 
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
         port, self.port = self.port, None
         if port is None:
+            self._unlock()
             return maybeDeferred(lambda: None)
-        return maybeDeferred(port.stopListening)
+        return maybeDeferred(port.stopListening).addBoth(self._after_stop)
+
+    def _after_stop(self, result: Any) -> Any:
+        self._unlock()
+        return result

@@ -40,6 +40,7 @@ from bridge.sessions import (
     SessionRegistry,
     StateWriteError,
 )
+from bridge.throttle import RDP, LogonGuard
 from bridge.token_files import SessionTokenFiles
 from protocols import icp
 from protocols.errors import IcpError, IcpHandlerError, IcpTimeoutError
@@ -93,7 +94,8 @@ class SessionLifecycle:
 
     log = Logger()
 
-    def __init__(self, registry: SessionRegistry, rdp: RdpCaller, authenticator: Authenticator,
+    def __init__(self, registry: SessionRegistry, rdp: RdpCaller,
+                 authenticator: Authenticator | LogonGuard,
                  properties: PropertyTable, modules: dict[str, Module],
                  launcher: BackendLauncher, token_files: SessionTokenFiles,
                  clock: IReactorTime, call_timeout: float = 10.0,
@@ -101,7 +103,8 @@ class SessionLifecycle:
                  cookie: Callable[[], str] = make_cookie) -> None:
         self.registry = registry
         self.rdp = rdp
-        self.authenticator = authenticator
+        self.guard = authenticator if isinstance(authenticator, LogonGuard) else LogonGuard(
+            authenticator, clock)
         self.properties = properties
         self.modules = modules
         self.launcher = launcher
@@ -226,7 +229,7 @@ class SessionLifecycle:
         identity = None
         if username:
             identity = await self._authenticate(username, password, domain,
-                                                f"connection {connection_id}")
+                                                f"connection {connection_id}", client.address)
         if identity is None:
             return await self._greeter_logon(connection_id, client, username, domain)
         try:
@@ -238,20 +241,22 @@ class SessionLifecycle:
                            error=e.describe())
             return await self._greeter_logon(connection_id, client, username, domain)
 
+    @property
+    def authenticator(self) -> Authenticator:
+        return self.guard.authenticator
+
     async def _authenticate(self, username: str, password: str, domain: str,
-                            where: str) -> Identity | None:
+                            where: str, source: str) -> Identity | None:
         if not logon_allowed(self.properties, username):
             self.log.warn("logon of user {username} ({where}) refused by "
                           "permission.groups.whiteList/blackList", username=username, where=where)
             return None
-        if hasattr(self.authenticator, "open_session"):
-            # PAM keeps its handle for the desktop's PAM session.
-            identity = await self.authenticator.authenticate(  # type: ignore[call-arg]
-                username, password, domain, for_session=True)
-        else:
-            identity = await self.authenticator.authenticate(username, password, domain)
+        # PAM keeps its handle for the desktop's PAM session.
+        options = {"for_session": True} if hasattr(self.authenticator, "open_session") else {}
+        identity = await self.guard.authenticate(username, password, domain, source, RDP,
+                                                 **options)
         if identity is None:
-            self.log.warn("failed logon for user {username} ({where})", username=username,
+            self.log.info("logon of user {username} ({where}) not accepted", username=username,
                           where=where)
         return identity
 
@@ -422,7 +427,8 @@ class SessionLifecycle:
                           session_id=session_id, state=greeter.state.name)
             return AUTH_WRONG_SESSION_STATE
         identity = await self._authenticate(username, password, domain,
-                                            f"greeter of session {session_id}")
+                                            f"greeter of session {session_id}",
+                                            greeter.client.address)
         if identity is None:
             return AUTH_BAD_CREDENTIALS
         if self.registry.get(session_id) is not greeter or greeter.connection_id is None:

@@ -23,6 +23,7 @@ from bridge.lifecycle import SessionLifecycle
 from bridge.permissions import Permission, level_value
 from bridge.properties import ChannelPolicy, PropertyTable
 from bridge.sessions import ConnectState, Session, SessionRegistry, StateWriteError
+from bridge.throttle import OTSAPI, LogonGuard
 from bridge.tokens import TokenRecord, TokenStore
 from protocols import icp
 from protocols.errors import IcpError, IcpTimeoutError
@@ -38,6 +39,7 @@ from protocols.generated.otsapi.ttypes import (
     TSessionInfoValue,
     TVersion,
 )
+from protocols.thrift_server import current_peer
 
 VERSION = (1, 1)
 WTS_CURRENT_SESSION = -1
@@ -99,12 +101,14 @@ class OtsApiHandler:
     log = Logger()
 
     def __init__(self, registry: SessionRegistry, tokens: TokenStore, rdp: RdpCaller,
-                 authenticator: Authenticator, config: Config, lifecycle: SessionLifecycle,
-                 properties: PropertyTable, channels: ChannelPolicy) -> None:
+                 authenticator: Authenticator | LogonGuard, config: Config,
+                 lifecycle: SessionLifecycle, properties: PropertyTable,
+                 channels: ChannelPolicy) -> None:
         self.registry = registry
         self.tokens = tokens
         self.rdp = rdp
-        self.authenticator = authenticator
+        self.guard = authenticator if isinstance(authenticator, LogonGuard) else LogonGuard(
+            authenticator, registry.clock)
         self.config = config
         self.lifecycle = lifecycle
         self.properties = properties
@@ -219,8 +223,8 @@ class OtsApiHandler:
             self.log.warn("OTS API logon of user {username} refused by "
                           "permission.groups.whiteList/blackList", username=username)
             return refused
-        return self.authenticator.authenticate(username, password or "", domain).addCallback(
-            decided)
+        return Deferred.fromCoroutine(self.guard.authenticate(
+            username, password or "", domain, current_peer.get(), OTSAPI)).addCallback(decided)
 
     def getPermissionForToken(self, authToken: str | None) -> int:
         record = self.tokens.lookup(authToken or "")

@@ -83,12 +83,17 @@ class RdpServerLink(Factory):
         allowed_uids: list[int] | None = None,
         max_send_frame: int = 32 * 1024,
         on_lost: Callable[[], None] = lambda: None,
+        handshake_timeout: float = 10.0,
+        max_pending: int = 50_000,
+        max_queued: int = 16 * 1024 * 1024,
     ) -> None:
         self.handlers = handlers
         self.clock = clock
         self.call_timeout = call_timeout
         self.max_frame_size = max_frame_size
         self.max_send_frame = max_send_frame
+        self.protocol_options = {"handshake_timeout": handshake_timeout,
+                                 "max_pending": max_pending, "max_queued": max_queued}
         # Called once the RDP server (and so every client connection) is gone.
         self.on_lost = on_lost
         self.allowed_uids = set(allowed_uids or ())
@@ -99,6 +104,7 @@ class RdpServerLink(Factory):
         return RdpServerProtocol(
             self, clock=self.clock, call_timeout=self.call_timeout,
             max_frame_size=self.max_frame_size, max_send_frame=self.max_send_frame,
+            **self.protocol_options,
         )
 
     def admit(self, proto: RdpServerProtocol) -> bool:

@@ -19,8 +19,10 @@ from bridge.endpoints import (
     ListeningService,
     StartupError,
     check_directory,
+    raise_fd_limit,
     unix_socket_path,
     validate_endpoint,
+    with_backlog,
 )
 from bridge.icp_handlers import RdpRequestHandlers
 from bridge.lifecycle import RdpPeer, SessionLifecycle
@@ -30,11 +32,12 @@ from bridge.properties import ChannelPolicy, PropertyTable
 from bridge.rdp_server import RdpServerLink
 from bridge.sessions import SessionRegistry, StateWriteError
 from bridge.state import StateStore, restore
+from bridge.throttle import LockoutStore, LogonGuard, ThrottlePolicy
 from bridge.tls import default_pair, ensure_pair, uses_default_pair, with_certificate
 from bridge.token_files import SessionTokenFiles
 from bridge.tokens import TokenStore
 from protocols.generated.otsapi import otsapi
-from protocols.thrift_server import ThriftServerFactory
+from protocols.thrift_server import ConnectionLimits, ThriftServerFactory
 
 TOKEN_SWEEP_INTERVAL = 60.0
 # How often the state database's write-ahead log is checkpointed (off the reactor).
@@ -82,7 +85,7 @@ class BridgeService(MultiService):
         self.properties = property_table(config)
         self.channels = ChannelPolicy(self.properties, config.channels_allow,
                                       config.channels_deny)
-        self.thrift_description = self._thrift_endpoint()
+        self.thrift_description = with_backlog(self._thrift_endpoint(), config.listen_backlog)
         validate_endpoint(reactor, config.icp_endpoint, "icp_endpoint")
         validate_endpoint(reactor, self.thrift_description, "thrift_endpoint")
 
@@ -100,29 +103,43 @@ class BridgeService(MultiService):
         self.tokens.restore(live)
 
         self.authenticator = authenticator or self._make_authenticator()
+        self.lockouts = LockoutStore(config.state_dir / "state.sqlite3")
+        self.guard = LogonGuard(self.authenticator, clock, ThrottlePolicy(
+            failures_before_delay=config.logon_failures_before_delay,
+            delay_max=config.logon_delay_max, lockout_failures=config.lockout_failures,
+            lockout_time=config.lockout_time, queue_limit=config.password_check_queue),
+            self.lockouts)
         # Real time, not ``clock``: readiness and stop timeouts wait on processes.
         self.launcher = launcher or BackendLauncher(
             reactor, reactor, config.pipe_dir, config.state_dir / "backends")
         self.link = RdpServerLink(
             {}, clock, config.call_timeout, config.max_icp_frame, config.allowed_peer_uids,
-            max_send_frame=config.max_icp_send)
+            max_send_frame=config.max_icp_send, handshake_timeout=config.icp_handshake_timeout,
+            max_pending=config.max_icp_pending, max_queued=config.max_icp_queued)
         self.lifecycle = SessionLifecycle(
-            self.registry, self.link, self.authenticator, self.properties, config.modules,
+            self.registry, self.link, self.guard, self.properties, config.modules,
             self.launcher, self.token_files, clock, config.call_timeout,
             peer=self._rdp_peer)
         self.link.on_lost = self.lifecycle.rdp_server_lost
         handlers = RdpRequestHandlers(self.registry, self.lifecycle, self.properties,
                                       self.channels)
         self.link.handlers = handlers.table()
-        self.otsapi = OtsApiHandler(self.registry, self.tokens, self.link, self.authenticator,
+        self.otsapi = OtsApiHandler(self.registry, self.tokens, self.link, self.guard,
                                     config, self.lifecycle, self.properties, self.channels)
         self.icp_listener = ListeningService("ICP (RDP server)", config.icp_endpoint,
                                              self.link, reactor)
         self.icp_listener.setServiceParent(self)
-        self.thrift_listener = ListeningService(
-            "OTS API", self.thrift_description,
-            ThriftServerFactory(otsapi, self.otsapi, config.max_thrift_frame), reactor,
-        )
+        self.thrift_limits = ConnectionLimits(
+            max_connections=config.max_connections, frame_timeout=config.frame_timeout,
+            first_call_timeout=config.first_call_timeout,
+            tls_handshake_timeout=config.tls_handshake_timeout,
+            idle_timeout=config.idle_timeout,
+            max_calls_in_flight=config.max_calls_per_connection,
+            max_pending_output=config.max_output_buffer, clock=clock)
+        self.thrift_factory = ThriftServerFactory(otsapi, self.otsapi, config.max_thrift_frame,
+                                                  self.thrift_limits)
+        self.thrift_listener = ListeningService("OTS API", self.thrift_description,
+                                                self.thrift_factory, reactor)
         self.thrift_listener.setServiceParent(self)
         sweeper = TimerService(TOKEN_SWEEP_INTERVAL, self.tokens.expire)
         sweeper.clock = clock
@@ -199,6 +216,8 @@ class BridgeService(MultiService):
         try:
             if not self.running:
                 self._check_directories()
+                if self.thrift_limits.fd_limit is None:
+                    self._fd_limits()
             super().startService()
         except StartupError as e:
             if not self.exit_on_startup_error:
@@ -223,11 +242,28 @@ class BridgeService(MultiService):
             check_directory(path.parent, "icp_endpoint", shared=path.parent == self.config.pipe_dir)
         check_directory(self.config.pipe_dir, "pipe_dir", shared=True)
 
+    def _fd_limits(self) -> None:
+        """Raise the descriptor limit, and keep max_connections below it with
+        a reserve for the RDP server, the state and the backends."""
+        before, after = raise_fd_limit()
+        limits = self.thrift_limits
+        limits.fd_limit = after
+        usable = max(16, after - limits.fd_reserve)
+        if limits.max_connections > usable:
+            self.log.warn("max_connections {wanted} lowered to {usable}: the descriptor limit "
+                          "is {limit} (raise it with ulimit -Hn / LimitNOFILE=)",
+                          wanted=limits.max_connections, usable=usable, limit=after)
+            limits.max_connections = usable
+        self.log.info("descriptor limit {before} -> {after}; at most {connections} OTS API "
+                      "connections", before=before, after=after,
+                      connections=limits.max_connections)
+
     def _privileged_start(self) -> None:
         self.log.info("icp-bridge starting (pid {pid}, {reactor}); state in {state_dir}, token "
                       "files in {token_dir}", pid=os.getpid(),
                       reactor=type(self.reactor).__name__,
                       state_dir=str(self.config.state_dir), token_dir=str(self.config.token_dir))
+        self._fd_limits()
         if self.config.metrics_endpoint:
             self.log.warn("metrics_endpoint is reserved for a later release and not served: "
                           "{endpoint}", endpoint=self.config.metrics_endpoint)
@@ -248,3 +284,4 @@ class BridgeService(MultiService):
             await closed
         await super().stopService()
         self.store.close()
+        self.lockouts.close()

@@ -158,7 +158,9 @@ class StateStore:
                     rowids.append(self._db.execute(sql, args).lastrowid or 0)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite rolls back by itself on some errors (a full disk at commit).
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
             raise StateWriteError(f"{self.path}: {_describe(e)}") from None

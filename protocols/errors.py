@@ -47,6 +47,11 @@ class IcpNotConnectedError(IcpError):
     """There is no connection ready to carry the call (none, or mid-handshake)."""
 
 
+class IcpBackpressureError(IcpError):
+    """The peer is not taking what is sent to it fast enough: too many calls
+    wait for answers, or too many bytes for the socket. Not sent."""
+
+
 class IcpFrameTooLargeError(IcpError):
     """A request the bridge would send is bigger than the peer reads reliably
     (see ``max_send_frame``); it was not sent."""

@@ -23,12 +23,14 @@ from typing import Any, TypeAlias
 
 from google.protobuf.message import DecodeError, EncodeError, Message
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from protocols.errors import (
+    IcpBackpressureError,
     IcpDisconnectedError,
     IcpFrameTooLargeError,
     IcpHandlerError,
@@ -56,6 +58,14 @@ DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
 #: arrive in one piece (bigger ones break the connection now and then).
 DEFAULT_MAX_SEND_FRAME = 32 * 1024
 DEFAULT_CALL_TIMEOUT = 10.0
+#: A peer that connects must finish the handshake this soon (it holds the
+#: only RDP server slot meanwhile).
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Bounds on what is queued toward a peer that stops reading: calls waiting
+#: for an answer, and bytes not yet taken by the socket. Past either, new
+#: calls fail at once instead of growing memory.
+DEFAULT_MAX_PENDING = 50_000
+DEFAULT_MAX_QUEUED = 16 * 1024 * 1024
 _TAG_MASK = 0xFFFFFFFF
 _LENGTH = struct.Struct("!I")
 # errorDescription is for humans; keep a buggy handler's text from growing frames.
@@ -187,6 +197,23 @@ _TRANSITIONS: dict[IcpState, frozenset[IcpState]] = {
 }
 
 
+@implementer(IPushProducer)
+class _ReadPauser:
+    """Pauses reading from a transport while what we write to it backs up."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class _Outstanding:
     """One outbound call waiting for its answer, until ``deadline``."""
 
@@ -231,6 +258,9 @@ class IcpProtocol(Protocol):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_send_frame: int = DEFAULT_MAX_SEND_FRAME,
         version: tuple[int, int] = PROTOCOL_VERSION,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # the global one only as default
@@ -239,6 +269,11 @@ class IcpProtocol(Protocol):
             raise ValueError(f"handlers for unknown ICP message types: {sorted(unknown)}")
         self.max_frame_size = max_frame_size
         self.max_send_frame = max_send_frame
+        self.handshake_timeout = handshake_timeout
+        self.max_pending = max_pending
+        self.max_queued = max_queued
+        self._handshake_call: IDelayedCall | None = None
+        self._backpressure_logged_at = -math.inf
         # The start of a frame whose end has not arrived yet.
         self._partial = bytearray()
         self.clock: IReactorTime = clock  # type: ignore[assignment]
@@ -300,7 +335,13 @@ class IcpProtocol(Protocol):
     def connectionMade(self) -> None:
         read_with_recv(self.transport)
         self._writer = TurnBatchedWriter(self.transport, frame_limit=self.max_send_frame)
+        # While the peer does not take what we send, Twisted pauses our
+        # reading of its requests (whose answers would pile up).
+        self.transport.registerProducer(_ReadPauser(self.transport), True)
         self._enter(IcpState.HANDSHAKING)
+        if self.handshake_timeout and not self.initiator:
+            self._handshake_call = self.clock.callLater(self.handshake_timeout,
+                                                        self._handshake_expired)
         if self.initiator:
             self._handshake_tag = self._allocate_tag()
             self._send(
@@ -313,7 +354,19 @@ class IcpProtocol(Protocol):
                 )
             )
 
+    def _handshake_expired(self) -> None:
+        self._handshake_call = None
+        if self.state is IcpState.HANDSHAKING:
+            self.drop(IcpProtocolError(
+                f"no handshake within {self.handshake_timeout:g} s of connecting"))
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        self._handshake_call = None
+
     def _become_ready(self, peer_version: tuple[int, int]) -> None:
+        self._cancel_handshake_timer()
         self.peer_version = peer_version
         self._enter(IcpState.READY)
         waiters, self._ready_waiters = self._ready_waiters, []
@@ -328,6 +381,7 @@ class IcpProtocol(Protocol):
         self._closed_reason = reason
         self._deadlines.clear()
         self._cancel_sweep()
+        self._cancel_handshake_timer()
         # Errbacks may start new calls; those fail at once since we are CLOSED.
         while self._pending:
             _, outstanding = self._pending.popitem()
@@ -504,6 +558,17 @@ class IcpProtocol(Protocol):
             return fail(IcpFrameTooLargeError(
                 f"{method.name} request of {len(payload)} bytes exceeds the "
                 f"{self.max_send_frame}-byte frame limit"))
+        assert self._writer is not None  # READY implies connected
+        if len(self._pending) >= self.max_pending or self._writer.queued > self.max_queued:
+            now = self.clock.seconds()
+            if now - self._backpressure_logged_at >= 10:
+                self.log.warn("peer is not keeping up ({pending} calls waiting, {queued} bytes "
+                              "not sent): failing new calls at once", pending=len(self._pending),
+                              queued=self._writer.queued)
+                self._backpressure_logged_at = now
+            return fail(IcpBackpressureError(
+                f"{len(self._pending)} calls waiting and {self._writer.queued} bytes unsent "
+                f"to the peer"))
         tag = self._allocate_tag()
         # Like Nagle: a lone call goes out at once; while others are in
         # flight their answers will wake us anyway, so frames are coalesced.
@@ -517,7 +582,6 @@ class IcpProtocol(Protocol):
         heapq.heappush(self._deadlines, (deadline, self._deadline_sequence, tag))
         if deadline < self._sweep_at:
             self._arm_sweep(deadline)
-        assert self._writer is not None  # READY implies connected
         self._writer.write(request_frame(tag, _REQUEST_FIELDS[msg_type], payload), batch)
         return d
 

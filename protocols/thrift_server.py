@@ -8,13 +8,22 @@ protocol clients get a log line naming the client setting to change); logs
 handler failures through twisted.logger and answers that one call with
 TApplicationException(INTERNAL_ERROR); and encodes with the C accelerated
 binary protocol when thrift's ``fastbinary`` extension is present.
+
+It defends itself (``ConnectionLimits``): a cap on connections (refused at
+once, not queued, and never taking the descriptors kept in reserve), a
+frame that must complete once begun, a first call and a TLS handshake that
+must come in time, an idle limit, no more calls in flight per connection
+than a cap, reading paused while a client does not read its replies (and
+the connection closed if their backlog still grows), and strings, method
+names and containers far shorter than a frame. Every close says why.
 """
 
 from __future__ import annotations
 
+import contextvars
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from operator import attrgetter
 from types import ModuleType
@@ -25,10 +34,11 @@ from thrift.protocol.TProtocol import TProtocolException
 from thrift.Thrift import TApplicationException, TMessageType, TType
 from thrift.transport.TTransport import TMemoryBuffer, TTransportException
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from protocols.transport import is_plain_socket, write_now
 
@@ -38,6 +48,11 @@ except ImportError:  # pragma: no cover - depends on how thrift was built
     fastbinary = None
 
 DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024
+# OTS API strings are tokens, names, paths and message texts: far below a frame.
+DEFAULT_STRING_LIMIT = 64 * 1024
+DEFAULT_CONTAINER_LIMIT = 4096
+# A method name longer than any in the IDL is not a call.
+MAX_METHOD_NAME = 64
 _VERSION_1 = TBinaryProtocol.TBinaryProtocol.VERSION_1
 _VERSION_MASK = TBinaryProtocol.TBinaryProtocol.VERSION_MASK
 _HEADER = struct.Struct("!i")
@@ -49,10 +64,56 @@ class _BadMessageError(Exception):
     """A message header that does not decode."""
 
 
-def _protocol_factory() -> Any:
+#: While a handler method runs: the client's address ("host" of TCP/TLS,
+#: "" when unknown), for per-address policies such as logon throttling.
+current_peer: contextvars.ContextVar[str] = contextvars.ContextVar("current_peer", default="")
+
+
+def _protocol_factory(string_limit: int = DEFAULT_STRING_LIMIT,
+                      container_limit: int = DEFAULT_CONTAINER_LIMIT) -> Any:
     if fastbinary is not None:
-        return TBinaryProtocol.TBinaryProtocolAcceleratedFactory()
-    return TBinaryProtocol.TBinaryProtocolFactory()
+        return TBinaryProtocol.TBinaryProtocolAcceleratedFactory(
+            string_length_limit=string_limit, container_length_limit=container_limit)
+    return TBinaryProtocol.TBinaryProtocolFactory(
+        string_length_limit=string_limit, container_length_limit=container_limit)
+
+
+def shown(text: str | bytes, limit: int = MAX_METHOD_NAME) -> str:
+    """A client's string as it may appear in a log line or an error reply:
+    at most ``limit`` characters, with its real length when cut."""
+    if isinstance(text, bytes):
+        cut = text[:limit].decode("utf-8", "replace")
+    else:
+        cut = text[:limit]
+    return cut if len(text) <= limit else f"{cut}... ({len(text)} bytes)"
+
+
+@dataclass
+class ConnectionLimits:
+    """What one OTS API listener tolerates (0 disables a timeout)."""
+
+    max_connections: int = 16384
+    # Descriptors kept free for the RDP server, state, backends: a new
+    # connection whose descriptor lands in this reserve is refused.
+    fd_reserve: int = 256
+    fd_limit: int | None = None
+    frame_timeout: float = 10.0
+    first_call_timeout: float = 30.0
+    tls_handshake_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    max_calls_in_flight: int = 1000
+    # Reading pauses while this much output waits; above the cap the client is dropped.
+    pause_output: int = 256 * 1024
+    max_pending_output: int = 16 * 1024 * 1024
+    string_limit: int = DEFAULT_STRING_LIMIT
+    container_limit: int = DEFAULT_CONTAINER_LIMIT
+    clock: IReactorTime | None = field(default=None, repr=False)
+
+    def sweep_interval(self) -> float:
+        """How often the timeouts are checked: a quarter of the shortest."""
+        timeouts = [t for t in (self.frame_timeout, self.first_call_timeout,
+                                self.tls_handshake_timeout, self.idle_timeout) if t > 0]
+        return max(0.25, min(timeouts, default=4.0) / 4)
 
 
 @dataclass(frozen=True)
@@ -124,15 +185,26 @@ class ThriftServerProtocol(Protocol):
     log = Logger()
 
     def __init__(self, methods: Mapping[str, ThriftMethod], handler: Any,
-                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 limits: ConnectionLimits | None = None) -> None:
         self.methods = methods
         self.handler = handler
         self.max_frame_size = max_frame_size
+        self.limits = limits or ConnectionLimits()
         self._buffer = bytearray()
         self._mode: str | None = None
         # Set once the connection is closing: no further requests are served.
         self._closing = False
-        self._protocol_factory = _protocol_factory()
+        # Bookkeeping for the limits (times on the factory's clock).
+        self.connected_at = 0.0
+        self.last_activity = 0.0
+        self.calls_in_flight = 0
+        self.calls_served = 0
+        self.frame_started_at: float | None = None
+        self._clock: IReactorTime | None = None  # the factory's, once admitted
+        self._paused_for: set[str] = set()
+        self._protocol_factory = _protocol_factory(self.limits.string_limit,
+                                                   self.limits.container_limit)
         # One decoding protocol per connection, pointed at each message in
         # turn: allocating a protocol and buffer per call showed in profiles.
         self._input = TMemoryBuffer()
@@ -141,24 +213,82 @@ class ThriftServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self._plain = is_plain_socket(self.transport)
+        factory = getattr(self, "factory", None)
+        if factory is not None and not factory.admit(self):
+            self._closing = True
+            self.transport.abortConnection()
+            return
+        # Twisted pauses us (stops our reading) while our replies back up.
+        self.transport.registerProducer(_ReadPauser(self), True)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         # Replies to calls still running are dropped from now on.
         self.connected = False
         self._closing = True
         self._buffer.clear()
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.forget(self)
+
+    @property
+    def tls_pending(self) -> bool:
+        """A TLS connection whose handshake has not finished (Twisted's TLS
+        wrapper is our transport then)."""
+        return getattr(self.transport, "_handshakeDone", True) is False
+
+    def pending_output(self) -> int:
+        """Bytes of replies Twisted holds for a client that does not read."""
+        transport = self.transport
+        raw = getattr(transport, "transport", None)  # under TLS: the socket's own buffer
+        total = 0
+        for t in (transport, raw):
+            if t is not None:
+                total += len(getattr(t, "dataBuffer", b"")) - getattr(t, "offset", 0)
+                total += getattr(t, "_tempDataLen", 0)
+        return max(0, total)
+
+    def pause(self, why: str) -> None:
+        if not self._paused_for and self.transport is not None:
+            self.transport.pauseProducing()
+        self._paused_for.add(why)
+
+    def resume(self, why: str) -> None:
+        self._paused_for.discard(why)
+        if not self._paused_for and self.transport is not None and not self._closing:
+            self.transport.resumeProducing()
+
+    def drop(self, reason: str) -> None:
+        """Close the connection because a limit was reached."""
+        if self._closing:
+            return
+        self._reject(reason)
 
     # -- bytes in -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._clock is not None:
+            self.last_activity = self._clock.seconds()
         if self._mode == "framed" and not self._buffer:
             # The usual read: whole frames and nothing held back, so they are
             # taken from ``data`` itself; only an incomplete tail is kept.
             used = self._framed_messages(data)
             if used < len(data):
                 self._buffer += memoryview(data)[used:]
+                self.frame_started_at = self.last_activity
             return
         self._buffer += data
+        try:
+            self._buffered()
+        finally:
+            # A frame begun and not finished is timed from its first byte.
+            if not self._buffer:
+                self.frame_started_at = None
+            elif self.frame_started_at is None:
+                self.frame_started_at = self.last_activity
+
+    def _buffered(self) -> None:
         if self._mode is None:
             if len(self._buffer) < 4:
                 return
@@ -232,6 +362,15 @@ class ThriftServerProtocol(Protocol):
         self._closing = True
         self._buffer.clear()
         self.transport.loseConnection()
+        if self.pending_output() > self.limits.pause_output:
+            # It does not read: do not wait for it to take what is queued.
+            self.transport.abortConnection()
+
+    def _peer_host(self) -> str:
+        try:
+            return str(getattr(self.transport.getPeer(), "host", ""))
+        except Exception:
+            return ""
 
     def _peer(self) -> str:
         try:
@@ -253,9 +392,13 @@ class ThriftServerProtocol(Protocol):
                 if word & _VERSION_MASK != _VERSION_1:
                     raise _BadMessageError(f"bad binary protocol version 0x{word & 0xFFFFFFFF:08x}")
                 (length,) = _HEADER.unpack_from(data, 4)
+                if not 0 <= length <= MAX_METHOD_NAME:
+                    raise _BadMessageError(f"method name of {length} bytes")
                 name_end = 8 + length
                 (seqid,) = _HEADER.unpack_from(data, name_end)
                 return data[8:name_end], word & 0xFF, seqid, name_end + 4
+            if word > MAX_METHOD_NAME:
+                raise _BadMessageError(f"method name of {word} bytes")
             name_end = 4 + word
             (message_type,) = _BYTE.unpack_from(data, name_end)
             (seqid,) = _HEADER.unpack_from(data, name_end + 1)
@@ -270,8 +413,9 @@ class ThriftServerProtocol(Protocol):
             self._reject(describe_mismatch(data[:4]) or f"undecodable Thrift message ({e})")
             return
         method = self._by_name.get(name)
+        self.calls_served += 1
         if method is None or message_type not in (TMessageType.CALL, TMessageType.ONEWAY):
-            text = name.decode("utf-8", "replace")
+            text = shown(name)
             self.log.warn("OTS API client {peer} called unknown method {method}",
                           peer=self._peer(), method=text)
             self._send_exception(
@@ -294,25 +438,40 @@ class ThriftServerProtocol(Protocol):
                 args.read(self._iprot)
         except Exception as e:
             self.log.warn("bad arguments to {method} from {peer}: {error}",
-                          method=method.name, peer=self._peer(), error=str(e))
+                          method=method.name, peer=self._peer(), error=shown(str(e), 200))
             self._send_exception(
                 method.name, seqid, framed,
                 TApplicationException(TApplicationException.PROTOCOL_ERROR,
                                       f"bad arguments to {method.name}"),
             )
             return
+        token = current_peer.set(self._peer_host())
         try:
             result = getattr(self.handler, method.name)(*method.arguments(args))
         except Exception:
             self._failed(Failure(), method, seqid, framed)
             return
+        finally:
+            current_peer.reset(token)
         if isinstance(result, Deferred):
+            self.calls_in_flight += 1
+            if self.calls_in_flight >= self.limits.max_calls_in_flight:
+                self.pause("calls in flight")
             result.addCallbacks(
                 self._reply, self._failed,
                 callbackArgs=(method, seqid, framed), errbackArgs=(method, seqid, framed),
             )
+            result.addBoth(self._call_done)
         else:
             self._reply(result, method, seqid, framed)
+
+    def _call_done(self, result: Any) -> Any:
+        self.calls_in_flight -= 1
+        if self._clock is not None:  # waiting for an answer is not idleness
+            self.last_activity = self._clock.seconds()
+        if self.calls_in_flight < self.limits.max_calls_in_flight:
+            self.resume("calls in flight")
+        return result
 
     # -- bytes out ------------------------------------------------------------
 
@@ -355,23 +514,138 @@ class ThriftServerProtocol(Protocol):
         return buffer.getvalue()
 
     def _write(self, payload: bytes, framed: bool) -> None:
+        if self._closing:
+            return
         if framed:
             payload = _HEADER.pack(len(payload)) + payload
         write_now(self.transport, payload, self._plain)
+        if self.pending_output() > self.limits.max_pending_output:
+            self.drop(f"client does not read its replies ({self.pending_output()} bytes "
+                      f"waiting, over {self.limits.max_pending_output})")
+
+
+@implementer(IPushProducer)
+class _ReadPauser:
+    """What Twisted pauses while a connection's replies back up: its reading."""
+
+    def __init__(self, protocol: ThriftServerProtocol) -> None:
+        self.protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self.protocol.pause("output backlog")
+
+    def resumeProducing(self) -> None:
+        self.protocol.resume("output backlog")
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class ThriftServerFactory(Factory):
-    """Builds a ThriftServerProtocol per connection around one handler."""
+    """Builds a ThriftServerProtocol per connection around one handler, and
+    enforces the listener's ConnectionLimits across its connections."""
 
     noisy = False
+    log = Logger()
 
     def __init__(self, service_module: ModuleType, handler: Any,
-                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 limits: ConnectionLimits | None = None) -> None:
         self.methods = service_methods(service_module)
         self.handler = handler
         self.max_frame_size = max_frame_size
+        self.limits = limits or ConnectionLimits()
+        if self.limits.clock is None:
+            from twisted.internet import reactor as clock  # the global one only as default
+        else:
+            clock = self.limits.clock
+        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.connections: set[ThriftServerProtocol] = set()
+        self.refused = 0
+        self._refused_logged_at = -1e9
+        self._sweep_call: IDelayedCall | None = None
 
     def buildProtocol(self, addr: IAddress) -> ThriftServerProtocol:
-        proto = ThriftServerProtocol(self.methods, self.handler, self.max_frame_size)
+        proto = ThriftServerProtocol(self.methods, self.handler, self.max_frame_size,
+                                     self.limits)
         proto.factory = self
         return proto
+
+    # -- the cap and the reserve -------------------------------------------------
+
+    def admit(self, proto: ThriftServerProtocol) -> bool:
+        limits = self.limits
+        reason = None
+        if len(self.connections) >= limits.max_connections:
+            reason = f"{limits.max_connections} connections already (max_connections)"
+        elif limits.fd_limit is not None:
+            fd = _descriptor(proto.transport)
+            # Linux hands out the lowest free descriptor: one this high means
+            # the table is nearly full, and the reserve is for the RDP server.
+            if fd is not None and fd >= limits.fd_limit - limits.fd_reserve:
+                reason = (f"descriptor {fd} is in the {limits.fd_reserve} kept in reserve "
+                          f"(limit {limits.fd_limit})")
+        if reason is not None:
+            self.refused += 1
+            now = self.clock.seconds()
+            if now - self._refused_logged_at >= 10:  # one line per 10 s under a storm
+                self.log.warn("refusing OTS API connections: {reason} ({count} refused so "
+                              "far)", reason=reason, count=self.refused)
+                self._refused_logged_at = now
+            return False
+        now = self.clock.seconds()
+        proto.connected_at = proto.last_activity = now
+        proto._clock = self.clock
+        self.connections.add(proto)
+        if self._sweep_call is None:
+            self._sweep_call = self.clock.callLater(self.limits.sweep_interval(), self._sweep)
+        return True
+
+    def forget(self, proto: ThriftServerProtocol) -> None:
+        self.connections.discard(proto)
+
+    # -- timeouts, checked by one sweep for all connections --------------------
+
+    def _sweep(self) -> None:
+        self._sweep_call = None
+        now = self.clock.seconds()
+        limits = self.limits
+        for proto in list(self.connections):
+            reason = self._expired(proto, now, limits)
+            if reason is not None:
+                proto.drop(reason)
+        if self.connections:
+            self._sweep_call = self.clock.callLater(limits.sweep_interval(), self._sweep)
+
+    @staticmethod
+    def _expired(proto: ThriftServerProtocol, now: float, limits: ConnectionLimits
+                 ) -> str | None:
+        age = now - proto.connected_at
+        quiet = now - proto.last_activity
+        if limits.tls_handshake_timeout and proto.tls_pending \
+                and age > limits.tls_handshake_timeout:
+            return f"TLS handshake not finished within {limits.tls_handshake_timeout:g} s"
+        started = proto.frame_started_at
+        if limits.frame_timeout and started is not None and now - started > limits.frame_timeout:
+            return f"frame begun but not finished within {limits.frame_timeout:g} s"
+        if limits.first_call_timeout and not proto.calls_served \
+                and age > limits.first_call_timeout:
+            return f"no call within {limits.first_call_timeout:g} s of connecting"
+        if limits.idle_timeout and not proto.calls_in_flight and quiet > limits.idle_timeout:
+            return f"idle for {limits.idle_timeout:g} s"
+        if proto.pending_output() > limits.max_pending_output:
+            return "client does not read its replies"
+        return None
+
+    def stopFactory(self) -> None:
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
+
+
+def _descriptor(transport: Any) -> int | None:
+    raw = getattr(transport, "transport", transport)  # under TLS, the socket's transport
+    try:
+        return int(raw.fileno())
+    except (AttributeError, OSError, TypeError, ValueError):
+        return None

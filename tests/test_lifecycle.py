@@ -640,7 +640,8 @@ class PamSessionTests(SynchronousTestCase):
         case = LifecycleTests("test_empty_user_starts_the_greeter_and_answers_its_pipe")
         case.make()
         self.case = case
-        case.lifecycle.authenticator = PamAuthenticator(lambda user: FULL, pam_module=fake)
+        case.lifecycle.guard.authenticator = PamAuthenticator(lambda user: FULL,
+                                                              pam_module=fake)
 
     def test_a_desktop_opens_a_pam_session_and_its_end_closes_it(self) -> None:
         case = self.case

@@ -170,7 +170,10 @@ async def test_peer_uid_allowed(short_dir: Path) -> None:
 
 
 def test_stale_socket_is_replaced_live_one_refused(short_dir: Path) -> None:
-    from bridge.endpoints import prepare_unix_socket
+    from bridge.endpoints import claim_unix_socket
+
+    def prepare_unix_socket(path: Path) -> None:
+        os.close(claim_unix_socket(path))
 
     path = short_dir / "sub" / "icp.sock"
     path.parent.mkdir()
