@@ -42,7 +42,7 @@ def user_groups(username: str) -> list[str] | None:
     system user."""
     try:
         entry = pwd.getpwnam(username)
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a NUL in the name
         return None
     names = []
     for gid in os.getgrouplist(username, entry.pw_gid):

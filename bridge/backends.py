@@ -403,8 +403,9 @@ class BackendLauncher:
             return self.own_account()  # a greeter: no user yet, as ogon runs it
         try:
             entry = pwd.getpwnam(name)
-        except KeyError:
-            raise BackendError(f"no system account {name!r} to run {module.name} as") from None
+        except (KeyError, ValueError):
+            raise BackendError(f"no system account {name[:64]!r} to run {module.name} "
+                               f"as") from None
         return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
 
     @staticmethod

@@ -247,6 +247,10 @@ class SessionLifecycle:
 
     async def _authenticate(self, username: str, password: str, domain: str,
                             where: str, source: str) -> Identity | None:
+        if len(username) > 256 or any(ord(c) < 32 for c in username):
+            self.log.warn("logon ({where}) refused: the user name is not a name ({length} "
+                          "characters, control characters)", where=where, length=len(username))
+            return None
         if not logon_allowed(self.properties, username):
             self.log.warn("logon of user {username} ({where}) refused by "
                           "permission.groups.whiteList/blackList", username=username, where=where)

@@ -216,8 +216,8 @@ class OtsApiHandler:
             self.log.info("OTS API logon for user {username}", username=username)
             return TReturnLogonConnection(success=True, authToken=token)
 
-        if not username:
-            self.log.warn("OTS API logon without a user name refused")
+        if not username or len(username) > 256 or any(ord(c) < 32 for c in username):
+            self.log.warn("OTS API logon refused: no user name, or not a name")
             return refused
         if not logon_allowed(self.properties, username):
             self.log.warn("OTS API logon of user {username} refused by "

@@ -136,9 +136,9 @@ class SessionTokenFiles:
             return None
         try:
             entry = pwd.getpwnam(username)
-        except KeyError:
+        except (KeyError, ValueError):
             self.log.warn("token file of user {username} stays owned by root: no such "
-                          "system user", username=username)
+                          "system user", username=username[:64])
             return None
         return entry.pw_uid, entry.pw_gid
 

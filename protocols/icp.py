@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, EncodeError, Message
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -125,12 +126,25 @@ Handler: TypeAlias = Callable[[Any], "Message | Deferred[Message]"]
 
 def parse(message_type: type[Message], data: bytes) -> Any:
     """Decode ``data`` strictly: proto2 required fields must all be present
-    (the Python runtime's parser does not check that by itself)."""
+    and strings must be UTF-8 (the Python runtime checks neither: it hands
+    out bytes for a string that is not valid UTF-8)."""
     message = message_type.FromString(data)
     if not message.IsInitialized():
         missing = ", ".join(message.FindInitializationErrors())
         raise DecodeError(f"{message_type.__name__} is missing required fields: {missing}")
+    _check_strings(message)
     return message
+
+
+def _check_strings(message: Message) -> None:
+    for field, value in message.ListFields():
+        if field.type == FieldDescriptor.TYPE_STRING:
+            values = value if field.is_repeated else [value]
+            if any(isinstance(v, bytes) for v in values):
+                raise DecodeError(f"{type(message).__name__}.{field.name} is not valid UTF-8")
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            for item in (value if field.is_repeated else [value]):
+                _check_strings(item)
 
 
 _ONE_BYTE_VARINTS = [bytes((value,)) for value in range(0x80)]
