@@ -347,7 +347,7 @@ def bridge_side_case(frames: list[bytes]) -> None:
 
 def bridge_answers_case(frames: list[bytes]) -> None:
     bridge = Bridge()
-    proto, transport = bridge.rdp_connection()
+    proto, _ = bridge.rdp_connection()
     calls = [proto.call(icp.MSG_VIRTUAL_CHANNEL_OPEN, ICP_pb2.OtsApiVirtualChannelOpenRequest(
         connectionId=1, virtualName="c", dynamicChannel=False, flags=0)) for _ in range(3)]
     results: list[Any] = []
