@@ -4,6 +4,8 @@ RDP server that never handshakes or stops reading, failed-logon throttling."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -281,8 +283,8 @@ class ThrottleTests(SynchronousTestCase):
         assert self.successResultOf(rdp) is not None
 
     def test_lockouts_survive_a_restart_and_an_admin_clears_them(self) -> None:
-        path = Path(self.mktemp())
-        path.mkdir()
+        path = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, path, True)
         store = LockoutStore(path / "state.sqlite3")
         guard = LogonGuard(self.inner, self.clock, ThrottlePolicy(lockout_failures=2,
                                                                   failures_before_delay=5),
@@ -312,3 +314,32 @@ def test_zero_disables_a_timeout() -> None:
     proto.dataReceived(b"\x00\x00")
     clock.advance(10**6)
     assert not transport.disconnecting
+
+
+def test_tls_handshakes_are_served_in_turn() -> None:
+    """Past max_handshakes, new TLS connections wait (not read) for their
+    turn; past the queue's length the listener stops accepting."""
+    clock = Clock()
+    from protocols.generated.otsapi import otsapi as twisted_otsapi
+
+    factory = ThriftServerFactory(twisted_otsapi, Handler(), limits=ConnectionLimits(
+        clock=clock, max_handshakes=2, max_handshake_queue=2))
+    accepting: list[bool] = []
+    factory.pause_accepting = lambda: accepting.append(False)
+    factory.resume_accepting = lambda: accepting.append(True)
+    protos = []
+    for _ in range(5):
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        transport._handshakeDone = False  # what Twisted's TLS wrapper shows  # type: ignore
+        proto.makeConnection(transport)
+        protos.append((proto, transport))
+    states = [t.producerState for _, t in protos]
+    assert states == ["producing", "producing", "paused", "paused", "paused"]
+    assert accepting == [False], "the queue is full: stop accepting"
+    clock.advance(30)
+    assert not protos[2][1].disconnecting, "waiting does not count toward its timeout"
+    protos[0][0].handshakeCompleted()
+    assert protos[2][1].producerState == "producing", "first come, first served"
+    protos[1][0].handshakeCompleted()
+    assert protos[3][1].producerState == "producing" and accepting == [False, True]
