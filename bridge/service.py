@@ -140,6 +140,9 @@ class BridgeService(MultiService):
                                                   self.thrift_limits)
         self.thrift_listener = ListeningService("OTS API", self.thrift_description,
                                                 self.thrift_factory, reactor)
+        self.thrift_factory.pause_accepting = lambda: self._accepting(False)
+        self.thrift_factory.resume_accepting = lambda: self._accepting(True)
+
         self.thrift_listener.setServiceParent(self)
         sweeper = TimerService(TOKEN_SWEEP_INTERVAL, self.tokens.expire)
         sweeper.clock = clock
@@ -162,6 +165,15 @@ class BridgeService(MultiService):
         key = Path(self.properties.get_string("ssl.key") or "")
         ensure_pair(certificate, key)
         return with_certificate(description, certificate, key)
+
+    def _accepting(self, on: bool) -> None:
+        """Under a storm of TLS handshakes: stop accepting while enough wait."""
+        port = self.thrift_listener.port
+        if port is not None and hasattr(port, "startReading"):
+            if on:
+                port.startReading()
+            else:
+                port.stopReading()
 
     def _rdp_peer(self) -> RdpPeer:
         creds = self.link.credentials

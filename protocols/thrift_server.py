@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import struct
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -34,7 +35,13 @@ from thrift.protocol.TProtocol import TProtocolException
 from thrift.Thrift import TApplicationException, TMessageType, TType
 from thrift.transport.TTransport import TMemoryBuffer, TTransportException
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -102,6 +109,14 @@ class ConnectionLimits:
     tls_handshake_timeout: float = 10.0
     idle_timeout: float = 3600.0
     max_calls_in_flight: int = 1000
+    # TLS handshakes in progress at once. Later connections are accepted but
+    # not read until one finishes (first come, first served), instead of
+    # spreading the CPU over every handshake so that none finishes in time.
+    max_handshakes: int = 64
+    # Connections waiting for their handshake. Past this the listener stops
+    # accepting: further clients wait in the kernel's backlog, costing no
+    # memory here (a TLS connection costs ~50 KB before it is used).
+    max_handshake_queue: int = 2048
     # Reading pauses while this much output waits; above the cap the client is dropped.
     pause_output: int = 256 * 1024
     max_pending_output: int = 16 * 1024 * 1024
@@ -175,6 +190,7 @@ def describe_mismatch(first: bytes) -> str | None:
     return None
 
 
+@implementer(IHandshakeListener)
 class ThriftServerProtocol(Protocol):
     """Serves one Thrift client connection.
 
@@ -201,6 +217,7 @@ class ThriftServerProtocol(Protocol):
         self.calls_in_flight = 0
         self.calls_served = 0
         self.frame_started_at: float | None = None
+        self._handshaking = False
         self._clock: IReactorTime | None = None  # the factory's, once admitted
         self._paused_for: set[str] = set()
         self._protocol_factory = _protocol_factory(self.limits.string_limit,
@@ -218,6 +235,9 @@ class ThriftServerProtocol(Protocol):
             self._closing = True
             self.transport.abortConnection()
             return
+        self._handshaking = self.tls_pending
+        if self._handshaking and factory is not None:
+            factory.handshake_started(self)
         # Twisted pauses us (stops our reading) while our replies back up.
         self.transport.registerProducer(_ReadPauser(self), True)
 
@@ -228,7 +248,17 @@ class ThriftServerProtocol(Protocol):
         self._buffer.clear()
         factory = getattr(self, "factory", None)
         if factory is not None:
+            if self._handshaking:
+                self._handshaking = False
+                factory.handshake_ended(self)
             factory.forget(self)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake is done."""
+        factory = getattr(self, "factory", None)
+        if self._handshaking and factory is not None:
+            self._handshaking = False
+            factory.handshake_ended(self)
 
     @property
     def tls_pending(self) -> bool:
@@ -561,6 +591,14 @@ class ThriftServerFactory(Factory):
             clock = self.limits.clock
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.connections: set[ThriftServerProtocol] = set()
+        # TLS handshakes running, and connections waiting for their turn.
+        self.handshakes: set[ThriftServerProtocol] = set()
+        self.handshake_queue: deque[ThriftServerProtocol] = deque()
+        # Set by whoever listens: stop and start accepting (the port's
+        # stopReading/startReading).
+        self.pause_accepting: Callable[[], None] | None = None
+        self.resume_accepting: Callable[[], None] | None = None
+        self._accepting = True
         self.refused = 0
         self._refused_logged_at = -1e9
         self._sweep_call: IDelayedCall | None = None
@@ -604,6 +642,32 @@ class ThriftServerFactory(Factory):
     def forget(self, proto: ThriftServerProtocol) -> None:
         self.connections.discard(proto)
 
+    def handshake_started(self, proto: ThriftServerProtocol) -> None:
+        if len(self.handshakes) < self.limits.max_handshakes:
+            self.handshakes.add(proto)
+            return
+        proto.pause("waiting to handshake")
+        self.handshake_queue.append(proto)
+        if len(self.handshake_queue) >= self.limits.max_handshake_queue and self._accepting \
+                and self.pause_accepting is not None:
+            self._accepting = False
+            self.pause_accepting()
+
+    def handshake_ended(self, proto: ThriftServerProtocol) -> None:
+        self.handshakes.discard(proto)
+        while self.handshake_queue and len(self.handshakes) < self.limits.max_handshakes:
+            waiting = self.handshake_queue.popleft()
+            if waiting._closing or not waiting._handshaking:
+                continue
+            # Its limits count from its turn, not from the wait.
+            waiting.connected_at = waiting.last_activity = self.clock.seconds()
+            self.handshakes.add(waiting)
+            waiting.resume("waiting to handshake")
+        if not self._accepting and len(self.handshake_queue) <= \
+                self.limits.max_handshake_queue // 2 and self.resume_accepting is not None:
+            self._accepting = True
+            self.resume_accepting()
+
     # -- timeouts, checked by one sweep for all connections --------------------
 
     def _sweep(self) -> None:
@@ -622,6 +686,8 @@ class ThriftServerFactory(Factory):
                  ) -> str | None:
         age = now - proto.connected_at
         quiet = now - proto.last_activity
+        if "waiting to handshake" in proto._paused_for:
+            return None  # its time starts with its turn
         if limits.tls_handshake_timeout and proto.tls_pending \
                 and age > limits.tls_handshake_timeout:
             return f"TLS handshake not finished within {limits.tls_handshake_timeout:g} s"
