@@ -39,6 +39,7 @@ from protocols.generated.otsapi.ttypes import (
     TSessionInfoValue,
     TVersion,
 )
+from protocols.loglimit import LogLimiter
 from protocols.thrift_server import current_peer
 
 VERSION = (1, 1)
@@ -113,6 +114,9 @@ class OtsApiHandler:
         self.lifecycle = lifecycle
         self.properties = properties
         self.channels = channels
+        # Under backpressure every bridged call can fail alike: one line per
+        # method and reason per 10 s, with a count.
+        self.log_limit = LogLimiter(registry.clock)
 
     # -- helpers --------------------------------------------------------------
 
@@ -167,8 +171,10 @@ class OtsApiHandler:
     def _bridge_failed(self, failure: Failure, method: str, session_id: int,
                        failure_value: Callable[[], T] | T) -> T:
         failure.trap(IcpError)
-        self.log.warn("{method} for session {session_id} failed: {reason}",
-                      method=method, session_id=session_id, reason=failure.getErrorMessage())
+        self.log_limit.warn(self.log, (method, type(failure.value)),
+                            "{method} for session {session_id} failed: {reason}",
+                            method=method, session_id=session_id,
+                            reason=failure.getErrorMessage())
         return failure_value() if callable(failure_value) else failure_value
 
     def _connection(self, method: str, session: Session) -> int | None:

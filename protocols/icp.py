@@ -42,6 +42,7 @@ from protocols.errors import (
     IcpTimeoutError,
 )
 from protocols.generated import ICP_pb2, SBP_pb2, pbRPC_pb2
+from protocols.loglimit import LogLimiter
 from protocols.transport import TurnBatchedWriter, read_with_recv
 
 RPCBase = pbRPC_pb2.RPCBase
@@ -291,6 +292,9 @@ class IcpProtocol(Protocol):
         # The start of a frame whose end has not arrived yet.
         self._partial = bytearray()
         self.clock: IReactorTime = clock  # type: ignore[assignment]
+        # For what a peer can cause by the thousand (bad requests, answers
+        # too large): one line per kind per 10 s, with a count.
+        self.log_limit = LogLimiter(self.clock)
         self.handlers = handlers
         self.initiator = initiator
         self.call_timeout = call_timeout
@@ -653,7 +657,8 @@ class IcpProtocol(Protocol):
     def _response_received(self, rpc: RPCBase) -> None:
         outstanding = self._pending.pop(rpc.tag, None)
         if outstanding is None:
-            self.log.warn(
+            self.log_limit.warn(
+                self.log, "unknown tag",
                 "ignoring ICP response with unknown tag {tag} ({method})",
                 tag=rpc.tag,
                 method=method_name(rpc.msgType),
@@ -698,7 +703,8 @@ class IcpProtocol(Protocol):
         try:
             request = parse(method.request, rpc.payload)
         except DecodeError as e:
-            self.log.warn(
+            self.log_limit.warn(
+                self.log, ("malformed", msg_type),
                 "malformed {method} request (tag {tag}): {error}",
                 method=method.name, tag=tag, error=str(e),
             )
@@ -741,7 +747,8 @@ class IcpProtocol(Protocol):
         body = RPCBase(tag=tag, isResponse=True, status=SUCCESS, msgType=method.msg_type,
                        payload=payload).SerializeToString()
         if len(body) + 4 > self.max_send_frame:
-            self.log.error(
+            self.log_limit.error(
+                self.log, ("too large", method.msg_type),
                 "{method} answer (tag {tag}) is {size} bytes, over the {limit}-byte frame limit "
                 "an ogon RDP server reads reliably; answering FAILED instead",
                 method=method.name, tag=tag, size=len(body) + 4, limit=self.max_send_frame)

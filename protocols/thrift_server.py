@@ -21,7 +21,10 @@ names and containers far shorter than a frame. Every close says why.
 from __future__ import annotations
 
 import contextvars
+import fcntl
+import re
 import struct
+import termios
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +50,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from protocols.loglimit import LogLimiter
 from protocols.transport import is_plain_socket, write_now
 
 try:  # the C extension; without it the pure-Python codec is used.
@@ -211,6 +215,9 @@ class ThriftServerProtocol(Protocol):
         self._mode: str | None = None
         # Set once the connection is closing: no further requests are served.
         self._closing = False
+        # Shared by the factory's connections: what clients can cause by the
+        # thousand is logged once per kind per 10 s, with a count.
+        self.log_limit: LogLimiter | None = None
         # Bookkeeping for the limits (times on the factory's clock).
         self.connected_at = 0.0
         self.last_activity = 0.0
@@ -286,6 +293,10 @@ class ThriftServerProtocol(Protocol):
         self._paused_for.discard(why)
         if not self._paused_for and self.transport is not None and not self._closing:
             self.transport.resumeProducing()
+            if self._buffer and self._clock is not None:
+                # The rest of a frame could not come while we were not
+                # reading: its time starts again now.
+                self.frame_started_at = self._clock.seconds()
 
     def drop(self, reason: str) -> None:
         """Close the connection because a limit was reached."""
@@ -337,7 +348,8 @@ class ThriftServerProtocol(Protocol):
             return False
         if first[:2] == b"\x80\x01":
             self._mode = "unframed"
-            self.log.warn(
+            self._warn(
+                "unframed",
                 "OTS API client {peer} uses the unframed (buffered) transport; serving it, "
                 "but configure the client with TFramedTransport",
                 peer=self._peer(),
@@ -386,9 +398,17 @@ class ThriftServerProtocol(Protocol):
             del self._buffer[:end]
             self._message(data[:end], framed=False)
 
+    def _warn(self, kind: str, format: str, **kwargs: Any) -> None:
+        if self.log_limit is None:
+            self.log.warn(format, **kwargs)
+        else:
+            self.log_limit.warn(self.log, kind, format, **kwargs)
+
     def _reject(self, reason: str) -> None:
-        self.log.warn("closing OTS API connection from {peer}: {reason}",
-                      peer=self._peer(), reason=reason)
+        # Reasons of a kind differ in their numbers and details only.
+        kind = "close " + re.sub(r"\d+", "N", reason)[:40]
+        self._warn(kind, "closing OTS API connection from {peer}: {reason}",
+                   peer=self._peer(), reason=reason)
         self._closing = True
         self._buffer.clear()
         self.transport.loseConnection()
@@ -446,8 +466,8 @@ class ThriftServerProtocol(Protocol):
         self.calls_served += 1
         if method is None or message_type not in (TMessageType.CALL, TMessageType.ONEWAY):
             text = shown(name)
-            self.log.warn("OTS API client {peer} called unknown method {method}",
-                          peer=self._peer(), method=text)
+            self._warn("unknown method", "OTS API client {peer} called unknown method {method}",
+                       peer=self._peer(), method=text)
             self._send_exception(
                 text, seqid, framed,
                 TApplicationException(TApplicationException.UNKNOWN_METHOD,
@@ -467,8 +487,9 @@ class ThriftServerProtocol(Protocol):
             else:
                 args.read(self._iprot)
         except Exception as e:
-            self.log.warn("bad arguments to {method} from {peer}: {error}",
-                          method=method.name, peer=self._peer(), error=shown(str(e), 200))
+            self._warn(f"bad arguments {method.name}",
+                       "bad arguments to {method} from {peer}: {error}",
+                       method=method.name, peer=self._peer(), error=shown(str(e), 200))
             self._send_exception(
                 method.name, seqid, framed,
                 TApplicationException(TApplicationException.PROTOCOL_ERROR,
@@ -590,6 +611,7 @@ class ThriftServerFactory(Factory):
         else:
             clock = self.limits.clock
         self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.log_limit = LogLimiter(self.clock)
         self.connections: set[ThriftServerProtocol] = set()
         # TLS handshakes running, and connections waiting for their turn.
         self.handshakes: set[ThriftServerProtocol] = set()
@@ -607,6 +629,7 @@ class ThriftServerFactory(Factory):
         proto = ThriftServerProtocol(self.methods, self.handler, self.max_frame_size,
                                      self.limits)
         proto.factory = self
+        proto.log_limit = self.log_limit
         return proto
 
     # -- the cap and the reserve -------------------------------------------------
@@ -692,7 +715,12 @@ class ThriftServerFactory(Factory):
                 and age > limits.tls_handshake_timeout:
             return f"TLS handshake not finished within {limits.tls_handshake_timeout:g} s"
         started = proto.frame_started_at
-        if limits.frame_timeout and started is not None and now - started > limits.frame_timeout:
+        # While the bridge itself is not reading (calls in flight, replies
+        # queued) a frame cannot finish: that is no slowloris.
+        # Nor is bytes waiting in the socket that a busy reactor has not read.
+        if limits.frame_timeout and started is not None and not proto._paused_for \
+                and now - started > limits.frame_timeout \
+                and not _unread_bytes(proto.transport):
             return f"frame begun but not finished within {limits.frame_timeout:g} s"
         if limits.first_call_timeout and not proto.calls_served \
                 and age > limits.first_call_timeout:
@@ -707,6 +735,17 @@ class ThriftServerFactory(Factory):
         if self._sweep_call is not None and self._sweep_call.active():
             self._sweep_call.cancel()
         self._sweep_call = None
+
+
+def _unread_bytes(transport: Any) -> int:
+    """Bytes the client sent that the kernel holds and we have not read."""
+    fd = _descriptor(transport)
+    if fd is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def _descriptor(transport: Any) -> int | None:

@@ -179,6 +179,9 @@ class TurnBatchedWriter:
         self._aligner = (FrameAligner(transport, frame_limit)
                          if self._batching and frame_limit is not None else None)
         self._pending: list[bytes] = []
+        # len() of all of _pending, kept as it grows: ``queued`` is asked
+        # per call, and a turn can collect tens of thousands of frames.
+        self._pending_bytes = 0
         self._flush_call: Any = None
 
     def write(self, data: bytes, batch: bool = True) -> None:
@@ -191,6 +194,7 @@ class TurnBatchedWriter:
             self._send(data)
             return
         self._pending.append(data)
+        self._pending_bytes += len(data)
         if self._flush_call is None:
             self._flush_call = self.clock.callLater(0, self.flush)
 
@@ -209,12 +213,13 @@ class TurnBatchedWriter:
         if self._pending:
             data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
             self._pending.clear()
+            self._pending_bytes = 0
             self._send(data)
 
     @property
     def queued(self) -> int:
         """Bytes written but not yet handed to the kernel."""
-        pending = sum(map(len, self._pending))
+        pending = self._pending_bytes
         transport = self.transport
         buffered = getattr(transport, "_tempDataLen", 0) + len(
             getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
@@ -226,3 +231,4 @@ class TurnBatchedWriter:
             self._flush_call.cancel()
         self._flush_call = None
         self._pending.clear()
+        self._pending_bytes = 0

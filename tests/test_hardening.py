@@ -5,6 +5,7 @@ RDP server that never handshakes or stops reading, failed-logon throttling."""
 from __future__ import annotations
 
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import Logger, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from bridge.auth import Identity, InMemoryAuthenticator
@@ -23,6 +24,7 @@ from protocols.errors import IcpBackpressureError, IcpDisconnectedError
 from protocols.generated import ICP_pb2
 from protocols.generated.otsapi_blocking import otsapi
 from protocols.icp import MSG_PING, IcpState
+from protocols.loglimit import LogLimiter
 from protocols.thrift_server import ConnectionLimits, ThriftServerFactory
 from tests.test_thrift_server import call_bytes, decode_replies, framed
 from tests.wire import connected_icp, frame, handshake
@@ -76,6 +78,19 @@ class ThriftLimitsTests(SynchronousTestCase):
         assert transport.disconnecting
         assert any("frame begun but not finished within 10 s" in m for m in messages(events))
 
+    def test_a_flood_of_bad_calls_is_a_few_log_lines_with_a_count(self) -> None:
+        self.limits.max_calls_in_flight = 10_000
+        proto, transport = self.connect()
+        unknown = struct.pack("!Ii", 0x80010001, 5) + b"nosuc" + struct.pack("!i", 1) + b"\0"
+        with capturedLogs() as events:
+            proto.dataReceived(framed(unknown) * 1000)
+            assert len(decode_replies(transport.value(), "ping")) == 1000, "each is answered"
+            self.clock.advance(10)
+        lines = [m for m in messages(events) if "unknown method" in m]
+        assert lines == ["OTS API client 192.0.2.9:5000 called unknown method nosuc",
+                         "OTS API client 192.0.2.9:5000 called unknown method nosuc "
+                         "(999 like it in the last 10 s)"]
+
     def test_a_connection_that_says_nothing_is_closed(self) -> None:
         _, transport = self.connect()
         self.clock.advance(29)
@@ -124,6 +139,20 @@ class ThriftLimitsTests(SynchronousTestCase):
         assert transport.producerState == "paused"
         self.handler.pending.pop(0).callback(1)
         assert transport.producerState == "producing"
+
+    def test_a_frame_held_up_by_our_own_pause_is_no_slowloris(self) -> None:
+        proto, transport = self.connect()
+        calls = b"".join(framed(call_bytes("ping", n, input=-1)) for n in (1, 2))
+        third = framed(call_bytes("ping", 3, input=5))
+        proto.dataReceived(calls + third[:5])  # the rest is unread while we are paused
+        assert transport.producerState == "paused"
+        self.clock.advance(30)
+        assert not transport.disconnecting, "we were not reading: the frame could not finish"
+        self.handler.pending.pop(0).callback(1)
+        self.clock.advance(9)
+        proto.dataReceived(third[5:])
+        assert not transport.disconnecting
+        assert [seqid for seqid, _ in decode_replies(transport.value(), "ping")] == [1, 3]
 
     def test_a_client_that_does_not_read_is_dropped(self) -> None:
         proto, transport = self.connect()
@@ -343,3 +372,23 @@ def test_tls_handshakes_are_served_in_turn() -> None:
     assert protos[2][1].producerState == "producing", "first come, first served"
     protos[1][0].handshakeCompleted()
     assert protos[3][1].producerState == "producing" and accepting == [False, True]
+
+
+class LogLimiterTests(SynchronousTestCase):
+    def test_one_line_per_kind_and_interval_then_a_count(self) -> None:
+        clock = Clock()
+        limiter = LogLimiter(clock, interval=10)
+        log = Logger(namespace="test")
+        with capturedLogs() as events:
+            for n in range(5):
+                limiter.warn(log, "a", "call {n} failed", n=n)
+            limiter.warn(log, "b", "other {n}", n=0)
+            assert messages(events) == ["call 0 failed", "other 0"]
+            clock.advance(10)
+            assert messages(events)[2:] == ["call 4 failed (4 like it in the last 10 s)"]
+            limiter.warn(log, "a", "call {n} failed", n=9)
+            assert messages(events)[3:] == ["call 9 failed"], "a quiet kind logs at once again"
+            limiter.warn(log, "a", "call {n} failed", n=10)
+            limiter.flush()
+            assert messages(events)[4:] == ["call 10 failed (1 like it in the last 10 s)"]
+        assert not clock.getDelayedCalls()
