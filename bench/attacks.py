@@ -1,0 +1,719 @@
+"""The security review's attacks, replayed against a real bridge, with the
+figures a timed unit test could not give reliably (memory, log volume,
+seconds of delay).
+
+Each attack starts its own ``twistd -n icp-bridge`` from ``--bridge-root``
+(this checkout by default; point it at an older checkout to get the
+"before" column), runs, and prints one JSON object of figures. The attacks:
+
+- ``token_bomb``: 600 getPermissionForToken calls with distinct 4 MB junk
+  tokens.
+- ``never_reads``: calls with a 1 MB method name, never reading a reply;
+  then 2,000,000 pipelined pings, never reading.
+- ``rdp_stops_reading``: the RDP server logs a user on, then stops reading;
+  100,000 bridged calls (virtualChannelOpen) over 100 connections.
+- ``password_queue``: 1,000 wrong guesses through the OTS API, then a real
+  logonConnection (from another address) and a real LogonUser, timed.
+- ``timing``: unknown user vs wrong password, medians of 200 checks.
+- ``icp_silent``: a peer that connects to the ICP socket and never
+  handshakes, then the real RDP server.
+- ``stale_lock``: kill -9 and start again at once (the dead one unreaped).
+- ``planted_fifo``: a restored session's token file replaced by a FIFO.
+- ``foreign_socket_dir``: the ICP socket's directory owned by another
+  user and writable by all.
+- ``corrupt_state``: random bytes over state.sqlite3.
+- ``disk_full``: the state on a full 1 MiB tmpfs, 400 logons (root only).
+
+usage: python -m bench.attacks [--bridge-root DIR] [ATTACK ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from thrift.protocol import TBinaryProtocol
+from thrift.Thrift import TMessageType
+from thrift.transport import TSocket, TTransport
+
+from bench.run import PASSWORD, ROOT, bench_config, free_port, port_open, wait_for
+from protocols import icp
+from protocols.generated import ICP_pb2, pbRPC_pb2
+from protocols.generated.otsapi_blocking import otsapi
+
+RPCBase = pbRPC_pb2.RPCBase
+KEEP = False  # --keep: leave each bridge's directory (its log) for a look
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def call_frame(name: str | bytes, args: Any = None, seqid: int = 1) -> bytes:
+    """A framed CALL; ``name`` may be any bytes (an attacker's method name)."""
+    raw = name if isinstance(name, bytes) else name.encode()
+    body = struct.pack("!Ii", 0x80010000 | TMessageType.CALL, len(raw)) + raw
+    body += struct.pack("!i", seqid)
+    if args is None:
+        body += b"\x00"
+    else:
+        transport = TTransport.TMemoryBuffer()
+        args.write(TBinaryProtocol.TBinaryProtocol(transport))
+        body += transport.getvalue()
+    return struct.pack("!i", len(body)) + body
+
+
+def icp_frame(rpc: RPCBase) -> bytes:
+    body = rpc.SerializeToString()
+    return struct.pack("!I", len(body)) + body
+
+
+class IcpPeer:
+    """A minimal RDP server: blocking, for scripting attacks."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.tag = 1
+
+    def send(self, rpc: RPCBase) -> None:
+        self.sock.sendall(icp_frame(rpc))
+
+    def recv(self) -> RPCBase:
+        (length,) = struct.unpack("!I", self._exactly(4))
+        return RPCBase.FromString(self._exactly(length))
+
+    def _exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def handshake(self) -> None:
+        self.send(RPCBase(tag=0, isResponse=False, status=RPCBase.SUCCESS,
+                          msgType=icp.HANDSHAKE_MSG_TYPE,
+                          versionInfo=pbRPC_pb2.VersionInfo(vmajor=1, vminor=1)))
+        answer = self.recv()
+        assert answer.msgType == icp.HANDSHAKE_MSG_TYPE, answer
+
+    def logon(self, connection_id: int, user: str, password: str) -> RPCBase:
+        """LogonUser; the answer (requests from the bridge meanwhile are
+        answered NOTFOUND, as an RDP server without that handler would)."""
+        self.tag += 1
+        tag = self.tag
+        self.send(RPCBase(tag=tag, isResponse=False, status=RPCBase.SUCCESS,
+                          msgType=icp.MSG_LOGON_USER, payload=ICP_pb2.LogonUserRequest(
+                              connectionId=connection_id, username=user, password=password,
+                              domain="", width=1024, height=768, colorDepth=32,
+                              clientHostName="attack", clientAddress="192.0.2.7",
+                              clientBuildNumber=1, clientProductId=1, clientHardwareId=0,
+                              clientProtocolType=2).SerializeToString()))
+        while True:
+            rpc = self.recv()
+            if rpc.isResponse and rpc.tag == tag:
+                return rpc
+            if not rpc.isResponse:
+                self.send(RPCBase(tag=rpc.tag, isResponse=True, status=RPCBase.NOTFOUND,
+                                  msgType=rpc.msgType))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def endpoint_of(answer: RPCBase) -> str | None:
+    if answer.status != RPCBase.SUCCESS:
+        return None
+    return ICP_pb2.LogonUserResponse.FromString(answer.payload).serviceEndpoint
+
+
+class Bridge:
+    """``twistd -n icp-bridge`` from ``root``, on its own temporary files."""
+
+    def __init__(self, root: Path, users: dict[str, str] | None = None,
+                 state_dir: Path | None = None, icp_path: Path | None = None,
+                 scrypt_n: int | None = 1024) -> None:
+        self.root = root
+        self.base = Path(tempfile.mkdtemp(prefix="ib-attack-", dir="/tmp"))
+        self.port = free_port()
+        self.icp_path = icp_path or self.base / "icp.sock"
+        self.state_dir = state_dir or self.base / "state"
+        self.users = self.base / "users"
+        self.log_path = self.base / "bridge.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.current = root == ROOT or (root / "bridge" / "backends.py").exists()
+        self.write_users(users or {"bench": PASSWORD}, scrypt_n)
+
+    def python(self, code: str, *argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", code, *argv], cwd=self.root, text=True,
+                              capture_output=True,
+                              env={**os.environ, "PYTHONPATH": str(self.root)}, **kwargs)
+
+    def write_users(self, users: dict[str, str], scrypt_n: int | None) -> None:
+        code = ("import json, sys\nfrom pathlib import Path\n"
+                "from bridge.auth import UserEntry, hash_password, write_users\n"
+                "users = json.loads(sys.argv[2]); n = json.loads(sys.argv[3])\n"
+                "write_users(Path(sys.argv[1]), [UserEntry(name, 0x1FF, hash_password(pw, "
+                "**({'n': n} if n else {}))) for name, pw in users.items()])\n")
+        self.python(code, str(self.users), json.dumps(users), json.dumps(scrypt_n),
+                    check=True)
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+                "--pidfile=", "icp-bridge", "--icp", f"unix:{self.icp_path}",
+                "--thrift", f"tcp:{self.port}:interface=127.0.0.1",
+                "--state", str(self.state_dir), "--users", str(self.users),
+                "--token-dir", str(self.base)]
+        if self.current:
+            # Sessions run the stand-in backend (the older bridge starts none).
+            argv += ["--config", str(bench_config(self.base))]
+        return argv
+
+    def start(self, wait: bool = True, timeout: float = 30.0) -> None:
+        log = open(self.log_path, "a")
+        self.popen = subprocess.Popen(self.argv(), cwd=self.root, stdout=log,
+                                      stderr=subprocess.STDOUT,
+                                      env={**os.environ, "PYTHONPATH": str(self.root)})
+        log.close()
+        if wait:
+            wait_for(lambda: self.listening() or self.popen.poll() is not None,
+                     "the bridge", timeout=timeout)
+            if not self.listening():
+                raise RuntimeError(f"the bridge did not start:\n{self.log()[-3000:]}")
+
+    def listening(self) -> bool:
+        return port_open(self.port) and self.icp_path.exists()
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def client(self, source: str | None = None) -> tuple[Any, Any]:
+        sock = TSocket.TSocket("127.0.0.1", self.port)
+        if source:
+            raw = socket.socket()
+            raw.bind((source, 0))
+            raw.connect(("127.0.0.1", self.port))
+            sock.handle = raw
+        transport = TTransport.TFramedTransport(sock)
+        if not source:
+            transport.open()
+        return otsapi.Client(TBinaryProtocol.TBinaryProtocol(transport)), transport
+
+    def kill9(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self.kill_backends()
+
+    def kill_backends(self) -> None:
+        """Stand-in backends are ours (their command line names our
+        directory); they outlive a kill -9 of the bridge by design."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(self.base).encode() in cmdline and b"standin_backend" in cmdline:
+                try:
+                    os.killpg(int(entry.name), signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def cleanup(self) -> None:
+        self.stop()
+        if KEEP:
+            print(f"kept {self.base}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+def settle(pid: int, seconds: float = 2.0) -> float:
+    """RSS after the bridge has had time to free what it can."""
+    time.sleep(seconds)
+    return rss_mb(pid)
+
+
+# -- the attacks ------------------------------------------------------------------------
+
+def token_bomb(root: Path) -> dict[str, Any]:
+    bridge = Bridge(root)
+    try:
+        bridge.start()
+        before = rss_mb(bridge.pid)
+        junk = "x" * 4_000_000
+        answered = closed = 0
+        started = time.monotonic()
+        sock = socket.create_connection(("127.0.0.1", bridge.port))
+        for n in range(600):
+            # Each token differs: a cache keyed by token keeps each one.
+            call = call_frame("getPermissionForToken",
+                              otsapi.getPermissionForToken_args(authToken=f"{n:06d}{junk}"))
+            try:
+                sock.sendall(call)
+                sock.settimeout(30)
+                header = sock.recv(4)
+                if not header:
+                    raise ConnectionError
+                (length,) = struct.unpack("!i", header)
+                while length > 0:
+                    length -= len(sock.recv(min(length, 65536)))
+                answered += 1
+            except (ConnectionError, OSError, struct.error):
+                closed += 1
+                sock.close()
+                sock = socket.create_connection(("127.0.0.1", bridge.port))
+        sock.close()
+        peak = rss_mb(bridge.pid)
+        return {"calls": 600, "answered": answered, "connection_closed": closed,
+                "seconds": round(time.monotonic() - started, 1), "rss_before_mb": before,
+                "rss_after_mb": peak, "rss_settled_mb": settle(bridge.pid)}
+    finally:
+        bridge.cleanup()
+
+
+def _send_until_blocked(sock: socket.socket, frames: Callable[[], bytes], limit: int,
+                        stall: float = 3.0) -> tuple[int, bool]:
+    """Send up to ``limit`` bytes, stopping when the bridge stops taking
+    them for ``stall`` seconds or closes. (bytes sent, closed by bridge)"""
+    sent = 0
+    sock.settimeout(stall)
+    while sent < limit:
+        data = frames()
+        try:
+            sock.sendall(data)
+        except TimeoutError:
+            return sent, False
+        except OSError:
+            return sent, True
+        sent += len(data)
+    return sent, False
+
+
+def never_reads(root: Path) -> dict[str, Any]:
+    bridge = Bridge(root)
+    try:
+        bridge.start()
+        log_before = len(bridge.log())
+        before = rss_mb(bridge.pid)
+        sock = socket.create_connection(("127.0.0.1", bridge.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        big_name = call_frame(b"A" * 1_000_000)
+        sent, closed = _send_until_blocked(sock, lambda: big_name, 400 * len(big_name))
+        big = {"sent_mb": round(sent / 2**20, 1), "closed_by_bridge": closed,
+               "rss_before_mb": before, "rss_after_mb": rss_mb(bridge.pid),
+               "log_growth_kb": round((len(bridge.log()) - log_before) / 1024, 1)}
+        sock.close()
+        time.sleep(1)
+        before = rss_mb(bridge.pid)
+        sock = socket.create_connection(("127.0.0.1", bridge.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        pings = call_frame("ping", otsapi.ping_args(input=7)) * 10_000
+        sent, closed = _send_until_blocked(sock, lambda: pings, 2_000_000 * len(pings) // 10_000)
+        small = {"sent_mb": round(sent / 2**20, 1), "pings_sent": sent * 10_000 // len(pings),
+                 "closed_by_bridge": closed, "rss_before_mb": before,
+                 "rss_after_mb": rss_mb(bridge.pid)}
+        sock.close()
+        return {"method_name_1mb": big, "pings_unread": small,
+                "rss_settled_mb": settle(bridge.pid)}
+    finally:
+        bridge.cleanup()
+
+
+async def _pipelined(port: int, frames: bytes, calls: int, timeout: float) -> dict[str, int]:
+    """Write ``frames`` (``calls`` calls) on one connection, count replies."""
+    outcome = {"answered": 0, "closed": 0}
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        outcome["closed"] = calls
+        return outcome
+    writer.write(frames)
+    try:
+        while outcome["answered"] < calls:
+            header = await asyncio.wait_for(reader.readexactly(4), timeout)
+            (length,) = struct.unpack("!i", header)
+            await reader.readexactly(length)
+            outcome["answered"] += 1
+    except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+        outcome["closed"] = calls - outcome["answered"]
+    writer.close()
+    return outcome
+
+
+def rdp_stops_reading(root: Path) -> dict[str, Any]:
+    bridge = Bridge(root)
+    try:
+        bridge.start()
+        peer = IcpPeer(bridge.icp_path)
+        peer.handshake()
+        endpoint = endpoint_of(peer.logon(1, "bench", PASSWORD))
+        client, transport = bridge.client()
+        token = client.logonConnection("bench", PASSWORD, "").authToken
+        session_id = client.enumerateSessions(token, 1).sessionInfoList[0].sessionId
+        transport.close()
+        peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # From here on the RDP server reads nothing.
+        before = rss_mb(bridge.pid)
+        call = call_frame("virtualChannelOpen", otsapi.virtualChannelOpen_args(
+            authToken=token, sessionId=session_id, virtualName="CLIPRDR",
+            isDynChannel=False, flags=0))
+        started = time.monotonic()
+        peak = [before]
+
+        async def attack() -> list[dict[str, int]]:
+            async def watch() -> None:
+                while True:
+                    peak[0] = max(peak[0], rss_mb(bridge.pid))
+                    await asyncio.sleep(0.2)
+            watcher = asyncio.ensure_future(watch())
+            try:
+                return await asyncio.gather(*(_pipelined(bridge.port, call * 1000, 1000, 60)
+                                              for _ in range(100)))
+            finally:
+                watcher.cancel()
+
+        outcomes = asyncio.run(attack())
+        peer.close()
+        return {"logon_endpoint": endpoint, "calls": 100_000,
+                "answered": sum(o["answered"] for o in outcomes),
+                "unanswered": sum(o["closed"] for o in outcomes),
+                "seconds_to_last_answer": round(time.monotonic() - started, 1),
+                "rss_before_mb": before, "rss_peak_mb": peak[0],
+                "rss_settled_mb": settle(bridge.pid)}
+    finally:
+        bridge.cleanup()
+
+
+def password_queue(root: Path) -> dict[str, Any]:
+    # Real password hashes (the default cost): checks take what they take.
+    bridge = Bridge(root, users={"bench": PASSWORD, "victim": "victim-pw", "real": "real-pw",
+                                 "rdpuser": "rdp-pw"}, scrypt_n=None)
+    try:
+        bridge.start()
+        guess = call_frame("logonConnection", otsapi.logonConnection_args(
+            username="victim", password="wrong", domain=""))
+        result: dict[str, Any] = {"guesses": 1000}
+
+        async def attack() -> None:
+            loop = asyncio.get_running_loop()
+            guesses = [asyncio.ensure_future(_pipelined(bridge.port, guess * 20, 20, 120))
+                       for _ in range(50)]
+            await asyncio.sleep(0.5)
+
+            def real_ots() -> float:
+                started = time.monotonic()
+                client, transport = bridge.client(source="127.0.0.2")
+                r = client.logonConnection("real", "real-pw", "")
+                transport.close()
+                result["real_logon_ok"] = bool(r.success)
+                return time.monotonic() - started
+
+            def real_rdp() -> float:
+                started = time.monotonic()
+                peer = IcpPeer(bridge.icp_path, timeout=120)
+                peer.handshake()
+                result["rdp_logon_endpoint"] = endpoint_of(peer.logon(1, "rdpuser", "rdp-pw"))
+                peer.close()
+                return time.monotonic() - started
+
+            ots, rdp = await asyncio.gather(loop.run_in_executor(None, real_ots),
+                                            loop.run_in_executor(None, real_rdp))
+            result["real_logon_s"] = round(ots, 2)
+            result["rdp_logon_s"] = round(rdp, 2)
+            started = time.monotonic()
+            outcomes = await asyncio.gather(*guesses)
+            result["guesses_answered"] = sum(o["answered"] for o in outcomes)
+            result["all_guesses_answered_after_s"] = round(time.monotonic() - started + 0.5, 1)
+
+        asyncio.run(attack())
+        text = bridge.log()
+        result["failed_logon_log_lines"] = text.count("failed logon")
+        result["password_in_log"] = "wrong" in text.replace("wrong session", "")
+        return result
+    finally:
+        bridge.cleanup()
+
+
+def timing(root: Path) -> dict[str, Any]:
+    base = Path(tempfile.mkdtemp(prefix="ib-attack-"))
+    try:
+        code = (
+            "import statistics, sys, time\nfrom pathlib import Path\n"
+            "from bridge.auth import UserEntry, UsersFileAuthenticator, hash_password, "
+            "write_users\n"
+            "path = Path(sys.argv[1])\n"
+            "write_users(path, [UserEntry('alice', 0x1FF, hash_password('right'))])\n"
+            "auth = UsersFileAuthenticator(path)\n"
+            "def timed(user):\n"
+            "    started = time.perf_counter(); auth.authenticate(user, 'guess', '')\n"
+            "    return (time.perf_counter() - started) * 1000\n"
+            "unknown = [timed(f'nobody{i}') for i in range(200)]\n"
+            "wrong = [timed('alice') for i in range(200)]\n"
+            "print(round(statistics.median(unknown), 1), round(statistics.median(wrong), 1))\n")
+        out = subprocess.run([sys.executable, "-c", code, str(base / "users")], cwd=root,
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": str(root)}).stdout.split()
+        return {"unknown_user_median_ms": float(out[0]), "wrong_password_median_ms": float(out[1])}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def icp_silent(root: Path) -> dict[str, Any]:
+    bridge = Bridge(root)
+    try:
+        bridge.start()
+        silent = socket.socket(socket.AF_UNIX)
+        silent.connect(str(bridge.icp_path))
+        time.sleep(0.2)
+        started = time.monotonic()
+        served_after = None
+        while time.monotonic() - started < 60:
+            try:
+                peer = IcpPeer(bridge.icp_path, timeout=60 - (time.monotonic() - started))
+                peer.handshake()
+                endpoint_of(peer.logon(1, "bench", PASSWORD))
+                served_after = round(time.monotonic() - started, 1)
+                peer.close()
+                break
+            except (ConnectionError, OSError, AssertionError):
+                time.sleep(0.5)
+        silent.settimeout(1)
+        try:
+            silent_closed = silent.recv(1) == b""
+        except (TimeoutError, OSError):
+            silent_closed = False
+        silent.close()
+        return {"real_rdp_server_served_after_s": served_after,
+                "silent_peer_closed": silent_closed}
+    finally:
+        bridge.cleanup()
+
+
+def _zombie(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def stale_lock(root: Path) -> dict[str, Any]:
+    """Start again right after kill -9 (the dead bridge a zombie, not yet
+    reaped), then with the lock naming a live pid that is not a bridge."""
+    bridge = Bridge(root)
+    result: dict[str, Any] = {}
+    try:
+        bridge.start()
+        first = bridge.popen
+        assert first is not None
+        bridge.kill9()
+        wait_for(lambda: _zombie(first.pid), "the killed bridge to die", 10)
+        for case in ("unreaped", "pid_reused"):
+            if case == "pid_reused":
+                bridge.kill9()
+                assert bridge.popen is not None
+                bridge.popen.wait()
+                lock = Path(f"{bridge.icp_path}.lock")
+                if lock.is_symlink():  # Twisted's FilesystemLock: a link to the pid
+                    lock.unlink()
+                    lock.symlink_to(str(os.getpid()))
+                else:
+                    result["pid_reused_note"] = "the lock is an flock, no pid in it"
+            started = time.monotonic()
+            try:
+                bridge.start(timeout=15)
+                result[f"{case}_listening_after_s"] = round(time.monotonic() - started, 2)
+            except RuntimeError:
+                result[f"{case}_listening_after_s"] = None
+                lines = [line for line in bridge.log().splitlines() if "another" in line]
+                result[f"{case}_refusal"] = lines[-1][-100:] if lines else None
+        first.wait()
+        return result
+    finally:
+        bridge.cleanup()
+
+
+def planted_fifo(root: Path) -> dict[str, Any]:
+    bridge = Bridge(root)
+    try:
+        bridge.start()
+        peer = IcpPeer(bridge.icp_path)
+        peer.handshake()
+        endpoint_of(peer.logon(1, "bench", PASSWORD))
+        token_files = sorted(bridge.base.glob("ogon.session.*"))
+        peer.close()
+        bridge.kill9()
+        assert bridge.popen is not None
+        bridge.popen.wait()
+        for path in token_files:
+            path.unlink()
+            os.mkfifo(path)
+        started = time.monotonic()
+        try:
+            bridge.start(timeout=20)
+            listening = round(time.monotonic() - started, 2)
+        except RuntimeError:
+            listening = None
+        fifo_left = any(p.is_fifo() for p in token_files if p.exists())
+        return {"token_files": len(token_files), "restart_listening_after_s": listening,
+                "fifo_still_there": fifo_left}
+    finally:
+        bridge.cleanup()
+
+
+def foreign_socket_dir(root: Path) -> dict[str, Any]:
+    if os.geteuid() != 0:
+        return {"skipped": "needs root (a directory owned by another user)"}
+    shared = Path(tempfile.mkdtemp(prefix="ib-pipe-", dir="/tmp"))
+    nobody = pwd.getpwnam("nobody")
+    os.chown(shared, nobody.pw_uid, nobody.pw_gid)
+    shared.chmod(0o777)
+    bridge = Bridge(root, icp_path=shared / "icp.sock")
+    try:
+        bridge.start(wait=False)
+        assert bridge.popen is not None
+        try:
+            wait_for(lambda: bridge.listening() or bridge.popen.poll() is not None, "start", 20)
+        except RuntimeError:
+            pass
+        listening = bridge.listening()
+        lines = [line for line in bridge.log().splitlines() if str(shared) in line]
+        return {"started": listening, "exit_status": bridge.popen.poll(),
+                "line": None if listening else (lines[-1][-160:] if lines else None)}
+    finally:
+        bridge.cleanup()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def corrupt_state(root: Path) -> dict[str, Any]:
+    bridge = Bridge(root)
+    try:
+        bridge.start()
+        bridge.stop()
+        (bridge.state_dir / "state.sqlite3").write_bytes(os.urandom(65536))
+        bridge.log_path.unlink()
+        bridge.start(wait=False)
+        assert bridge.popen is not None
+        try:
+            bridge.popen.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        output = [line for line in bridge.log().splitlines() if line.strip()]
+        return {"exit_status": bridge.popen.poll(), "listening": bridge.listening(),
+                "output_lines": len(output),
+                "traceback": any("Traceback" in line for line in output),
+                "last_line": output[-1][-160:] if output else None}
+    finally:
+        bridge.cleanup()
+
+
+def disk_full(root: Path) -> dict[str, Any]:
+    if os.geteuid() != 0:
+        return {"skipped": "needs root (mounting a tmpfs)"}
+    mount = Path(tempfile.mkdtemp(prefix="ib-disk-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    users = {f"u{n}": f"pw{n}" for n in range(400)} | {"bench": PASSWORD}
+    bridge = Bridge(root, users=users, state_dir=mount / "state")
+    try:
+        bridge.start()
+        peer = IcpPeer(bridge.icp_path)
+        peer.handshake()
+        assert endpoint_of(peer.logon(1000, "bench", PASSWORD))
+        with open(mount / "filler", "wb") as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+            except OSError:
+                pass
+        acknowledged = {"bench"}
+        failed = 0
+        for n in range(400):
+            endpoint = endpoint_of(peer.logon(n + 1, f"u{n}", f"pw{n}"))
+            if endpoint and "greeter" not in endpoint:
+                acknowledged.add(f"u{n}")
+            else:
+                failed += 1
+        peer.close()
+        bridge.kill9()
+        assert bridge.popen is not None
+        bridge.popen.wait()
+        (mount / "filler").unlink()
+        bridge.start()
+        client, transport = bridge.client()
+        token = client.logonConnection("bench", PASSWORD, "").authToken
+        restored = {client.querySessionInformation(token, s.sessionId, 5).infoValue.stringValue
+                    for s in client.enumerateSessions(token, 1).sessionInfoList}
+        transport.close()
+        return {"logons": 400, "acknowledged": len(acknowledged) - 1, "refused": failed,
+                "acknowledged_then_lost": len(acknowledged - restored),
+                "write_failures_logged": bridge.log().count("state write failed")}
+    finally:
+        bridge.cleanup()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        shutil.rmtree(mount, ignore_errors=True)
+
+
+ATTACKS: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "token_bomb": token_bomb, "never_reads": never_reads,
+    "rdp_stops_reading": rdp_stops_reading, "password_queue": password_queue,
+    "timing": timing, "icp_silent": icp_silent, "stale_lock": stale_lock,
+    "planted_fifo": planted_fifo, "foreign_socket_dir": foreign_socket_dir,
+    "corrupt_state": corrupt_state, "disk_full": disk_full,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("attacks", nargs="*", choices=[[], *ATTACKS], metavar="ATTACK",
+                        help=f"some of: {', '.join(ATTACKS)} (default: all)")
+    parser.add_argument("--bridge-root", type=Path, default=ROOT,
+                        help="run the bridge of this checkout (to compare with an older one)")
+    parser.add_argument("--keep", action="store_true", help="keep the bridges' directories")
+    args = parser.parse_args()
+    global KEEP
+    KEEP = args.keep
+    for name in args.attacks or ATTACKS:
+        started = time.monotonic()
+        try:
+            figures = ATTACKS[name](args.bridge_root.resolve())
+        except Exception as e:  # one attack's failure is a figure too
+            figures = {"error": f"{type(e).__name__}: {e}"}
+        figures["bench_seconds"] = round(time.monotonic() - started, 1)
+        print(json.dumps({name: figures}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
