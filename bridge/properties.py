@@ -146,11 +146,17 @@ class ChannelPolicy:
         self.properties = properties
         self._allow = {name.lower() for name in allow}
         self._deny = {name.lower() for name in deny}
+        # The parsed whiteList per user: properties do not change while the
+        # bridge runs, and every channel open asks (keys: session users).
+        self._white: dict[str, frozenset[str]] = {}
 
     def allowed(self, name: str, username: str = "") -> bool:
         key = name.lower()
         if key in self._deny or (self._allow and key not in self._allow):
             return False
-        white = [item.lower() for item in self.properties.split_list(
-            "virtualChannel.whiteList", username)]
+        white = self._white.get(username)
+        if white is None:
+            white = self._white[username] = frozenset(
+                item.lower() for item in self.properties.split_list(
+                    "virtualChannel.whiteList", username))
         return "*" in white or key in white

@@ -135,10 +135,10 @@ class TokenStore:
 
     def lookup(self, token: str) -> TokenRecord | None:
         """The live record of ``token`` (sliding its expiry), else None."""
-        if not well_formed(token):
-            return None
-        digest = self._digests.get(token)
+        digest = self._digests.get(token)  # only well-formed tokens are in it
         if digest is None:
+            if not well_formed(token):
+                return None
             digest = token_digest(token)
             if len(self._digests) >= _DIGEST_CACHE_SIZE:
                 self._digests.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from types import MethodType
 from typing import Any
 
@@ -35,7 +36,7 @@ def read_with_recv(transport: Any) -> None:
         transport.doRead = MethodType(Connection.doRead, transport)
 
 
-def write_now(transport: Any, data: bytes, plain: bool | None = None) -> None:
+def write_now(transport: Any, data: bytes, plain: bool | None = None) -> bool:
     """Write ``data``, sending at once when nothing is queued.
 
     ``transport.write`` only queues: the bytes leave on the next reactor turn,
@@ -45,7 +46,11 @@ def write_now(transport: Any, data: bytes, plain: bool | None = None) -> None:
     transport (see is_plain_socket; ``plain`` passes a cached answer), a
     producer, a full socket buffer or a socket error falls back to
     ``transport.write``, which keeps ordering and error handling Twisted's
-    (a broken connection is noticed and closed on its next turn).
+    (a broken connection is noticed and closed on its next turn). A
+    streaming producer (the protocol's own backpressure) is no reason to
+    queue: what the socket takes leaves no buffer to pause for, and the
+    rest goes through ``transport.write``, which pauses it as usual.
+    Returns True when everything was sent.
     """
     if plain is None:
         plain = is_plain_socket(transport)
@@ -54,17 +59,19 @@ def write_now(transport: Any, data: bytes, plain: bool | None = None) -> None:
         or transport.dataBuffer
         or transport._tempDataBuffer
         or transport.disconnecting
-        or transport.producer is not None
+        or (transport.producer is not None and not transport.streamingProducer)
     ):
         transport.write(data)
-        return
+        return False
     try:
         sent = transport.socket.send(data)
     except OSError:  # EAGAIN, ENOBUFS, a reset: Twisted's write path copes
         transport.write(data)
-        return
+        return False
     if sent < len(data):
         transport.write(data[sent:])
+        return False
+    return True
 
 
 class FrameAligner:
@@ -135,8 +142,9 @@ class FrameAligner:
         """Send whole frames now, as far as the socket takes them; queue the
         rest (in order) for Twisted to send through ``_write_some``."""
         transport = self.transport
+        # As in write_now: our own streaming producer is no reason to queue.
         if (transport.dataBuffer or transport._tempDataBuffer or transport.disconnecting
-                or transport.producer is not None):
+                or (transport.producer is not None and not transport.streamingProducer)):
             transport.write(data)
             return
         offset = 0
@@ -183,6 +191,13 @@ class TurnBatchedWriter:
         # per call, and a turn can collect tens of thousands of frames.
         self._pending_bytes = 0
         self._flush_call: Any = None
+        # What Twisted holds in its write buffer: a FileDescriptor keeps
+        # counts; other transports (tests, wrappers) report none.
+        if all(hasattr(transport, name) for name in ("_tempDataLen", "dataBuffer", "offset")):
+            self._twisted_buffered: Callable[[], int] = lambda: (
+                transport._tempDataLen + len(transport.dataBuffer) - transport.offset)
+        else:
+            self._twisted_buffered = lambda: 0
 
     def write(self, data: bytes, batch: bool = True) -> None:
         """Queue ``data`` for the end of this turn; with ``batch=False`` send
@@ -217,13 +232,15 @@ class TurnBatchedWriter:
             self._send(data)
 
     @property
+    def maybe_queued(self) -> bool:
+        """False when nothing at all is queued (cheap to ask; then ``queued``
+        is 0)."""
+        return bool(self._pending_bytes) or self._twisted_buffered() > 0
+
+    @property
     def queued(self) -> int:
         """Bytes written but not yet handed to the kernel."""
-        pending = self._pending_bytes
-        transport = self.transport
-        buffered = getattr(transport, "_tempDataLen", 0) + len(
-            getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
-        return pending + max(0, buffered)
+        return self._pending_bytes + self._twisted_buffered()
 
     def discard(self) -> None:
         """The connection is gone: drop what was not sent."""

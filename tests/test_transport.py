@@ -8,11 +8,13 @@ import struct
 from typing import Any
 
 from twisted.internet import reactor, unix
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.tcp import Server
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from zope.interface import implementer
 
 from protocols.transport import TurnBatchedWriter, read_with_recv, write_now
 
@@ -45,6 +47,29 @@ def test_plain_socket_sends_at_once() -> None:
     write_now(server, b"hello")
     assert peer.recv(10) == b"hello"
     assert not server.dataBuffer and not server._tempDataBuffer
+    close(server, peer)
+
+
+@implementer(IPushProducer)
+class Pauser:
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def stopProducing(self) -> None: ...
+
+
+def test_our_own_streaming_producer_does_not_turn_off_sending_at_once() -> None:
+    """The protocols register a streaming producer (to pause their reading
+    when replies back up); sends must still leave at once, both ways."""
+    server, peer = plain_server()
+    server.registerProducer(Pauser(), True)
+    assert write_now(server, b"reply") is True
+    assert peer.recv(10) == b"reply"
+    writer = TurnBatchedWriter(server, Clock(), frame_limit=32 * 1024)
+    frame = struct.pack("!I", 3) + b"icp"
+    writer.write(frame, batch=False)
+    assert peer.recv(10) == frame
+    assert not server.dataBuffer and not server._tempDataBuffer
+    server.unregisterProducer()
     close(server, peer)
 
 
