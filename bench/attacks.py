@@ -50,7 +50,15 @@ from thrift.protocol import TBinaryProtocol
 from thrift.Thrift import TMessageType
 from thrift.transport import TSocket, TTransport
 
-from bench.run import PASSWORD, ROOT, bench_config, free_port, port_open, wait_for
+from bench.run import (
+    PASSWORD,
+    ROOT,
+    bench_config,
+    free_port,
+    kill_backends,
+    port_open,
+    wait_for,
+)
 from protocols import icp
 from protocols.generated import ICP_pb2, pbRPC_pb2
 from protocols.generated.otsapi_blocking import otsapi
@@ -239,20 +247,7 @@ class Bridge:
         self.kill_backends()
 
     def kill_backends(self) -> None:
-        """Stand-in backends are ours (their command line names our
-        directory); they outlive a kill -9 of the bridge by design."""
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(self.base).encode() in cmdline and b"standin_backend" in cmdline:
-                try:
-                    os.killpg(int(entry.name), signal.SIGKILL)
-                except OSError:
-                    pass
+        kill_backends(self.base)
 
     def cleanup(self) -> None:
         self.stop()

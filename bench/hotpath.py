@@ -55,7 +55,7 @@ class HotPath:
         clock = Clock()
         config = Config(icp_endpoint=f"unix:{base}/icp.sock", thrift_endpoint="tcp:0",
                         state_dir=base / "state", users_file=base / "users",
-                        token_dir=base / "tokens")
+                        token_dir=base / "tokens", admin_endpoint="", dbus_address="")
         self.service = BridgeService(config, reactor=clock, clock=clock,
                                      authenticator=InMemoryAuthenticator({"bench": ("pw", FULL)}))
         self.icp_transport = StringTransport()

@@ -129,7 +129,8 @@ def bench_config(base: Path) -> Path:
     user = pwd.getpwuid(os.geteuid()).pw_name
     path = base / "bridge.toml"
     path.write_text(
-        f'pipe_dir = "{base}/pipes"\n'
+        f'pipe_dir = "{base}/pipes"\nadmin_endpoint = "tcp:0:interface=127.0.0.1"\n'
+        'dbus_address = ""\n'
         + "".join(f'[modules.{name}]\ncommand = {json.dumps(backend)}\n'
                   f'endpoint = "ogon_{{session_id}}_{name}"\nuser = "{user}"\n'
                   for name in ("greeter", "xsession")))
@@ -247,7 +248,26 @@ def bridge(workdir: Path, fast_peer: Path | None, answer_delay: float = 0.0
     finally:
         for process in reversed(processes):
             process.stop()
+        kill_backends(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def kill_backends(base: Path) -> None:
+    """Stand-in backends a bridge under ``base`` started: they outlive the
+    bridge by design (a restart adopts them), so the bench ends them, by the
+    process group each leads (their command line names ``base``)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(base).encode() in cmdline and b"standin_backend" in cmdline:
+            try:
+                os.killpg(int(entry.name), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def measure(binary: Path, port: int, processes: list[Process], request_hex: str, mode: str,

@@ -115,7 +115,7 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="ib-storm-", dir="/tmp"))
     port = free_port()
     config = base / "bridge.toml"
-    lines = []
+    lines = ['admin_endpoint = "tcp:0:interface=127.0.0.1"', 'dbus_address = ""']
     if args.max_connections:
         lines.append(f"max_connections = {args.max_connections}")
     if args.tls:
@@ -127,7 +127,7 @@ def main() -> int:
             "--pidfile=", "icp-bridge", "--icp", f"unix:{base}/icp.sock",
             "--thrift", thrift, "--state", str(base / "state"), "--users", str(base / "users"),
             "--token-dir", str(base)]
-    if lines and args.bridge_root == ROOT:
+    if (args.bridge_root / "bridge" / "admin.py").exists():  # older ones lack these keys
         argv += ["--config", str(config)]
     env = {**os.environ, "PYTHONPATH": str(args.bridge_root)}
     log = open(base / "bridge.log", "w")

@@ -21,7 +21,7 @@ import shutil
 import signal
 import socket
 import stat
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,6 +381,8 @@ class BackendLauncher:
         self._backends: dict[int, Backend] = {}
         self._poll: Any = None
         self._warned_own_user = False
+        # For the metrics: starts by (module, outcome: ready or failed).
+        self.starts: Counter[tuple[str, str]] = Counter()
 
     # -- accounts and environment -----------------------------------------------
 
@@ -472,8 +474,15 @@ class BackendLauncher:
         try:
             backend = self._start(module, context)
         except BackendError as e:
+            self.starts[module.name, "failed"] += 1
             return fail(e)
-        return self._wait_ready(backend)
+        d = self._wait_ready(backend)
+
+        def counted(result: Any) -> Any:
+            self.starts[module.name, "failed" if isinstance(result, Failure) else "ready"] += 1
+            return result
+
+        return d.addBoth(counted)
 
     def _start(self, module: Module, context: LaunchContext) -> Backend:
         account = self.account_for(module, context)

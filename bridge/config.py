@@ -59,7 +59,16 @@ class Config:
     # TLS on 9091, as ogon's WTSAPI clients dial; without privateKey/certKey
     # the ssl.certificate / ssl.key pair is used (generated when missing).
     thrift_endpoint: str = "ssl:9091:interface=127.0.0.1"
-    metrics_endpoint: str = ""
+    # twisted.web: /metrics, /events, /sessions, /healthz and a status page.
+    # "" turns it off.
+    admin_endpoint: str = "tcp:9092:interface=127.0.0.1"
+    # The session event journal keeps events_keep seconds, at most
+    # events_keep_count events.
+    events_keep: float = 7 * 24 * 3600.0
+    events_keep_count: int = 1_000_000
+    # ogon's SessionNotification signals: "system" (the system bus), a D-Bus
+    # address (unix:path=...), or "" for none.
+    dbus_address: str = "system"
     state_dir: Path = field(default_factory=default_state_dir)
     users_file: Path = field(default_factory=default_users_file)
     # Real WTSAPI clients read /tmp/ogon.session.<sid>; files are 0600 and atomic.
@@ -113,6 +122,9 @@ class Config:
                 raise ConfigError(f"{name}: must be positive")
         if self.max_icp_send < 256:
             raise ConfigError("max_icp_send: must be at least 256 bytes")
+        for name in ("events_keep", "events_keep_count"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
         for name in ("listen_backlog", "max_connections", "max_calls_per_connection",
                      "max_output_buffer", "max_icp_pending", "max_icp_queued",
                      "logon_failures_before_delay", "lockout_failures", "password_check_queue"):
@@ -247,7 +259,8 @@ def _modules(key: str, value: Any) -> dict[str, Module]:
 
 
 _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
-    "icp_endpoint": _string, "thrift_endpoint": _string, "metrics_endpoint": _string,
+    "icp_endpoint": _string, "thrift_endpoint": _string, "admin_endpoint": _string,
+    "events_keep": _number, "events_keep_count": _integer, "dbus_address": _string,
     "state_dir": _path, "users_file": _path, "token_dir": _path, "pipe_dir": _path,
     "authenticator": _string,
     "call_timeout": _number, "token_lifetime": _number,
@@ -271,6 +284,8 @@ def config_from_mapping(values: dict[str, Any], base: Config | None = None) -> C
     """A Config from TOML-like values over ``base`` (defaults if None)."""
     config = dataclasses.replace(base) if base is not None else Config()
     for key, value in values.items():
+        if key == "metrics_endpoint":  # reserved in 0.1, never served: now this
+            key = "admin_endpoint"
         checker = _CHECKERS.get(key)
         if checker is None:
             known = ", ".join(sorted(_CHECKERS))

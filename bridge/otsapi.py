@@ -100,6 +100,8 @@ class OtsApiHandler:
     """Implements ``service otsapi``."""
 
     log = Logger()
+    # Only these read current_peer (the client's address, for throttling).
+    methods_wanting_peer = frozenset({"logonConnection"})
 
     def __init__(self, registry: SessionRegistry, tokens: TokenStore, rdp: RdpCaller,
                  authenticator: Authenticator | LogonGuard, config: Config,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from protocols.errors import IcpNotConnectedError
-from protocols.icp import Handler, IcpProtocol, IcpState
+from protocols.errors import IcpHandshakeTimeoutError, IcpNotConnectedError, IcpProtocolError
+from protocols.icp import Handler, IcpProtocol, IcpState, method_name
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,12 @@ class RdpServerProtocol(IcpProtocol):
         super().__init__(link.handlers, **kwargs)
         self.link = link
         self.credentials: PeerCredentials | None = None
+
+    def drop(self, error: IcpProtocolError) -> None:
+        if self.state is not IcpState.CLOSED:
+            self.link.dropped["handshake_timeout" if isinstance(error, IcpHandshakeTimeoutError)
+                              else "protocol_error"] += 1
+        super().drop(error)
 
     def connectionMade(self) -> None:
         self.credentials = peer_credentials(self.transport)
@@ -92,8 +99,16 @@ class RdpServerLink(Factory):
         self.call_timeout = call_timeout
         self.max_frame_size = max_frame_size
         self.max_send_frame = max_send_frame
-        self.protocol_options = {"handshake_timeout": handshake_timeout,
-                                 "max_pending": max_pending, "max_queued": max_queued}
+        # For the metrics: the RDP server's requests by (method, answer),
+        # the bridge's calls by (method, outcome), connections refused or
+        # dropped by cause, and each call's seconds (set by the metrics).
+        self.request_counts: Counter[tuple[str, str]] = Counter()
+        self.call_counts: Counter[tuple[str, str]] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.protocol_options: dict[str, Any] = {"handshake_timeout": handshake_timeout,
+                                 "max_pending": max_pending, "max_queued": max_queued,
+                                 "request_counts": self.request_counts,
+                                 "call_counts": self.call_counts}
         # Called once the RDP server (and so every client connection) is gone.
         self.on_lost = on_lost
         self.allowed_uids = set(allowed_uids or ())
@@ -110,10 +125,12 @@ class RdpServerLink(Factory):
     def admit(self, proto: RdpServerProtocol) -> bool:
         creds = proto.credentials
         if self.allowed_uids and (creds is None or creds.uid not in self.allowed_uids):
+            self.dropped["uid_not_allowed"] += 1
             self.log.warn("refused RDP server connection from {peer}: uid not allowed",
                           peer=_describe(creds))
             return False
         if self.current is not None:
+            self.dropped["second_rdp_server"] += 1
             self.log.warn(
                 "refused second RDP server connection from {peer}: one is already connected",
                 peer=_describe(creds),
@@ -164,8 +181,15 @@ class RdpServerLink(Factory):
         IcpNotConnectedError when none is connected."""
         current = self.current
         if current is None:
+            self.call_counts[method_name(msg_type), "not_connected"] += 1
             return fail(IcpNotConnectedError("no RDP server is connected"))
         return current.call(msg_type, request, timeout)
+
+    def set_latency_observer(self, observe: Callable[[str, float], None]) -> None:
+        """Give each call's seconds to ``observe`` (the metrics)."""
+        self.protocol_options["observe_latency"] = observe
+        if self.current is not None:
+            self.current.observe_latency = observe
 
     def close(self) -> None:
         if self.current is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from bridge.admin import EventsResource, admin_site
 from bridge.auth import Authenticator, PamAuthenticator, UsersFileAuthenticator
 from bridge.backends import BackendLauncher
 from bridge.config import Config
+from bridge.dbus import SessionNotifier
 from bridge.endpoints import (
     ListeningService,
     StartupError,
@@ -24,8 +27,10 @@ from bridge.endpoints import (
     validate_endpoint,
     with_backlog,
 )
+from bridge.events import EventHub
 from bridge.icp_handlers import RdpRequestHandlers
 from bridge.lifecycle import RdpPeer, SessionLifecycle
+from bridge.metrics import Metrics
 from bridge.otsapi import OtsApiHandler
 from bridge.permissions import level_value
 from bridge.properties import ChannelPolicy, PropertyTable
@@ -44,6 +49,8 @@ TOKEN_SWEEP_INTERVAL = 60.0
 CHECKPOINT_INTERVAL = 5.0
 # How often writes the disk refused are tried again.
 STATE_RETRY_INTERVAL = 5.0
+# How often the event journal drops what is older than events_keep.
+PRUNE_INTERVAL = 3600.0
 
 
 def property_table(config: Config) -> PropertyTable:
@@ -101,6 +108,10 @@ class BridgeService(MultiService):
         except StateWriteError as e:
             raise StartupError(f"state database cannot be written: {e}") from None
         self.tokens.restore(live)
+        # After the restore: its changes are journaled, not announced.
+        self.events = EventHub(self.store, self.registry, clock)
+        self.dbus = SessionNotifier(reactor, reactor, self.registry, config.dbus_address) \
+            if config.dbus_address else None
 
         self.authenticator = authenticator or self._make_authenticator()
         self.lockouts = LockoutStore(config.state_dir / "state.sqlite3")
@@ -154,6 +165,19 @@ class BridgeService(MultiService):
         checkpointer = TimerService(CHECKPOINT_INTERVAL, self._checkpoint)
         checkpointer.clock = reactor
         checkpointer.setServiceParent(self)
+        pruner = TimerService(PRUNE_INTERVAL, self._prune_events)
+        pruner.clock = clock
+        pruner.setServiceParent(self)
+
+        self.metrics = Metrics(self)
+        self.admin_listener: ListeningService | None = None
+        self.admin_events: EventsResource | None = None
+        if config.admin_endpoint:
+            validate_endpoint(reactor, config.admin_endpoint, "admin_endpoint")
+            site, self.admin_events = admin_site(self)
+            self.admin_listener = ListeningService("admin (HTTP)", config.admin_endpoint, site,
+                                                   reactor)
+            self.admin_listener.setServiceParent(self)
 
     def _thrift_endpoint(self) -> str:
         """The OTS API endpoint, completed with the ssl.certificate/ssl.key
@@ -186,9 +210,20 @@ class BridgeService(MultiService):
         return d
 
     def _retry_writes(self) -> None:
-        if self.registry.unwritten:
-            self.registry.flush()
+        if self.registry.unwritten and self.registry.flush():
+            self.events.poll()  # what waited for the disk is in the journal now
         self.tokens.flush()
+
+    def _prune_events(self) -> None:
+        try:
+            removed = self.store.prune_events(self.clock.seconds() - self.config.events_keep,
+                                              self.config.events_keep_count)
+        except StateWriteError as e:
+            self.log.warn("event journal not pruned: {error}", error=str(e))
+            return
+        if removed:
+            self.log.info("event journal: {count} events older than events_keep pruned",
+                          count=removed)
 
     def _run_blocking(self, f: Any, *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
@@ -235,6 +270,10 @@ class BridgeService(MultiService):
             if not self.exit_on_startup_error:
                 raise
             raise SystemExit(f"icp-bridge: {e}") from None
+        if self.dbus is not None:
+            self.dbus.start()
+        if self.admin_events is not None:
+            self.admin_events.start()
         self.lifecycle.adopt(self._kept, self._dropped)
         for session in self._kept:
             if self.registry.get(session.session_id) is session:
@@ -244,6 +283,9 @@ class BridgeService(MultiService):
                     self.log.error("session {session_id}: token not stored: {error}",
                                    session_id=session.session_id, error=str(e))
         self._kept, self._dropped = [], []
+        # What startup built lives as long as the process: out of the
+        # collector's way, so that collections during calls scan less.
+        gc.freeze()
 
     def _check_directories(self) -> None:
         """The ICP socket's directory and the backends' pipe directory must
@@ -276,9 +318,6 @@ class BridgeService(MultiService):
                       reactor=type(self.reactor).__name__,
                       state_dir=str(self.config.state_dir), token_dir=str(self.config.token_dir))
         self._fd_limits()
-        if self.config.metrics_endpoint:
-            self.log.warn("metrics_endpoint is reserved for a later release and not served: "
-                          "{endpoint}", endpoint=self.config.metrics_endpoint)
         self._check_directories()
         super().privilegedStartService()
 
@@ -294,6 +333,10 @@ class BridgeService(MultiService):
             closed = current.when_closed()
             current.close()
             await closed
+        if self.admin_events is not None:
+            self.admin_events.stop()
+        if self.dbus is not None:
+            self.dbus.stop()
         await super().stopService()
         self.store.close()
         self.lockouts.close()

@@ -94,6 +94,8 @@ class Session:
     backend: BackendRecord | None = None
     # The SBP major version the greeter announced (None: it did not say).
     sbp_major: int | None = None
+    # When it entered its current state (older state files lack it: None).
+    state_since: float | None = None
 
     @property
     def logged_on(self) -> bool:
@@ -299,7 +301,7 @@ class SessionRegistry:
             session_id=self._next_session_id, username=username, domain=domain,
             state=ConnectState.INIT, connection_id=connection_id, client=client,
             connect_time=now, permission=permission,
-            backend_cookie=cookies[0], ogon_cookie=cookies[1],
+            backend_cookie=cookies[0], ogon_cookie=cookies[1], state_since=now,
         )
         self._require_free(connection_id, None)
         self._next_session_id += 1
@@ -327,6 +329,8 @@ class SessionRegistry:
         before = copy.deepcopy(session)
         old_connection = session.connection_id
         apply(session)
+        if session.state is not before.state:
+            session.state_since = self.clock.seconds()
         if old_connection != session.connection_id:
             if old_connection is not None and \
                     self._by_connection.get(old_connection) == session.session_id:
@@ -464,6 +468,7 @@ class SessionRegistry:
                 other.shadowing = None
                 if other.state is ConnectState.SHADOW:
                     other.state = ConnectState.ACTIVE
+                    other.state_since = self.clock.seconds()
                 changes.append(self._change(SessionEvent.SHADOW_STOPPED, other, old,
                                             f"session {session.session_id} ended"))
         self.log.info("session {session_id} ended ({reason})", session_id=session.session_id,

@@ -16,7 +16,8 @@ import dataclasses
 import json
 import os
 import sqlite3
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,9 @@ class StateStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = path
+        # For the metrics: each transaction's seconds, and how many failed.
+        self.observe_write: Callable[[float], None] | None = None
+        self.write_failures = 0
         memory = path == ":memory:"
         try:
             if not memory:
@@ -151,6 +155,7 @@ class StateStore:
     def _transaction(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> list[int]:
         """Run the statements in one transaction; returns each one's lastrowid."""
         rowids = []
+        started = time.perf_counter()
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -163,7 +168,11 @@ class StateStore:
                     self._db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
+            self.write_failures += 1
             raise StateWriteError(f"{self.path}: {_describe(e)}") from None
+        finally:
+            if self.observe_write is not None:
+                self.observe_write(time.perf_counter() - started)
         return rowids
 
     # -- sessions and their journal -------------------------------------------

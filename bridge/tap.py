@@ -20,7 +20,8 @@ FLAG_KEYS = {
     "users": "users_file",
     "token-dir": "token_dir",
     "call-timeout": "call_timeout",
-    "metrics": "metrics_endpoint",
+    "admin": "admin_endpoint",
+    "dbus": "dbus_address",
 }
 
 
@@ -41,7 +42,10 @@ class Options(usage.Options):
         ["token-dir", None, None, "directory of per-session token files [default: /tmp]"],
         ["call-timeout", None, None, "seconds before a bridged call fails [default: 10]",
          float],
-        ["metrics", None, None, "metrics endpoint (reserved)"],
+        ["admin", None, None, "admin HTTP endpoint: /metrics, /events, /healthz, status page "
+         "('' for none) [default: tcp:9092:interface=127.0.0.1]"],
+        ["dbus", None, None, "D-Bus for ogon's session notifications: system, an address "
+         "(unix:path=...) or '' for none [default: system]"],
     ]
 
     def postOptions(self) -> None:

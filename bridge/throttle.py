@@ -22,6 +22,7 @@ logonConnection) goes through a LogonGuard around the authenticator:
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,9 @@ class LogonGuard:
         self._waiting = {RDP: 0, OTSAPI: 0}
         self._logged: dict[str, float] = {}
         self.refused_full = 0
+        # For the metrics: logons by (kind, outcome: ok, failed, locked_out,
+        # queue_full).
+        self.outcomes: Counter[tuple[str, str]] = Counter()
 
     # -- the counts ---------------------------------------------------------------
 
@@ -213,6 +217,7 @@ class LogonGuard:
         for key in keys:
             remaining = self.locked(key)
             if remaining:
+                self.outcomes[kind, "locked_out"] += 1
                 if self._rate_limited(f"locked {key}"):
                     self.log.warn("logon of user {username} from {source} refused: {key} is "
                                   "locked out for {seconds:.0f} s more", username=username,
@@ -223,6 +228,7 @@ class LogonGuard:
             await deferLater(self.clock, delay, lambda: None)
         if self._waiting[kind] >= self.policy.concurrency + self.policy.queue_limit:
             self.refused_full += 1
+            self.outcomes[kind, "queue_full"] += 1
             if self._rate_limited(f"full {kind}"):
                 self.log.warn("refusing a logon: {waiting} {kind} password checks already "
                               "waiting ({count} refused so far)", waiting=self._waiting[kind],
@@ -235,8 +241,10 @@ class LogonGuard:
         finally:
             self._waiting[kind] -= 1
         if identity is None:
+            self.outcomes[kind, "failed"] += 1
             self._failed(keys, username, source)
         else:
+            self.outcomes[kind, "ok"] += 1
             self._succeeded(keys)
         return identity
 

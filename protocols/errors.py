@@ -62,6 +62,10 @@ class IcpProtocolError(IcpError):
     malformed answer to one call."""
 
 
+class IcpHandshakeTimeoutError(IcpProtocolError):
+    """The peer connected but did not handshake in time."""
+
+
 class IcpHandlerError(IcpError):
     """Raised by a request handler to answer ``FAILED`` with this description.
 

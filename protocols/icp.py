@@ -17,6 +17,7 @@ import enum
 import heapq
 import math
 import struct
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -35,6 +36,7 @@ from protocols.errors import (
     IcpDisconnectedError,
     IcpFrameTooLargeError,
     IcpHandlerError,
+    IcpHandshakeTimeoutError,
     IcpNotConnectedError,
     IcpNotFoundError,
     IcpProtocolError,
@@ -133,19 +135,53 @@ def parse(message_type: type[Message], data: bytes) -> Any:
     if not message.IsInitialized():
         missing = ", ".join(message.FindInitializationErrors())
         raise DecodeError(f"{message_type.__name__} is missing required fields: {missing}")
-    _check_strings(message)
+    if not data.isascii():  # ASCII bytes hold no invalid UTF-8 (checked in C)
+        _check_strings(message)
     return message
 
 
+def parse_envelope(frame: bytes) -> Any:
+    """parse(RPCBase, frame), quicker: errorDescription is its only string."""
+    rpc = RPCBase.FromString(frame)
+    if not rpc.IsInitialized():
+        missing = ", ".join(rpc.FindInitializationErrors())
+        raise DecodeError(f"RPCBase is missing required fields: {missing}")
+    if type(rpc.errorDescription) is bytes:
+        raise DecodeError("RPCBase.errorDescription is not valid UTF-8")
+    return rpc
+
+
+# Per message type: its string fields and its message fields, each as
+# (name, repeated). Looked up once: walking ListFields and descriptors per
+# message was a visible share of a bridged call.
+_StringPlan: TypeAlias = tuple[tuple[tuple[str, bool], ...], tuple[tuple[str, bool], ...]]
+_STRING_PLANS: dict[type, _StringPlan] = {}
+
+
+def _string_plan(message_type: type[Message]) -> _StringPlan:
+    plan = _STRING_PLANS.get(message_type)
+    if plan is None:
+        fields = message_type.DESCRIPTOR.fields
+        plan = _STRING_PLANS[message_type] = (
+            tuple((f.name, f.is_repeated) for f in fields
+                  if f.type == FieldDescriptor.TYPE_STRING),
+            tuple((f.name, f.is_repeated) for f in fields
+                  if f.type == FieldDescriptor.TYPE_MESSAGE))
+    return plan
+
+
 def _check_strings(message: Message) -> None:
-    for field, value in message.ListFields():
-        if field.type == FieldDescriptor.TYPE_STRING:
-            values = value if field.is_repeated else [value]
-            if any(isinstance(v, bytes) for v in values):
-                raise DecodeError(f"{type(message).__name__}.{field.name} is not valid UTF-8")
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            for item in (value if field.is_repeated else [value]):
+    strings, messages = _string_plan(type(message))
+    for name, repeated in strings:
+        value = getattr(message, name)
+        if type(value) is bytes or (repeated and any(type(v) is bytes for v in value)):
+            raise DecodeError(f"{type(message).__name__}.{name} is not valid UTF-8")
+    for name, repeated in messages:
+        if repeated:
+            for item in getattr(message, name):
                 _check_strings(item)
+        elif message.HasField(name):
+            _check_strings(getattr(message, name))
 
 
 _ONE_BYTE_VARINTS = [bytes((value,)) for value in range(0x80)]
@@ -232,14 +268,16 @@ class _ReadPauser:
 class _Outstanding:
     """One outbound call waiting for its answer, until ``deadline``."""
 
-    __slots__ = ("deadline", "deferred", "method", "timeout")
+    __slots__ = ("deadline", "deferred", "method", "started", "timeout")
 
     def __init__(
-        self, deferred: Deferred[Any], method: IcpMethod, timeout: float, deadline: float
+        self, deferred: Deferred[Any], method: IcpMethod, timeout: float, deadline: float,
+        started: float,
     ) -> None:
         self.deferred = deferred
         self.method = method
         self.timeout = timeout
+        self.started = started
         self.deadline = deadline
 
 
@@ -276,7 +314,16 @@ class IcpProtocol(Protocol):
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_pending: int = DEFAULT_MAX_PENDING,
         max_queued: int = DEFAULT_MAX_QUEUED,
+        request_counts: Counter[tuple[str, str]] | None = None,
+        call_counts: Counter[tuple[str, str]] | None = None,
+        observe_latency: Callable[[str, float], None] | None = None,
     ) -> None:
+        """For the metrics: ``request_counts`` counts the peer's requests by
+        (method, how they were answered: ok, failed, notfound, malformed,
+        too_large), ``call_counts`` our calls by (method, outcome: ok,
+        failed, notfound, timeout, disconnected, backpressure, too_large,
+        not_connected, protocol_error, cancelled, error) and
+        ``observe_latency`` gets each answered or failed call's seconds."""
         if clock is None:
             from twisted.internet import reactor as clock  # the global one only as default
         unknown = set(handlers) - set(ICP_METHODS)
@@ -295,6 +342,11 @@ class IcpProtocol(Protocol):
         # For what a peer can cause by the thousand (bad requests, answers
         # too large): one line per kind per 10 s, with a count.
         self.log_limit = LogLimiter(self.clock)
+        self.request_counts: Counter[tuple[str, str]] = (
+            request_counts if request_counts is not None else Counter())
+        self.call_counts: Counter[tuple[str, str]] = (
+            call_counts if call_counts is not None else Counter())
+        self.observe_latency = observe_latency
         self.handlers = handlers
         self.initiator = initiator
         self.call_timeout = call_timeout
@@ -375,7 +427,7 @@ class IcpProtocol(Protocol):
     def _handshake_expired(self) -> None:
         self._handshake_call = None
         if self.state is IcpState.HANDSHAKING:
-            self.drop(IcpProtocolError(
+            self.drop(IcpHandshakeTimeoutError(
                 f"no handshake within {self.handshake_timeout:g} s of connecting"))
 
     def _cancel_handshake_timer(self) -> None:
@@ -403,6 +455,7 @@ class IcpProtocol(Protocol):
         # Errbacks may start new calls; those fail at once since we are CLOSED.
         while self._pending:
             _, outstanding = self._pending.popitem()
+            self._finished(outstanding, "disconnected")
             outstanding.deferred.errback(reason)
         waiters, self._ready_waiters = self._ready_waiters, []
         for d in waiters:
@@ -473,7 +526,7 @@ class IcpProtocol(Protocol):
 
     def _frame_received(self, frame: bytes) -> None:
         try:
-            rpc = parse(RPCBase, frame)
+            rpc = parse_envelope(frame)
         except DecodeError as e:
             self.drop(IcpProtocolError(f"unparseable frame of {len(frame)} bytes ({e})"))
             return
@@ -557,33 +610,40 @@ class IcpProtocol(Protocol):
         ``math.inf`` waits for the answer or the connection's end.
         Cancelling it forgets the call; a late answer is then ignored.
         """
+        method = ICP_METHODS[msg_type]
         if self.state is not IcpState.READY:
             if self.state is IcpState.CLOSED:
                 assert self._closed_reason is not None
+                self.call_counts[method.name, "disconnected"] += 1
                 return fail(self._closed_reason)
+            self.call_counts[method.name, "not_connected"] += 1
             return fail(IcpNotConnectedError(f"ICP connection is {self.state.value}"))
-        method = ICP_METHODS[msg_type]
         if not isinstance(request, method.request):
             raise TypeError(f"{method.name} needs a {method.request.__name__}")
         try:
             payload = request.SerializeToString()
         except EncodeError as e:
+            self.call_counts[method.name, "error"] += 1
             return fail(e)
         if len(payload) + _ENVELOPE_ALLOWANCE > self.max_send_frame:
+            self.call_counts[method.name, "too_large"] += 1
             self.log.error(
                 "not sending {method} request of {size} bytes: over the {limit}-byte frame "
                 "limit", method=method.name, size=len(payload), limit=self.max_send_frame)
             return fail(IcpFrameTooLargeError(
                 f"{method.name} request of {len(payload)} bytes exceeds the "
                 f"{self.max_send_frame}-byte frame limit"))
-        assert self._writer is not None  # READY implies connected
-        if len(self._pending) >= self.max_pending or self._writer.queued > self.max_queued:
+        writer = self._writer
+        assert writer is not None  # READY implies connected
+        if len(self._pending) >= self.max_pending or (
+                writer.maybe_queued and writer.queued > self.max_queued):
             now = self.clock.seconds()
             if now - self._backpressure_logged_at >= 10:
                 self.log.warn("peer is not keeping up ({pending} calls waiting, {queued} bytes "
                               "not sent): failing new calls at once", pending=len(self._pending),
                               queued=self._writer.queued)
                 self._backpressure_logged_at = now
+            self.call_counts[method.name, "backpressure"] += 1
             return fail(IcpBackpressureError(
                 f"{len(self._pending)} calls waiting and {self._writer.queued} bytes unsent "
                 f"to the peer"))
@@ -594,8 +654,9 @@ class IcpProtocol(Protocol):
         d: Deferred[Any] = Deferred(lambda _: self._forget(tag))
         if timeout is None:
             timeout = self.call_timeout
-        deadline = self.clock.seconds() + timeout
-        self._pending[tag] = _Outstanding(d, method, timeout, deadline)
+        now = self.clock.seconds()
+        deadline = now + timeout
+        self._pending[tag] = _Outstanding(d, method, timeout, deadline, now)
         self._deadline_sequence += 1
         heapq.heappush(self._deadlines, (deadline, self._deadline_sequence, tag))
         if deadline < self._sweep_at:
@@ -604,8 +665,18 @@ class IcpProtocol(Protocol):
         return d
 
     def _forget(self, tag: int) -> None:
-        self._pending.pop(tag, None)
+        outstanding = self._pending.pop(tag, None)
+        if outstanding is not None:
+            self._finished(outstanding, "cancelled")
         self._prune_deadlines()
+
+    def _finished(self, outstanding: _Outstanding, outcome: str) -> None:
+        """Count a call that ended (answered, failed, timed out, gone)."""
+        name = outstanding.method.name
+        self.call_counts[name, outcome] += 1
+        observe = self.observe_latency
+        if observe is not None:
+            observe(name, self.clock.seconds() - outstanding.started)
 
     def _prune_deadlines(self) -> None:
         """Drop heap entries of answered calls from the front (they come in
@@ -650,6 +721,7 @@ class IcpProtocol(Protocol):
         if deadlines:
             self._arm_sweep(deadlines[0][0])
         for outstanding in expired:
+            self._finished(outstanding, "timeout")
             outstanding.deferred.errback(
                 IcpTimeoutError(outstanding.method.msg_type, outstanding.timeout)
             )
@@ -667,6 +739,7 @@ class IcpProtocol(Protocol):
         method = outstanding.method
         d = outstanding.deferred
         if rpc.msgType != method.msg_type:
+            self._finished(outstanding, "protocol_error")
             d.errback(
                 IcpProtocolError(
                     f"answer to {method.name} (tag {rpc.tag}) came as {method_name(rpc.msgType)}"
@@ -676,12 +749,20 @@ class IcpProtocol(Protocol):
             try:
                 response = parse(method.response, rpc.payload)
             except DecodeError as e:
+                self._finished(outstanding, "protocol_error")
                 d.errback(IcpProtocolError(f"undecodable {method.name} answer: {e}"))
             else:
+                name = method.name  # _finished, inline: once per answered call
+                self.call_counts[name, "ok"] += 1
+                observe = self.observe_latency
+                if observe is not None:
+                    observe(name, self.clock.seconds() - outstanding.started)
                 d.callback(response)
         elif rpc.status == NOTFOUND:
+            self._finished(outstanding, "notfound")
             d.errback(IcpNotFoundError(method.msg_type))
         else:
+            self._finished(outstanding, "failed")
             d.errback(IcpRemoteError(method.msg_type, rpc.errorDescription))
         # Bookkeeping after the answer is on its way, not before.
         self._prune_deadlines()
@@ -692,6 +773,7 @@ class IcpProtocol(Protocol):
         tag, msg_type = rpc.tag, rpc.msgType
         handler = self.handlers.get(msg_type)
         if handler is None:
+            self.request_counts[method_name(msg_type), "notfound"] += 1
             self.log.info(
                 "answering NOTFOUND to ICP request {method} (tag {tag})",
                 method=method_name(msg_type),
@@ -703,6 +785,7 @@ class IcpProtocol(Protocol):
         try:
             request = parse(method.request, rpc.payload)
         except DecodeError as e:
+            self.request_counts[method.name, "malformed"] += 1
             self.log_limit.warn(
                 self.log, ("malformed", msg_type),
                 "malformed {method} request (tag {tag}): {error}",
@@ -733,6 +816,7 @@ class IcpProtocol(Protocol):
                 method=method.name, kind=type(response).__name__,
                 expected=method.response.__name__,
             )
+            self.request_counts[method.name, "failed"] += 1
             self._answer_failed(tag, method.msg_type, "internal error")
             return
         try:
@@ -742,6 +826,7 @@ class IcpProtocol(Protocol):
                 "{method} handler returned an incomplete response: {error}",
                 method=method.name, error=str(e),
             )
+            self.request_counts[method.name, "failed"] += 1
             self._answer_failed(tag, method.msg_type, "internal error")
             return
         body = RPCBase(tag=tag, isResponse=True, status=SUCCESS, msgType=method.msg_type,
@@ -752,12 +837,15 @@ class IcpProtocol(Protocol):
                 "{method} answer (tag {tag}) is {size} bytes, over the {limit}-byte frame limit "
                 "an ogon RDP server reads reliably; answering FAILED instead",
                 method=method.name, tag=tag, size=len(body) + 4, limit=self.max_send_frame)
+            self.request_counts[method.name, "too_large"] += 1
             self._answer_failed(tag, method.msg_type, "answer too large")
             return
+        self.request_counts[method.name, "ok"] += 1
         if self._writer is not None and self.transport is not None:
             self._writer.write(_LENGTH.pack(len(body)) + body)
 
     def _handler_failed(self, failure: Failure, tag: int, method: IcpMethod) -> None:
+        self.request_counts[method.name, "failed"] += 1
         if failure.check(IcpHandlerError):
             description = str(failure.value)
             self.log.info(

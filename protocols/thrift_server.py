@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import contextvars
 import fcntl
-import re
 import struct
 import termios
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -194,6 +193,11 @@ def describe_mismatch(first: bytes) -> str | None:
     return None
 
 
+#: The method label of calls to methods the service does not have (the
+#: client's name is not used: it would let clients invent label values).
+UNKNOWN_METHOD = "(unknown)"
+
+
 @implementer(IHandshakeListener)
 class ThriftServerProtocol(Protocol):
     """Serves one Thrift client connection.
@@ -218,6 +222,10 @@ class ThriftServerProtocol(Protocol):
         # Shared by the factory's connections: what clients can cause by the
         # thousand is logged once per kind per 10 s, with a count.
         self.log_limit: LogLimiter | None = None
+        # Counts for the metrics (the factory's, shared, once built by it):
+        # calls by (method, outcome), connections closed by limit.
+        self.call_counts: Counter[tuple[str, str]] = Counter()
+        self.dropped: Counter[str] = Counter()
         # Bookkeeping for the limits (times on the factory's clock).
         self.connected_at = 0.0
         self.last_activity = 0.0
@@ -227,6 +235,7 @@ class ThriftServerProtocol(Protocol):
         self._handshaking = False
         self._clock: IReactorTime | None = None  # the factory's, once admitted
         self._paused_for: set[str] = set()
+        self._host: str | None = None
         self._protocol_factory = _protocol_factory(self.limits.string_limit,
                                                    self.limits.container_limit)
         # One decoding protocol per connection, pointed at each message in
@@ -234,6 +243,10 @@ class ThriftServerProtocol(Protocol):
         self._input = TMemoryBuffer()
         self._iprot = self._protocol_factory.getProtocol(self._input)
         self._by_name = {name.encode(): method for name, method in methods.items()}
+        # Methods that read current_peer (None: all); setting it costs per call.
+        self._peer_methods: frozenset[str] | None = getattr(handler, "methods_wanting_peer",
+                                                            None)
+        self._max_in_flight = self.limits.max_calls_in_flight
 
     def connectionMade(self) -> None:
         self._plain = is_plain_socket(self.transport)
@@ -290,6 +303,8 @@ class ThriftServerProtocol(Protocol):
         self._paused_for.add(why)
 
     def resume(self, why: str) -> None:
+        if why not in self._paused_for:
+            return
         self._paused_for.discard(why)
         if not self._paused_for and self.transport is not None and not self._closing:
             self.transport.resumeProducing()
@@ -298,11 +313,12 @@ class ThriftServerProtocol(Protocol):
                 # reading: its time starts again now.
                 self.frame_started_at = self._clock.seconds()
 
-    def drop(self, reason: str) -> None:
-        """Close the connection because a limit was reached."""
+    def drop(self, reason: str, kind: str) -> None:
+        """Close the connection because a limit was reached (``kind`` names
+        the limit, for the counts)."""
         if self._closing:
             return
-        self._reject(reason)
+        self._reject(reason, kind)
 
     # -- bytes in -------------------------------------------------------------
 
@@ -404,10 +420,9 @@ class ThriftServerProtocol(Protocol):
         else:
             self.log_limit.warn(self.log, kind, format, **kwargs)
 
-    def _reject(self, reason: str) -> None:
-        # Reasons of a kind differ in their numbers and details only.
-        kind = "close " + re.sub(r"\d+", "N", reason)[:40]
-        self._warn(kind, "closing OTS API connection from {peer}: {reason}",
+    def _reject(self, reason: str, kind: str = "bad_data") -> None:
+        self.dropped[kind] += 1
+        self._warn("close " + kind, "closing OTS API connection from {peer}: {reason}",
                    peer=self._peer(), reason=reason)
         self._closing = True
         self._buffer.clear()
@@ -417,10 +432,14 @@ class ThriftServerProtocol(Protocol):
             self.transport.abortConnection()
 
     def _peer_host(self) -> str:
-        try:
-            return str(getattr(self.transport.getPeer(), "host", ""))
-        except Exception:
-            return ""
+        host = self._host
+        if host is None:  # asked per call: getPeer builds a new address object
+            try:
+                host = str(getattr(self.transport.getPeer(), "host", ""))
+            except Exception:
+                host = ""
+            self._host = host
+        return host
 
     def _peer(self) -> str:
         try:
@@ -466,6 +485,7 @@ class ThriftServerProtocol(Protocol):
         self.calls_served += 1
         if method is None or message_type not in (TMessageType.CALL, TMessageType.ONEWAY):
             text = shown(name)
+            self.call_counts[UNKNOWN_METHOD, "bad_request"] += 1
             self._warn("unknown method", "OTS API client {peer} called unknown method {method}",
                        peer=self._peer(), method=text)
             self._send_exception(
@@ -487,6 +507,7 @@ class ThriftServerProtocol(Protocol):
             else:
                 args.read(self._iprot)
         except Exception as e:
+            self.call_counts[method.name, "bad_request"] += 1
             self._warn(f"bad arguments {method.name}",
                        "bad arguments to {method} from {peer}: {error}",
                        method=method.name, peer=self._peer(), error=shown(str(e), 200))
@@ -496,37 +517,53 @@ class ThriftServerProtocol(Protocol):
                                       f"bad arguments to {method.name}"),
             )
             return
-        token = current_peer.set(self._peer_host())
+        wants_peer = self._peer_methods is None or method.name in self._peer_methods
+        token = current_peer.set(self._peer_host()) if wants_peer else None
         try:
             result = getattr(self.handler, method.name)(*method.arguments(args))
         except Exception:
             self._failed(Failure(), method, seqid, framed)
             return
         finally:
-            current_peer.reset(token)
+            if token is not None:
+                current_peer.reset(token)
         if isinstance(result, Deferred):
             self.calls_in_flight += 1
-            if self.calls_in_flight >= self.limits.max_calls_in_flight:
+            if self.calls_in_flight >= self._max_in_flight:
                 self.pause("calls in flight")
+            # One callback pair (each one more costs a bridged call ~1 us).
             result.addCallbacks(
-                self._reply, self._failed,
+                self._reply_later, self._failed_later,
                 callbackArgs=(method, seqid, framed), errbackArgs=(method, seqid, framed),
             )
-            result.addBoth(self._call_done)
         else:
             self._reply(result, method, seqid, framed)
 
-    def _call_done(self, result: Any) -> Any:
+    def _reply_later(self, value: Any, method: ThriftMethod, seqid: int, framed: bool) -> None:
+        # _call_done, inline: this runs once per bridged call.
+        self.calls_in_flight -= 1
+        if self._clock is not None:
+            self.last_activity = self._clock.seconds()
+        if self._paused_for:
+            self.resume("calls in flight")
+        self._reply(value, method, seqid, framed)
+
+    def _failed_later(self, failure: Failure, method: ThriftMethod, seqid: int,
+                      framed: bool) -> None:
+        self._call_done()
+        self._failed(failure, method, seqid, framed)
+
+    def _call_done(self) -> None:
         self.calls_in_flight -= 1
         if self._clock is not None:  # waiting for an answer is not idleness
             self.last_activity = self._clock.seconds()
         if self.calls_in_flight < self.limits.max_calls_in_flight:
             self.resume("calls in flight")
-        return result
 
     # -- bytes out ------------------------------------------------------------
 
     def _reply(self, value: Any, method: ThriftMethod, seqid: int, framed: bool) -> None:
+        self.call_counts[method.name, "ok"] += 1
         if method.oneway or not self.connected:
             return
         result = method.result_type(success=value)
@@ -543,6 +580,7 @@ class ThriftServerProtocol(Protocol):
         self._write(payload, framed)
 
     def _failed(self, failure: Failure, method: ThriftMethod, seqid: int, framed: bool) -> None:
+        self.call_counts[method.name, "error"] += 1
         if failure.check(TApplicationException):
             error = failure.value
         else:
@@ -569,10 +607,13 @@ class ThriftServerProtocol(Protocol):
             return
         if framed:
             payload = _HEADER.pack(len(payload)) + payload
-        write_now(self.transport, payload, self._plain)
-        if self.pending_output() > self.limits.max_pending_output:
+        # Twisted pauses our reading (the output backlog) before much is
+        # queued; only then can the backlog grow toward the cap.
+        if not write_now(self.transport, payload, self._plain) \
+                and "output backlog" in self._paused_for \
+                and self.pending_output() > self.limits.max_pending_output:
             self.drop(f"client does not read its replies ({self.pending_output()} bytes "
-                      f"waiting, over {self.limits.max_pending_output})")
+                      f"waiting, over {self.limits.max_pending_output})", "not_reading")
 
 
 @implementer(IPushProducer)
@@ -613,6 +654,10 @@ class ThriftServerFactory(Factory):
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.log_limit = LogLimiter(self.clock)
         self.connections: set[ThriftServerProtocol] = set()
+        # For the metrics: calls by (method, outcome: ok, error, bad_request)
+        # and connections refused or closed by (limit or cause).
+        self.call_counts: Counter[tuple[str, str]] = Counter()
+        self.dropped: Counter[str] = Counter()
         # TLS handshakes running, and connections waiting for their turn.
         self.handshakes: set[ThriftServerProtocol] = set()
         self.handshake_queue: deque[ThriftServerProtocol] = deque()
@@ -630,6 +675,8 @@ class ThriftServerFactory(Factory):
                                      self.limits)
         proto.factory = self
         proto.log_limit = self.log_limit
+        proto.call_counts = self.call_counts
+        proto.dropped = self.dropped
         return proto
 
     # -- the cap and the reserve -------------------------------------------------
@@ -637,6 +684,7 @@ class ThriftServerFactory(Factory):
     def admit(self, proto: ThriftServerProtocol) -> bool:
         limits = self.limits
         reason = None
+        kind = "max_connections"
         if len(self.connections) >= limits.max_connections:
             reason = f"{limits.max_connections} connections already (max_connections)"
         elif limits.fd_limit is not None:
@@ -646,8 +694,10 @@ class ThriftServerFactory(Factory):
             if fd is not None and fd >= limits.fd_limit - limits.fd_reserve:
                 reason = (f"descriptor {fd} is in the {limits.fd_reserve} kept in reserve "
                           f"(limit {limits.fd_limit})")
+                kind = "fd_reserve"
         if reason is not None:
             self.refused += 1
+            self.dropped[kind] += 1
             now = self.clock.seconds()
             if now - self._refused_logged_at >= 10:  # one line per 10 s under a storm
                 self.log.warn("refusing OTS API connections: {reason} ({count} refused so "
@@ -698,22 +748,24 @@ class ThriftServerFactory(Factory):
         now = self.clock.seconds()
         limits = self.limits
         for proto in list(self.connections):
-            reason = self._expired(proto, now, limits)
-            if reason is not None:
-                proto.drop(reason)
+            expired = self._expired(proto, now, limits)
+            if expired is not None:
+                proto.drop(*expired)
         if self.connections:
             self._sweep_call = self.clock.callLater(limits.sweep_interval(), self._sweep)
 
     @staticmethod
     def _expired(proto: ThriftServerProtocol, now: float, limits: ConnectionLimits
-                 ) -> str | None:
+                 ) -> tuple[str, str] | None:
+        """(why, which limit) when a limit says the connection must go."""
         age = now - proto.connected_at
         quiet = now - proto.last_activity
         if "waiting to handshake" in proto._paused_for:
             return None  # its time starts with its turn
         if limits.tls_handshake_timeout and proto.tls_pending \
                 and age > limits.tls_handshake_timeout:
-            return f"TLS handshake not finished within {limits.tls_handshake_timeout:g} s"
+            return (f"TLS handshake not finished within {limits.tls_handshake_timeout:g} s",
+                    "tls_handshake_timeout")
         started = proto.frame_started_at
         # While the bridge itself is not reading (calls in flight, replies
         # queued) a frame cannot finish: that is no slowloris.
@@ -721,14 +773,16 @@ class ThriftServerFactory(Factory):
         if limits.frame_timeout and started is not None and not proto._paused_for \
                 and now - started > limits.frame_timeout \
                 and not _unread_bytes(proto.transport):
-            return f"frame begun but not finished within {limits.frame_timeout:g} s"
+            return (f"frame begun but not finished within {limits.frame_timeout:g} s",
+                    "frame_timeout")
         if limits.first_call_timeout and not proto.calls_served \
                 and age > limits.first_call_timeout:
-            return f"no call within {limits.first_call_timeout:g} s of connecting"
+            return (f"no call within {limits.first_call_timeout:g} s of connecting",
+                    "first_call_timeout")
         if limits.idle_timeout and not proto.calls_in_flight and quiet > limits.idle_timeout:
-            return f"idle for {limits.idle_timeout:g} s"
+            return f"idle for {limits.idle_timeout:g} s", "idle_timeout"
         if proto.pending_output() > limits.max_pending_output:
-            return "client does not read its replies"
+            return "client does not read its replies", "not_reading"
         return None
 
     def stopFactory(self) -> None:

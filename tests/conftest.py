@@ -74,6 +74,9 @@ def make_config(base: Path, **overrides: Any) -> Config:
     values: dict[str, Any] = {
         "icp_endpoint": f"unix:{base}/icp.sock:mode=600",
         "thrift_endpoint": "tcp:0:interface=127.0.0.1",
+        "admin_endpoint": "tcp:0:interface=127.0.0.1",
+        # Tests that want D-Bus start their own bus.
+        "dbus_address": "",
         "state_dir": base / "state",
         "users_file": base / "users",
         "token_dir": base / "tokens",
@@ -108,6 +111,12 @@ class BridgeUnderTest:
     @property
     def icp_path(self) -> str:
         return str(self.base / "icp.sock")
+
+    @property
+    def admin_port(self) -> int:
+        listener = self.service.admin_listener
+        assert listener is not None and listener.port is not None
+        return listener.port.getHost().port
 
     @property
     def thrift_port(self) -> int:

@@ -157,6 +157,7 @@ class ThriftLimitsTests(SynchronousTestCase):
     def test_a_client_that_does_not_read_is_dropped(self) -> None:
         proto, transport = self.connect()
         transport.dataBuffer = b"x" * 5000  # what Twisted holds for it  # type: ignore[attr-defined]
+        transport.producer.pauseProducing()  # as Twisted does past its buffer size
         with capturedLogs() as events:
             proto.dataReceived(framed(call_bytes("ping", 1, input=5)))
         assert transport.disconnecting

@@ -96,7 +96,7 @@ def test_twistd_with_a_corrupt_database_prints_one_line(short_dir: Path) -> None
     result = subprocess.run(
         [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
          "--pidfile=", "icp-bridge", "--icp", f"unix:{short_dir}/icp.sock", "--thrift",
-         "tcp:0:interface=127.0.0.1", "--state", str(state)],
+         "tcp:0:interface=127.0.0.1", "--admin", "", "--state", str(state)],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=60)
     assert result.returncode != 0

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from bridge.peer import StandInRdpServer
 from tests.conftest import ME, STANDIN_BACKEND
+from tests.e2e.sse import open_events
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -64,7 +66,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(base: Path, port: int) -> Path:
+def write_config(base: Path, port: int, admin_port: int = 0) -> Path:
     """What an operator would write: TLS on a port of ours, the TLS pair
     and the backends' pipes in the test's directory, stand-in backends."""
     backend = [sys.executable, str(STANDIN_BACKEND), "--socket", "{pipe_dir}/{endpoint}"]
@@ -72,6 +74,8 @@ def write_config(base: Path, port: int) -> Path:
     config.write_text(f"""
 icp_endpoint = "unix:{base}/icp.sock:mode=600"
 thrift_endpoint = "ssl:{port}:interface=127.0.0.1"
+admin_endpoint = "tcp:{admin_port}:interface=127.0.0.1"
+dbus_address = ""
 state_dir = "{base}/state"
 users_file = "{base}/users"
 token_dir = "{base}/tokens"
@@ -128,6 +132,28 @@ def alive(pid: int) -> bool:
     return True
 
 
+def assert_journal_matches_state(path: Path) -> None:
+    """Each stored session is where its last journal event left it; each
+    session whose last event is its end is gone: the journal holds exactly
+    the changes the state holds."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        stored = {sid: json.loads(data)["state"]
+                  for sid, data in db.execute("SELECT session_id, data FROM sessions")}
+        last: dict[int, tuple[str, int | None]] = {}
+        for sid, event, new_state in db.execute(
+                "SELECT session_id, event, new_state FROM events ORDER BY id"):
+            last[sid] = (event, new_state)
+    finally:
+        db.close()
+    assert set(stored) <= set(last), "no session without its events"
+    for sid, (event, new_state) in last.items():
+        if event == "ended":
+            assert sid not in stored, sid
+        else:
+            assert stored.get(sid) == new_state, (sid, event)
+
+
 async def cli(*args: str, stdin: str = "") -> tuple[str, str, int]:
     if stdin:
         args = ("-c", f"import sys, io; sys.stdin = io.StringIO({stdin!r}); "
@@ -146,7 +172,8 @@ async def test_demo_and_kill_9_restart(short_dir: Path) -> None:
                              stdin="alice-pw\n")
     assert code == 0, err
     port = free_port()
-    config = write_config(short_dir, port)
+    admin_port = free_port()
+    config = write_config(short_dir, port, admin_port)
     proc, transport = await start_twistd(short_dir, config)
     assert f"ICP (RDP server) listening on unix:{short_dir}/icp.sock" in proc.output
     assert "BridgeReactor)" in proc.output  # twistd without --reactor runs ours
@@ -168,6 +195,9 @@ async def test_demo_and_kill_9_restart(short_dir: Path) -> None:
     out, err, code = await cli(*ctl, "logon", "alice", stdin="alice-pw\n")
     assert code == 0, err
     token = out.strip()
+    # A client of the event stream, from the first event on.
+    events = await open_events(admin_port, token, "?after=0")
+    await events.wait_for(lambda seen: any(e.data["event"] == "logged-on" for e in seen))
     out, err, code = await cli(*ctl, "--token", token, "sessions")
     assert code == 0, err
     assert "Active" in out and "alice" in out and "RDP-Tcp#1" in out
@@ -182,10 +212,15 @@ async def test_demo_and_kill_9_restart(short_dir: Path) -> None:
     transport.signalProcess(signal.SIGKILL)
     await proc.ended
     await closed
+    await events.closed
     assert alive(backend_pid), "the desktop outlives the bridge"
+    assert_journal_matches_state(short_dir / "state" / "state.sqlite3")
+    seen = events.ids
 
     proc, transport = await start_twistd(short_dir, config)
     await proc.wait_for(f"adopted xsession backend (pid {backend_pid})")
+    assert_journal_matches_state(short_dir / "state" / "state.sqlite3")
+    events = await open_events(admin_port, token, last_event_id=seen[-1])
     assert "started xsession" not in proc.output, "nothing started twice"
     out, err, code = await cli(*ctl, "--token", token, "sessions")
     assert code == 0, err
@@ -196,6 +231,11 @@ async def test_demo_and_kill_9_restart(short_dir: Path) -> None:
     assert code == 0, err
     assert not token_file.exists()
     await proc.wait_for("session 1 ended")
+    await events.wait_for(lambda later: any(e.data["event"] == "ended" for e in later))
+    both = seen + events.ids
+    assert both == list(range(1, len(both) + 1)), "no gap and nothing twice across kill -9"
+    assert events.sessions[0].data["reason"] == "bridge restarted"
+    events.drop()
     transport.signalProcess(signal.SIGTERM)
     await proc.ended
     assert "Server Shut Down" in proc.output

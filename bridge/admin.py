@@ -1,0 +1,313 @@
+"""The admin HTTP endpoint (twisted.web): /metrics, /events, /sessions,
+/healthz and a status page at /.
+
+/events is the session event journal as Server-Sent Events: it starts
+after ``Last-Event-ID`` (or ``?after=N``; default: only new events), sends
+what the journal has, then each new event as it is written. ``?once=1``
+ends the response once caught up (for scripts). /events and /sessions need
+``Authorization: Bearer <token>`` of an OTS API token with
+QUERY_INFORMATION; /metrics and /healthz, which tell nothing about who is
+logged on, do not; the default endpoint listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web import pages
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from bridge.events import Subscription, event_json, state_name
+from bridge.permissions import Permission
+from bridge.state import JournalEvent
+from bridge.tokens import TokenRecord
+
+if TYPE_CHECKING:
+    from bridge.service import BridgeService
+
+#: A comment line every so often keeps idle streams (and proxies) alive and
+#: finds clients that went away without a word.
+KEEPALIVE_INTERVAL = 15.0
+#: A client that has not read for this long is dropped (it resumes by id).
+STALL_TIMEOUT = 60.0
+#: At most this many /events streams at once.
+MAX_STREAMS = 256
+
+
+def _json(request: Request, value: Any, code: int = 200) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(value, indent=1).encode() + b"\n"
+
+
+def _query(request: Request) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(request.uri.decode("latin-1")).query)
+
+
+class _Authorized(Resource):
+    """A resource for holders of a token with QUERY_INFORMATION."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, service: BridgeService) -> None:
+        super().__init__()
+        self.service = service
+
+    def authorized(self, request: Request) -> TokenRecord | None:
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        record = self.service.tokens.lookup(token.strip()) if scheme.lower() == "bearer" \
+            else None
+        if record is None or not record.permission & Permission.QUERY_INFORMATION:
+            return None
+        return record
+
+    def refuse(self, request: Request) -> bytes:
+        request.setHeader(b"www-authenticate", b'Bearer realm="icp-bridge"')
+        return _json(request, {"error": "an OTS API token with QUERY_INFORMATION is needed "
+                                        "(Authorization: Bearer <token>)"}, 401)
+
+
+class SessionsResource(_Authorized):
+    def render_GET(self, request: Request) -> bytes:
+        if self.authorized(request) is None:
+            return self.refuse(request)
+        sessions = []
+        for session in sorted(self.service.registry, key=lambda s: s.session_id):
+            sessions.append({
+                "session_id": session.session_id, "user": session.username,
+                "domain": session.domain, "state": int(session.state),
+                "state_name": state_name(int(session.state)),
+                "greeter": not session.logged_on,
+                "connection_id": session.connection_id,
+                "client_name": session.client.host_name,
+                "client_address": session.client.address,
+                "since": session.state_since, "connect_time": session.connect_time,
+                "logon_time": session.logon_time,
+                "shadowing": session.shadowing,
+            })
+        return _json(request, {"sessions": sessions,
+                               "last_event_id": self.service.events.last_id})
+
+
+@implementer(IPushProducer)
+class EventStream:
+    """One /events response: a Subscriber the hub feeds, paused by Twisted
+    while the client does not read."""
+
+    log = Logger()
+
+    def __init__(self, request: Request, token: str, once: bool) -> None:
+        self.request = request
+        self.token = token
+        self.once = once
+        self.subscription: Subscription | None = None
+        self.finished = False
+
+    # Subscriber
+    def send(self, event: JournalEvent) -> None:
+        data = json.dumps(event_json(event), separators=(",", ":"))
+        self.request.write(f"id: {event.id}\nevent: session\ndata: {data}\n\n".encode())
+        if self.once:
+            self.caught_up()
+
+    def resync(self, requested_after: int, resumed_after: int, reason: str) -> None:
+        data = json.dumps({"requested_after": requested_after, "resumed_after": resumed_after,
+                           "reason": reason})
+        self.request.write(f"event: resync\ndata: {data}\n\n".encode())
+
+    # IPushProducer
+    def pauseProducing(self) -> None:
+        if self.subscription is not None:
+            self.subscription.pause()
+
+    def resumeProducing(self) -> None:
+        if self.subscription is not None:
+            self.subscription.resume()
+            self.caught_up()
+
+    def stopProducing(self) -> None:
+        self.end()
+
+    def caught_up(self) -> None:
+        subscription = self.subscription
+        if self.once and subscription is not None and not subscription.paused \
+                and subscription.position >= subscription.hub.last_id:
+            self.finish()
+
+    def keepalive(self) -> None:
+        self.request.write(b": keepalive\n\n")
+
+    def finish(self) -> None:
+        if not self.finished:
+            self.end()
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def end(self) -> None:
+        self.finished = True
+        if self.subscription is not None:
+            self.subscription.close()
+
+    def abort(self) -> None:
+        self.end()
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None:
+            transport.abortConnection()
+
+
+class EventsResource(_Authorized):
+    def __init__(self, service: BridgeService) -> None:
+        super().__init__(service)
+        self.streams: set[EventStream] = set()
+        self._keepalive = LoopingCall(self._tick)
+        self._keepalive.clock = service.reactor
+
+    def start(self) -> None:
+        self._keepalive.start(KEEPALIVE_INTERVAL, now=False)
+
+    def stop(self) -> None:
+        if self._keepalive.running:
+            self._keepalive.stop()
+        for stream in list(self.streams):
+            stream.finish()
+
+    def _tick(self) -> None:
+        stalled = {s.subscriber for s in self.service.events.stalled(STALL_TIMEOUT)}
+        for stream in list(self.streams):
+            if stream in stalled:
+                self.log.info("dropping an /events client that read nothing for {seconds:g} "
+                              "s (it resumes by id)", seconds=STALL_TIMEOUT)
+                stream.abort()
+            elif self.service.tokens.lookup(stream.token) is None:
+                stream.finish()  # the token expired or was revoked
+            elif not (stream.subscription and stream.subscription.paused):
+                stream.keepalive()
+
+    def render_GET(self, request: Request) -> bytes | int:
+        record = self.authorized(request)
+        if record is None:
+            return self.refuse(request)
+        if len(self.streams) >= MAX_STREAMS:
+            return _json(request, {"error": f"{MAX_STREAMS} event streams already"}, 503)
+        query = _query(request)
+        hub = self.service.events
+        try:
+            header = request.getHeader(b"last-event-id")
+            if header is not None:
+                after = int(header)
+            elif "after" in query:
+                after = int(query["after"][0])
+            else:
+                after = hub.last_id
+        except ValueError:
+            return _json(request, {"error": "after / Last-Event-ID must be an event id"}, 400)
+        once = query.get("once", ["0"])[0] not in ("0", "", "false")
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-accel-buffering", b"no")
+        token = (request.getHeader(b"authorization") or b"").decode("latin-1").split(" ", 1)[1]
+        stream = EventStream(request, token.strip(), once)
+        request.registerProducer(stream, True)
+        request.write(b"retry: 2000\n\n")
+        self.streams.add(stream)
+        request.notifyFinish().addBoth(lambda _: self._gone(stream))
+        stream.subscription = hub.subscribe(stream, max(0, after))
+        stream.caught_up()
+        return NOT_DONE_YET
+
+    def _gone(self, stream: EventStream) -> None:
+        stream.end()
+        self.streams.discard(stream)
+
+
+class MetricsResource(Resource):
+    isLeaf = True
+
+    def __init__(self, service: BridgeService) -> None:
+        super().__init__()
+        self.service = service
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self.service.metrics.registry)
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def __init__(self, service: BridgeService) -> None:
+        super().__init__()
+        self.service = service
+
+    def render_GET(self, request: Request) -> bytes:
+        service = self.service
+        icp = service.icp_listener.port is not None
+        otsapi = service.thrift_listener.port is not None
+        notifier = service.dbus
+        return _json(request, {
+            "ok": icp and otsapi,
+            "icp_listening": icp, "otsapi_listening": otsapi,
+            "rdp_server_connected": service.link.ready,
+            "sessions": len(service.registry),
+            "dbus": "off" if notifier is None else
+                    ("connected" if notifier.connected else "not connected"),
+            "state_unwritten": service.registry.unwritten,
+        }, 200 if icp and otsapi else 503)
+
+
+class StatusPage(Resource):
+    isLeaf = True
+    page = resources.files("bridge").joinpath("status.html").read_bytes()
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        # Everything it needs is in the page itself; nothing may be loaded
+        # from elsewhere, nor the page framed.
+        request.setHeader(b"content-security-policy",
+                          b"default-src 'none'; script-src 'unsafe-inline'; style-src "
+                          b"'unsafe-inline'; connect-src 'self'; img-src data:; "
+                          b"frame-ancestors 'none'")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        return self.page
+
+
+class _Root(Resource):
+    def __init__(self) -> None:
+        super().__init__()
+        self.status = StatusPage()
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return self.status
+        return pages.notFound()
+
+
+class AdminSite(Site):
+    def log(self, request: Request) -> None:
+        """No access log: a scrape every few seconds would fill the bridge's."""
+
+
+def admin_site(service: BridgeService) -> tuple[Site, EventsResource]:
+    root = _Root()
+    events = EventsResource(service)
+    root.putChild(b"events", events)
+    root.putChild(b"sessions", SessionsResource(service))
+    root.putChild(b"metrics", MetricsResource(service))
+    root.putChild(b"healthz", HealthResource(service))
+    site = AdminSite(root, timeout=60)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site, events

@@ -1,0 +1,203 @@
+"""The session event journal, as a stream that loses nothing.
+
+Every session change is a row of the journal (the ``events`` table),
+written in the same transaction as the change (see bridge.state). The
+journal is the only source of what a subscriber sees: a subscriber asks
+for the events after an id, gets them from the journal (or from the
+recent ones kept in memory), then the new ones as they are written, in id
+order, each once. One that reconnects with the last id it saw resumes
+exactly after it, across bridge restarts too (ids are never reused).
+
+A subscriber that stops reading is not buffered for: it is paused (its
+position kept), and caught up from the journal when it reads again.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from bridge.sessions import ConnectState, SessionChange, SessionRegistry
+from bridge.state import JournalEvent, StateStore
+
+#: Events read from the journal per step of a catch-up.
+PAGE = 500
+
+
+class Subscriber(Protocol):
+    """Where a subscription's events go."""
+
+    def send(self, event: JournalEvent) -> None: ...
+
+    def resync(self, requested_after: int, resumed_after: int, reason: str) -> None:
+        """Events after ``requested_after`` cannot all be had (pruned from
+        the journal, or the id is unknown to it); the stream goes on after
+        ``resumed_after``."""
+        ...
+
+
+def state_name(state: int | None) -> str | None:
+    if state is None:
+        return None
+    try:
+        return ConnectState(state).name.title().replace("_", "")
+    except ValueError:
+        return str(state)
+
+
+def event_json(event: JournalEvent) -> dict[str, object]:
+    """What a client of the stream gets for one event."""
+    data: dict[str, object] = event.as_dict()
+    data["old_state_name"] = state_name(event.old_state)
+    data["new_state_name"] = state_name(event.new_state)
+    return data
+
+
+def journal_event(change: SessionChange) -> JournalEvent:
+    """The journal row ``change`` was written as (StateStore.write)."""
+    assert change.event_id is not None
+    return JournalEvent(
+        change.event_id, change.time, change.session.session_id, change.session.username,
+        change.event.value, None if change.old_state is None else int(change.old_state),
+        None if change.new_state is None else int(change.new_state), change.reason[:500])
+
+
+class Subscription:
+    """One subscriber's place in the journal."""
+
+    def __init__(self, hub: EventHub, subscriber: Subscriber, position: int) -> None:
+        self.hub = hub
+        self.subscriber = subscriber
+        self.position = position  # the last id it was sent
+        self.paused = False
+        self.paused_since: float | None = None
+        self.closed = False
+
+    def pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.paused_since = self.hub.clock.seconds()
+
+    def resume(self) -> None:
+        if self.paused and not self.closed:
+            self.paused = False
+            self.paused_since = None
+            self.hub.catch_up(self)
+
+    def close(self) -> None:
+        self.closed = True
+        self.hub.subscriptions.discard(self)
+
+
+class EventHub:
+    """Fans the journal out to subscribers (the admin endpoint's /events)."""
+
+    log = Logger()
+
+    def __init__(self, store: StateStore, registry: SessionRegistry, clock: IReactorTime,
+                 keep_recent: int = 10_000) -> None:
+        self.store = store
+        self.clock = clock
+        self.last_id = store.last_event_id()
+        self.recent: deque[JournalEvent] = deque(maxlen=keep_recent)
+        self.subscriptions: set[Subscription] = set()
+        # Told of each event as it is written (the metrics).
+        self.listeners: list[Callable[[JournalEvent], None]] = []
+        registry.observe(self._changed)
+
+    # -- in --------------------------------------------------------------------------
+
+    def _changed(self, change: SessionChange) -> None:
+        if change.event_id is None:
+            return  # not stored yet: it is published once it is (see poll)
+        if change.event_id == self.last_id + 1:
+            self._publish(journal_event(change))
+        elif change.event_id > self.last_id:
+            # Changes written late (the disk had refused them) came first.
+            self.poll()
+
+    def poll(self) -> None:
+        """Publish whatever the journal has that was not published yet."""
+        while True:
+            rows = self.store.events_after(self.last_id, PAGE)
+            for event in rows:
+                self._publish(event)
+            if len(rows) < PAGE:
+                return
+
+    def _publish(self, event: JournalEvent) -> None:
+        self.last_id = event.id
+        self.recent.append(event)
+        for listener in self.listeners:
+            listener(event)
+        for subscription in list(self.subscriptions):
+            if subscription.position == event.id - 1 and not subscription.paused:
+                subscription.position = event.id
+                subscription.subscriber.send(event)
+            elif not subscription.paused and subscription.position < event.id - 1:
+                self.catch_up(subscription)
+
+    # -- out -------------------------------------------------------------------------
+
+    def subscribe(self, subscriber: Subscriber, after: int) -> Subscription:
+        """Events with ids after ``after`` go to ``subscriber``, in order,
+        now from the journal and then as they come."""
+        start = after
+        oldest = self._oldest_id()
+        if after > self.last_id:
+            start = self.last_id
+            subscriber.resync(after, start, "unknown id: the journal ends before it")
+        elif oldest is not None and after < oldest - 1:
+            start = oldest - 1
+            subscriber.resync(after, start, "pruned: the journal no longer holds those events")
+        subscription = Subscription(self, subscriber, start)
+        self.subscriptions.add(subscription)
+        self.catch_up(subscription)
+        return subscription
+
+    def catch_up(self, subscription: Subscription) -> None:
+        """Send what ``subscription`` has not had, until it pauses."""
+        while not subscription.paused and not subscription.closed \
+                and subscription.position < self.last_id:
+            events = self._after(subscription.position)
+            if not events:
+                return
+            for event in events:
+                if subscription.paused or subscription.closed:
+                    return
+                subscription.position = event.id
+                subscription.subscriber.send(event)
+
+    def _after(self, after: int) -> list[JournalEvent]:
+        recent = self.recent
+        if recent and recent[0].id <= after + 1:
+            index = _index_after(recent, after)
+            return list(itertools.islice(recent, index, index + PAGE))
+        return self.store.events_after(after, PAGE)
+
+    def _oldest_id(self) -> int | None:
+        row = self.store.events_after(0, 1)
+        return row[0].id if row else None
+
+    def stalled(self, longer_than: float) -> list[Subscription]:
+        """Subscriptions paused for more than ``longer_than`` seconds."""
+        now = self.clock.seconds()
+        return [s for s in self.subscriptions
+                if s.paused_since is not None and now - s.paused_since > longer_than]
+
+
+def _index_after(recent: deque[JournalEvent], after: int) -> int:
+    """Index of the first event with an id above ``after`` (ids ascend)."""
+    low, high = 0, len(recent)
+    while low < high:
+        middle = (low + high) // 2
+        if recent[middle].id <= after:
+            low = middle + 1
+        else:
+            high = middle
+    return low

@@ -1,0 +1,155 @@
+"""Prometheus metrics for the admin endpoint's /metrics.
+
+The components count in plain ``Counter`` dicts as they work (a dict
+increment is all the hot path pays); this collector reads them, and the
+live state (sessions, connections, calls waiting), when Prometheus
+scrapes; prometheus-client formats them.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from bridge.sessions import ConnectState
+
+if TYPE_CHECKING:
+    from bridge.service import BridgeService
+
+# Bridged calls answer in about a millisecond; timeouts take call_timeout.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0)
+WRITE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                 0.25, 1.0)
+
+
+class Latencies:
+    """Seconds per label value in fixed buckets, exported as a Prometheus
+    histogram. prometheus-client's Histogram.observe takes a lock and walks
+    its buckets (~3 us, a tenth of a bridged call here); the reactor is one
+    thread, so this is a bisect and two additions."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.series: dict[str, list[Any]] = {}  # label -> [bucket counts, sum]
+
+    def observe(self, label: str, seconds: float) -> None:
+        entry = self.series.get(label)
+        if entry is None:
+            entry = self.series[label] = [[0] * (len(self.bounds) + 1), 0.0]
+        entry[0][bisect_left(self.bounds, seconds)] += 1
+        entry[1] += seconds
+
+    def family(self, name: str, documentation: str, labels: list[str]
+               ) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, documentation, labels=labels)
+        for label, (counts, total) in sorted(self.series.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*self.bounds, float("inf")), counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            family.add_metric([label] if labels else [], buckets, sum_value=total)
+        return family
+
+
+class Metrics:
+    """The bridge's registry of metrics (not prometheus-client's global one:
+    two bridges in one process, as in the tests, must not share it)."""
+
+    def __init__(self, service: BridgeService) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.bridged_latency = Latencies(LATENCY_BUCKETS)
+        self.state_write_latency = Latencies(WRITE_BUCKETS)
+        service.link.set_latency_observer(self.bridged_latency.observe)
+        service.store.observe_write = lambda seconds: self.state_write_latency.observe(
+            "", seconds)
+        self.registry.register(_BridgeCollector(service, self))
+        ProcessCollector(namespace="icp_bridge", registry=self.registry)
+
+
+def _counter(name: str, documentation: str, labels: list[str],
+             counts: dict[Any, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, value in sorted(counts.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
+    return family
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+class _BridgeCollector(Collector):
+    def __init__(self, service: BridgeService, metrics: Metrics) -> None:
+        self.service = service
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        service = self.service
+        yield self.metrics.bridged_latency.family(
+            "icp_bridge_bridged_call_seconds",
+            "Calls from the bridge to the RDP server, until answered or failed.", ["method"])
+        yield self.metrics.state_write_latency.family(
+            "icp_bridge_state_write_seconds", "State database transactions.", [])
+        factory = service.thrift_factory
+        link = service.link
+        yield _counter("icp_bridge_otsapi_calls", "OTS API calls by method and outcome "
+                       "(ok: answered; error: failed in the handler; bad_request: unknown "
+                       "method or undecodable arguments).", ["method", "outcome"],
+                       factory.call_counts)
+        yield _gauge("icp_bridge_otsapi_calls_in_flight",
+                     "OTS API calls waiting for an answer (mostly from the RDP server).",
+                     sum(proto.calls_in_flight for proto in factory.connections))
+        yield _gauge("icp_bridge_otsapi_connections", "Open OTS API connections.",
+                     len(factory.connections))
+        dropped = {("otsapi", reason): n for reason, n in factory.dropped.items()}
+        dropped.update({("icp", reason): n for reason, n in link.dropped.items()})
+        yield _counter("icp_bridge_dropped_connections", "Connections refused or closed by "
+                       "the bridge, by listener and reason.", ["listener", "reason"], dropped)
+        calls = {("to_rdp_server", method, outcome): n
+                 for (method, outcome), n in link.call_counts.items()}
+        calls.update({("from_rdp_server", method, outcome): n
+                      for (method, outcome), n in link.request_counts.items()})
+        yield _counter("icp_bridge_icp_calls", "ICP calls by direction, message type and "
+                       "outcome.", ["direction", "method", "outcome"], calls)
+        current = link.current
+        yield _gauge("icp_bridge_icp_calls_pending",
+                     "Calls sent to the RDP server and not answered yet.",
+                     len(current._pending) if current is not None else 0)
+        yield _gauge("icp_bridge_rdp_server_connected",
+                     "1 while an RDP server is connected and has shaken hands.",
+                     1 if link.ready else 0)
+        sessions = GaugeMetricFamily("icp_bridge_sessions", "Sessions by state.",
+                                     labels=["state"])
+        by_state = {state: 0 for state in ConnectState}
+        for session in service.registry:
+            by_state[session.state] += 1
+        for state, n in by_state.items():
+            sessions.add_metric([state.name.lower()], n)
+        yield sessions
+        yield _counter("icp_bridge_logons", "Logons by kind (rdp: LogonUser and the "
+                       "greeter's; otsapi: logonConnection) and outcome.", ["kind", "outcome"],
+                       service.guard.outcomes)
+        yield _counter("icp_bridge_backend_starts", "Backends started, by module and outcome "
+                       "(ready, or failed to start or become ready).", ["module", "outcome"],
+                       service.launcher.starts)
+        yield _counter("icp_bridge_state_write_failures",
+                       "State transactions the disk refused.", [],
+                       {(): service.store.write_failures})
+        yield _gauge("icp_bridge_state_unwritten", "Session changes waiting for the disk.",
+                     service.registry.unwritten)
+        hub = service.events
+        yield _gauge("icp_bridge_event_journal_last_id", "Id of the newest journal event.",
+                     hub.last_id)
+        yield _gauge("icp_bridge_event_stream_clients", "Clients of /events.",
+                     len(hub.subscriptions))
+        notifier = service.dbus
+        yield _gauge("icp_bridge_dbus_connected",
+                     "1 while the D-Bus session notifications can be sent.",
+                     1 if notifier is not None and notifier.connected else 0)
