@@ -87,6 +87,8 @@ async def storm(port: int, clients: int, tls: bool, timeout: float) -> dict[str,
     return {"clients": clients, "outcomes": counts,
             "all_answered_s": round(max(finished), 2) if counts.get("ok") == clients else None,
             "p50_s": round(ok_times[len(ok_times) // 2], 2) if ok_times else None,
+            "p90_s": round(ok_times[len(ok_times) * 9 // 10], 2) if ok_times else None,
+            "p99_s": round(ok_times[len(ok_times) * 99 // 100], 2) if ok_times else None,
             "last_ok_s": round(ok_times[-1], 2) if ok_times else None}
 
 

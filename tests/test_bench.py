@@ -3,13 +3,17 @@ call was answered correctly, never how fast: speed lives in bench/."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bench.hotpath import HotPath
-from bench.run import goals, run
+from bench.run import ROOT, goals, run
 from bench.state_writes import measure
 
 
@@ -37,3 +41,20 @@ def test_hot_path_harness_runs_real_bridged_calls(tmp_path: Path) -> None:
     answers = path.answers(20)
     assert path.run(answers) > 0
     assert path.icp.pending_calls == 0, "every call was answered"
+
+
+def test_a_short_soak_runs_every_load_without_errors(tmp_path: Path) -> None:
+    """A few seconds of bench.soak: every kind of load ran, nothing failed."""
+    summary_path = tmp_path / "soak.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--minutes", "0.12", "--sample", "3",
+         "--lanes", "2", "--rdp-every", "3", "--storm", "50", "--storm-every", "2",
+         "--json", str(summary_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=100,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["errors"] == {} and summary["bridge_tracebacks"] == 0
+    counts = summary["counts"]
+    for load in ("bridged", "logon", "churn", "storm", "rdp reconnect"):
+        assert counts.get(load, 0) > 0, (load, counts)
