@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
@@ -256,5 +258,64 @@ async def test_ctl_events_prints_the_journal(short_dir: Path) -> None:
         out, err, code = await getProcessOutputAndValue(
             sys.executable, argv, env={**env, "ICP_BRIDGE_TOKEN": "x" * 43}, path=str(ROOT))
         assert code != 0 and b"401" in err
+    finally:
+        await bridge.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_journal_keeps_at_most_events_keep_count(short_dir: Path) -> None:
+    bridge = await start_bridge(short_dir)
+    churn(bridge, 4)  # 20 events
+    await bridge.stop()
+    again = await start_bridge(short_dir, events_keep_count=6)  # pruned as it starts
+    try:
+        ids = journal_ids(again)
+        assert ids == list(range(15, 21)), ids
+        churn(again, 1, first_connection=300)
+        assert journal_ids(again)[-1] == 25, "ids go on after pruning"
+    finally:
+        await again.stop()
+
+
+class Lines(ProcessProtocol):
+    def __init__(self, wanted: int) -> None:
+        self.buffer = b""
+        self.lines: list[str] = []
+        self.wanted = wanted
+        self.enough: Deferred[None] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.buffer += data
+        *complete, self.buffer = self.buffer.split(b"\n")
+        self.lines += [line.decode() for line in complete]
+        if len(self.lines) >= self.wanted and not self.enough.called:
+            self.enough.callback(None)
+
+    def processEnded(self, reason: object) -> None:
+        self.ended.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ctl_events_follow_prints_new_events_as_they_come(short_dir: Path) -> None:
+    bridge = await start_bridge(short_dir)
+    try:
+        token = await logon_token(bridge)
+        churn(bridge, 1)  # before it starts: not printed with --follow
+        lines = Lines(wanted=5)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "ICP_BRIDGE_TOKEN": token}
+        process = reactor.spawnProcess(
+            lines, sys.executable, [sys.executable, "-m", "bridge.cli", "ctl", "events",
+                                    "--admin", f"127.0.0.1:{bridge.admin_port}", "--follow",
+                                    "--json"], env=env, path=str(ROOT))
+        try:
+            while not bridge.service.events.subscriptions:  # it is listening
+                await deferLater(reactor, 0.02, lambda: None)
+            churn(bridge, 1, first_connection=50)
+            await lines.enough
+        finally:
+            process.signalProcess("KILL")
+            await lines.ended
+        assert [json.loads(line)["id"] for line in lines.lines] == [6, 7, 8, 9, 10]
     finally:
         await bridge.stop()
