@@ -57,6 +57,7 @@ from bench.run import (
     free_port,
     kill_backends,
     port_open,
+    rss_mb,
     wait_for,
 )
 from protocols import icp
@@ -65,13 +66,6 @@ from protocols.generated.otsapi_blocking import otsapi
 
 RPCBase = pbRPC_pb2.RPCBase
 KEEP = False  # --keep: leave each bridge's directory (its log) for a look
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
 
 
 def call_frame(name: str | bytes, args: Any = None, seqid: int = 1) -> bytes:

@@ -54,19 +54,13 @@ from bench.run import (
     open_fds,
     port_open,
     raise_fd_limit,
+    rss_mb,
     wait_for,
 )
 from protocols.generated.otsapi import otsapi
 
 USERS = 12  # soak0 .. soak11, each at most one session at a time
 PING = bytes.fromhex(encode_call("ping", input=7))
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
 
 
 def metric(text: str, name: str) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable
 from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
@@ -106,8 +105,6 @@ class EventHub:
         self.last_id = store.last_event_id()
         self.recent: deque[JournalEvent] = deque(maxlen=keep_recent)
         self.subscriptions: set[Subscription] = set()
-        # Told of each event as it is written (the metrics).
-        self.listeners: list[Callable[[JournalEvent], None]] = []
         registry.observe(self._changed)
 
     # -- in --------------------------------------------------------------------------
@@ -133,8 +130,6 @@ class EventHub:
     def _publish(self, event: JournalEvent) -> None:
         self.last_id = event.id
         self.recent.append(event)
-        for listener in self.listeners:
-            listener(event)
         for subscription in list(self.subscriptions):
             if subscription.position == event.id - 1 and not subscription.paused:
                 subscription.position = event.id

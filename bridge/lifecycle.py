@@ -317,13 +317,7 @@ class SessionLifecycle:
         client = self._clamped(client, max_width, max_height)
         if target is not None:
             self._release(identity)
-            if target.connection_id is not None:
-                self.log.info("session {session_id}: single session, disconnecting connection "
-                              "{connection_id} for the new logon",
-                              session_id=target.session_id, connection_id=target.connection_id)
-                await self._detach(target, "single session: taken over by a new logon")
-            if self.registry.get(target.session_id) is not target:
-                raise IcpHandlerError("the session ended during the logon")
+            await self._take_over(target, "logon")
             self._cancel_timeout(target)
             try:
                 self.registry.reconnect(target, connection_id, client)
@@ -472,15 +466,22 @@ class SessionLifecycle:
                       "{session_id})", connection_id=connection_id,
                       endpoint=answer.service_endpoint, session_id=session.session_id)
 
-    async def _switch_to_existing(self, greeter: Session, connection_id: int,
-                                  target: Session) -> None:
+    async def _take_over(self, target: Session, by: str) -> None:
+        """A new logon (or greeter login) takes ``target``: its client, if
+        any, is disconnected first. Raises IcpHandlerError if the session
+        ended meanwhile."""
         if target.connection_id is not None:
             self.log.info("session {session_id}: single session, disconnecting connection "
-                          "{connection_id} for the greeter login",
-                          session_id=target.session_id, connection_id=target.connection_id)
-            await self._detach(target, "single session: taken over by a greeter login")
+                          "{connection_id} for the new {by}",
+                          session_id=target.session_id, connection_id=target.connection_id,
+                          by=by)
+            await self._detach(target, f"single session: taken over by a new {by}")
         if self.registry.get(target.session_id) is not target:
-            raise IcpHandlerError("the session ended during the login")
+            raise IcpHandlerError(f"the session ended during the {by}")
+
+    async def _switch_to_existing(self, greeter: Session, connection_id: int,
+                                  target: Session) -> None:
+        await self._take_over(target, "greeter login")
         await self._switch(connection_id, target)
         client = greeter.client
         await self.end(greeter, "greeter login: switched to session "

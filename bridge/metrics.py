@@ -153,3 +153,5 @@ class _BridgeCollector(Collector):
         yield _gauge("icp_bridge_dbus_connected",
                      "1 while the D-Bus session notifications can be sent.",
                      1 if notifier is not None and notifier.connected else 0)
+        yield _counter("icp_bridge_dbus_signals", "SessionNotification signals sent.", [],
+                       {(): notifier.sent if notifier is not None else 0})

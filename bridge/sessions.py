@@ -386,22 +386,20 @@ class SessionRegistry:
                   reason: str = "reconnect") -> None:
         """Attach a client connection to a disconnected (or taken-over)
         session. Raises StateWriteError."""
-        self._require_free(connection_id, session)
-        now = self.clock.seconds()
-
-        def apply(s: Session) -> None:
-            s.connection_id = connection_id
-            s.client = client
-            s.state = ConnectState.ACTIVE
-            s.connect_time = now
-
-        self._mutate(session, SessionEvent.RECONNECTED, reason, apply)
+        self._attach(session, connection_id, client, SessionEvent.RECONNECTED, reason)
         self.log.info("session {session_id} reconnected on connection {connection_id}",
                       session_id=session.session_id, connection_id=connection_id)
 
     def switched(self, session: Session, connection_id: int, client: ClientInfo) -> None:
         """After a greeter login: the greeter's connection now shows this
         (existing) session's desktop."""
+        self._attach(session, connection_id, client, SessionEvent.SWITCHED, "greeter login")
+        self.log.info("connection {connection_id} switched to session {session_id}",
+                      connection_id=connection_id, session_id=session.session_id)
+
+    def _attach(self, session: Session, connection_id: int, client: ClientInfo,
+                event: SessionEvent, reason: str) -> None:
+        """The session, Active, on ``connection_id`` for ``client``."""
         self._require_free(connection_id, session)
         now = self.clock.seconds()
 
@@ -411,9 +409,7 @@ class SessionRegistry:
             s.state = ConnectState.ACTIVE
             s.connect_time = now
 
-        self._mutate(session, SessionEvent.SWITCHED, "greeter login", apply)
-        self.log.info("connection {connection_id} switched to session {session_id}",
-                      connection_id=connection_id, session_id=session.session_id)
+        self._mutate(session, event, reason, apply)
 
     def set_shadowing(self, spy: Session, target: Session | None, decided: bool = True) -> None:
         """The spy starts (target given: Active -> Shadow) or stops (None:

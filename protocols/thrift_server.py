@@ -120,8 +120,11 @@ class ConnectionLimits:
     # accepting: further clients wait in the kernel's backlog, costing no
     # memory here (a TLS connection costs ~50 KB before it is used).
     max_handshake_queue: int = 2048
-    # Reading pauses while this much output waits; above the cap the client is dropped.
-    pause_output: int = 256 * 1024
+    # A connection closed with more than abort_output waiting is aborted (it
+    # does not read: its replies would never drain). Reading pauses at
+    # Twisted's own write buffer size; above max_pending_output the client
+    # is dropped.
+    abort_output: int = 256 * 1024
     max_pending_output: int = 16 * 1024 * 1024
     string_limit: int = DEFAULT_STRING_LIMIT
     container_limit: int = DEFAULT_CONTAINER_LIMIT
@@ -427,7 +430,7 @@ class ThriftServerProtocol(Protocol):
         self._closing = True
         self._buffer.clear()
         self.transport.loseConnection()
-        if self.pending_output() > self.limits.pause_output:
+        if self.pending_output() > self.limits.abort_output:
             # It does not read: do not wait for it to take what is queued.
             self.transport.abortConnection()
 

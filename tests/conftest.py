@@ -100,6 +100,14 @@ def kill_process_groups(pids: list[int]) -> None:
             pass
 
 
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 class BridgeUnderTest:
     """A started BridgeService plus what tests need to reach it."""
 

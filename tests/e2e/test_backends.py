@@ -22,7 +22,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs
 
 from bridge.sessions import ConnectState, SessionChange, SessionEvent
-from tests.conftest import ME, STANDIN_BACKEND, BridgeUnderTest, standin_module, start_bridge
+from tests.conftest import (
+    ME,
+    STANDIN_BACKEND,
+    BridgeUnderTest,
+    alive,
+    standin_module,
+    start_bridge,
+)
 
 TEST_USER = "icpbtest"
 
@@ -77,14 +84,6 @@ def event(bridge: BridgeUnderTest, kind: SessionEvent, session_id: int | None = 
 
     bridge.service.registry.observe(seen)
     return d
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest_twisted.async_yield_fixture

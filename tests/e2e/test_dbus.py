@@ -91,6 +91,7 @@ async def test_the_signals_ogon_sends_in_order(short_dir: Path, bus: str) -> Non
             (dbus.WTS_REMOTE_CONNECT, session_id), (dbus.WTS_SESSION_LOGON, session_id),
             (dbus.WTS_REMOTE_DISCONNECT, session_id), (dbus.WTS_REMOTE_CONNECT, session_id),
             (dbus.WTS_SESSION_LOGOFF, session_id)]
+        assert bridge.service.dbus.sent == 5, "what /metrics counts"
     finally:
         await bridge.stop()
         listener.close()

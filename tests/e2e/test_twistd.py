@@ -23,7 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
 from bridge.peer import StandInRdpServer
-from tests.conftest import ME, STANDIN_BACKEND
+from tests.conftest import ME, STANDIN_BACKEND, alive
 from tests.e2e.sse import open_events
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,14 +122,6 @@ async def start_twistd(base: Path, config: Path) -> tuple[Twistd, Any]:
     RUNNING.append(transport)
     await proc.wait_for("OTS API listening on")
     return proc, transport
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def assert_journal_matches_state(path: Path) -> None:
