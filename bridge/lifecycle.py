@@ -338,18 +338,7 @@ class SessionLifecycle:
             self._close_pam_session(session.session_id)
             self.registry.end(session, "desktop did not start")
             raise
-        if self.registry.get(session.session_id) is not session:
-            backend.stop()  # the client went away while the desktop started
-            raise IcpHandlerError("the client went away during logon")
-        try:
-            self._record(session, backend)
-            self.registry.connected(session)
-            self.registry.log_on(session, identity.username, identity.domain,
-                                 identity.permission)
-            self.token_files.issue(session)
-        except StateWriteError as e:
-            await self.end(session, "session state could not be stored")
-            raise IcpHandlerError("session state could not be stored") from e
+        await self._backend_ready(session, backend, identity)
         return self.answer_for(session)
 
     async def _greeter_logon(self, connection_id: int, client: ClientInfo, typed_user: str,
@@ -369,16 +358,28 @@ class SessionLifecycle:
                            connection_id=connection_id, error=e.describe())
             self.registry.end(session, "greeter did not start")
             raise IcpHandlerError("the greeter could not be started") from e
+        await self._backend_ready(session, backend, None)
+        return self.answer_for(session)
+
+    async def _backend_ready(self, session: Session, backend: Backend,
+                             identity: Identity | None) -> None:
+        """The backend a logon started is the session's: recorded, the
+        session Connected (and, for a desktop, the user logged on with a
+        token file). Raises IcpHandlerError when the client went away
+        meanwhile or the state cannot be stored."""
         if self.registry.get(session.session_id) is not session:
-            backend.stop()  # the client went away while the greeter started
+            backend.stop()  # the client went away while the backend started
             raise IcpHandlerError("the client went away during logon")
         try:
             self._record(session, backend)
             self.registry.connected(session)
+            if identity is not None:
+                self.registry.log_on(session, identity.username, identity.domain,
+                                     identity.permission)
+                self.token_files.issue(session)
         except StateWriteError as e:
             await self.end(session, "session state could not be stored")
             raise IcpHandlerError("session state could not be stored") from e
-        return self.answer_for(session)
 
     # -- SBP: the greeter's login ---------------------------------------------------
 
@@ -399,7 +400,9 @@ class SessionLifecycle:
                 self.registry.note(session, f"greeter speaks SBP {major}.{minor}",
                                    lambda s: setattr(s, "sbp_major", major))
             except StateWriteError:
-                pass  # what the greeter speaks is worth no failed answer
+                # The registry logged it and undid the note; which SBP version
+                # the greeter speaks is not worth failing its VersionInfo.
+                return SBP_VERSION
         return SBP_VERSION
 
     def _check_sbp(self, session: Session | None) -> None:
