@@ -173,7 +173,7 @@ class Bridge:
 
     def write_users(self, users: dict[str, str], scrypt_n: int | None) -> None:
         code = ("import json, sys\nfrom pathlib import Path\n"
-                "from bridge.auth import UserEntry, hash_password, write_users\n"
+                "from bridge.security.auth import UserEntry, hash_password, write_users\n"
                 "users = json.loads(sys.argv[2]); n = json.loads(sys.argv[3])\n"
                 "write_users(Path(sys.argv[1]), [UserEntry(name, 0x1FF, hash_password(pw, "
                 "**({'n': n} if n else {}))) for name, pw in users.items()])\n")
@@ -463,7 +463,7 @@ def timing(root: Path) -> dict[str, Any]:
     try:
         code = (
             "import statistics, sys, time\nfrom pathlib import Path\n"
-            "from bridge.auth import UserEntry, UsersFileAuthenticator, hash_password, "
+            "from bridge.security.auth import UserEntry, UsersFileAuthenticator, hash_password, "
             "write_users\n"
             "path = Path(sys.argv[1])\n"
             "write_users(path, [UserEntry('alice', 0x1FF, hash_password('right'))])\n"

@@ -37,19 +37,19 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
-from bridge.auth import InMemoryAuthenticator
 from bridge.backends import LaunchContext, Module
 from bridge.config import Config
 from bridge.icp_handlers import RdpRequestHandlers
 from bridge.lifecycle import SessionLifecycle
 from bridge.otsapi import OtsApiHandler
 from bridge.peer import StandInRdpServer
-from bridge.permissions import FULL
 from bridge.properties import ChannelPolicy, PropertyTable
 from bridge.rdp_server import RdpServerLink
+from bridge.security.auth import InMemoryAuthenticator
+from bridge.security.permissions import FULL
+from bridge.security.token_files import SessionTokenFiles
+from bridge.security.tokens import TokenStore
 from bridge.sessions import BackendRecord, SessionRegistry
-from bridge.token_files import SessionTokenFiles
-from bridge.tokens import TokenStore
 from protocols import icp
 from protocols.generated import ICP_pb2, pbRPC_pb2
 from protocols.generated.otsapi import otsapi as twisted_otsapi

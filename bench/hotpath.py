@@ -31,9 +31,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from bench.run import encode_call, frame
-from bridge.auth import InMemoryAuthenticator
 from bridge.config import Config
-from bridge.permissions import FULL
+from bridge.security.auth import InMemoryAuthenticator
+from bridge.security.permissions import FULL
 from bridge.service import BridgeService
 from bridge.sessions import ClientInfo
 from protocols import icp

@@ -345,7 +345,7 @@ class Soak:
 def write_users(base: Path) -> Path:
     path = base / "users"
     code = ("import sys\nfrom pathlib import Path\n"
-            "from bridge.auth import UserEntry, hash_password, write_users\n"
+            "from bridge.security.auth import UserEntry, hash_password, write_users\n"
             "users = [UserEntry('bench', 0x1FF, hash_password('bench-pw', n=1024))] + "
             f"[UserEntry(f'soak{{n}}', 0x49, hash_password(f'soak{{n}}-pw', n=1024)) "
             f"for n in range({USERS})]\n"

@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bridge.security.tokens import TokenRecord
 from bridge.sessions import ClientInfo, ConnectState, Session, SessionChange, SessionEvent
 from bridge.state import StateStore
-from bridge.tokens import TokenRecord
 
 
 def session(session_id: int) -> Session:

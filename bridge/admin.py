@@ -27,9 +27,9 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from bridge.events import Subscription, event_json, state_name
-from bridge.permissions import Permission
+from bridge.security.permissions import Permission
+from bridge.security.tokens import TokenRecord
 from bridge.state import JournalEvent
-from bridge.tokens import TokenRecord
 
 if TYPE_CHECKING:
     from bridge.service import BridgeService

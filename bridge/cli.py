@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from bridge.auth import (
+from bridge.config import default_users_file
+from bridge.security.auth import (
     UserEntry,
     UsersFileError,
     check_username,
@@ -25,8 +26,7 @@ from bridge.auth import (
     read_users,
     write_users,
 )
-from bridge.config import default_users_file
-from bridge.permissions import LEVELS, level_name
+from bridge.security.permissions import LEVELS, level_name
 
 TOKEN_ENV = "ICP_BRIDGE_TOKEN"  # noqa: S105 - the variable name, not a secret
 
@@ -49,7 +49,7 @@ def cmd_lockouts(args: argparse.Namespace) -> int:
     import time
 
     from bridge.config import default_state_dir
-    from bridge.throttle import LockoutStore, source_key, user_key
+    from bridge.security.throttle import LockoutStore, source_key, user_key
 
     path = (Path(args.state) if args.state else default_state_dir()) / "state.sqlite3"
     if not path.exists():
@@ -127,7 +127,7 @@ def _default_certificate() -> Path:
     """The bridge's certificate where it keeps it by default (its
     ssl.certificate property unless set otherwise)."""
     from bridge.config import default_state_dir
-    from bridge.tls import default_pair
+    from bridge.security.tls import default_pair
 
     return default_pair(os.geteuid() == 0, default_state_dir())[0]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bridge.backends import Module
-from bridge.permissions import LEVELS
 from bridge.properties import PropertyValue
+from bridge.security.permissions import LEVELS
 
 
 class ConfigError(Exception):

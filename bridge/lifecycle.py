@@ -23,7 +23,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from bridge.auth import Authenticator, Identity, logon_allowed
 from bridge.backends import (
     Backend,
     BackendError,
@@ -33,6 +32,9 @@ from bridge.backends import (
     pipe_name,
 )
 from bridge.properties import ConnectionValues, PropertyTable
+from bridge.security.auth import Authenticator, Identity, logon_allowed
+from bridge.security.throttle import RDP, LogonGuard
+from bridge.security.token_files import SessionTokenFiles
 from bridge.sessions import (
     ClientInfo,
     ConnectState,
@@ -40,8 +42,6 @@ from bridge.sessions import (
     SessionRegistry,
     StateWriteError,
 )
-from bridge.throttle import RDP, LogonGuard
-from bridge.token_files import SessionTokenFiles
 from protocols import icp
 from protocols.errors import IcpError, IcpHandlerError, IcpTimeoutError
 from protocols.generated import ICP_pb2, SBP_pb2

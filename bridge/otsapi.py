@@ -17,14 +17,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from bridge.auth import Authenticator, Identity, logon_allowed
 from bridge.config import Config
 from bridge.lifecycle import SessionLifecycle
-from bridge.permissions import Permission, level_value
 from bridge.properties import ChannelPolicy, PropertyTable
+from bridge.security.auth import Authenticator, Identity, logon_allowed
+from bridge.security.permissions import Permission, level_value
+from bridge.security.throttle import OTSAPI, LogonGuard
+from bridge.security.tokens import TokenRecord, TokenStore
 from bridge.sessions import ConnectState, Session, SessionRegistry, StateWriteError
-from bridge.throttle import OTSAPI, LogonGuard
-from bridge.tokens import TokenRecord, TokenStore
 from protocols import icp
 from protocols.errors import IcpError, IcpTimeoutError
 from protocols.generated import ICP_pb2

@@ -14,7 +14,6 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from bridge.admin import EventsResource, admin_site
-from bridge.auth import Authenticator, PamAuthenticator, UsersFileAuthenticator
 from bridge.backends import BackendLauncher
 from bridge.config import Config
 from bridge.dbus import SessionNotifier
@@ -32,15 +31,16 @@ from bridge.icp_handlers import RdpRequestHandlers
 from bridge.lifecycle import RdpPeer, SessionLifecycle
 from bridge.metrics import Metrics
 from bridge.otsapi import OtsApiHandler
-from bridge.permissions import level_value
 from bridge.properties import ChannelPolicy, PropertyTable
 from bridge.rdp_server import RdpServerLink
+from bridge.security.auth import Authenticator, PamAuthenticator, UsersFileAuthenticator
+from bridge.security.permissions import level_value
+from bridge.security.throttle import LockoutStore, LogonGuard, ThrottlePolicy
+from bridge.security.tls import default_pair, ensure_pair, uses_default_pair, with_certificate
+from bridge.security.token_files import SessionTokenFiles
+from bridge.security.tokens import TokenStore
 from bridge.sessions import SessionRegistry, StateWriteError
 from bridge.state import StateStore, restore
-from bridge.throttle import LockoutStore, LogonGuard, ThrottlePolicy
-from bridge.tls import default_pair, ensure_pair, uses_default_pair, with_certificate
-from bridge.token_files import SessionTokenFiles
-from bridge.tokens import TokenStore
 from protocols.generated.otsapi import otsapi
 from protocols.thrift_server import ConnectionLimits, ThriftServerFactory
 

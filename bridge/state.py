@@ -25,6 +25,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from bridge.endpoints import StartupError
+from bridge.security.tokens import TokenRecord
 from bridge.sessions import (
     BackendRecord,
     ClientInfo,
@@ -35,7 +36,6 @@ from bridge.sessions import (
     SessionRegistry,
     StateWriteError,
 )
-from bridge.tokens import TokenRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

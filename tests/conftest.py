@@ -20,11 +20,11 @@ from twisted.internet import reactor
 from twisted.logger import formatEvent, globalLogPublisher
 
 from bridge import standin_backend
-from bridge.auth import InMemoryAuthenticator
 from bridge.backends import Module
 from bridge.config import Config
 from bridge.peer import StandInRdpServer
-from bridge.permissions import FULL, GUEST, USER
+from bridge.security.auth import InMemoryAuthenticator
+from bridge.security.permissions import FULL, GUEST, USER
 from bridge.service import BridgeService
 
 settings.register_profile("ci", deadline=None, max_examples=100)

@@ -10,7 +10,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.python import usage
 
-from bridge.auth import (
+from bridge.config import ConfigError, load_config
+from bridge.security.auth import (
     Identity,
     UserEntry,
     UsersFileAuthenticator,
@@ -21,10 +22,9 @@ from bridge.auth import (
     verify_password,
     write_users,
 )
-from bridge.config import ConfigError, load_config
-from bridge.permissions import FULL, GUEST, USER, level_value
+from bridge.security.permissions import FULL, GUEST, USER, level_value
+from bridge.security.tokens import TokenStore, token_digest
 from bridge.tap import Options
-from bridge.tokens import TokenStore, token_digest
 
 
 def test_password_hash_round_trip() -> None:

@@ -17,9 +17,9 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from bridge.auth import Identity, InMemoryAuthenticator
-from bridge.throttle import OTSAPI, RDP, LockoutStore, LogonGuard, ThrottlePolicy, user_key
-from bridge.tokens import TokenStore
+from bridge.security.auth import Identity, InMemoryAuthenticator
+from bridge.security.throttle import OTSAPI, RDP, LockoutStore, LogonGuard, ThrottlePolicy, user_key
+from bridge.security.tokens import TokenStore
 from protocols.errors import IcpBackpressureError, IcpDisconnectedError
 from protocols.generated import ICP_pb2
 from protocols.generated.otsapi_blocking import otsapi

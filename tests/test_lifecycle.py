@@ -11,7 +11,6 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from bridge.auth import InMemoryAuthenticator
 from bridge.backends import BackendError, LaunchContext, Module
 from bridge.icp_handlers import RdpRequestHandlers
 from bridge.lifecycle import (
@@ -21,11 +20,12 @@ from bridge.lifecycle import (
     AUTH_WRONG_SESSION_STATE,
     SessionLifecycle,
 )
-from bridge.permissions import FULL, USER
 from bridge.properties import ChannelPolicy, PropertyTable
+from bridge.security.auth import InMemoryAuthenticator
+from bridge.security.permissions import FULL, USER
+from bridge.security.token_files import SessionTokenFiles
+from bridge.security.tokens import TokenStore
 from bridge.sessions import BackendRecord, ConnectState, SessionRegistry
-from bridge.token_files import SessionTokenFiles
-from bridge.tokens import TokenStore
 from protocols import icp
 from protocols.errors import IcpHandlerError, IcpNotFoundError, IcpTimeoutError
 from protocols.generated import ICP_pb2, SBP_pb2
@@ -633,7 +633,7 @@ class PamSessionTests(SynchronousTestCase):
     """With PAM, a desktop runs inside a PAM session (service ogon)."""
 
     def setUp(self) -> None:
-        from bridge.auth import PamAuthenticator
+        from bridge.security.auth import PamAuthenticator
 
         self.pam_log: list[str] = []
         fake = type("pam", (), {"pam": lambda _=None: FakePamHandle(self.pam_log)})

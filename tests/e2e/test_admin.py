@@ -18,8 +18,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
-from bridge.auth import Identity
-from bridge.permissions import FULL, GUEST
+from bridge.security.auth import Identity
+from bridge.security.permissions import FULL, GUEST
 from bridge.sessions import ClientInfo
 from tests.conftest import BridgeUnderTest, start_bridge
 from tests.e2e.otsapi_client import BlockingClient

@@ -18,8 +18,8 @@ import pytest
 import pytest_twisted
 from twisted.logger import capturedLogs
 
-from bridge.auth import UserEntry, UsersFileAuthenticator, hash_password, write_users
 from bridge.endpoints import StartupError
+from bridge.security.auth import UserEntry, UsersFileAuthenticator, hash_password, write_users
 from bridge.sessions import ConnectState
 from bridge.state import StateStore, check
 from tests.conftest import make_config, start_bridge
@@ -82,7 +82,7 @@ def test_a_corrupt_database_is_one_line_and_state_check_says_so(short_dir: Path)
 def make_service(base: Path, **overrides: object) -> object:
     from twisted.internet import reactor
 
-    from bridge.auth import InMemoryAuthenticator
+    from bridge.security.auth import InMemoryAuthenticator
     from bridge.service import BridgeService
 
     return BridgeService(make_config(base, **overrides), reactor,

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from bridge.peer import StandInRdpServer
-from bridge.permissions import FULL
+from bridge.security.permissions import FULL
 from bridge.sessions import ConnectState
 from protocols.generated.otsapi_blocking.ttypes import TVersion
 from protocols.icp import MSG_MESSAGE

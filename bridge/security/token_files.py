@@ -21,9 +21,9 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from bridge.auth import Identity, atomic_write
+from bridge.security.auth import Identity, atomic_write
+from bridge.security.tokens import TokenStore, token_digest
 from bridge.sessions import Session, SessionChange, SessionEvent, SessionRegistry
-from bridge.tokens import TokenStore, token_digest
 
 #: A token file holds one 43-character token and a newline.
 _READ_LIMIT = 256

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from bridge.permissions import USER, level_name, level_value
+from bridge.security.permissions import USER, level_name, level_value
 
 if TYPE_CHECKING:
     from bridge.properties import PropertyTable

@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from bridge.auth import Authenticator, Identity
+from bridge.security.auth import Authenticator, Identity
 
 #: The kinds of logon that queue apart.
 RDP = "rdp"

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from bridge.endpoints import StartupError, split_endpoint
 
-log = Logger(namespace="bridge.tls")
+log = Logger(namespace="bridge.security.tls")
 
 #: ogon's defaults for the pair, used when the bridge runs as root.
 OGON_CERTIFICATE = Path("/etc/ssl/certs/ogon.crt")
@@ -107,7 +107,7 @@ def generate_pair(certificate: Path, key: Path) -> None:
     key_pem = private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption())
-    from bridge.auth import atomic_write
+    from bridge.security.auth import atomic_write
 
     for path, mode in ((key, 0o700), (certificate, 0o755)):
         if not path.parent.exists():

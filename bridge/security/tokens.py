@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from bridge.auth import Identity
+from bridge.security.auth import Identity
 from bridge.sessions import StateWriteError
 
 #: Bytes of randomness in a token; as text (URL-safe base64) it is TOKEN_LENGTH long.
