@@ -43,13 +43,14 @@ from bridge.icp_handlers import RdpRequestHandlers
 from bridge.lifecycle import SessionLifecycle
 from bridge.otsapi import OtsApiHandler
 from bridge.peer import StandInRdpServer
-from bridge.properties import ChannelPolicy, PropertyTable
 from bridge.rdp_server import RdpServerLink
 from bridge.security.auth import InMemoryAuthenticator
 from bridge.security.permissions import FULL
 from bridge.security.token_files import SessionTokenFiles
 from bridge.security.tokens import TokenStore
-from bridge.sessions import BackendRecord, SessionRegistry
+from bridge.sessions.model import BackendRecord
+from bridge.sessions.properties import ChannelPolicy, PropertyTable
+from bridge.sessions.registry import SessionRegistry
 from protocols import icp
 from protocols.generated import ICP_pb2, pbRPC_pb2
 from protocols.generated.otsapi import otsapi as twisted_otsapi

@@ -35,7 +35,7 @@ from bridge.config import Config
 from bridge.security.auth import InMemoryAuthenticator
 from bridge.security.permissions import FULL
 from bridge.service import BridgeService
-from bridge.sessions import ClientInfo
+from bridge.sessions.model import ClientInfo
 from protocols import icp
 from protocols.generated import ICP_pb2, pbRPC_pb2
 from protocols.generated.otsapi import otsapi as twisted_otsapi

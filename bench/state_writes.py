@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bridge.security.tokens import TokenRecord
-from bridge.sessions import ClientInfo, ConnectState, Session, SessionChange, SessionEvent
+from bridge.sessions.model import ClientInfo, ConnectState, Session, SessionChange, SessionEvent
 from bridge.state import StateStore
 
 

@@ -34,7 +34,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from bridge.sessions import BackendRecord
+from bridge.sessions.model import BackendRecord
 
 #: ogon's PATH for sessions when the environment gives none (STD_PATH).
 STANDARD_PATH = "/usr/local/bin:/usr/bin:/bin"

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bridge.backends import Module
-from bridge.properties import PropertyValue
 from bridge.security.permissions import LEVELS
+from bridge.sessions.properties import PropertyValue
 
 
 class ConfigError(Exception):

@@ -27,7 +27,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from bridge.sessions import ConnectState, SessionChange, SessionEvent, SessionRegistry
+from bridge.sessions.model import ConnectState, SessionChange, SessionEvent
+from bridge.sessions.registry import SessionRegistry
 
 BUS_NAME = "ogon.SessionManager.session.notification"
 OBJECT_PATH = "/ogon/SessionManager/session/notification"

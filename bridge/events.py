@@ -21,7 +21,8 @@ from typing import Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from bridge.sessions import ConnectState, SessionChange, SessionRegistry
+from bridge.sessions.model import ConnectState, SessionChange
+from bridge.sessions.registry import SessionRegistry
 from bridge.state import JournalEvent, StateStore
 
 #: Events read from the journal per step of a catch-up.

@@ -8,8 +8,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from bridge.lifecycle import SessionLifecycle
-from bridge.properties import ChannelPolicy, PropertyTable, as_int32, as_uint32
-from bridge.sessions import ClientInfo, SessionRegistry
+from bridge.sessions.model import ClientInfo
+from bridge.sessions.properties import ChannelPolicy, PropertyTable, as_int32, as_uint32
+from bridge.sessions.registry import SessionRegistry
 from protocols import icp
 from protocols.generated import ICP_pb2, SBP_pb2
 

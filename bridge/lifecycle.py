@@ -31,17 +31,12 @@ from bridge.backends import (
     Module,
     pipe_name,
 )
-from bridge.properties import ConnectionValues, PropertyTable
 from bridge.security.auth import Authenticator, Identity, logon_allowed
 from bridge.security.throttle import RDP, LogonGuard
 from bridge.security.token_files import SessionTokenFiles
-from bridge.sessions import (
-    ClientInfo,
-    ConnectState,
-    Session,
-    SessionRegistry,
-    StateWriteError,
-)
+from bridge.sessions.model import ClientInfo, ConnectState, Session, StateWriteError
+from bridge.sessions.properties import ConnectionValues, PropertyTable
+from bridge.sessions.registry import SessionRegistry
 from protocols import icp
 from protocols.errors import IcpError, IcpHandlerError, IcpTimeoutError
 from protocols.generated import ICP_pb2, SBP_pb2

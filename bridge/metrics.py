@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from bridge.sessions import ConnectState
+from bridge.sessions.model import ConnectState
 
 if TYPE_CHECKING:
     from bridge.service import BridgeService

@@ -19,12 +19,13 @@ from twisted.python.failure import Failure
 
 from bridge.config import Config
 from bridge.lifecycle import SessionLifecycle
-from bridge.properties import ChannelPolicy, PropertyTable
 from bridge.security.auth import Authenticator, Identity, logon_allowed
 from bridge.security.permissions import Permission, level_value
 from bridge.security.throttle import OTSAPI, LogonGuard
 from bridge.security.tokens import TokenRecord, TokenStore
-from bridge.sessions import ConnectState, Session, SessionRegistry, StateWriteError
+from bridge.sessions.model import ConnectState, Session, StateWriteError
+from bridge.sessions.properties import ChannelPolicy, PropertyTable
+from bridge.sessions.registry import SessionRegistry
 from protocols import icp
 from protocols.errors import IcpError, IcpTimeoutError
 from protocols.generated import ICP_pb2

@@ -31,7 +31,6 @@ from bridge.icp_handlers import RdpRequestHandlers
 from bridge.lifecycle import RdpPeer, SessionLifecycle
 from bridge.metrics import Metrics
 from bridge.otsapi import OtsApiHandler
-from bridge.properties import ChannelPolicy, PropertyTable
 from bridge.rdp_server import RdpServerLink
 from bridge.security.auth import Authenticator, PamAuthenticator, UsersFileAuthenticator
 from bridge.security.permissions import level_value
@@ -39,7 +38,9 @@ from bridge.security.throttle import LockoutStore, LogonGuard, ThrottlePolicy
 from bridge.security.tls import default_pair, ensure_pair, uses_default_pair, with_certificate
 from bridge.security.token_files import SessionTokenFiles
 from bridge.security.tokens import TokenStore
-from bridge.sessions import SessionRegistry, StateWriteError
+from bridge.sessions.model import StateWriteError
+from bridge.sessions.properties import ChannelPolicy, PropertyTable
+from bridge.sessions.registry import SessionRegistry
 from bridge.state import StateStore, restore
 from protocols.generated.otsapi import otsapi
 from protocols.thrift_server import ConnectionLimits, ThriftServerFactory

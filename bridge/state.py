@@ -26,16 +26,16 @@ from twisted.logger import Logger
 
 from bridge.endpoints import StartupError
 from bridge.security.tokens import TokenRecord
-from bridge.sessions import (
+from bridge.sessions.model import (
     BackendRecord,
     ClientInfo,
     ConnectState,
     Session,
     SessionChange,
     SessionEvent,
-    SessionRegistry,
     StateWriteError,
 )
+from bridge.sessions.registry import SessionRegistry
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

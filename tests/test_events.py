@@ -11,13 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from bridge import dbus
 from bridge.events import EventHub
-from bridge.sessions import (
-    ClientInfo,
-    ConnectState,
-    SessionChange,
-    SessionRegistry,
-    StateWriteError,
-)
+from bridge.sessions.model import ClientInfo, ConnectState, SessionChange, StateWriteError
+from bridge.sessions.registry import SessionRegistry
 from bridge.state import JournalEvent, StateStore
 
 
@@ -138,7 +133,7 @@ class EventHubTests(SynchronousTestCase):
 
 
 def change(event: str, old: ConnectState | None, new: ConnectState | None) -> Any:
-    from bridge.sessions import Session, SessionEvent
+    from bridge.sessions.model import Session, SessionEvent
 
     session = Session(7, "alice", "", new or ConnectState.DOWN)
     return SessionChange(SessionEvent(event), session, old, new, "", 0.0, 8)

@@ -20,12 +20,13 @@ from bridge.lifecycle import (
     AUTH_WRONG_SESSION_STATE,
     SessionLifecycle,
 )
-from bridge.properties import ChannelPolicy, PropertyTable
 from bridge.security.auth import InMemoryAuthenticator
 from bridge.security.permissions import FULL, USER
 from bridge.security.token_files import SessionTokenFiles
 from bridge.security.tokens import TokenStore
-from bridge.sessions import BackendRecord, ConnectState, SessionRegistry
+from bridge.sessions.model import BackendRecord, ConnectState
+from bridge.sessions.properties import ChannelPolicy, PropertyTable
+from bridge.sessions.registry import SessionRegistry
 from protocols import icp
 from protocols.errors import IcpHandlerError, IcpNotFoundError, IcpTimeoutError
 from protocols.generated import ICP_pb2, SBP_pb2

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from bridge.security.permissions import USER, level_name, level_value
 
 if TYPE_CHECKING:
-    from bridge.properties import PropertyTable
+    from bridge.sessions.properties import PropertyTable
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from twisted.logger import Logger
 
 from bridge.security.auth import Identity, atomic_write
 from bridge.security.tokens import TokenStore, token_digest
-from bridge.sessions import Session, SessionChange, SessionEvent, SessionRegistry
+from bridge.sessions.model import Session, SessionChange, SessionEvent
+from bridge.sessions.registry import SessionRegistry
 
 #: A token file holds one 43-character token and a newline.
 _READ_LIMIT = 256

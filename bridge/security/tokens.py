@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bridge.security.auth import Identity
-from bridge.sessions import StateWriteError
+from bridge.sessions.model import StateWriteError
 
 #: Bytes of randomness in a token; as text (URL-safe base64) it is TOKEN_LENGTH long.
 TOKEN_BYTES = 32

@@ -20,7 +20,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from bridge.security.auth import Identity
 from bridge.security.permissions import FULL, GUEST
-from bridge.sessions import ClientInfo
+from bridge.sessions.model import ClientInfo
 from tests.conftest import BridgeUnderTest, start_bridge
 from tests.e2e.otsapi_client import BlockingClient
 from tests.e2e.sse import get, open_events

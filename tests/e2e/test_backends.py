@@ -21,7 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs
 
-from bridge.sessions import ConnectState, SessionChange, SessionEvent
+from bridge.sessions.model import ConnectState, SessionChange, SessionEvent
 from tests.conftest import (
     ME,
     STANDIN_BACKEND,
@@ -235,7 +235,7 @@ def test_output_is_rate_limited(tmp_path: Path) -> None:
     from twisted.internet.task import Clock
 
     from bridge.backends import OUTPUT_BURST, Backend, BackendLauncher, Module, _OutputFollower
-    from bridge.sessions import BackendRecord
+    from bridge.sessions.model import BackendRecord
 
     clock = Clock()
     log = tmp_path / "out.log"

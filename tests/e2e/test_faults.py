@@ -20,7 +20,7 @@ from twisted.logger import capturedLogs
 
 from bridge.endpoints import StartupError
 from bridge.security.auth import UserEntry, UsersFileAuthenticator, hash_password, write_users
-from bridge.sessions import ConnectState
+from bridge.sessions.model import ConnectState
 from bridge.state import StateStore, check
 from tests.conftest import make_config, start_bridge
 from tests.e2e.otsapi_client import BlockingClient
@@ -272,7 +272,7 @@ def test_unknown_users_take_as_long_as_wrong_passwords(tmp_path: Path) -> None:
 
 
 def test_sqlite_errors_become_state_write_errors(tmp_path: Path) -> None:
-    from bridge.sessions import StateWriteError
+    from bridge.sessions.model import StateWriteError
 
     store = StateStore(tmp_path / "state.sqlite3")
     store._db.close()

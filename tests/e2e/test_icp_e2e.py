@@ -17,7 +17,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from bridge.endpoints import StartupError
-from bridge.sessions import ConnectState
+from bridge.sessions.model import ConnectState
 from protocols.generated import ICP_pb2
 from protocols.icp import (
     MSG_LOGOFF_USER_SESSION,

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from bridge.sessions import ConnectState
+from bridge.sessions.model import ConnectState
 from protocols.generated import ICP_pb2, SBP_pb2
 from tests.conftest import BridgeUnderTest
 from tests.wire import HANDSHAKE, RPCBase, frame, handshake, request, response

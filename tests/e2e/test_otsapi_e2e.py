@@ -18,7 +18,7 @@ from twisted.logger import capturedLogs
 
 from bridge.peer import StandInRdpServer
 from bridge.security.permissions import FULL
-from bridge.sessions import ConnectState
+from bridge.sessions.model import ConnectState
 from protocols.generated.otsapi_blocking.ttypes import TVersion
 from protocols.icp import MSG_MESSAGE
 from tests.conftest import BridgeUnderTest, start_bridge

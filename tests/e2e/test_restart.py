@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest_twisted
 
-from bridge.sessions import ConnectState
+from bridge.sessions.model import ConnectState
 from bridge.state import StateStore
 from tests.conftest import kill_process_groups, start_bridge
 from tests.e2e.otsapi_client import BlockingClient
@@ -76,7 +76,7 @@ def test_state_store_round_trip(tmp_path: Path) -> None:
 
 
 def test_writes_never_checkpoint_checkpoint_does(tmp_path: Path) -> None:
-    from bridge.sessions import ClientInfo, Session, SessionChange, SessionEvent
+    from bridge.sessions.model import ClientInfo, Session, SessionChange, SessionEvent
 
     path = tmp_path / "state.sqlite3"
     store = StateStore(path)

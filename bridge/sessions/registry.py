@@ -14,133 +14,22 @@ died) stays in memory and is written again until the disk takes it.
 from __future__ import annotations
 
 import copy
-import enum
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-
-class ConnectState(enum.IntEnum):
-    """WTS_CONNECTSTATE_CLASS (WIRE.md section 3)."""
-
-    ACTIVE = 0
-    CONNECTED = 1
-    CONNECT_QUERY = 2
-    SHADOW = 3
-    DISCONNECTED = 4
-    IDLE = 5
-    LISTEN = 6
-    RESET = 7
-    DOWN = 8
-    INIT = 9
-
-
-@dataclass
-class ClientInfo:
-    """What the RDP server told us about the client in LogonUser. ``width``
-    and ``height`` are the size in use (clamped to the session's maximum);
-    ``initial_*`` what the client asked for."""
-
-    host_name: str = ""
-    address: str = ""
-    build_number: int = 0
-    product_id: int = 0
-    hardware_id: int = 0
-    protocol_type: int = 0
-    width: int = 0
-    height: int = 0
-    color_depth: int = 0
-    initial_width: int = 0
-    initial_height: int = 0
-
-
-@dataclass
-class BackendRecord:
-    """The backend process a session runs, as the state store keeps it so
-    that a restarted bridge can find it again. ``start_ticks`` is the
-    process start time from /proc (tells a live backend from a reused pid)."""
-
-    module: str
-    pid: int
-    start_ticks: int
-    endpoint: str
-    log_path: str = ""
-
-
-@dataclass
-class Session:
-    """One session. ``connection_id`` is the RDP server's id for the client
-    connection currently attached, None while disconnected."""
-
-    session_id: int
-    username: str
-    domain: str
-    state: ConnectState
-    connection_id: int | None = None
-    client: ClientInfo = field(default_factory=ClientInfo)
-    connect_time: float | None = None
-    logon_time: float | None = None
-    disconnect_time: float | None = None
-    # Flags of the level the user logged on with (0 for a greeter).
-    permission: int = 0
-    # session_id of the session this one shadows (remote-controls), if any.
-    shadowing: int | None = None
-    backend_cookie: str = ""
-    ogon_cookie: str = ""
-    backend: BackendRecord | None = None
-    # The SBP major version the greeter announced (None: it did not say).
-    sbp_major: int | None = None
-    # When it entered its current state (older state files lack it: None).
-    state_since: float | None = None
-
-    @property
-    def logged_on(self) -> bool:
-        """A user is authenticated in it (not just a greeter)."""
-        return self.logon_time is not None
-
-    @property
-    def win_station_name(self) -> str:
-        if self.connection_id is None:
-            return ""
-        return f"RDP-Tcp#{self.connection_id}"
-
-
-class SessionEvent(enum.Enum):
-    CREATED = "created"  # a greeter or new desktop session began
-    LOGGED_ON = "logged-on"  # a user authenticated into the session
-    SWITCHED = "switched"  # the greeter's connection moved to the user's desktop
-    RECONNECTED = "reconnected"
-    DISCONNECTED = "disconnected"
-    SHADOW_STARTED = "shadow-started"
-    SHADOW_STOPPED = "shadow-stopped"
-    BACKEND_STARTED = "backend-started"
-    BACKEND_EXITED = "backend-exited"
-    CHANGED = "changed"  # anything else worth keeping (client info, SBP version)
-    ENDED = "ended"  # logged off; the session is gone
-
-
-@dataclass
-class SessionChange:
-    """One change to one session: what a journal row records. ``session`` is
-    a snapshot taken right after the change; ``event_id`` is filled in by the
-    persister (the journal's id)."""
-
-    event: SessionEvent
-    session: Session
-    old_state: ConnectState | None
-    new_state: ConnectState | None
-    reason: str
-    time: float
-    next_session_id: int
-    event_id: int | None = None
-
-
-class StateWriteError(Exception):
-    """A change could not be stored; the text says why, for the log."""
+from bridge.sessions.model import (
+    BackendRecord,
+    ClientInfo,
+    ConnectState,
+    Session,
+    SessionChange,
+    SessionEvent,
+    StateWriteError,
+)
 
 
 class Persister(Protocol):
