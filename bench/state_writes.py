@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bridge.security.tokens import TokenRecord
 from bridge.sessions.model import ClientInfo, ConnectState, Session, SessionChange, SessionEvent
-from bridge.state import StateStore
+from bridge.state.store import StateStore
 
 
 def session(session_id: int) -> Session:

@@ -26,10 +26,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from bridge.events import Subscription, event_json, state_name
 from bridge.security.permissions import Permission
 from bridge.security.tokens import TokenRecord
-from bridge.state import JournalEvent
+from bridge.state.journal import Subscription, event_json, state_name
+from bridge.state.store import JournalEvent
 
 if TYPE_CHECKING:
     from bridge.service import BridgeService

@@ -420,7 +420,7 @@ def cmd_backend(args: argparse.Namespace) -> int:
 
 def cmd_state(args: argparse.Namespace) -> int:
     from bridge.config import default_state_dir
-    from bridge.state import check
+    from bridge.state.store import check
 
     path = Path(args.file) if args.file else default_state_dir() / "state.sqlite3"
     problems = check(path)

@@ -26,7 +26,6 @@ from bridge.endpoints import (
     validate_endpoint,
     with_backlog,
 )
-from bridge.events import EventHub
 from bridge.icp_handlers import RdpRequestHandlers
 from bridge.lifecycle import RdpPeer, SessionLifecycle
 from bridge.metrics import Metrics
@@ -41,7 +40,8 @@ from bridge.security.tokens import TokenStore
 from bridge.sessions.model import StateWriteError
 from bridge.sessions.properties import ChannelPolicy, PropertyTable
 from bridge.sessions.registry import SessionRegistry
-from bridge.state import StateStore, restore
+from bridge.state.journal import EventHub
+from bridge.state.store import StateStore, restore
 from protocols.generated.otsapi import otsapi
 from protocols.thrift_server import ConnectionLimits, ThriftServerFactory
 

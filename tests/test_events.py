@@ -1,4 +1,4 @@
-"""The event journal as a stream (bridge.events) and ogon's D-Bus
+"""The event journal as a stream (bridge.state.journal) and ogon's D-Bus
 notification reasons (bridge.dbus.reasons), on a Clock and an in-memory
 state database."""
 
@@ -10,10 +10,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from bridge import dbus
-from bridge.events import EventHub
 from bridge.sessions.model import ClientInfo, ConnectState, SessionChange, StateWriteError
 from bridge.sessions.registry import SessionRegistry
-from bridge.state import JournalEvent, StateStore
+from bridge.state.journal import EventHub
+from bridge.state.store import JournalEvent, StateStore
 
 
 class Collector:

@@ -21,7 +21,7 @@ from twisted.logger import capturedLogs
 from bridge.endpoints import StartupError
 from bridge.security.auth import UserEntry, UsersFileAuthenticator, hash_password, write_users
 from bridge.sessions.model import ConnectState
-from bridge.state import StateStore, check
+from bridge.state.store import StateStore, check
 from tests.conftest import make_config, start_bridge
 from tests.e2e.otsapi_client import BlockingClient
 

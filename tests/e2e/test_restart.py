@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest_twisted
 
 from bridge.sessions.model import ConnectState
-from bridge.state import StateStore
+from bridge.state.store import StateStore
 from tests.conftest import kill_process_groups, start_bridge
 from tests.e2e.otsapi_client import BlockingClient
 

@@ -310,7 +310,7 @@ def restore(store: StateStore, registry: SessionRegistry, now: float,
     Both are journaled like any change. Returns (user sessions restored,
     greeter sessions ended -- their backends are the caller's to stop, live
     tokens)."""
-    log = Logger(namespace="bridge.state")
+    log = Logger(namespace="bridge.state.store")
     # Before any write below: ids of ended sessions stay used.
     registry.restore_next_session_id(store.next_session_id())
     loaded = store.load_sessions()

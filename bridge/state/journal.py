@@ -1,7 +1,7 @@
 """The session event journal, as a stream that loses nothing.
 
 Every session change is a row of the journal (the ``events`` table),
-written in the same transaction as the change (see bridge.state). The
+written in the same transaction as the change (see bridge.state.store). The
 journal is the only source of what a subscriber sees: a subscriber asks
 for the events after an id, gets them from the journal (or from the
 recent ones kept in memory), then the new ones as they are written, in id
@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from bridge.sessions.model import ConnectState, SessionChange
 from bridge.sessions.registry import SessionRegistry
-from bridge.state import JournalEvent, StateStore
+from bridge.state.store import JournalEvent, StateStore
 
 #: Events read from the journal per step of a catch-up.
 PAGE = 500
