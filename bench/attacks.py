@@ -149,6 +149,13 @@ def endpoint_of(answer: RPCBase) -> str | None:
     return ICP_pb2.LogonUserResponse.FromString(answer.payload).serviceEndpoint
 
 
+def import_auth(names: str) -> str:
+    """Code importing ``names`` from the auth module of any checkout (it
+    moved to bridge/security/ with issue 17)."""
+    return (f"try:\n    from bridge.security.auth import {names}\n"
+            f"except ImportError:\n    from bridge.auth import {names}\n")
+
+
 class Bridge:
     """``twistd -n icp-bridge`` from ``root``, on its own temporary files."""
 
@@ -163,7 +170,8 @@ class Bridge:
         self.users = self.base / "users"
         self.log_path = self.base / "bridge.log"
         self.popen: subprocess.Popen[bytes] | None = None
-        self.current = root == ROOT or (root / "bridge" / "backends.py").exists()
+        self.current = root == ROOT or (root / "bridge" / "backends.py").exists() \
+            or (root / "bridge" / "backends").is_dir()
         self.write_users(users or {"bench": PASSWORD}, scrypt_n)
 
     def python(self, code: str, *argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -173,7 +181,7 @@ class Bridge:
 
     def write_users(self, users: dict[str, str], scrypt_n: int | None) -> None:
         code = ("import json, sys\nfrom pathlib import Path\n"
-                "from bridge.security.auth import UserEntry, hash_password, write_users\n"
+                f"{import_auth('UserEntry, hash_password, write_users')}"
                 "users = json.loads(sys.argv[2]); n = json.loads(sys.argv[3])\n"
                 "write_users(Path(sys.argv[1]), [UserEntry(name, 0x1FF, hash_password(pw, "
                 "**({'n': n} if n else {}))) for name, pw in users.items()])\n")
@@ -463,8 +471,7 @@ def timing(root: Path) -> dict[str, Any]:
     try:
         code = (
             "import statistics, sys, time\nfrom pathlib import Path\n"
-            "from bridge.security.auth import UserEntry, UsersFileAuthenticator, hash_password, "
-            "write_users\n"
+            f"{import_auth('UserEntry, UsersFileAuthenticator, hash_password, write_users')}"
             "path = Path(sys.argv[1])\n"
             "write_users(path, [UserEntry('alice', 0x1FF, hash_password('right'))])\n"
             "auth = UsersFileAuthenticator(path)\n"

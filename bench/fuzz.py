@@ -37,7 +37,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
-from bridge.backends import LaunchContext, Module
+from bridge.backends.modules import LaunchContext, Module
 from bridge.config import Config
 from bridge.icp_handlers import RdpRequestHandlers
 from bridge.lifecycle import SessionLifecycle

@@ -132,7 +132,7 @@ def fast_peer_argv(binary: Path, sock: Path, answer_delay: float) -> list[str]:
 
 def bench_config(base: Path) -> Path:
     """A config whose sessions run the stand-in backend (a logon starts one)."""
-    backend = [sys.executable, str(ROOT / "bridge" / "standin_backend.py"), "--socket",
+    backend = [sys.executable, str(ROOT / "bridge" / "backends" / "standin.py"), "--socket",
                "{pipe_dir}/{endpoint}"]
     user = pwd.getpwuid(os.geteuid()).pw_name
     path = base / "bridge.toml"
@@ -271,7 +271,7 @@ def kill_backends(base: Path) -> None:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if str(base).encode() in cmdline and b"standin_backend" in cmdline:
+        if str(base).encode() in cmdline and b"backends/standin.py" in cmdline:
             try:
                 os.killpg(int(entry.name), signal.SIGKILL)
             except OSError:

@@ -129,7 +129,9 @@ def main() -> int:
             "--pidfile=", "icp-bridge", "--icp", f"unix:{base}/icp.sock",
             "--thrift", thrift, "--state", str(base / "state"), "--users", str(base / "users"),
             "--token-dir", str(base)]
-    if (args.bridge_root / "bridge" / "admin.py").exists():  # older ones lack these keys
+    root = args.bridge_root
+    if (root / "bridge" / "admin.py").exists() or (root / "bridge" / "watch").is_dir():
+        # older ones lack these keys
         argv += ["--config", str(config)]
     env = {**os.environ, "PYTHONPATH": str(args.bridge_root)}
     log = open(base / "bridge.log", "w")

@@ -413,7 +413,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 # -- backend and state ---------------------------------------------------------
 
 def cmd_backend(args: argparse.Namespace) -> int:
-    from bridge import standin_backend
+    from bridge.backends import standin as standin_backend
 
     return standin_backend.main(args.backend_args)
 

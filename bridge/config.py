@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.backends import Module
+from bridge.backends.modules import Module
 from bridge.security.permissions import LEVELS
 from bridge.sessions.properties import PropertyValue
 

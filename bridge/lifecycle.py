@@ -23,14 +23,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from bridge.backends import (
-    Backend,
-    BackendError,
-    BackendLauncher,
-    LaunchContext,
-    Module,
-    pipe_name,
-)
+from bridge.backends.launcher import Backend, BackendLauncher
+from bridge.backends.modules import BackendError, LaunchContext, Module, pipe_name
 from bridge.security.auth import Authenticator, Identity, logon_allowed
 from bridge.security.throttle import RDP, LogonGuard
 from bridge.security.token_files import SessionTokenFiles

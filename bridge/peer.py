@@ -27,7 +27,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from bridge.backends import pipe_file
+from bridge.backends.modules import pipe_file
 from protocols import icp
 from protocols.errors import IcpHandlerError
 from protocols.generated import ICP_pb2, SBP_pb2

@@ -14,7 +14,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from bridge.admin import EventsResource, admin_site
-from bridge.backends import BackendLauncher
+from bridge.backends.launcher import BackendLauncher
 from bridge.config import Config
 from bridge.dbus import SessionNotifier
 from bridge.endpoints import (

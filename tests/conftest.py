@@ -19,8 +19,8 @@ from hypothesis import settings
 from twisted.internet import reactor
 from twisted.logger import formatEvent, globalLogPublisher
 
-from bridge import standin_backend
-from bridge.backends import Module
+from bridge.backends import standin as standin_backend
+from bridge.backends.modules import Module
 from bridge.config import Config
 from bridge.peer import StandInRdpServer
 from bridge.security.auth import InMemoryAuthenticator

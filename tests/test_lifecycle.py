@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from bridge.backends import BackendError, LaunchContext, Module
+from bridge.backends.modules import BackendError, LaunchContext, Module
 from bridge.icp_handlers import RdpRequestHandlers
 from bridge.lifecycle import (
     AUTH_BAD_CREDENTIALS,

@@ -234,7 +234,10 @@ async def test_greeter_login_switches_to_the_desktop(running: BridgeUnderTest) -
 def test_output_is_rate_limited(tmp_path: Path) -> None:
     from twisted.internet.task import Clock
 
-    from bridge.backends import OUTPUT_BURST, Backend, BackendLauncher, Module, _OutputFollower
+    from bridge.backends.launcher import Backend, BackendLauncher
+    from bridge.backends.modules import Module
+    from bridge.backends.output import OUTPUT_BURST
+    from bridge.backends.output import OutputFollower as _OutputFollower
     from bridge.sessions.model import BackendRecord
 
     clock = Clock()

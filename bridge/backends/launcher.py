@@ -1,15 +1,16 @@
-"""Backends: the programs a session runs (a greeter, a desktop), started,
-watched and stopped on the reactor.
+"""The launcher: starts a module's backend for a session, waits until it is
+ready, watches it until it exits, stops it, and adopts it again after a
+restart; ``Backend`` is one such process.
 
 A backend is started in its own process group (and session), as the
 session's user when the bridge runs as root, with a clean environment
 (WIRE.md section 5). It is *ready* once its endpoint socket in the pipe
 directory accepts a connection. Its output goes to a log file under the
 state directory, which the bridge follows and copies into its own log
-(prefixed with the session, rate-limited): a file rather than a pipe, so a
-backend writing after the bridge was killed does not die of SIGPIPE. A
-backend outlives the bridge; a restarted bridge adopts it again by pid and
-start time and watches it with a pidfd.
+(``bridge.backends.output``): a file rather than a pipe, so a backend
+writing after the bridge was killed does not die of SIGPIPE. A backend
+outlives the bridge; a restarted bridge adopts it again by pid and start
+time and watches it with a pidfd.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import signal
 import socket
 import stat
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,87 +34,17 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from bridge.backends.environment import Account, environment, own_account, placeholders
+from bridge.backends.modules import BackendError, LaunchContext, Module, pipe_file
+from bridge.backends.output import OutputFollower
 from bridge.sessions.model import BackendRecord
 
-#: ogon's PATH for sessions when the environment gives none (STD_PATH).
-STANDARD_PATH = "/usr/local/bin:/usr/bin:/bin"
 #: How often readiness is probed while a backend starts.
 READY_PROBE_INTERVAL = 0.1
 #: How often backend log files are read.
 OUTPUT_POLL_INTERVAL = 1.0
 #: Lines kept for the log line of a failed start.
 LAST_LINES = 5
-#: Backend output copied into the bridge's log: a burst, then this many a second.
-OUTPUT_BURST = 20
-OUTPUT_RATE = 2.0
-#: A backend log file is emptied once it grows past this (it is followed, not archived).
-OUTPUT_FILE_LIMIT = 1024 * 1024
-_MAX_LINE = 500
-PIPE_PREFIX = "\\\\.\\pipe\\"
-
-
-class BackendError(Exception):
-    """A backend could not be started or did not become ready; ``last_lines``
-    are its last lines of output."""
-
-    def __init__(self, message: str, last_lines: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.last_lines = last_lines or []
-
-    def describe(self) -> str:
-        if not self.last_lines:
-            return str(self)
-        return f"{self}; last output: {' | '.join(self.last_lines)}"
-
-
-@dataclass(frozen=True)
-class Module:
-    """One ``[modules.NAME]`` table: how to run a kind of backend."""
-
-    name: str
-    command: tuple[str, ...]
-    endpoint: str
-    user: str = "session"
-    ready_timeout: float = 30.0
-    stop_timeout: float = 5.0
-    environment: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LaunchContext:
-    """What a backend is started for: the session and its client."""
-
-    session_id: int
-    username: str  # the session's user; "" for a greeter
-    domain: str
-    width: int
-    height: int
-    bpp: int
-    max_width: int
-    max_height: int
-    client_name: str
-    client_address: str
-    backend_cookie: str
-    ogon_cookie: str
-    rdp_server_uid: int | None = None
-    rdp_server_pid: int | None = None
-    # For a greeter: the user name the client typed, if any (OGON_USER).
-    typed_user: str = ""
-    typed_domain: str = ""
-    # environment.add / environment.filter (ogon's properties), already split.
-    environment_add: tuple[tuple[str, str], ...] = ()
-    environment_pass: tuple[str, ...] = ()
-
-
-def pipe_name(endpoint: str) -> str:
-    """The named pipe ``endpoint`` as the RDP server wants it: ``\\\\.\\pipe\\NAME``."""
-    return endpoint if endpoint.startswith(PIPE_PREFIX) else PIPE_PREFIX + endpoint
-
-
-def pipe_file(pipe_dir: Path, endpoint: str) -> Path:
-    """Where winpr puts the named pipe ``endpoint``: ``<pipe_dir>/NAME``."""
-    name = endpoint[len(PIPE_PREFIX):] if endpoint.startswith(PIPE_PREFIX) else endpoint
-    return pipe_dir / name
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -214,7 +144,7 @@ class Backend:
         self._process: Any = None
         self._pidfd: _PidfdReader | None = None
         self._kill_call: Any = None
-        self._output: _OutputFollower | None = None
+        self._output: OutputFollower | None = None
 
     @property
     def pid(self) -> int:
@@ -275,95 +205,6 @@ class Backend:
         return d
 
 
-_output_log = Logger(namespace="bridge.backends.output")
-
-
-class _OutputFollower:
-    """Copies new lines of a backend's log file into the bridge's log,
-    prefixed with the session and limited to a burst then a steady rate."""
-
-    log = _output_log
-
-    def __init__(self, backend: Backend, path: Path, clock: IReactorTime,
-                 from_end: bool) -> None:
-        self.backend = backend
-        self.path = path
-        self.clock = clock
-        self._fd: int | None = None
-        self._offset = 0
-        self._partial = b""
-        self._tokens = float(OUTPUT_BURST)
-        self._last_refill = clock.seconds()
-        self._dropped = 0
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            if from_end:
-                self._offset = os.fstat(self._fd).st_size
-        except OSError:
-            self._fd = None
-
-    def read(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            size = os.fstat(self._fd).st_size
-            if size < self._offset:  # emptied by us below, or by someone
-                self._offset = 0
-            if size == self._offset:
-                return
-            data = os.pread(self._fd, min(size - self._offset, 256 * 1024), self._offset)
-            self._offset += len(data)
-            if self._offset >= OUTPUT_FILE_LIMIT:
-                # Followed, not archived: start the file over (writers use O_APPEND).
-                os.truncate(self.path, 0)
-                self._offset = 0
-        except OSError:
-            return
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()[-_MAX_LINE:]
-        for raw in lines:
-            self._line(raw.decode("utf-8", "replace").rstrip("\r")[:_MAX_LINE])
-
-    def _line(self, text: str) -> None:
-        if not text:
-            return
-        self.backend.last_lines.append(text)
-        now = self.clock.seconds()
-        self._tokens = min(float(OUTPUT_BURST),
-                           self._tokens + (now - self._last_refill) * OUTPUT_RATE)
-        self._last_refill = now
-        if self._tokens < 1:
-            self._dropped += 1
-            return
-        self._tokens -= 1
-        if self._dropped:
-            self.log.info("session {session_id} {module}: {count} lines not logged (rate limit)",
-                          session_id=self.backend.session_id, module=self.backend.module.name,
-                          count=self._dropped)
-            self._dropped = 0
-        self.log.info("session {session_id} {module}: {line}", session_id=self.backend.session_id,
-                      module=self.backend.module.name, line=text)
-
-    def close(self) -> None:
-        if self._partial:
-            self._line(self._partial.decode("utf-8", "replace"))
-            self._partial = b""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-@dataclass(frozen=True)
-class Account:
-    """Whom a backend runs as."""
-
-    name: str
-    uid: int
-    gid: int
-    home: str
-    shell: str
-
-
 class BackendLauncher:
     """Starts, adopts and stops backends; one per service."""
 
@@ -384,12 +225,7 @@ class BackendLauncher:
         # For the metrics: starts by (module, outcome: ready or failed).
         self.starts: Counter[tuple[str, str]] = Counter()
 
-    # -- accounts and environment -----------------------------------------------
-
-    def own_account(self) -> Account:
-        entry = pwd.getpwuid(os.geteuid())
-        return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir,
-                       entry.pw_shell)
+    # -- accounts -------------------------------------------------------------------
 
     def account_for(self, module: Module, context: LaunchContext) -> Account:
         """The account the backend runs as. Raises BackendError."""
@@ -397,12 +233,12 @@ class BackendLauncher:
             if not self._warned_own_user:
                 self.log.warn("not running as root: backends run as the bridge's own user "
                               "({user}), not as the session's user",
-                              user=self.own_account().name)
+                              user=own_account().name)
                 self._warned_own_user = True
-            return self.own_account()
+            return own_account()
         name = context.username if module.user == "session" else module.user
         if not name:
-            return self.own_account()  # a greeter: no user yet, as ogon runs it
+            return own_account()  # a greeter: no user yet, as ogon runs it
         try:
             entry = pwd.getpwnam(name)
         except (KeyError, ValueError):
@@ -410,56 +246,6 @@ class BackendLauncher:
                                f"as") from None
         return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
 
-    @staticmethod
-    def placeholders(module: Module, context: LaunchContext, pipe_dir: Path
-                     ) -> dict[str, str]:
-        values = {
-            "session_id": str(context.session_id), "user": context.username,
-            "width": str(context.width), "height": str(context.height),
-            "bpp": str(context.bpp), "pipe_dir": str(pipe_dir),
-        }
-        values["endpoint"] = module.endpoint.format(**values)
-        return values
-
-    def environment(self, module: Module, context: LaunchContext, account: Account,
-                    values: Mapping[str, str]) -> dict[str, str]:
-        """A fresh environment (WIRE.md section 5): ogon's variables, the
-        ``environment.filter`` pass-through list, ``environment.add``, the
-        module's own table."""
-        env: dict[str, str] = {}
-        names = context.environment_pass
-        if "*" in names:
-            env.update(os.environ)
-        else:
-            env.update({name: os.environ[name] for name in names if name in os.environ})
-        env.update({
-            "USER": account.name, "LOGNAME": account.name, "HOME": account.home,
-            "SHELL": account.shell, "UID": str(account.uid),
-            "OGON_SID": str(context.session_id),
-            "OGON_COOKIE": context.ogon_cookie, "OGON_BACKEND_COOKIE": context.backend_cookie,
-            "OGON_CONNECTION_BPP": str(context.bpp),
-            "OGON_SMAX": f"{context.max_width}x{context.max_height}",
-        })
-        env.setdefault("PATH", STANDARD_PATH)
-        user = context.username or context.typed_user
-        domain = context.domain if context.username else context.typed_domain
-        if user:
-            env["OGON_USER"] = user
-        if domain:
-            env["OGON_DOMAIN"] = domain
-        if context.client_name:
-            env["OGON_SESSION_CLIENT_NAME"] = context.client_name
-        if context.client_address:
-            env["OGON_SESSION_CLIENT_ADDRESS"] = context.client_address
-        if context.rdp_server_uid is not None:
-            env["OGON_UID"] = str(context.rdp_server_uid)
-        if not context.username and context.rdp_server_pid is not None:
-            env["OGON_PID"] = str(context.rdp_server_pid)  # greeters only, as ogon
-        env.update(dict(context.environment_add))
-        env.update({key: value.format(**values) for key, value in module.environment.items()})
-        return env
-
-    # -- starting ---------------------------------------------------------------
 
     def _spawn_process(self, protocol: ProcessProtocol, executable: str, args: list[str],
                        env: dict[str, str], path: str, uid: int | None, gid: int | None,
@@ -486,14 +272,14 @@ class BackendLauncher:
 
     def _start(self, module: Module, context: LaunchContext) -> Backend:
         account = self.account_for(module, context)
-        values = self.placeholders(module, context, self.pipe_dir)
+        values = placeholders(module, context, self.pipe_dir)
         try:
             argv = [part.format(**values) for part in module.command]
         except (KeyError, IndexError, ValueError) as e:
             raise BackendError(f"module {module.name}: bad placeholder in command ({e})") \
                 from None
         endpoint = values["endpoint"]
-        env = self.environment(module, context, account, values)
+        env = environment(module, context, account, values)
         if "/" not in argv[0] and shutil.which(argv[0], path=env["PATH"]) is None:
             raise BackendError(f"module {module.name}: command {argv[0]!r} not found in PATH "
                                f"({env['PATH']})")
@@ -525,7 +311,7 @@ class BackendLauncher:
         backend.record = BackendRecord(module.name, child.pid,
                                        process_start_ticks(child.pid) or 0, endpoint,
                                        str(log_path))
-        backend._output = _OutputFollower(backend, log_path, self.clock, from_end=True)
+        backend._output = OutputFollower(backend, log_path, self.clock, from_end=True)
         self._track(backend)
         self.log.info("session {session_id}: started {module} (pid {pid}) as {user}: {command}",
                       session_id=context.session_id, module=module.name, pid=child.pid,
@@ -596,7 +382,7 @@ class BackendLauncher:
         backend = Backend(self, session_id, module, record)
         backend._pidfd = _PidfdReader(fd, backend)
         if record.log_path:
-            backend._output = _OutputFollower(backend, Path(record.log_path), self.clock,
+            backend._output = OutputFollower(backend, Path(record.log_path), self.clock,
                                               from_end=True)
         self._track(backend)
         # An exit between the checks above and now makes the pidfd readable at once.
