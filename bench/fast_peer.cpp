@@ -1,7 +1,7 @@
 // A fast stand-in RDP server for bench/run.py: speaks just enough ICP to
 // shake hands, log one user on and answer the bridge's requests, in C++ so
 // that the stand-in is never what limits the measurement (the Python one in
-// bridge/peer.py costs about as much CPU per call as the bridge itself).
+// bridge/rdp/standin.py costs about as much CPU per call as the bridge itself).
 //
 // The frames it sends first (handshake, LogonUser) are built by run.py with
 // the generated protobuf classes and passed in hex. Answers are encoded here:

@@ -39,11 +39,11 @@ from twisted.logger import globalLogPublisher
 
 from bridge.backends.modules import LaunchContext, Module
 from bridge.config import Config
-from bridge.icp_handlers import RdpRequestHandlers
 from bridge.lifecycle import SessionLifecycle
 from bridge.otsapi import OtsApiHandler
-from bridge.peer import StandInRdpServer
-from bridge.rdp_server import RdpServerLink
+from bridge.rdp.handlers import RdpRequestHandlers
+from bridge.rdp.link import RdpServerLink
+from bridge.rdp.standin import StandInRdpServer
 from bridge.security.auth import InMemoryAuthenticator
 from bridge.security.permissions import FULL
 from bridge.security.token_files import SessionTokenFiles

@@ -105,7 +105,7 @@ class Soak:
         return proto
 
     async def connect_rdp(self) -> None:
-        from bridge.peer import StandInRdpServer
+        from bridge.rdp.standin import StandInRdpServer
 
         self.peer = StandInRdpServer(self.reactor, pipe_dir=self.base / "pipes")
         await self.peer.connect(f"unix:{self.base}/icp.sock")

@@ -289,7 +289,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
     from twisted.internet.defer import Deferred, ensureDeferred
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from bridge.peer import StandInRdpServer
+    from bridge.rdp.standin import StandInRdpServer
 
     password = _read_password(f"password for {args.user}: ") if args.user else ""
     if not args.quiet:

@@ -26,11 +26,11 @@ from bridge.endpoints import (
     validate_endpoint,
     with_backlog,
 )
-from bridge.icp_handlers import RdpRequestHandlers
 from bridge.lifecycle import RdpPeer, SessionLifecycle
 from bridge.metrics import Metrics
 from bridge.otsapi import OtsApiHandler
-from bridge.rdp_server import RdpServerLink
+from bridge.rdp.handlers import RdpRequestHandlers
+from bridge.rdp.link import RdpServerLink
 from bridge.security.auth import Authenticator, PamAuthenticator, UsersFileAuthenticator
 from bridge.security.permissions import level_value
 from bridge.security.throttle import LockoutStore, LogonGuard, ThrottlePolicy

@@ -22,7 +22,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from bridge.backends import standin as standin_backend
 from bridge.backends.modules import Module
 from bridge.config import Config
-from bridge.peer import StandInRdpServer
+from bridge.rdp.standin import StandInRdpServer
 from bridge.security.auth import InMemoryAuthenticator
 from bridge.security.permissions import FULL, GUEST, USER
 from bridge.service import BridgeService

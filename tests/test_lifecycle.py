@@ -12,7 +12,6 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from bridge.backends.modules import BackendError, LaunchContext, Module
-from bridge.icp_handlers import RdpRequestHandlers
 from bridge.lifecycle import (
     AUTH_BAD_CREDENTIALS,
     AUTH_SUCCESSFUL,
@@ -20,6 +19,7 @@ from bridge.lifecycle import (
     AUTH_WRONG_SESSION_STATE,
     SessionLifecycle,
 )
+from bridge.rdp.handlers import RdpRequestHandlers
 from bridge.security.auth import InMemoryAuthenticator
 from bridge.security.permissions import FULL, USER
 from bridge.security.token_files import SessionTokenFiles

@@ -1,6 +1,6 @@
 """The bridge against a stand-in RDP server built from WIRE.md alone: frames
 with ``struct``, messages with the generated classes, no code from
-``protocols.icp`` or ``bridge.peer``. What a real RDP server does first,
+``protocols.icp`` or ``bridge.rdp.standin``. What a real RDP server does first,
 over the real UNIX socket."""
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from thrift.Thrift import TApplicationException
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
-from bridge.peer import StandInRdpServer
+from bridge.rdp.standin import StandInRdpServer
 from bridge.security.permissions import FULL
 from bridge.sessions.model import ConnectState
 from protocols.generated.otsapi_blocking.ttypes import TVersion

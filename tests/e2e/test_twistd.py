@@ -22,7 +22,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
-from bridge.peer import StandInRdpServer
+from bridge.rdp.standin import StandInRdpServer
 from tests.conftest import ME, STANDIN_BACKEND, alive
 from tests.e2e.sse import open_events
 
