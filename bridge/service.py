@@ -28,7 +28,7 @@ from bridge.endpoints import (
 )
 from bridge.lifecycle import RdpPeer, SessionLifecycle
 from bridge.metrics import Metrics
-from bridge.otsapi import OtsApiHandler
+from bridge.otsapi.handler import OtsApiHandler
 from bridge.rdp.handlers import RdpRequestHandlers
 from bridge.rdp.link import RdpServerLink
 from bridge.security.auth import Authenticator, PamAuthenticator, UsersFileAuthenticator

@@ -19,25 +19,23 @@ from twisted.python.failure import Failure
 
 from bridge.config import Config
 from bridge.lifecycle import SessionLifecycle
+from bridge.otsapi.session_info import session_info, signed
 from bridge.security.auth import Authenticator, Identity, logon_allowed
 from bridge.security.permissions import Permission, level_value
 from bridge.security.throttle import OTSAPI, LogonGuard
 from bridge.security.tokens import TokenRecord, TokenStore
-from bridge.sessions.model import ConnectState, Session, StateWriteError
+from bridge.sessions.model import Session, StateWriteError
 from bridge.sessions.properties import ChannelPolicy, PropertyTable
 from bridge.sessions.registry import SessionRegistry
 from protocols import icp
 from protocols.errors import IcpError, IcpTimeoutError
 from protocols.generated import ICP_pb2
 from protocols.generated.otsapi.ttypes import (
-    TWTSINFO,
-    TClientDisplay,
     TReturnEnumerateSession,
     TReturnLogonConnection,
     TReturnQuerySessionInformation,
     TReturnVirtualChannelOpen,
     TSessionInfo,
-    TSessionInfoValue,
     TVersion,
 )
 from protocols.loglimit import LogLimiter
@@ -50,30 +48,10 @@ WTS_CHANNEL_OPTION_DYNAMIC = 0x1
 MESSAGE_CUSTOM_TYPE = 1
 IDTIMEOUT = 32000
 IDASYNC = 32001
-_FILETIME_UNIX_EPOCH = 116444736000000000  # 1970-01-01 in 100 ns ticks since 1601
 
 
 def _vc_open_failed() -> TReturnVirtualChannelOpen:
     return TReturnVirtualChannelOpen(pipeName="", instance=0)
-
-
-class WtsInfoClass:
-    """WTS_INFO_CLASS values the bridge answers (WIRE.md section 3)."""
-
-    SESSION_ID = 4
-    USER_NAME = 5
-    WIN_STATION_NAME = 6
-    DOMAIN_NAME = 7
-    CONNECT_STATE = 8
-    CLIENT_BUILD_NUMBER = 9
-    CLIENT_NAME = 10
-    CLIENT_PRODUCT_ID = 12
-    CLIENT_HARDWARE_ID = 13
-    CLIENT_ADDRESS = 14
-    CLIENT_DISPLAY = 15
-    CLIENT_PROTOCOL_TYPE = 16
-    LOGON_TIME = 18
-    SESSION_INFO = 24
 
 
 class RdpCaller(Protocol):
@@ -82,19 +60,6 @@ class RdpCaller(Protocol):
 
 
 T = TypeVar("T")
-
-
-def filetime(unix_seconds: float | None) -> int:
-    """Windows FILETIME (100 ns ticks since 1601-01-01 UTC); 0 for never."""
-    if unix_seconds is None:
-        return 0
-    return _FILETIME_UNIX_EPOCH + int(unix_seconds * 10_000_000)
-
-
-def _signed(value: int, bits: int) -> int:
-    """A wire unsigned value in a Thrift signed field of the same width."""
-    value &= (1 << bits) - 1
-    return value - (1 << bits) if value >= 1 << (bits - 1) else value
 
 
 class OtsApiHandler:
@@ -269,62 +234,12 @@ class OtsApiHandler:
                                Permission.QUERY_INFORMATION)
         if auth is None:
             return failed
-        value = self._session_info(auth[1], infoClass)
+        value = session_info(auth[1], infoClass, self.registry.clock)
         if value is None:
             self._refuse("querySessionInformation", sessionId,
                          f"info class {infoClass} not available")
             return failed
         return TReturnQuerySessionInformation(returnValue=True, infoValue=value)
-
-    def _session_info(self, session: Session, info_class: int | None) -> TSessionInfoValue | None:
-        anonymous = session.state in (ConnectState.CONNECTED, ConnectState.INIT)
-        c = WtsInfoClass
-        if info_class == c.SESSION_ID:
-            return TSessionInfoValue(int32Value=session.session_id)
-        if info_class == c.USER_NAME:
-            return TSessionInfoValue(stringValue="" if anonymous else session.username)
-        if info_class == c.DOMAIN_NAME:
-            return TSessionInfoValue(stringValue="" if anonymous else session.domain)
-        if info_class == c.WIN_STATION_NAME:
-            return TSessionInfoValue(stringValue=session.win_station_name)
-        if info_class == c.CONNECT_STATE:
-            return TSessionInfoValue(int32Value=int(session.state))
-        if info_class == c.LOGON_TIME:
-            return TSessionInfoValue(int64Value=filetime(session.logon_time))
-        if info_class == c.SESSION_INFO:
-            return TSessionInfoValue(WTSINFO=TWTSINFO(
-                State=int(session.state), SessionId=session.session_id,
-                IncomingBytes=0, OutgoingBytes=0, IncomingFrames=0, OutgoingFrames=0,
-                IncomingCompressedBytes=0, OutgoingCompressedBytes=0,
-                WinStationName=session.win_station_name,
-                Domain="" if anonymous else session.domain,
-                UserName="" if anonymous else session.username,
-                ConnectTime=filetime(session.connect_time),
-                DisconnectTime=filetime(session.disconnect_time),
-                LastInputTime=0,
-                LogonTime=filetime(session.logon_time),
-                CurrentTime=filetime(self.registry.clock.seconds()),
-            ))
-        if session.connection_id is None:
-            return None  # client properties exist only while a client is attached
-        client = session.client
-        if info_class == c.CLIENT_BUILD_NUMBER:
-            return TSessionInfoValue(int32Value=_signed(client.build_number, 32))
-        if info_class == c.CLIENT_NAME:
-            return TSessionInfoValue(stringValue=client.host_name)
-        if info_class == c.CLIENT_PRODUCT_ID:
-            return TSessionInfoValue(int16Value=_signed(client.product_id, 16))
-        if info_class == c.CLIENT_HARDWARE_ID:
-            return TSessionInfoValue(int32Value=_signed(client.hardware_id, 32))
-        if info_class == c.CLIENT_ADDRESS:
-            return TSessionInfoValue(stringValue=client.address)
-        if info_class == c.CLIENT_DISPLAY:
-            return TSessionInfoValue(displayValue=TClientDisplay(
-                displayWidth=_signed(client.width, 32), displayHeight=_signed(client.height, 32),
-                colorDepth=_signed(client.color_depth, 32)))
-        if info_class == c.CLIENT_PROTOCOL_TYPE:
-            return TSessionInfoValue(int16Value=_signed(client.protocol_type, 16))
-        return None
 
     # -- bridged methods -------------------------------------------------------
 
@@ -353,7 +268,7 @@ class OtsApiHandler:
         return self._bridged(
             method, session, icp.MSG_VIRTUAL_CHANNEL_OPEN, request,
             lambda r: TReturnVirtualChannelOpen(pipeName=r.connectionString,
-                                                instance=_signed(r.instance, 32)),
+                                                instance=signed(r.instance, 32)),
             _vc_open_failed,
         )
 
@@ -467,7 +382,7 @@ class OtsApiHandler:
             return 0 if d.called else IDASYNC
 
         def answered(response: ICP_pb2.MessageResponse) -> int:
-            return _signed(response.result, 32) if response.result else IDTIMEOUT
+            return signed(response.result, 32) if response.result else IDTIMEOUT
 
         def failed(failure: Failure) -> int:
             if failure.check(IcpTimeoutError):
