@@ -13,10 +13,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from bridge.admin import EventsResource, admin_site
 from bridge.backends.launcher import BackendLauncher
 from bridge.config import Config
-from bridge.dbus import SessionNotifier
 from bridge.endpoints import (
     ListeningService,
     StartupError,
@@ -27,7 +25,6 @@ from bridge.endpoints import (
     with_backlog,
 )
 from bridge.lifecycle import RdpPeer, SessionLifecycle
-from bridge.metrics import Metrics
 from bridge.otsapi.handler import OtsApiHandler
 from bridge.rdp.handlers import RdpRequestHandlers
 from bridge.rdp.link import RdpServerLink
@@ -42,6 +39,9 @@ from bridge.sessions.properties import ChannelPolicy, PropertyTable
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub
 from bridge.state.store import StateStore, restore
+from bridge.watch.admin import EventsResource, admin_site
+from bridge.watch.dbus import SessionNotifier
+from bridge.watch.metrics import Metrics
 from protocols.generated.otsapi import otsapi
 from protocols.thrift_server import ConnectionLimits, ThriftServerFactory
 

@@ -1,5 +1,5 @@
 """The event journal as a stream (bridge.state.journal) and ogon's D-Bus
-notification reasons (bridge.dbus.reasons), on a Clock and an in-memory
+notification reasons (bridge.watch.dbus.reasons), on a Clock and an in-memory
 state database."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from bridge import dbus
 from bridge.sessions.model import ClientInfo, ConnectState, SessionChange, StateWriteError
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub
 from bridge.state.store import JournalEvent, StateStore
+from bridge.watch import dbus
 
 
 class Collector:

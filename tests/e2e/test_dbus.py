@@ -17,7 +17,7 @@ from jeepney.io.blocking import open_dbus_connection
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 
-from bridge import dbus
+from bridge.watch import dbus
 from tests.conftest import start_bridge
 from tests.e2e.otsapi_client import BlockingClient
 

@@ -269,7 +269,7 @@ class HealthResource(Resource):
 
 class StatusPage(Resource):
     isLeaf = True
-    page = resources.files("bridge").joinpath("status.html").read_bytes()
+    page = resources.files("bridge.watch").joinpath("status.html").read_bytes()
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
