@@ -39,7 +39,7 @@ from twisted.logger import globalLogPublisher
 
 from bridge.backends.modules import LaunchContext, Module
 from bridge.config import Config
-from bridge.lifecycle import SessionLifecycle
+from bridge.lifecycle.facade import SessionLifecycle
 from bridge.otsapi.handler import OtsApiHandler
 from bridge.rdp.handlers import RdpRequestHandlers
 from bridge.rdp.link import RdpServerLink

@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from bridge.backends.modules import BackendError, LaunchContext, Module
-from bridge.lifecycle import (
+from bridge.lifecycle.facade import (
     AUTH_BAD_CREDENTIALS,
     AUTH_SUCCESSFUL,
     AUTH_UNKNOWN_ERROR,
@@ -301,7 +301,7 @@ class LifecycleTests(SynchronousTestCase):
 
     def test_group_black_list_refuses_a_logon(self) -> None:
         self.make(properties={"permission.groups.blackList": "everyone"})
-        import bridge.lifecycle as lifecycle_module
+        import bridge.lifecycle.facade as lifecycle_module
 
         original = lifecycle_module.logon_allowed
         lifecycle_module.logon_allowed = lambda p, u: original(p, u, lambda name: ["everyone"])

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bridge.config import Config
-from bridge.lifecycle import SessionLifecycle
+from bridge.lifecycle.facade import SessionLifecycle
 from bridge.otsapi.session_info import session_info, signed
 from bridge.security.auth import Authenticator, Identity, logon_allowed
 from bridge.security.permissions import Permission, level_value

@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from bridge.lifecycle import SessionLifecycle
+from bridge.lifecycle.facade import SessionLifecycle
 from bridge.sessions.model import ClientInfo
 from bridge.sessions.properties import ChannelPolicy, PropertyTable, as_int32, as_uint32
 from bridge.sessions.registry import SessionRegistry
