@@ -24,7 +24,8 @@ from bridge.endpoints import (
     validate_endpoint,
     with_backlog,
 )
-from bridge.lifecycle.facade import RdpPeer, SessionLifecycle
+from bridge.lifecycle.facade import SessionLifecycle
+from bridge.lifecycle.runtime import RdpPeer
 from bridge.otsapi.handler import OtsApiHandler
 from bridge.rdp.handlers import RdpRequestHandlers
 from bridge.rdp.link import RdpServerLink

@@ -12,12 +12,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from bridge.backends.modules import BackendError, LaunchContext, Module
-from bridge.lifecycle.facade import (
+from bridge.lifecycle.facade import SessionLifecycle
+from bridge.lifecycle.greeter_login import (
     AUTH_BAD_CREDENTIALS,
     AUTH_SUCCESSFUL,
     AUTH_UNKNOWN_ERROR,
     AUTH_WRONG_SESSION_STATE,
-    SessionLifecycle,
 )
 from bridge.rdp.handlers import RdpRequestHandlers
 from bridge.security.auth import InMemoryAuthenticator
@@ -301,7 +301,7 @@ class LifecycleTests(SynchronousTestCase):
 
     def test_group_black_list_refuses_a_logon(self) -> None:
         self.make(properties={"permission.groups.blackList": "everyone"})
-        import bridge.lifecycle.facade as lifecycle_module
+        import bridge.lifecycle.authentication as lifecycle_module
 
         original = lifecycle_module.logon_allowed
         lifecycle_module.logon_allowed = lambda p, u: original(p, u, lambda name: ["everyone"])

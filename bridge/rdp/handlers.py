@@ -9,7 +9,13 @@ from twisted.logger import Logger
 
 from bridge.lifecycle.facade import SessionLifecycle
 from bridge.sessions.model import ClientInfo
-from bridge.sessions.properties import ChannelPolicy, PropertyTable, as_int32, as_uint32
+from bridge.sessions.properties import (
+    ChannelPolicy,
+    PropertyTable,
+    as_int32,
+    as_uint32,
+    connection_values,
+)
 from bridge.sessions.registry import SessionRegistry
 from protocols import icp
 from protocols.generated import ICP_pb2, SBP_pb2
@@ -139,7 +145,7 @@ class RdpRequestHandlers:
         overrides and its client's ``current.connection.*`` values."""
         session = self.registry.by_connection(connection_id)
         username = session.username if session is not None else ""
-        connection = self.lifecycle.connection_values(session) if session is not None else None
+        connection = connection_values(session) if session is not None else None
         if kind is bool:
             return self.properties.get_bool(path, username, connection)
         if kind is int:

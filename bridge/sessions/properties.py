@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from bridge.sessions.model import Session
+
 PropertyValue = bool | int | str
 
 #: ogon's own defaults (session-manager/common/appcontext/ApplicationContext.cpp
@@ -56,6 +58,15 @@ class ConnectionValues:
     colordepth: int
     initialxres: int
     initialyres: int
+
+
+def connection_values(session: Session) -> ConnectionValues | None:
+    """``current.connection.*`` of the session's client (None without one)."""
+    if session.connection_id is None:
+        return None
+    c = session.client
+    return ConnectionValues(c.width, c.height, c.color_depth, c.initial_width,
+                            c.initial_height)
 
 
 class PropertyTable:
