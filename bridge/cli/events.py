@@ -1,0 +1,108 @@
+"""``icp-bridge ctl events``: the session events from the admin endpoint's
+``/events`` (Server-Sent Events), all the journal keeps or, following, the
+new ones as they come, resuming by id when the bridge restarts."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from bridge.cli.common import token
+
+
+def _sse_blocks(response: Any) -> Iterator[dict[str, str]]:
+    """The events of a text/event-stream response, as field -> value."""
+    block: dict[str, str] = {}
+    for raw in response:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if block:
+                yield block
+            block = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            block[name] = block[name] + "\n" + value if name in block else value
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
+    states = ""
+    if event.get("old_state_name") and event.get("new_state_name") \
+            and event["old_state_name"] != event["new_state_name"]:
+        states = f" {event['old_state_name']} -> {event['new_state_name']}"
+    user = f" {event['username']}" if event.get("username") else ""
+    reason = f" ({event['reason']})" if event.get("reason") else ""
+    return f"#{event['id']} {when} session {event['session_id']} {event['event']}{user}" \
+           f"{states}{reason}"
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    admin_token = token(args)
+    url = urlsplit(args.admin if "//" in args.admin else f"http://{args.admin}")
+    if url.scheme != "http" or not url.hostname:
+        raise SystemExit(f"--admin: expected http://HOST:PORT, got {args.admin!r}")
+    # Without --after: everything the journal keeps, or with --follow only new ones.
+    last: int | None = args.after if args.after is not None else (None if args.follow else 0)
+    delay = 1.0
+    while True:
+        query = {} if last is None else {"after": str(last)}
+        if not args.follow:
+            query["once"] = "1"
+        connection = http.client.HTTPConnection(url.hostname, url.port or 9092,
+                                                timeout=None if args.follow else args.timeout)
+        try:
+            connection.request("GET", "/events?" + urlencode(query),
+                               headers={"Authorization": f"Bearer {admin_token}"})
+            response = connection.getresponse()
+            if response.status != 200:
+                body = response.read(2000).decode("utf-8", "replace")
+                try:
+                    body = json.loads(body).get("error", body)
+                except ValueError:
+                    pass
+                raise SystemExit(f"/events: {response.status} {response.reason}: {body}")
+            delay = 1.0
+            for block in _sse_blocks(response):
+                if block.get("event") == "resync":
+                    print(f"note: {json.loads(block['data'])['reason']}", file=sys.stderr)
+                if block.get("event") != "session" or "data" not in block:
+                    continue
+                event = json.loads(block["data"])
+                last = event["id"]
+                print(json.dumps(event, sort_keys=True) if args.json else _event_line(event),
+                      flush=True)
+        except (OSError, http.client.HTTPException) as e:
+            if not args.follow:
+                raise SystemExit(f"cannot read events from {args.admin}: {e}") from None
+            print(f"events: {e or type(e).__name__}; trying again in {delay:g} s",
+                  file=sys.stderr)
+            time.sleep(delay)
+            delay = min(10.0, delay * 2)
+            continue
+        finally:
+            connection.close()
+        if not args.follow:
+            return 0
+        # The bridge ended the stream (it stopped): resume after the last id.
+        time.sleep(delay)
+
+
+def add_command(calls: Any) -> None:
+    c = calls.add_parser("events", help="session events from the admin endpoint's journal")
+    c.add_argument("--admin", default="http://127.0.0.1:9092",
+                   help="the admin endpoint [default: %(default)s]")
+    c.add_argument("--after", type=int,
+                   help="start after this event id [default: the oldest kept; with --follow, "
+                        "only new events]")
+    c.add_argument("--follow", action="store_true",
+                   help="keep printing new events (resuming by id across restarts)")
+    c.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="one JSON object per line")
+    c.set_defaults(func=cmd_events)

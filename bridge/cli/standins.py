@@ -1,0 +1,93 @@
+"""``icp-bridge peer`` and ``icp-bridge backend``: the stand-in RDP server and
+the stand-in session backend, for demos, client development, tests and
+load."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from bridge.cli.common import read_password
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred, ensureDeferred
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from bridge.rdp.standin import StandInRdpServer
+
+    password = read_password(f"password for {args.user}: ") if args.user else ""
+    if not args.quiet:
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    statuses = {0: "AUTH_SUCCESSFUL", 1: "AUTH_BAD_CREDENTIALS", 2: "AUTH_WRONG_SESSION_STATE",
+                3: "AUTH_UNKNOWN_ERROR"}
+
+    async def run(reactor: Any) -> None:
+        peer = StandInRdpServer(reactor, answer_delay=args.delay,
+                                pipe_dir=Path(args.pipe_dir) if args.pipe_dir else None)
+        proto = await peer.connect(f"unix:{args.socket}")
+        print(f"connected to {args.socket}, ICP {proto.peer_version[0]}.{proto.peer_version[1]}",
+              flush=True)
+        for connection_id in range(args.first_connection,
+                                   args.first_connection + args.connections):
+            direct = args.direct or not args.user
+            r = await peer.logon(connection_id, args.user if direct else "",
+                                 password if direct else "", args.domain)
+            who = args.user if direct and args.user else "(greeter)"
+            print(f"connection {connection_id}: logon {who} -> {r.serviceEndpoint} "
+                  f"({r.maxWidth}x{r.maxHeight})", flush=True)
+            if not direct:
+                status = await peer.greeter_login(connection_id, args.user, password,
+                                                  args.domain)
+                connection = peer.connections.get(connection_id)
+                endpoint = connection.service_endpoint if connection is not None else "?"
+                print(f"connection {connection_id}: greeter login {args.user}: "
+                      f"{statuses.get(status, status)}; now on {endpoint}", flush=True)
+        if args.once:
+            peer.close()
+            return
+        print("answering the bridge's requests; Ctrl-C to stop", flush=True)
+        closed: Deferred[Any] = proto.when_closed()
+        reason = await closed
+        print(f"bridge closed the connection: {reason}", flush=True)
+
+    task.react(lambda reactor: ensureDeferred(run(reactor)))
+    return 0
+
+
+def cmd_backend(args: argparse.Namespace) -> int:
+    from bridge.backends import standin as standin_backend
+
+    return standin_backend.main(args.backend_args)
+
+
+def add_commands(commands: Any) -> None:
+    peer = commands.add_parser("peer", help="run a stand-in RDP server")
+    # The path real RDP servers dial (winpr maps the named pipe there).
+    peer.add_argument("--socket", default="/tmp/.pipe/ogon_SessionManager",  # noqa: S108
+                      help="the bridge's ICP socket")
+    peer.add_argument("--user", help="log this user on (password on stdin)")
+    peer.add_argument("--domain", default="")
+    peer.add_argument("--connections", type=int, default=1,
+                      help="client connections to log on")
+    peer.add_argument("--first-connection", type=int, default=1)
+    peer.add_argument("--delay", type=float, default=0.0,
+                      help="seconds to hold every answer to the bridge")
+    peer.add_argument("--direct", action="store_true",
+                      help="send the password in LogonUser instead of logging on through "
+                           "the greeter (SBP)")
+    peer.add_argument("--pipe-dir", default="/tmp/.pipe",  # noqa: S108
+                      help="where backend endpoints are (connect to them as ogon does; "
+                           "'' to not connect)")
+    peer.add_argument("--once", action="store_true", help="log on, then exit")
+    peer.add_argument("--quiet", action="store_true", help="no log lines")
+    peer.set_defaults(func=cmd_peer)
+
+    backend = commands.add_parser(
+        "backend", help="run a stand-in session backend (for [modules.*] in demos and tests)",
+        add_help=False)
+    backend.add_argument("backend_args", nargs=argparse.REMAINDER)
+    backend.set_defaults(func=cmd_backend)

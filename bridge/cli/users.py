@@ -1,0 +1,113 @@
+"""``icp-bridge users``: the users file (add, list, remove) and the failed-logon
+lockouts kept in the state database (lockouts, unlock)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from bridge.cli.common import read_password
+from bridge.config import default_users_file
+from bridge.security.auth import (
+    UserEntry,
+    UsersFileError,
+    check_username,
+    hash_password,
+    read_users,
+    write_users,
+)
+from bridge.security.permissions import LEVELS, level_name
+
+
+def cmd_lockouts(args: argparse.Namespace) -> int:
+    """List or clear failed-logon lockouts in the state database (the
+    running bridge sees a cleared one at its next logon attempt)."""
+    import time
+
+    from bridge.config import default_state_dir
+    from bridge.security.throttle import LockoutStore, source_key, user_key
+
+    path = (Path(args.state) if args.state else default_state_dir()) / "state.sqlite3"
+    if not path.exists():
+        print(f"no state database at {path}", file=sys.stderr)
+        return 1
+    store = LockoutStore(path)
+    try:
+        if args.action == "lockouts":
+            now = time.time()
+            rows = [(key, count) for key, count in sorted(store.load().items())
+                    if count.locked_until > now or args.all]
+            if not rows:
+                print("no lockouts")
+            for key, count in rows:
+                left = max(0, count.locked_until - now)
+                print(f"{key}\t{count.failures} failures\t"
+                      f"{'locked ' + format(left, '.0f') + ' s more' if left else 'not locked'}")
+            return 0
+        key = source_key(args.source) if args.source else user_key(args.name or "")
+        if store.delete(key):
+            print(f"unlocked {key}")
+            return 0
+        print(f"no lockout for {key}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    if args.action in ("lockouts", "unlock"):
+        return cmd_lockouts(args)
+    path = Path(args.users) if args.users else default_users_file()
+    try:
+        users = read_users(path)
+        if args.action == "list":
+            if not users:
+                print(f"no users in {path}")
+            for entry in users.values():
+                print(f"{entry.name}\t{level_name(entry.permission)}")
+            return 0
+        check_username(args.name)
+        if args.action == "add":
+            password = read_password(f"password for {args.name}: ")
+            if not password:
+                raise SystemExit("empty password refused")
+            users[args.name] = UserEntry(args.name, LEVELS[args.permission],
+                                         hash_password(password, n=args.scrypt_n))
+            write_users(path, users.values())
+            print(f"user {args.name} ({args.permission}) saved in {path}")
+        else:
+            if users.pop(args.name, None) is None:
+                print(f"no user {args.name} in {path}", file=sys.stderr)
+                return 1
+            write_users(path, users.values())
+            print(f"user {args.name} removed from {path}")
+    except UsersFileError as e:
+        print(f"icp-bridge users: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    users = commands.add_parser("users", help="manage the users file")
+    user_actions = users.add_subparsers(dest="action", required=True)
+    add = user_actions.add_parser("add", help="add or change a user (password on stdin)")
+    add.add_argument("name")
+    add.add_argument("--permission", choices=sorted(LEVELS), required=True)
+    # Tests use a cheap cost; operators keep the default.
+    add.add_argument("--scrypt-n", type=int, default=2**15, help=argparse.SUPPRESS)
+    listing = user_actions.add_parser("list", help="list users and their permission level")
+    remove = user_actions.add_parser("remove", help="remove a user")
+    remove.add_argument("name")
+    for action in (add, listing, remove):
+        action.add_argument("--users", help=f"users file [default: {default_users_file()}]")
+    lockouts = user_actions.add_parser(
+        "lockouts", help="users and client addresses locked out after failed logons")
+    lockouts.add_argument("--all", action="store_true", help="also counts not locked yet")
+    unlock = user_actions.add_parser("unlock", help="clear a lockout (user, or --source ADDR)")
+    unlock.add_argument("name", nargs="?")
+    unlock.add_argument("--source", help="a client address instead of a user")
+    for action in (lockouts, unlock):
+        action.add_argument("--state", help="state directory [default: the service's]")
+    users.set_defaults(func=cmd_users)
