@@ -275,8 +275,9 @@ class Bridge:
         channels = ChannelPolicy(self.properties, [], ["blocked"])
         self.link.handlers = RdpRequestHandlers(self.registry, self.lifecycle, self.properties,
                                                 channels).table()
-        self.otsapi = OtsApiHandler(self.registry, self.tokens, self.link, auth, config,
-                                    self.lifecycle, self.properties, channels)
+        self.otsapi = OtsApiHandler(self.registry, self.tokens, self.link, auth,
+                                    self.lifecycle, self.properties, channels,
+                                    token_lifetime=config.token_lifetime)
         self.thrift = ThriftServerFactory(twisted_otsapi, self.otsapi,
                                           limits=ConnectionLimits(clock=self.clock))
 

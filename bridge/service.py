@@ -40,7 +40,7 @@ from bridge.sessions.properties import ChannelPolicy, PropertyTable
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub
 from bridge.state.store import StateStore, restore
-from bridge.watch.admin import EventsResource, admin_site
+from bridge.watch.admin import EventsResource, HealthResource, admin_site
 from bridge.watch.dbus import SessionNotifier
 from bridge.watch.metrics import Metrics
 from protocols.generated.otsapi import otsapi
@@ -138,7 +138,9 @@ class BridgeService(MultiService):
                                       self.channels)
         self.link.handlers = handlers.table()
         self.otsapi = OtsApiHandler(self.registry, self.tokens, self.link, self.guard,
-                                    config, self.lifecycle, self.properties, self.channels)
+                                    self.lifecycle, self.properties, self.channels,
+                                    token_lifetime=config.token_lifetime,
+                                    pam_levels=config.authenticator == "pam")
         self.icp_listener = ListeningService("ICP (RDP server)", config.icp_endpoint,
                                              self.link, reactor)
         self.icp_listener.setServiceParent(self)
@@ -171,12 +173,17 @@ class BridgeService(MultiService):
         pruner.clock = clock
         pruner.setServiceParent(self)
 
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self.registry, self.link, self.thrift_factory, self.store,
+                               self.events, self.guard, self.launcher, self.dbus)
         self.admin_listener: ListeningService | None = None
         self.admin_events: EventsResource | None = None
         if config.admin_endpoint:
             validate_endpoint(reactor, config.admin_endpoint, "admin_endpoint")
-            site, self.admin_events = admin_site(self)
+            health = HealthResource(self.icp_listener, self.thrift_listener, self.link,
+                                    self.registry, self.dbus)
+            # Real time, not ``clock``: keepalives and stalls are the network's.
+            site, self.admin_events = admin_site(self.tokens, self.registry, self.events,
+                                                 self.metrics.registry, health, reactor)
             self.admin_listener = ListeningService("admin (HTTP)", config.admin_endpoint, site,
                                                    reactor)
             self.admin_listener.setServiceParent(self)

@@ -17,7 +17,6 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from bridge.config import Config
 from bridge.lifecycle.facade import SessionLifecycle
 from bridge.otsapi.session_info import session_info, signed
 from bridge.security.auth import Authenticator, Identity, logon_allowed
@@ -70,15 +69,20 @@ class OtsApiHandler:
     methods_wanting_peer = frozenset({"logonConnection"})
 
     def __init__(self, registry: SessionRegistry, tokens: TokenStore, rdp: RdpCaller,
-                 authenticator: Authenticator | LogonGuard, config: Config,
+                 authenticator: Authenticator | LogonGuard,
                  lifecycle: SessionLifecycle, properties: PropertyTable,
-                 channels: ChannelPolicy) -> None:
+                 channels: ChannelPolicy, token_lifetime: float,
+                 pam_levels: bool = False) -> None:
+        """``token_lifetime``: a logon token's life without use (seconds).
+        ``pam_levels``: users authenticate through PAM, so a user's level is
+        the ``permission.level`` property."""
         self.registry = registry
         self.tokens = tokens
         self.rdp = rdp
         self.guard = authenticator if isinstance(authenticator, LogonGuard) else LogonGuard(
             authenticator, registry.clock)
-        self.config = config
+        self.token_lifetime = token_lifetime
+        self.pam_levels = pam_levels
         self.lifecycle = lifecycle
         self.properties = properties
         self.channels = channels
@@ -179,10 +183,10 @@ class OtsApiHandler:
                 self.log.warn("failed OTS API logon for user {username}", username=username)
                 return refused
             level = self.properties.get_string("permission.level", identity.username)
-            if level is not None and self.config.authenticator == "pam":
+            if level is not None and self.pam_levels:
                 identity = Identity(identity.username, identity.domain, level_value(level))
             try:
-                token = self.tokens.issue(identity, lifetime=self.config.token_lifetime)
+                token = self.tokens.issue(identity, lifetime=self.token_lifetime)
             except StateWriteError as e:
                 self.log.error("OTS API logon for user {username} failed: {error}",
                                username=username, error=str(e))

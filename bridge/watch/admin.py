@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import pages
@@ -27,12 +27,17 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from bridge.security.permissions import Permission
-from bridge.security.tokens import TokenRecord
-from bridge.state.journal import Subscription, event_json, state_name
+from bridge.security.tokens import TokenRecord, TokenStore
+from bridge.sessions.registry import SessionRegistry
+from bridge.state.journal import EventHub, Subscription, event_json, state_name
 from bridge.state.store import JournalEvent
 
 if TYPE_CHECKING:
-    from bridge.service import BridgeService
+    from prometheus_client import CollectorRegistry
+
+    from bridge.endpoints import ListeningService
+    from bridge.rdp.link import RdpServerLink
+    from bridge.watch.dbus import SessionNotifier
 
 #: A comment line every so often keeps idle streams (and proxies) alive and
 #: finds clients that went away without a word.
@@ -60,14 +65,17 @@ class _Authorized(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, service: BridgeService) -> None:
+    def __init__(self, tokens: TokenStore, registry: SessionRegistry, journal: EventHub
+                 ) -> None:
         super().__init__()
-        self.service = service
+        self.tokens = tokens
+        self.registry = registry
+        self.journal = journal
 
     def authorized(self, request: Request) -> TokenRecord | None:
         header = (request.getHeader(b"authorization") or b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
-        record = self.service.tokens.lookup(token.strip()) if scheme.lower() == "bearer" \
+        record = self.tokens.lookup(token.strip()) if scheme.lower() == "bearer" \
             else None
         if record is None or not record.permission & Permission.QUERY_INFORMATION:
             return None
@@ -84,7 +92,7 @@ class SessionsResource(_Authorized):
         if self.authorized(request) is None:
             return self.refuse(request)
         sessions = []
-        for session in sorted(self.service.registry, key=lambda s: s.session_id):
+        for session in sorted(self.registry, key=lambda s: s.session_id):
             sessions.append({
                 "session_id": session.session_id, "user": session.username,
                 "domain": session.domain, "state": int(session.state),
@@ -98,7 +106,7 @@ class SessionsResource(_Authorized):
                 "shadowing": session.shadowing,
             })
         return _json(request, {"sessions": sessions,
-                               "last_event_id": self.service.events.last_id})
+                               "last_event_id": self.journal.last_id})
 
 
 @implementer(IPushProducer)
@@ -168,11 +176,12 @@ class EventStream:
 
 
 class EventsResource(_Authorized):
-    def __init__(self, service: BridgeService) -> None:
-        super().__init__(service)
+    def __init__(self, tokens: TokenStore, registry: SessionRegistry, journal: EventHub,
+                 clock: IReactorTime) -> None:
+        super().__init__(tokens, registry, journal)
         self.streams: set[EventStream] = set()
         self._keepalive = LoopingCall(self._tick)
-        self._keepalive.clock = service.reactor
+        self._keepalive.clock = clock
 
     def start(self) -> None:
         self._keepalive.start(KEEPALIVE_INTERVAL, now=False)
@@ -184,13 +193,13 @@ class EventsResource(_Authorized):
             stream.finish()
 
     def _tick(self) -> None:
-        stalled = {s.subscriber for s in self.service.events.stalled(STALL_TIMEOUT)}
+        stalled = {s.subscriber for s in self.journal.stalled(STALL_TIMEOUT)}
         for stream in list(self.streams):
             if stream in stalled:
                 self.log.info("dropping an /events client that read nothing for {seconds:g} "
                               "s (it resumes by id)", seconds=STALL_TIMEOUT)
                 stream.abort()
-            elif self.service.tokens.lookup(stream.token) is None:
+            elif self.tokens.lookup(stream.token) is None:
                 stream.finish()  # the token expired or was revoked
             elif not (stream.subscription and stream.subscription.paused):
                 stream.keepalive()
@@ -202,7 +211,7 @@ class EventsResource(_Authorized):
         if len(self.streams) >= MAX_STREAMS:
             return _json(request, {"error": f"{MAX_STREAMS} event streams already"}, 503)
         query = _query(request)
-        hub = self.service.events
+        hub = self.journal
         try:
             header = request.getHeader(b"last-event-id")
             if header is not None:
@@ -235,35 +244,40 @@ class EventsResource(_Authorized):
 class MetricsResource(Resource):
     isLeaf = True
 
-    def __init__(self, service: BridgeService) -> None:
+    def __init__(self, metrics: CollectorRegistry) -> None:
         super().__init__()
-        self.service = service
+        self.metrics = metrics
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.service.metrics.registry)
+        return generate_latest(self.metrics)
 
 
 class HealthResource(Resource):
     isLeaf = True
 
-    def __init__(self, service: BridgeService) -> None:
+    def __init__(self, icp_listener: ListeningService, otsapi_listener: ListeningService,
+                 link: RdpServerLink, registry: SessionRegistry,
+                 dbus: SessionNotifier | None) -> None:
         super().__init__()
-        self.service = service
+        self.icp_listener = icp_listener
+        self.otsapi_listener = otsapi_listener
+        self.link = link
+        self.registry = registry
+        self.dbus = dbus
 
     def render_GET(self, request: Request) -> bytes:
-        service = self.service
-        icp = service.icp_listener.port is not None
-        otsapi = service.thrift_listener.port is not None
-        notifier = service.dbus
+        icp = self.icp_listener.port is not None
+        otsapi = self.otsapi_listener.port is not None
+        notifier = self.dbus
         return _json(request, {
             "ok": icp and otsapi,
             "icp_listening": icp, "otsapi_listening": otsapi,
-            "rdp_server_connected": service.link.ready,
-            "sessions": len(service.registry),
+            "rdp_server_connected": self.link.ready,
+            "sessions": len(self.registry),
             "dbus": "off" if notifier is None else
                     ("connected" if notifier.connected else "not connected"),
-            "state_unwritten": service.registry.unwritten,
+            "state_unwritten": self.registry.unwritten,
         }, 200 if icp and otsapi else 503)
 
 
@@ -300,13 +314,17 @@ class AdminSite(Site):
         """No access log: a scrape every few seconds would fill the bridge's."""
 
 
-def admin_site(service: BridgeService) -> tuple[Site, EventsResource]:
+def admin_site(tokens: TokenStore, registry: SessionRegistry, journal: EventHub,
+               metrics: CollectorRegistry, health: HealthResource, clock: IReactorTime
+               ) -> tuple[Site, EventsResource]:
+    """The admin endpoint's site and its /events resource (which the service
+    starts and stops). ``clock`` (real time) paces the streams' keepalives."""
     root = _Root()
-    events = EventsResource(service)
+    events = EventsResource(tokens, registry, journal, clock)
     root.putChild(b"events", events)
-    root.putChild(b"sessions", SessionsResource(service))
-    root.putChild(b"metrics", MetricsResource(service))
-    root.putChild(b"healthz", HealthResource(service))
+    root.putChild(b"sessions", SessionsResource(tokens, registry, journal))
+    root.putChild(b"metrics", MetricsResource(metrics))
+    root.putChild(b"healthz", health)
     site = AdminSite(root, timeout=60)
     site.displayTracebacks = False
     site.noisy = False

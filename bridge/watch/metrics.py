@@ -20,7 +20,14 @@ from prometheus_client.registry import Collector
 from bridge.sessions.model import ConnectState
 
 if TYPE_CHECKING:
-    from bridge.service import BridgeService
+    from bridge.backends.launcher import BackendLauncher
+    from bridge.rdp.link import RdpServerLink
+    from bridge.security.throttle import LogonGuard
+    from bridge.sessions.registry import SessionRegistry
+    from bridge.state.journal import EventHub
+    from bridge.state.store import StateStore
+    from bridge.watch.dbus import SessionNotifier
+    from protocols.thrift_server import ThriftServerFactory
 
 # Bridged calls answer in about a millisecond; timeouts take call_timeout.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -62,14 +69,26 @@ class Metrics:
     """The bridge's registry of metrics (not prometheus-client's global one:
     two bridges in one process, as in the tests, must not share it)."""
 
-    def __init__(self, service: BridgeService) -> None:
+    def __init__(self, sessions: SessionRegistry, link: RdpServerLink,
+                 otsapi: ThriftServerFactory, store: StateStore, journal: EventHub,
+                 guard: LogonGuard, launcher: BackendLauncher,
+                 dbus: SessionNotifier | None) -> None:
+        """The parts whose counts and state are exported; the link and the
+        store are given observers for the latency histograms."""
+        self.sessions = sessions
+        self.link = link
+        self.otsapi = otsapi
+        self.store = store
+        self.journal = journal
+        self.guard = guard
+        self.launcher = launcher
+        self.dbus = dbus
         self.registry = CollectorRegistry(auto_describe=True)
         self.bridged_latency = Latencies(LATENCY_BUCKETS)
         self.state_write_latency = Latencies(WRITE_BUCKETS)
-        service.link.set_latency_observer(self.bridged_latency.observe)
-        service.store.observe_write = lambda seconds: self.state_write_latency.observe(
-            "", seconds)
-        self.registry.register(_BridgeCollector(service, self))
+        link.set_latency_observer(self.bridged_latency.observe)
+        store.observe_write = lambda seconds: self.state_write_latency.observe("", seconds)
+        self.registry.register(_BridgeCollector(self))
         ProcessCollector(namespace="icp_bridge", registry=self.registry)
 
 
@@ -86,19 +105,18 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 class _BridgeCollector(Collector):
-    def __init__(self, service: BridgeService, metrics: Metrics) -> None:
-        self.service = service
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Any]:
-        service = self.service
+        parts = self.metrics
         yield self.metrics.bridged_latency.family(
             "icp_bridge_bridged_call_seconds",
             "Calls from the bridge to the RDP server, until answered or failed.", ["method"])
         yield self.metrics.state_write_latency.family(
             "icp_bridge_state_write_seconds", "State database transactions.", [])
-        factory = service.thrift_factory
-        link = service.link
+        factory = parts.otsapi
+        link = parts.link
         yield _counter("icp_bridge_otsapi_calls", "OTS API calls by method and outcome "
                        "(ok: answered; error: failed in the handler; bad_request: unknown "
                        "method or undecodable arguments).", ["method", "outcome"],
@@ -128,28 +146,28 @@ class _BridgeCollector(Collector):
         sessions = GaugeMetricFamily("icp_bridge_sessions", "Sessions by state.",
                                      labels=["state"])
         by_state = {state: 0 for state in ConnectState}
-        for session in service.registry:
+        for session in parts.sessions:
             by_state[session.state] += 1
         for state, n in by_state.items():
             sessions.add_metric([state.name.lower()], n)
         yield sessions
         yield _counter("icp_bridge_logons", "Logons by kind (rdp: LogonUser and the "
                        "greeter's; otsapi: logonConnection) and outcome.", ["kind", "outcome"],
-                       service.guard.outcomes)
+                       parts.guard.outcomes)
         yield _counter("icp_bridge_backend_starts", "Backends started, by module and outcome "
                        "(ready, or failed to start or become ready).", ["module", "outcome"],
-                       service.launcher.starts)
+                       parts.launcher.starts)
         yield _counter("icp_bridge_state_write_failures",
                        "State transactions the disk refused.", [],
-                       {(): service.store.write_failures})
+                       {(): parts.store.write_failures})
         yield _gauge("icp_bridge_state_unwritten", "Session changes waiting for the disk.",
-                     service.registry.unwritten)
-        hub = service.events
+                     parts.sessions.unwritten)
+        hub = parts.journal
         yield _gauge("icp_bridge_event_journal_last_id", "Id of the newest journal event.",
                      hub.last_id)
         yield _gauge("icp_bridge_event_stream_clients", "Clients of /events.",
                      len(hub.subscriptions))
-        notifier = service.dbus
+        notifier = parts.dbus
         yield _gauge("icp_bridge_dbus_connected",
                      "1 while the D-Bus session notifications can be sent.",
                      1 if notifier is not None and notifier.connected else 0)
