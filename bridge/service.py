@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -39,7 +41,7 @@ from bridge.sessions.model import StateWriteError
 from bridge.sessions.properties import ChannelPolicy, PropertyTable
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub
-from bridge.state.store import StateStore, restore
+from bridge.state.store import StateStore, restore, state_database
 from bridge.watch.admin import EventsResource, HealthResource, admin_site
 from bridge.watch.dbus import SessionNotifier
 from bridge.watch.metrics import Metrics
@@ -98,7 +100,7 @@ class BridgeService(MultiService):
         validate_endpoint(reactor, config.icp_endpoint, "icp_endpoint")
         validate_endpoint(reactor, self.thrift_description, "thrift_endpoint")
 
-        self.store = StateStore(config.state_dir / "state.sqlite3")
+        self.store = StateStore(state_database(config.state_dir))
         self.registry = SessionRegistry(clock, persister=self.store)
         self.tokens = TokenStore(clock)
         self.tokens.listener = self.store.token_changed
@@ -116,7 +118,7 @@ class BridgeService(MultiService):
             if config.dbus_address else None
 
         self.authenticator = authenticator or self._make_authenticator()
-        self.lockouts = LockoutStore(config.state_dir / "state.sqlite3")
+        self.lockouts = LockoutStore(state_database(config.state_dir))
         self.guard = LogonGuard(self.authenticator, clock, ThrottlePolicy(
             failures_before_delay=config.logon_failures_before_delay,
             delay_max=config.logon_delay_max, lockout_failures=config.lockout_failures,
@@ -159,19 +161,11 @@ class BridgeService(MultiService):
         self.thrift_factory.resume_accepting = lambda: self._accepting(True)
 
         self.thrift_listener.setServiceParent(self)
-        sweeper = TimerService(TOKEN_SWEEP_INTERVAL, self.tokens.expire)
-        sweeper.clock = clock
-        sweeper.setServiceParent(self)
-        retry = TimerService(STATE_RETRY_INTERVAL, self._retry_writes)
-        retry.clock = reactor
-        retry.setServiceParent(self)
+        self._every(TOKEN_SWEEP_INTERVAL, self.tokens.expire, clock)
+        self._every(STATE_RETRY_INTERVAL, self._retry_writes, reactor)
         # Real time, not ``clock``: this is disk I/O, not protocol time.
-        checkpointer = TimerService(CHECKPOINT_INTERVAL, self._checkpoint)
-        checkpointer.clock = reactor
-        checkpointer.setServiceParent(self)
-        pruner = TimerService(PRUNE_INTERVAL, self._prune_events)
-        pruner.clock = clock
-        pruner.setServiceParent(self)
+        self._every(CHECKPOINT_INTERVAL, self._checkpoint, reactor)
+        self._every(PRUNE_INTERVAL, self._prune_events, clock)
 
         self.metrics = Metrics(self.registry, self.link, self.thrift_factory, self.store,
                                self.events, self.guard, self.launcher, self.dbus)
@@ -187,6 +181,13 @@ class BridgeService(MultiService):
             self.admin_listener = ListeningService("admin (HTTP)", config.admin_endpoint, site,
                                                    reactor)
             self.admin_listener.setServiceParent(self)
+
+    def _every(self, interval: float, work: Callable[[], object], clock: IReactorTime) -> None:
+        """Run ``work`` every ``interval`` seconds of ``clock`` while the
+        service runs (and once when it starts, as TimerService does)."""
+        timer = TimerService(interval, work)
+        timer.clock = clock
+        timer.setServiceParent(self)
 
     def _thrift_endpoint(self) -> str:
         """The OTS API endpoint, completed with the ssl.certificate/ssl.key

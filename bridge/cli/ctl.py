@@ -14,6 +14,7 @@ from typing import Any
 from bridge.cli import events
 from bridge.cli.common import TOKEN_ENV, read_password, token
 from bridge.security.permissions import level_name
+from bridge.sessions.model import state_name
 
 INFO_CLASSES = {
     "SessionId": 4, "UserName": 5, "WinStationName": 6, "DomainName": 7, "ConnectState": 8,
@@ -21,8 +22,6 @@ INFO_CLASSES = {
     "ClientAddress": 14, "ClientDisplay": 15, "ClientProtocolType": 16, "LogonTime": 18,
     "SessionInfo": 24,
 }
-STATES = ["Active", "Connected", "ConnectQuery", "Shadow", "Disconnected", "Idle", "Listen",
-          "Reset", "Down", "Init"]
 
 
 def _default_certificate() -> Path:
@@ -125,8 +124,7 @@ def _ctl_sessions(client: Any, args: argparse.Namespace) -> tuple[Any, str]:
     rows = []
     for info in r.sessionInfoList:
         user = client.querySessionInformation(token(args), info.sessionId, 5)
-        rows.append([info.sessionId, STATES[info.connectState] if 0 <= info.connectState < 10
-                     else info.connectState, info.winStationName,
+        rows.append([info.sessionId, state_name(info.connectState), info.winStationName,
                      user.infoValue.stringValue if user.returnValue else ""])
     return r, _table(rows, ["SESSION", "STATE", "WINSTATION", "USER"]) if rows else "no sessions"
 

@@ -9,9 +9,9 @@ from typing import Any
 
 def cmd_state(args: argparse.Namespace) -> int:
     from bridge.config import default_state_dir
-    from bridge.state.store import check
+    from bridge.state.store import check, state_database
 
-    path = Path(args.file) if args.file else default_state_dir() / "state.sqlite3"
+    path = Path(args.file) if args.file else state_database(default_state_dir())
     problems = check(path)
     if problems:
         for problem in problems:

@@ -28,8 +28,9 @@ def cmd_lockouts(args: argparse.Namespace) -> int:
 
     from bridge.config import default_state_dir
     from bridge.security.throttle import LockoutStore, source_key, user_key
+    from bridge.state.store import state_database
 
-    path = (Path(args.state) if args.state else default_state_dir()) / "state.sqlite3"
+    path = state_database(Path(args.state) if args.state else default_state_dir())
     if not path.exists():
         print(f"no state database at {path}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from bridge.security.auth import Authenticator, Identity, logon_allowed
+from bridge.security.auth import Authenticator, Identity, is_user_name, logon_allowed
 from bridge.security.throttle import RDP, LogonGuard
 from bridge.sessions.model import Session
 from bridge.sessions.properties import PropertyTable
@@ -42,7 +42,7 @@ class LogonAuthentication:
         """The Identity, or None (logged) when the logon is not accepted.
         ``where`` names the connection or greeter for the log; ``source`` is
         the client's address, for throttling."""
-        if len(username) > 256 or any(ord(c) < 32 for c in username):
+        if not is_user_name(username):
             self.log.warn("logon ({where}) refused: the user name is not a name ({length} "
                           "characters, control characters)", where=where, length=len(username))
             return None

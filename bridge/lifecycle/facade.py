@@ -63,8 +63,7 @@ class SessionLifecycle:
         self.registry = registry
         self.launcher = launcher
         self.modules = modules
-        self.guard = authenticator if isinstance(authenticator, LogonGuard) else LogonGuard(
-            authenticator, clock)
+        self.guard = LogonGuard.around(authenticator, clock)
         self.runtime = SessionRuntime()
         self.backends = self.runtime.backends
         self.authentication = LogonAuthentication(self.guard, properties)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 from twisted.internet.defer import Deferred
@@ -18,8 +18,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bridge.lifecycle.facade import SessionLifecycle
+from bridge.lifecycle.runtime import RdpCaller
 from bridge.otsapi.session_info import session_info, signed
-from bridge.security.auth import Authenticator, Identity, logon_allowed
+from bridge.security.auth import Authenticator, Identity, is_user_name, logon_allowed
 from bridge.security.permissions import Permission, level_value
 from bridge.security.throttle import OTSAPI, LogonGuard
 from bridge.security.tokens import TokenRecord, TokenStore
@@ -53,11 +54,6 @@ def _vc_open_failed() -> TReturnVirtualChannelOpen:
     return TReturnVirtualChannelOpen(pipeName="", instance=0)
 
 
-class RdpCaller(Protocol):
-    def call(self, msg_type: int, request: Message, timeout: float | None = None
-             ) -> Deferred[Any]: ...
-
-
 T = TypeVar("T")
 
 
@@ -79,8 +75,7 @@ class OtsApiHandler:
         self.registry = registry
         self.tokens = tokens
         self.rdp = rdp
-        self.guard = authenticator if isinstance(authenticator, LogonGuard) else LogonGuard(
-            authenticator, registry.clock)
+        self.guard = LogonGuard.around(authenticator, registry.clock)
         self.token_lifetime = token_lifetime
         self.pam_levels = pam_levels
         self.lifecycle = lifecycle
@@ -194,7 +189,7 @@ class OtsApiHandler:
             self.log.info("OTS API logon for user {username}", username=username)
             return TReturnLogonConnection(success=True, authToken=token)
 
-        if not username or len(username) > 256 or any(ord(c) < 32 for c in username):
+        if not username or not is_user_name(username):
             self.log.warn("OTS API logon refused: no user name, or not a name")
             return refused
         if not logon_allowed(self.properties, username):

@@ -53,6 +53,12 @@ def user_groups(username: str) -> list[str] | None:
     return names
 
 
+def is_user_name(name: str) -> bool:
+    """Whether ``name`` can be a user name at all (checked before any
+    password is): at most 256 characters, none of them a control character."""
+    return len(name) <= 256 and not any(ord(c) < 32 for c in name)
+
+
 def logon_allowed(properties: PropertyTable, username: str,
                   groups_of: Callable[[str], list[str] | None] = user_groups) -> bool:
     """ogon's group rule (PermissionManager::isLogonAllowedForUser): a user

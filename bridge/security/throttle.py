@@ -127,6 +127,16 @@ class LogonGuard:
         # queue_full).
         self.outcomes: Counter[tuple[str, str]] = Counter()
 
+    @classmethod
+    def around(cls, authenticator: Authenticator | LogonGuard, clock: IReactorTime
+               ) -> LogonGuard:
+        """``authenticator`` if it is a guard already, else a guard with the
+        default policy (and no lockout store) around it: what a part that
+        authenticates takes, so that tests and tools may hand it either."""
+        if isinstance(authenticator, LogonGuard):
+            return authenticator
+        return cls(authenticator, clock)
+
     # -- the counts ---------------------------------------------------------------
 
     def _count(self, key: str) -> FailureCount:

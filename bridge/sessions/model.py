@@ -23,6 +23,17 @@ class ConnectState(enum.IntEnum):
     INIT = 9
 
 
+def state_name(state: int | None) -> str | None:
+    """A connect state as WTSAPI names it ("Active", "ConnectQuery"); an
+    unknown number as itself."""
+    if state is None:
+        return None
+    try:
+        return ConnectState(state).name.title().replace("_", "")
+    except ValueError:
+        return str(state)
+
+
 @dataclass
 class ClientInfo:
     """What the RDP server told us about the client in LogonUser. ``width``

@@ -21,7 +21,7 @@ from typing import Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from bridge.sessions.model import ConnectState, SessionChange
+from bridge.sessions.model import SessionChange, state_name
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.store import JournalEvent, StateStore
 
@@ -39,15 +39,6 @@ class Subscriber(Protocol):
         the journal, or the id is unknown to it); the stream goes on after
         ``resumed_after``."""
         ...
-
-
-def state_name(state: int | None) -> str | None:
-    if state is None:
-        return None
-    try:
-        return ConnectState(state).name.title().replace("_", "")
-    except ValueError:
-        return str(state)
 
 
 def event_json(event: JournalEvent) -> dict[str, object]:

@@ -63,6 +63,12 @@ CREATE TABLE IF NOT EXISTS events (
 _TABLES = ("meta", "sessions", "tokens", "events")
 
 
+def state_database(state_dir: Path) -> Path:
+    """The state database in ``state_dir``: sessions, tokens, the journal,
+    and the failed-logon counts (``bridge.security.throttle``)."""
+    return state_dir / "state.sqlite3"
+
+
 @dataclass(frozen=True)
 class JournalEvent:
     """One row of the event journal, as the event stream sends it."""

@@ -28,8 +28,9 @@ from zope.interface import implementer
 
 from bridge.security.permissions import Permission
 from bridge.security.tokens import TokenRecord, TokenStore
+from bridge.sessions.model import state_name
 from bridge.sessions.registry import SessionRegistry
-from bridge.state.journal import EventHub, Subscription, event_json, state_name
+from bridge.state.journal import EventHub, Subscription, event_json
 from bridge.state.store import JournalEvent
 
 if TYPE_CHECKING:
@@ -59,6 +60,13 @@ def _query(request: Request) -> dict[str, list[str]]:
     return parse_qs(urlsplit(request.uri.decode("latin-1")).query)
 
 
+def _bearer(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, if any."""
+    header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 class _Authorized(Resource):
     """A resource for holders of a token with QUERY_INFORMATION."""
 
@@ -73,10 +81,8 @@ class _Authorized(Resource):
         self.journal = journal
 
     def authorized(self, request: Request) -> TokenRecord | None:
-        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        record = self.tokens.lookup(token.strip()) if scheme.lower() == "bearer" \
-            else None
+        token = _bearer(request)
+        record = self.tokens.lookup(token) if token is not None else None
         if record is None or not record.permission & Permission.QUERY_INFORMATION:
             return None
         return record
@@ -226,8 +232,7 @@ class EventsResource(_Authorized):
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
-        token = (request.getHeader(b"authorization") or b"").decode("latin-1").split(" ", 1)[1]
-        stream = EventStream(request, token.strip(), once)
+        stream = EventStream(request, _bearer(request) or "", once)
         request.registerProducer(stream, True)
         request.write(b"retry: 2000\n\n")
         self.streams.add(stream)
