@@ -46,7 +46,7 @@ def default_modules() -> dict[str, Module]:
         "greeter": Module(
             name="greeter", command=("ogon-qt-greeter", "-platform", "ogon"),
             endpoint="ogon_{session_id}_Qt", user="session",
-            environment={"OGON_PIPE_PATH": "{pipe_dir}/ogon_{session_id}_Qt"},
+            environment={"OGON_PIPE_PATH": "{pipe_dir}/{endpoint}"},
         ),
     }
 

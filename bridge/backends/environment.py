@@ -84,5 +84,3 @@ def environment(module: Module, context: LaunchContext, account: Account,
     env.update(dict(context.environment_add))
     env.update({key: value.format(**values) for key, value in module.environment.items()})
     return env
-
-# -- starting ---------------------------------------------------------------

@@ -4,8 +4,9 @@ restart; ``Backend`` is one such process.
 
 A backend is started in its own process group (and session), as the
 session's user when the bridge runs as root, with a clean environment
-(WIRE.md section 5). It is *ready* once its endpoint socket in the pipe
-directory accepts a connection. Its output goes to a log file under the
+(WIRE.md section 5). It is *ready* once its endpoint socket appears in the
+pipe directory, made by the backend (see ``bridge.backends.endpoint``:
+decided from the file, never by connecting). Its output goes to a log file under the
 state directory, which the bridge follows and copies into its own log
 (``bridge.backends.output``): a file rather than a pipe, so a backend
 writing after the bridge was killed does not die of SIGPIPE. A backend
@@ -15,13 +16,10 @@ time and watches it with a pidfd.
 
 from __future__ import annotations
 
-import errno
 import os
 import pwd
 import shutil
 import signal
-import socket
-import stat
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
@@ -34,12 +32,23 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from bridge.backends.endpoint import (
+    ALTERNATIVE_NAMES,
+    FOREIGN,
+    READY,
+    EndpointClaim,
+    PipeDirectoryWatch,
+    clear,
+    remove_if_same,
+    start_mark,
+)
 from bridge.backends.environment import Account, environment, own_account, placeholders
 from bridge.backends.modules import BackendError, LaunchContext, Module, pipe_file
 from bridge.backends.output import OutputFollower
 from bridge.sessions.model import BackendRecord
 
-#: How often readiness is probed while a backend starts.
+#: How often a starting backend's endpoint is looked at, besides inotify's
+#: word that something appeared there.
 READY_PROBE_INTERVAL = 0.1
 #: How often backend log files are read.
 OUTPUT_POLL_INTERVAL = 1.0
@@ -63,21 +72,6 @@ def process_start_ticks(pid: int) -> int | None:
         return int(fields[19])
     except (IndexError, ValueError):
         return None
-
-
-def accepts_connections(path: Path) -> bool:
-    """Whether a UNIX socket listens at ``path`` (connect and close at once)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        probe.connect(str(path))
-    except BlockingIOError:
-        return True  # listening, its backlog momentarily full
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 class _GroupLeaderProcess(process.Process):
@@ -145,6 +139,10 @@ class Backend:
         self._pidfd: _PidfdReader | None = None
         self._kill_call: Any = None
         self._output: OutputFollower | None = None
+        # What its endpoint must be to count as its own, while it starts;
+        # then the (device, inode) of the socket it made.
+        self.claim: EndpointClaim | None = None
+        self.endpoint_identity: tuple[int, int] | None = None
 
     @property
     def pid(self) -> int:
@@ -172,6 +170,9 @@ class Backend:
         if self._output is not None:
             self._output.read()
             self._output.close()
+        if self.claim is not None:
+            # Its socket, if it left it: the name is free for the next start.
+            remove_if_same(self.claim.path, self.endpoint_identity)
         self.launcher._forget(self)
         waiters, self._exit_waiters = self._exit_waiters, []
         for d in waiters:
@@ -222,6 +223,7 @@ class BackendLauncher:
         self._backends: dict[int, Backend] = {}
         self._poll: Any = None
         self._warned_own_user = False
+        self._pipes = PipeDirectoryWatch(reactor, pipe_dir)
         # For the metrics: starts by (module, outcome: ready or failed).
         self.starts: Counter[tuple[str, str]] = Counter()
 
@@ -246,7 +248,6 @@ class BackendLauncher:
                                f"as") from None
         return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
 
-
     def _spawn_process(self, protocol: ProcessProtocol, executable: str, args: list[str],
                        env: dict[str, str], path: str, uid: int | None, gid: int | None,
                        child_fds: dict[int, int]) -> Any:
@@ -255,8 +256,8 @@ class BackendLauncher:
 
     def start(self, module: Module, context: LaunchContext) -> Deferred[Backend]:
         """Start ``module`` for a session; fires with the Backend once its
-        endpoint accepts connections, or fails with BackendError (the process
-        is then stopped)."""
+        endpoint socket is there, made by it, or fails with BackendError
+        (the process is then stopped)."""
         try:
             backend = self._start(module, context)
         except BackendError as e:
@@ -273,18 +274,17 @@ class BackendLauncher:
     def _start(self, module: Module, context: LaunchContext) -> Backend:
         account = self.account_for(module, context)
         values = placeholders(module, context, self.pipe_dir)
+        values["endpoint"] = endpoint = self._free_endpoint(context.session_id, module,
+                                                            values["endpoint"])
         try:
             argv = [part.format(**values) for part in module.command]
         except (KeyError, IndexError, ValueError) as e:
             raise BackendError(f"module {module.name}: bad placeholder in command ({e})") \
                 from None
-        endpoint = values["endpoint"]
         env = environment(module, context, account, values)
         if "/" not in argv[0] and shutil.which(argv[0], path=env["PATH"]) is None:
             raise BackendError(f"module {module.name}: command {argv[0]!r} not found in PATH "
                                f"({env['PATH']})")
-        socket_path = pipe_file(self.pipe_dir, endpoint)
-        self._remove_stale_socket(socket_path)
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = self.log_dir / f"session-{context.session_id}-{module.name}.log"
         try:
@@ -297,6 +297,8 @@ class BackendLauncher:
         switch = self.as_root and account.uid != os.geteuid()
         backend = Backend(self, context.session_id, module,
                           BackendRecord(module.name, 0, 0, endpoint, str(log_path)))
+        backend.claim = EndpointClaim(pipe_file(self.pipe_dir, endpoint),
+                                      account.uid if switch else os.geteuid(), start_mark())
         try:
             child = self._spawn(_Watcher(backend), argv[0], argv, env, home,
                                 account.uid if switch else None,
@@ -318,54 +320,93 @@ class BackendLauncher:
                       user=account.name, command=" ".join(argv)[:300])
         return backend
 
-    def _remove_stale_socket(self, path: Path) -> None:
-        """A socket left at the endpoint by a dead backend would look ready."""
-        try:
-            mode = path.lstat().st_mode
-        except FileNotFoundError:
-            return
-        except OSError:
-            return
-        if stat.S_ISSOCK(mode) and not accepts_connections(path):
-            try:
-                path.unlink()
-            except OSError as e:
-                if e.errno != errno.ENOENT:
-                    self.log.warn("cannot remove stale endpoint {path}: {error}",
-                                  path=str(path), error=e.strerror)
+    def _free_endpoint(self, session_id: int, module: Module, endpoint: str) -> str:
+        """Clear the endpoint's name before the start: a socket or file
+        there (left by a dead backend, or planted by another local user at
+        the next session's name) would be taken for the backend's. A name
+        that cannot be cleared is logged and another one used (the backend
+        learns it through ``{endpoint}``), so the user still gets a session."""
+        candidates = [endpoint] + [f"{endpoint}-{n}" for n in range(2, 2 + ALTERNATIVE_NAMES)]
+        for name in candidates:
+            path = pipe_file(self.pipe_dir, name)
+            found, error = clear(path)
+            if error is None:
+                if found:
+                    self.log.info("session {session_id}: removed {found} at {module}'s endpoint "
+                                  "{path} before the start", session_id=session_id,
+                                  found=found, module=module.name, path=str(path))
+                if name != endpoint:
+                    self.log.warn("session {session_id}: {module} uses endpoint {name} instead",
+                                  session_id=session_id, module=module.name, name=name)
+                return name
+            self.log.error("session {session_id}: cannot clear endpoint {path} for {module} "
+                           "({found}): {error}", session_id=session_id, module=module.name,
+                           path=str(path), found=found, error=error)
+        raise BackendError(f"module {module.name}: no endpoint name of {endpoint!r} could be "
+                           f"cleared in {self.pipe_dir}")
 
     def _wait_ready(self, backend: Backend) -> Deferred[Backend]:
+        """Fires with ``backend`` once its endpoint socket is there, made by
+        it (``EndpointClaim``); looked at on every inotify event for that
+        name and every READY_PROBE_INTERVAL."""
         d: Deferred[Backend] = Deferred()
-        path = pipe_file(self.pipe_dir, backend.record.endpoint)
+        claim = backend.claim
+        assert claim is not None
         deadline = self.clock.seconds() + backend.module.ready_timeout
         call: list[Any] = []
+        foreign_seen: list[str] = []
+
+        def done() -> None:
+            self._pipes.remove(claim.path, probe)
+            for pending in call:
+                if pending.active():
+                    pending.cancel()
+            call.clear()
 
         def exited(how: str) -> None:
             if not d.called:
-                for pending in call:
-                    if pending.active():
-                        pending.cancel()
+                done()
                 d.errback(BackendError(f"{backend.module.name} {how} before it was ready",
                                        list(backend.last_lines)))
 
         def probe() -> None:
-            call.clear()
             if d.called or not backend.running:
                 return
-            if accepts_connections(path):
+            found, why_not = claim.check()
+            if found == READY:
+                done()
+                backend.endpoint_identity = claim.identity()
                 d.callback(backend)
                 return
+            if found == FOREIGN:
+                # Made after the name was cleared, by someone else: the name
+                # is this backend's, so it is taken back (once per kind).
+                _, error = clear(claim.path)
+                if why_not not in foreign_seen:
+                    foreign_seen.append(why_not)
+                    self.log.error("session {session_id}: {module}'s endpoint was taken by "
+                                   "someone else ({why}); {outcome}",
+                                   session_id=backend.session_id, module=backend.module.name,
+                                   why=why_not, outcome="removed" if error is None
+                                   else f"cannot remove it: {error}")
             if self.clock.seconds() >= deadline:
+                done()
                 backend.stop()
                 if backend._output is not None:
                     backend._output.read()
                 d.errback(BackendError(
                     f"{backend.module.name} not ready within {backend.module.ready_timeout:g} s "
-                    f"(nothing accepts connections at {path})", list(backend.last_lines)))
+                    f"({why_not})", list(backend.last_lines)))
                 return
-            call.append(self.clock.callLater(READY_PROBE_INTERVAL, probe))
+            if not call or not call[0].active():
+                call[:] = [self.clock.callLater(READY_PROBE_INTERVAL, poll)]
+
+        def poll() -> None:
+            call.clear()
+            probe()
 
         backend.when_exited().addCallback(exited)
+        self._pipes.add(claim.path, probe)
         probe()
         return d
 
@@ -432,6 +473,7 @@ class BackendLauncher:
         if self._poll is not None and self._poll.active():
             self._poll.cancel()
         self._poll = None
+        self._pipes.close()
         for backend in list(self._backends.values()):
             if backend._pidfd is not None:
                 self.reactor.removeReader(backend._pidfd)

@@ -55,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="start a child process (stopped with the process group)")
     parser.add_argument("--ignore-term", action="store_true",
                         help="ignore SIGTERM (to be stopped with SIGKILL)")
+    parser.add_argument("--accept-once", action="store_true",
+                        help="accept one connection, then stop listening, as ogon's Qt "
+                             "platform plugin does")
     args = parser.parse_args(argv)
 
     if args.report:
@@ -77,12 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.unlink(args.socket)
     except FileNotFoundError:
         pass
+    # Listening before the name appears: whoever sees the file (the bridge
+    # deciding readiness, the RDP server) can connect at once.
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(args.socket)
+    temporary = f"{args.socket}.{os.getpid()}.tmp"
+    server.bind(temporary)
     server.listen(16)
+    os.rename(temporary, args.socket)
     say(f"listening on {args.socket}")
     deadline = time.monotonic() + args.exit_after if args.exit_after is not None else None
     clients: dict[int, tuple[socket.socket, int]] = {}
+    listening = [server]
     accepted = 0
     try:
         while not stopping:
@@ -91,14 +99,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(f"exiting by itself with status {args.exit_status}")
                 return args.exit_status
             try:
-                ready, _, _ = select.select([server, *(c for c, _ in clients.values())], [], [],
-                                            timeout)
+                ready, _, _ = select.select([*listening, *(c for c, _ in clients.values())],
+                                            [], [], timeout)
             except InterruptedError:
                 continue
             for sock in ready:
                 if sock is server:
                     conn, _ = server.accept()
                     accepted += 1
+                    if args.accept_once:
+                        say("stopped listening after one connection")
+                        server.close()
+                        listening = []
                     clients[conn.fileno()] = (conn, accepted)
                     say(f"accepted connection {accepted}")
                     # Who we are, for the stand-in RDP server (a real backend

@@ -80,8 +80,8 @@ class BackendRunner:
 
     async def start(self, session: Session, greeter: bool, typed_user: str = "",
                     typed_domain: str = "") -> Backend:
-        """Start the session's greeter or desktop and wait until its endpoint
-        accepts connections. Raises BackendError (logged by the caller)."""
+        """Start the session's greeter or desktop and wait until the backend
+        has made its socket. Raises BackendError (logged by the caller)."""
         module = self._module(session, greeter, typed_user)
         return await self.launcher.start(module, self._context(session, typed_user,
                                                                typed_domain))

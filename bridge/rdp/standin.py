@@ -32,6 +32,9 @@ from protocols import icp
 from protocols.errors import IcpHandlerError
 from protocols.generated import ICP_pb2, SBP_pb2
 
+#: Connection attempts to a backend that refuses, and the pause between them.
+BACKEND_CONNECT_TRIES = 10
+BACKEND_CONNECT_RETRY = 0.02
 IDOK = 1
 
 
@@ -189,9 +192,7 @@ class StandInRdpServer:
             connection.backend = None
         path = pipe_file(self.pipe_dir, connection.service_endpoint)
         try:
-            backend = await connectProtocol(
-                clientFromString(self.reactor, f"unix:{quoteStringArgument(str(path))}"),
-                _BackendLink())
+            backend = await self._connect_backend(path)
             greeting = await backend.greeting.addTimeout(2.0, self.reactor)
         except Exception as e:
             self.log.warn("connection {connection_id}: cannot connect to backend {path}: "
@@ -205,6 +206,18 @@ class StandInRdpServer:
         self.log.info("connection {connection_id}: connected to backend {endpoint} "
                       "(session {sid})", connection_id=connection.connection_id,
                       endpoint=connection.service_endpoint, sid=connection.backend_session)
+
+    async def _connect_backend(self, path: Path) -> _BackendLink:
+        """Connect to a backend's socket. A backend that made its socket
+        file but does not listen on it yet refuses for a moment: try again
+        a few times, as a real RDP server's WaitNamedPipe would wait."""
+        endpoint = clientFromString(self.reactor, f"unix:{quoteStringArgument(str(path))}")
+        for _ in range(BACKEND_CONNECT_TRIES - 1):
+            try:
+                return await connectProtocol(endpoint, _BackendLink())
+            except ConnectionRefusedError:
+                await deferLater(self.reactor, BACKEND_CONNECT_RETRY, lambda: None)
+        return await connectProtocol(endpoint, _BackendLink())
 
     def _drop(self, connection_id: int) -> ClientConnection | None:
         connection = self.connections.pop(connection_id, None)
