@@ -70,4 +70,11 @@ class IcpHandlerError(IcpError):
     """Raised by a request handler to answer ``FAILED`` with this description.
 
     Unlike any other exception from a handler, it is an expected refusal: it
-    is logged without a traceback and its text goes on the wire."""
+    is logged without a traceback and its text goes on the wire, unless
+    ``on_wire`` is false: then the answer carries no description, as ogon's
+    session manager answers a request for a connection or session it does
+    not know."""
+
+    def __init__(self, description: str, on_wire: bool = True) -> None:
+        super().__init__(description)
+        self.on_wire = on_wire

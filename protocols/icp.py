@@ -847,11 +847,11 @@ class IcpProtocol(Protocol):
     def _handler_failed(self, failure: Failure, tag: int, method: IcpMethod) -> None:
         self.request_counts[method.name, "failed"] += 1
         if failure.check(IcpHandlerError):
-            description = str(failure.value)
             self.log.info(
                 "{method} refused (tag {tag}): {reason}", method=method.name, tag=tag,
-                reason=description,
+                reason=str(failure.value),
             )
+            description = str(failure.value) if failure.value.on_wire else ""
         else:
             description = f"internal error in {method.name}"
             self.log.failure("{method} handler failed (tag {tag})", failure,
@@ -860,12 +860,9 @@ class IcpProtocol(Protocol):
             self._answer_failed(tag, method.msg_type, description)
 
     def _answer_failed(self, tag: int, msg_type: int, description: str) -> None:
-        self._send(
-            RPCBase(
-                tag=tag,
-                isResponse=True,
-                status=FAILED,
-                msgType=msg_type,
-                errorDescription=description[:_MAX_ERROR_DESCRIPTION],
-            )
-        )
+        """FAILED, no payload; errorDescription only when there is one (as
+        ogon's RpcEngine::send)."""
+        rpc = RPCBase(tag=tag, isResponse=True, status=FAILED, msgType=msg_type)
+        if description:
+            rpc.errorDescription = description[:_MAX_ERROR_DESCRIPTION]
+        self._send(rpc)

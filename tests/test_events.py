@@ -156,7 +156,9 @@ def test_dbus_reasons_follow_ogons_state_transitions() -> None:
         (change("shadow-stopped", shadow, active), [dbus.WTS_SESSION_REMOTE_CONTROL]),
         (change("ended", connected, None), [dbus.WTS_REMOTE_DISCONNECT]),
         (change("ended", disconnected, None), [dbus.WTS_SESSION_LOGOFF]),
-        (change("ended", active, None), [dbus.WTS_SESSION_LOGOFF]),
+        # ogon's TaskShutdown: Active -> Disconnected -> Down.
+        (change("ended", active, None), [dbus.WTS_REMOTE_DISCONNECT, dbus.WTS_SESSION_LOGOFF]),
+        (change("ended", shadow, None), [dbus.WTS_REMOTE_DISCONNECT, dbus.WTS_SESSION_LOGOFF]),
         (change("ended", init, None), []),
         (change("backend-started", connected, connected), []),
     ]

@@ -208,6 +208,18 @@ class InboundTests(SynchronousTestCase):
         [got] = answers(transport)
         assert got.errorDescription == "no such connection"
 
+    def test_a_refusal_kept_off_the_wire_is_a_bare_failed(self) -> None:
+        """As ogon answers a call for a connection or session it does not
+        know: FAILED, no payload, no errorDescription."""
+        def refuse(_request: object) -> None:
+            raise IcpHandlerError("no session on connection 9", on_wire=False)
+
+        proto, transport, _ = ready_icp({PING: refuse})
+        proto.dataReceived(frame(ping(4)))
+        [got] = answers(transport)
+        assert (got.tag, got.isResponse, got.status) == (4, True, RPCBase.FAILED)
+        assert not got.HasField("payload") and not got.HasField("errorDescription")
+
     def test_deferred_answers_go_out_in_completion_order(self) -> None:
         waiting: list[Deferred] = []
 

@@ -3,9 +3,13 @@ a fake backend launcher and a fake RDP server, time on a Clock."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from google.protobuf.message import Message
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -16,7 +20,6 @@ from bridge.lifecycle.facade import SessionLifecycle
 from bridge.lifecycle.greeter_login import (
     AUTH_BAD_CREDENTIALS,
     AUTH_SUCCESSFUL,
-    AUTH_UNKNOWN_ERROR,
     AUTH_WRONG_SESSION_STATE,
 )
 from bridge.rdp.handlers import RdpRequestHandlers
@@ -427,8 +430,9 @@ class LifecycleTests(SynchronousTestCase):
         self.logon(5)
         assert self.successResultOf(self.sbp(1, "alice", "no")).authStatus == \
             AUTH_BAD_CREDENTIALS
-        assert self.successResultOf(self.sbp(9, "alice", "pw")).authStatus == \
-            AUTH_UNKNOWN_ERROR
+        # An unknown session: FAILED without a description, as ogon answers.
+        unknown = self.failureResultOf(self.sbp(9, "alice", "pw"), IcpHandlerError)
+        assert not unknown.value.on_wire
         self.logon(6, "bob", "pw")
         assert self.successResultOf(self.sbp(2, "alice", "pw")).authStatus == \
             AUTH_WRONG_SESSION_STATE
@@ -461,8 +465,9 @@ class LifecycleTests(SynchronousTestCase):
             SBP_pb2.EndSessionRequest(sessionId=1)))
         assert r.success and backend.stopped and self.registry.get(1) is None
         assert self.rdp.names() == ["LogoffUserSessionRequest"]
-        assert not self.successResultOf(self.handlers.sbp_end_session(
-            SBP_pb2.EndSessionRequest(sessionId=1))).success
+        gone = self.failureResultOf(self.handlers.sbp_end_session(
+            SBP_pb2.EndSessionRequest(sessionId=1)), IcpHandlerError)
+        assert not gone.value.on_wire, "ogon: FAILED, no description"
 
     # -- OTS API transitions ----------------------------------------------------------
 
@@ -597,12 +602,18 @@ class LifecycleTests(SynchronousTestCase):
         assert [s.session_id for s in self.registry] == [2]
 
     def test_unknown_connections(self) -> None:
-        assert not self.handlers.disconnect_user_session(
-            ICP_pb2.DisconnectUserSessionRequest(connectionId=9)).disconnected
+        """ogon answers FAILED, with no payload and no description, for a
+        connection it does not know (CallIn::putInSessionExecutor_conId)."""
+        with pytest.raises(IcpHandlerError) as disconnect:
+            self.handlers.disconnect_user_session(
+                ICP_pb2.DisconnectUserSessionRequest(connectionId=9))
+        with pytest.raises(IcpHandlerError) as ended:
+            self.handlers.remote_control_ended(ICP_pb2.RemoteControlEndedRequest(
+                spyId=9, spiedId=8))
+        assert not disconnect.value.on_wire and not ended.value.on_wire
+        # ogon answers LogoffUserSession NOTFOUND; the bridge's answer says no.
         assert not self.successResultOf(self.handlers.logoff_user_session(
             ICP_pb2.LogoffUserSessionRequest(connectionId=9))).loggedoff
-        assert not self.handlers.remote_control_ended(ICP_pb2.RemoteControlEndedRequest(
-            spyId=9, spiedId=8)).success
 
 
 def _fields(message: Any) -> dict[str, Any]:
@@ -641,8 +652,12 @@ class PamSessionTests(SynchronousTestCase):
         case = LifecycleTests("test_empty_user_starts_the_greeter_and_answers_its_pipe")
         case.make()
         self.case = case
+        pam_dir = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, pam_dir)
+        (pam_dir / "ogon").write_text("auth include common-auth\n")
         case.lifecycle.guard.authenticator = PamAuthenticator(lambda user: FULL,
-                                                              pam_module=fake)
+                                                              pam_module=fake, pam_dir=pam_dir)
+        self.pam_dir = pam_dir
 
     def test_a_desktop_opens_a_pam_session_and_its_end_closes_it(self) -> None:
         case = self.case

@@ -72,10 +72,17 @@ class GreeterLogin:
                 return SBP_VERSION
         return SBP_VERSION
 
-    def _check_sbp(self, session: Session | None) -> None:
-        if session is not None and session.sbp_major is not None \
-                and session.sbp_major != SBP_VERSION[0]:
-            raise IcpHandlerError(f"SBP version {session.sbp_major} is not compatible")
+    def _check_sbp(self, session_id: int, session: Session | None) -> Session:
+        """The session an SBP call is for. As ogon (CallIn's
+        putInSessionExecutor_sesId) an unknown session, or one whose greeter
+        announced another SBP major version, answers FAILED without a
+        description."""
+        if session is None:
+            raise IcpHandlerError(f"SBP call for unknown session {session_id}", on_wire=False)
+        if session.sbp_major is not None and session.sbp_major != SBP_VERSION[0]:
+            raise IcpHandlerError(f"SBP version {session.sbp_major} is not compatible",
+                                  on_wire=False)
+        return session
 
     async def authenticate_user(self, session_id: int, username: str, password: str,
                                 domain: str) -> int:
@@ -83,12 +90,7 @@ class GreeterLogin:
         connection is switched to the user's desktop (SwitchTo) and only then
         is the greeter stopped. Returns an AUTH_STATUS; raises
         IcpHandlerError (FAILED) when the switch fails."""
-        greeter = self.registry.get(session_id)
-        self._check_sbp(greeter)
-        if greeter is None:
-            self.log.warn("greeter login for unknown session {session_id}",
-                          session_id=session_id)
-            return AUTH_UNKNOWN_ERROR
+        greeter = self._check_sbp(session_id, self.registry.get(session_id))
         if greeter.logged_on or greeter.state is not ConnectState.CONNECTED \
                 or greeter.connection_id is None:
             self.log.warn("greeter login in session {session_id} refused: state {state}",
@@ -110,10 +112,12 @@ class GreeterLogin:
             await self._switch_to_new_desktop(greeter, identity)
         return AUTH_SUCCESSFUL
 
-    async def _switch(self, connection_id: int, session: Session) -> None:
+    async def _switch(self, connection_id: int, session: Session,
+                      username: str | None = None) -> None:
         """SwitchTo: the RDP server connects ``connection_id`` to the
-        session's backend. Raises IcpHandlerError when it does not."""
-        answer = self.runner.answer_for(session)
+        session's backend, with the maximum size of ``username`` (default:
+        the session's user). Raises IcpHandlerError when it does not."""
+        answer = self.runner.answer_for(session, username)
         request = ICP_pb2.SwitchToRequest(
             connectionId=connection_id, serviceEndpoint=answer.service_endpoint,
             maxHeight=answer.max_height, maxWidth=answer.max_width,
@@ -175,7 +179,9 @@ class GreeterLogin:
             raise IcpHandlerError("session state could not be stored") from e
         try:
             assert greeter.connection_id is not None
-            await self._switch(greeter.connection_id, greeter)
+            # The session is still the greeter's until the switch succeeded;
+            # its maximum size is already the user's, as in ogon.
+            await self._switch(greeter.connection_id, greeter, identity.username)
         except IcpHandlerError:
             # Back to the greeter first, so that the desktop's exit ends nothing.
             backends.pop(greeter.session_id, None)
@@ -199,9 +205,6 @@ class GreeterLogin:
 
     async def end_session_request(self, session_id: int) -> bool:
         """SBP EndSession: the greeter (or desktop) asks to end its session."""
-        session = self.registry.get(session_id)
-        self._check_sbp(session)
-        if session is None:
-            return False
+        session = self._check_sbp(session_id, self.registry.get(session_id))
         await self.ending.end(session, "ended by its backend (SBP EndSession)")
         return True

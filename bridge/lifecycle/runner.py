@@ -39,8 +39,11 @@ class BackendRunner:
         return (max(0, self.properties.number_or("session.maxXRes", username, 0)),
                 max(0, self.properties.number_or("session.maxYRes", username, 0)))
 
-    def answer_for(self, session: Session) -> LogonAnswer:
-        max_width, max_height = self.max_size(session.username)
+    def answer_for(self, session: Session, username: str | None = None) -> LogonAnswer:
+        """What LogonUser or SwitchTo sends for the session: the maximum size
+        is that of ``username`` (default: the session's user)."""
+        max_width, max_height = self.max_size(session.username if username is None
+                                              else username)
         endpoint = session.backend.endpoint if session.backend is not None else ""
         return LogonAnswer(pipe_name(endpoint), max_width, max_height,
                            session.backend_cookie, session.ogon_cookie)

@@ -18,6 +18,7 @@ from bridge.sessions.properties import (
 )
 from bridge.sessions.registry import SessionRegistry
 from protocols import icp
+from protocols.errors import IcpHandlerError
 from protocols.generated import ICP_pb2, SBP_pb2
 
 
@@ -92,9 +93,16 @@ class RdpRequestHandlers:
 
     # -- sessions ending -------------------------------------------------------
 
+    def _known_connection(self, connection_id: int) -> None:
+        """ogon answers a request for a connection it does not know (or one
+        without a session) FAILED, without a payload or a description."""
+        if self.registry.by_connection(connection_id) is None:
+            raise IcpHandlerError(f"no session on connection {connection_id}", on_wire=False)
+
     def disconnect_user_session(
         self, request: ICP_pb2.DisconnectUserSessionRequest
     ) -> ICP_pb2.DisconnectUserSessionResponse:
+        self._known_connection(request.connectionId)
         return ICP_pb2.DisconnectUserSessionResponse(
             disconnected=self.lifecycle.client_disconnected(request.connectionId))
 
@@ -110,6 +118,7 @@ class RdpRequestHandlers:
     def remote_control_ended(
         self, request: ICP_pb2.RemoteControlEndedRequest
     ) -> ICP_pb2.RemoteControlEndedResponse:
+        self._known_connection(request.spyId)
         return ICP_pb2.RemoteControlEndedResponse(
             success=self.lifecycle.remote_control_ended(request.spyId))
 

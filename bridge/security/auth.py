@@ -291,17 +291,31 @@ class UsersFileAuthenticator:
         return self._run_blocking(verify_password, password, encoded).addCallback(checked)
 
 
+#: Where ogon looks for its PAM service file.
+PAM_DIR = Path("/etc/pam.d")
+
+
+def ogon_pam_service(pam_dir: Path = PAM_DIR) -> str:
+    """The PAM service ogon's pam module asks for (auth/pam/pam_auth.c,
+    get_service_name, at each logon): ``ogon`` when ``/etc/pam.d/ogon``
+    exists, else ``gdm``."""
+    return "ogon" if (pam_dir / "ogon").exists() else "gdm"
+
+
 class PamAuthenticator:
-    """Authenticates against PAM (``pip install icp-bridge[pam]``), service
-    ``ogon`` as ogon's pam module uses. The permission level comes from the
-    ``permission.level`` property (per user or global; ogon's default is
-    USER). With ``for_session`` the PAM handle stays open in the Identity so
-    that a PAM session can be opened for the user's desktop."""
+    """Authenticates against PAM (``pip install icp-bridge[pam]``) with the
+    service ogon's pam module uses (``service``, or else at each logon
+    ``ogon`` when /etc/pam.d/ogon exists and ``gdm`` when not). The
+    permission level comes from the ``permission.level`` property (per user
+    or global; ogon's default is USER). With ``for_session`` the PAM handle
+    stays open in the Identity so that a PAM session can be opened for the
+    user's desktop."""
 
     log = Logger()
 
-    def __init__(self, level_of: Callable[[str], int], service: str = "ogon",
-                 run_blocking: BlockingRunner = _run_here, pam_module: Any = None) -> None:
+    def __init__(self, level_of: Callable[[str], int], service: str | None = None,
+                 run_blocking: BlockingRunner = _run_here, pam_module: Any = None,
+                 pam_dir: Path = PAM_DIR) -> None:
         if pam_module is None:
             try:
                 import pam as pam_module  # type: ignore[import-not-found]
@@ -312,12 +326,14 @@ class PamAuthenticator:
                 ) from None
         self._pam = pam_module
         self._service = service
+        self._pam_dir = pam_dir
         self._level_of = level_of
         self._run_blocking = run_blocking
 
     def _check(self, username: str, password: str, keep: bool) -> Any:
         handle = self._pam.pam()
-        if handle.authenticate(username, password, service=self._service, call_end=not keep):
+        service = self._service or ogon_pam_service(self._pam_dir)
+        if handle.authenticate(username, password, service=service, call_end=not keep):
             return handle
         if keep:
             handle.end()

@@ -61,7 +61,9 @@ def reasons(change: SessionChange) -> list[int]:
     REMOTE_DISCONNECT, else SESSION_LOGOFF. The bridge's own steps map onto
     those: a session that goes from Init straight to Active (a desktop
     started for a logon) was connected and logged on; a client taking over
-    an active session is the old client leaving and the new one arriving.
+    an active session is the old client leaving and the new one arriving;
+    an active session that ends is first disconnected, as ogon's
+    TaskShutdown takes it Active -> Disconnected -> Down.
     """
     old, new = change.old_state, change.new_state
     if change.event is SessionEvent.ENDED:
@@ -69,6 +71,8 @@ def reasons(change: SessionChange) -> list[int]:
             return []
         if old is ConnectState.CONNECTED:
             return [WTS_REMOTE_DISCONNECT]
+        if old in (ConnectState.ACTIVE, ConnectState.SHADOW):
+            return [WTS_REMOTE_DISCONNECT, WTS_SESSION_LOGOFF]
         return [WTS_SESSION_LOGOFF]
     if change.event in (SessionEvent.RECONNECTED, SessionEvent.SWITCHED) \
             and old in (ConnectState.ACTIVE, ConnectState.SHADOW):
