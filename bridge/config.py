@@ -13,6 +13,7 @@ from typing import Any
 
 from bridge.backends.modules import Module
 from bridge.security.permissions import LEVELS
+from bridge.sessions.ogon_config import DEFAULT_PATH as DEFAULT_OGON_CONFIG
 from bridge.sessions.properties import PropertyValue
 
 
@@ -76,6 +77,10 @@ class Config:
     # Where winpr puts named pipes: backends' endpoints live here.
     pipe_dir: Path = Path("/tmp/.pipe")  # noqa: S108
     authenticator: str = "users-file"
+    # ogon's own config.ini, read with ogon's rules (bridge.sessions.ogon_config);
+    # the TOML file's properties override it. None: none. load_config makes
+    # /etc/ogon/config.ini the default when it exists.
+    ogon_config: Path | None = None
     call_timeout: float = 10.0
     token_lifetime: float = 24 * 3600.0
     max_icp_frame: int = 16 * 1024 * 1024
@@ -170,6 +175,12 @@ def _path(key: str, value: Any) -> Path:
     return Path(_string(key, value))
 
 
+def _optional_path(key: str, value: Any) -> Path | None:
+    """A path, or "" for none."""
+    text = _string(key, value)
+    return Path(text) if text else None
+
+
 def _string_list(what: str) -> Callable[[str, Any], list[str]]:
     def check(key: str, value: Any) -> list[str]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -262,7 +273,7 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "icp_endpoint": _string, "thrift_endpoint": _string, "admin_endpoint": _string,
     "events_keep": _number, "events_keep_count": _integer, "dbus_address": _string,
     "state_dir": _path, "users_file": _path, "token_dir": _path, "pipe_dir": _path,
-    "authenticator": _string,
+    "authenticator": _string, "ogon_config": _optional_path,
     "call_timeout": _number, "token_lifetime": _number,
     "max_icp_frame": _integer, "max_icp_send": _integer, "max_thrift_frame": _integer,
     "listen_backlog": _integer, "max_connections": _integer, "frame_timeout": _seconds,
@@ -296,7 +307,12 @@ def config_from_mapping(values: dict[str, Any], base: Config | None = None) -> C
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read the TOML file at ``path`` (if any), then apply flag ``overrides``."""
+    """Read the TOML file at ``path`` (if any), then apply flag ``overrides``.
+
+    What an ogon host has is used unless the operator says otherwise: its
+    config.ini (``/etc/ogon/config.ini``, when it exists and ``ogon_config``
+    is not given) and, with such a file, PAM as ogon authenticates (unless
+    ``authenticator`` is given)."""
     values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -307,4 +323,8 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> C
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path}: {e}") from None
     values.update(overrides or {})
+    if "ogon_config" not in values and DEFAULT_OGON_CONFIG.exists():
+        values["ogon_config"] = str(DEFAULT_OGON_CONFIG)
+    if values.get("ogon_config") and "authenticator" not in values:
+        values["authenticator"] = "pam"
     return config_from_mapping(values)

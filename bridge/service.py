@@ -31,14 +31,26 @@ from bridge.lifecycle.runtime import RdpPeer
 from bridge.otsapi.handler import OtsApiHandler
 from bridge.rdp.handlers import RdpRequestHandlers
 from bridge.rdp.link import RdpServerLink
-from bridge.security.auth import Authenticator, PamAuthenticator, UsersFileAuthenticator
-from bridge.security.permissions import level_value
+from bridge.security.auth import (
+    PAM_DIR,
+    Authenticator,
+    PamAuthenticator,
+    UsersFileAuthenticator,
+    ogon_pam_service,
+)
+from bridge.security.permissions import ogon_level
 from bridge.security.throttle import LockoutStore, LogonGuard, ThrottlePolicy
 from bridge.security.tls import default_pair, ensure_pair, uses_default_pair, with_certificate
 from bridge.security.token_files import SessionTokenFiles
 from bridge.security.tokens import TokenStore
 from bridge.sessions.model import StateWriteError
-from bridge.sessions.properties import ChannelPolicy, PropertyTable
+from bridge.sessions.ogon_config import (
+    MergedProperties,
+    OgonConfigError,
+    merge_properties,
+    read_ogon_config,
+)
+from bridge.sessions.properties import OGON_DEFAULTS, ChannelPolicy, PropertyTable
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub
 from bridge.state.store import StateStore, restore, state_database
@@ -57,12 +69,21 @@ STATE_RETRY_INTERVAL = 5.0
 PRUNE_INTERVAL = 3600.0
 
 
-def property_table(config: Config) -> PropertyTable:
-    """The configured properties over ogon's defaults, with the TLS pair's
-    default paths filled in (they depend on running as root)."""
+def load_properties(config: Config) -> MergedProperties:
+    """The properties the bridge serves: ogon's config.ini (``ogon_config``)
+    under the TOML file's, over ogon's defaults with the TLS pair's default
+    paths filled in (they depend on running as root). Reads the file each
+    time (startup, reload); raises OgonConfigError."""
     certificate, key = default_pair(os.geteuid() == 0, config.state_dir)
-    defaults = {"ssl.certificate": str(certificate), "ssl.key": str(key)}
-    return PropertyTable({**defaults, **config.properties}, config.user_properties)
+    defaults = {**OGON_DEFAULTS, "ssl.certificate": str(certificate), "ssl.key": str(key)}
+    ini = read_ogon_config(config.ogon_config) if config.ogon_config is not None else None
+    return merge_properties(ini, config.properties, config.user_properties, defaults)
+
+
+def property_table(config: Config) -> PropertyTable:
+    """The table of what load_properties says (raises OgonConfigError)."""
+    merged = load_properties(config)
+    return PropertyTable(merged.global_values, merged.per_user, merged.defaults)
 
 
 class BridgeService(MultiService):
@@ -93,7 +114,12 @@ class BridgeService(MultiService):
         self.reactor = reactor
         self.clock = clock
         self.exit_on_startup_error = exit_on_startup_error
-        self.properties = property_table(config)
+        try:
+            merged = load_properties(config)
+        except OgonConfigError as e:
+            raise StartupError(str(e)) from None
+        self.properties = PropertyTable(merged.global_values, merged.per_user, merged.defaults)
+        self._report_properties(merged)
         self.channels = ChannelPolicy(self.properties, config.channels_allow,
                                       config.channels_deny)
         self.thrift_description = with_backlog(self._thrift_endpoint(), config.listen_backlog)
@@ -182,6 +208,38 @@ class BridgeService(MultiService):
                                                    reactor)
             self.admin_listener.setServiceParent(self)
 
+    def reload_properties(self) -> bool:
+        """Read ogon's config.ini again, as ogon does on SIGHUP, and serve
+        what it says now (under the TOML file's properties, which stay as
+        loaded). A file that cannot be used is logged with its file and line
+        and the running properties stay (ogon would fall back to its
+        defaults). Returns whether the new ones are served."""
+        try:
+            merged = load_properties(self.config)
+        except OgonConfigError as e:
+            self.log.error("{error}; keeping the running configuration", error=str(e))
+            return False
+        self.properties.replace(merged.global_values, merged.per_user, merged.defaults)
+        self._report_properties(merged)
+        return True
+
+    def _report_properties(self, merged: MergedProperties) -> None:
+        """Where the properties come from, and what the operator should know."""
+        ini = merged.ini
+        if ini is not None:
+            self.log.info("ogon config {path}: {count} global properties, {users} users",
+                          path=ini.source, count=len(ini.global_values),
+                          users=len(ini.user_values))
+        for line in merged.problems:
+            self.log.warn("{problem}", problem=line)
+        for line in merged.overrides:
+            self.log.info("{override}", override=line)
+        auth_module = self.properties.get_string("auth.module")
+        if ini is not None and auth_module != "PAM":
+            self.log.warn("auth.module is {value!r}; icp-bridge authenticates with its "
+                          "authenticator ({authenticator}), not an ogon auth module",
+                          value=auth_module, authenticator=self.config.authenticator)
+
     def _every(self, interval: float, work: Callable[[], object], clock: IReactorTime) -> None:
         """Run ``work`` every ``interval`` seconds of ``clock`` while the
         service runs (and once when it starts, as TimerService does)."""
@@ -244,12 +302,19 @@ class BridgeService(MultiService):
             properties = self.properties
 
             def level_of(username: str) -> int:
-                return level_value(properties.string_or("permission.level", username, "USER"))
+                return ogon_level(properties.get_string("permission.level", username))
 
             try:
-                return PamAuthenticator(level_of, run_blocking=self._run_blocking)
+                authenticator = PamAuthenticator(level_of, run_blocking=self._run_blocking)
             except RuntimeError as e:
                 raise StartupError(str(e)) from None
+            if ogon_pam_service() == "ogon":
+                self.log.info("PAM service ogon ({path})", path=str(PAM_DIR / "ogon"))
+            else:
+                self.log.warn("no {path}: PAM service gdm, as ogon's session manager asks for "
+                              "then; install ogon's (or contrib/pam.d/ogon) for service ogon",
+                              path=str(PAM_DIR / "ogon"))
+            return authenticator
         if not config.users_file.exists():
             self.log.warn(
                 "no users file at {path}: every logon goes to the greeter until users are "

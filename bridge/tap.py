@@ -22,6 +22,7 @@ FLAG_KEYS = {
     "call-timeout": "call_timeout",
     "admin": "admin_endpoint",
     "dbus": "dbus_address",
+    "ogon-config": "ogon_config",
 }
 
 
@@ -46,6 +47,9 @@ class Options(usage.Options):
          "('' for none) [default: tcp:9092:interface=127.0.0.1]"],
         ["dbus", None, None, "D-Bus for ogon's session notifications: system, an address "
          "(unix:path=...) or '' for none [default: system]"],
+        ["ogon-config", None, None, "ogon's config.ini, read with ogon's rules; the TOML "
+         "file's properties override it ('' for none) [default: /etc/ogon/config.ini when "
+         "it exists]"],
     ]
 
     def postOptions(self) -> None:

@@ -21,7 +21,7 @@ from bridge.lifecycle.facade import SessionLifecycle
 from bridge.lifecycle.runtime import RdpCaller
 from bridge.otsapi.session_info import session_info, signed
 from bridge.security.auth import Authenticator, Identity, is_user_name, logon_allowed
-from bridge.security.permissions import Permission, level_value
+from bridge.security.permissions import Permission, ogon_level
 from bridge.security.throttle import OTSAPI, LogonGuard
 from bridge.security.tokens import TokenRecord, TokenStore
 from bridge.sessions.model import Session, StateWriteError
@@ -177,9 +177,9 @@ class OtsApiHandler:
             if identity is None:
                 self.log.warn("failed OTS API logon for user {username}", username=username)
                 return refused
-            level = self.properties.get_string("permission.level", identity.username)
-            if level is not None and self.pam_levels:
-                identity = Identity(identity.username, identity.domain, level_value(level))
+            if self.pam_levels:
+                level = self.properties.get_string("permission.level", identity.username)
+                identity = Identity(identity.username, identity.domain, ogon_level(level))
             try:
                 token = self.tokens.issue(identity, lifetime=self.token_lifetime)
             except StateWriteError as e:

@@ -34,6 +34,14 @@ def level_value(name: str) -> int:
         raise ValueError(f"unknown permission level {name!r} (full, user or guest)") from None
 
 
+def ogon_level(value: str | None) -> int:
+    """The flags ogon gives the ``permission.level`` property's value
+    (Session::initPermissions, OTSApiHandler::logonConnection): FULL or USER
+    in any case; anything else, and no value, is GUEST."""
+    level = (value or "").lower()
+    return LEVELS[level] if level in ("full", "user") else int(GUEST)
+
+
 def level_name(flags: int) -> str:
     for name, value in LEVELS.items():
         if value == flags:

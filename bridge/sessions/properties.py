@@ -18,9 +18,11 @@ from bridge.sessions.model import Session
 PropertyValue = bool | int | str
 
 #: ogon's own defaults (session-manager/common/appcontext/ApplicationContext.cpp
-#: setupDefaultValues), by lower-cased path. ``ssl.certificate`` and
-#: ``ssl.key`` are filled in by the service, since where they live depends
-#: on whether the bridge runs as root.
+#: setupDefaultValues), all of them and nothing more (a property ogon has no
+#: default for, such as ``session.remotecontrol.ask``, is answered "not
+#: found" over ICP as ogon answers it; its reader has a fallback), by
+#: lower-cased path. ``ssl.certificate`` and ``ssl.key`` are filled in by the
+#: service, since where they live depends on whether the bridge runs as root.
 OGON_DEFAULTS: dict[str, PropertyValue] = {
     "tcp.keepalive.params": "-1,-1",
     "module": "xsession",
@@ -30,7 +32,6 @@ OGON_DEFAULTS: dict[str, PropertyValue] = {
     "session.reconnect.fromsameclient": False,
     "session.timeout": 1,
     "session.singlesession": True,
-    "session.remotecontrol.ask": False,
     "environment.filter": "",
     "environment.add": "",
     "permission.level": "USER",
@@ -42,6 +43,18 @@ OGON_DEFAULTS: dict[str, PropertyValue] = {
     "session.xres": 1024,
     "session.yres": 768,
     "session.colordepth": 24,
+    # The module configurations ogon defines itself; ordinary properties,
+    # answered over ICP like any other.
+    "module.xsession.modulename": "X11",
+    "module.xsession.startwm": "ogonXsession",
+    "module.xsession.uselauncher": True,
+    # A boolean in ogon (setPropertyBool given the path's char*), so asking
+    # for it as a string finds nothing and the launcher's own name is used.
+    "module.xsession.launcherexecutable": True,
+    "module.greeter.modulename": "Qt",
+    # ${OGON_BIN_PATH}/ogon-qt-greeter as ogon's Debian package builds it.
+    "module.greeter.cmd": "/usr/bin/ogon-qt-greeter",
+    "module.greeter.uselauncher": False,
 }
 
 CONNECTION_PREFIX = "current.connection."
@@ -75,11 +88,22 @@ class PropertyTable:
     def __init__(self, global_values: Mapping[str, PropertyValue],
                  per_user: Mapping[str, Mapping[str, PropertyValue]],
                  defaults: Mapping[str, PropertyValue] | None = None) -> None:
+        #: Bumped by every replace(), so that what is derived from the
+        #: properties (ChannelPolicy's lists) knows to derive it again.
+        self.generation = 0
+        self.replace(global_values, per_user, defaults)
+
+    def replace(self, global_values: Mapping[str, PropertyValue],
+                per_user: Mapping[str, Mapping[str, PropertyValue]],
+                defaults: Mapping[str, PropertyValue] | None = None) -> None:
+        """New values, all at once (a configuration reload): the next
+        lookup sees them. Sessions keep what was decided from the old ones."""
         base = dict(OGON_DEFAULTS if defaults is None else defaults)
         self._global = {**{k.lower(): v for k, v in base.items()},
                         **{k.lower(): v for k, v in global_values.items()}}
         self._per_user = {user: {k.lower(): v for k, v in table.items()}
                           for user, table in per_user.items()}
+        self.generation += 1
 
     def get(self, path: str, username: str = "",
             connection: ConnectionValues | None = None) -> PropertyValue | None:
@@ -157,14 +181,18 @@ class ChannelPolicy:
         self.properties = properties
         self._allow = {name.lower() for name in allow}
         self._deny = {name.lower() for name in deny}
-        # The parsed whiteList per user: properties do not change while the
-        # bridge runs, and every channel open asks (keys: session users).
+        # The parsed whiteList per user (keys: session users): every channel
+        # open asks; parsed again after the properties were replaced.
         self._white: dict[str, frozenset[str]] = {}
+        self._generation = properties.generation
 
     def allowed(self, name: str, username: str = "") -> bool:
         key = name.lower()
         if key in self._deny or (self._allow and key not in self._allow):
             return False
+        if self._generation != self.properties.generation:
+            self._white.clear()
+            self._generation = self.properties.generation
         white = self._white.get(username)
         if white is None:
             white = self._white[username] = frozenset(
