@@ -6,6 +6,8 @@
   session state changes, each change stored before anyone hears of it.
 - ``properties``: ogon's session-manager properties (per user, global,
   ogon's defaults) and the virtual channel policy.
+- ``ogon_config``: ogon's config.ini read with ogon's rules, merged with the
+  TOML file's properties (pure: bytes in, tables out).
 
 The flows that change sessions (logon, greeter login, policies, ending,
 remote control) are in ``bridge.lifecycle``.
