@@ -5,6 +5,7 @@ when broken; and what ogon's differential run found (issue 20, item 6)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from bridge.service import BridgeService
 from protocols import icp
 from protocols.errors import IcpRemoteError
 from protocols.generated import ICP_pb2, SBP_pb2
-from tests.conftest import USERS, BridgeUnderTest, make_config, start_bridge
+from tests.conftest import USERS, BridgeUnderTest, make_config, standin_module, start_bridge
 from tests.e2e.otsapi_client import BlockingClient
 
 DEBIAN = Path(__file__).parent.parent / "data" / "ogon-config.ini.debian"
@@ -195,3 +196,29 @@ def test_a_broken_config_ini_stops_startup_with_one_line(short_dir: Path) -> Non
                                  "number (ogon would log it and ignore the line)")
     with pytest.raises(StartupError, match="cannot read ogon's config file"):
         BridgeService(make_config(short_dir, ogon_config=short_dir / "missing.ini"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_environment_filter_and_add_from_config_ini_reach_the_backend(
+        short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ICPB_FROM_BRIDGE", "passed")
+    ini = short_dir / "config.ini"
+    ini.write_text("[global]\nenvironment_filter_string=ICPB_FROM_BRIDGE\n"
+                   "environment_add_string=WTSAPI_LIBRARY:/usr/lib/ogon1/libogon-otsapi.so\n"
+                   "[user_alice]\nenvironment_add_string=OGON_X11_DESKTOP:fvwm;A:b:c\n")
+    report = short_dir / "report.json"
+    bridge = await start_bridge(short_dir, ogon_config=ini, modules={
+        "greeter": standin_module("greeter"),
+        "xsession": standin_module("xsession", "--report", str(report))})
+    try:
+        peer = await bridge.peer()
+        await peer.logon(1, "bob", "bob-pw")
+        env = json.loads(report.read_text())["env"]
+        assert env["ICPB_FROM_BRIDGE"] == "passed"
+        assert env["WTSAPI_LIBRARY"] == "/usr/lib/ogon1/libogon-otsapi.so"
+        await peer.logon(2, "alice", "alice-pw")
+        env = json.loads(report.read_text())["env"]
+        assert (env["OGON_X11_DESKTOP"], env["A"]) == ("fvwm", "b:c"), "alice's own"
+        assert "WTSAPI_LIBRARY" not in env, "a user's environment.add replaces the global one"
+    finally:
+        await bridge.stop()
