@@ -41,8 +41,9 @@ def report(path: str) -> None:
     os.replace(temp, path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="icp-bridge backend", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The stand-in's options, on its own parser or on ``icp-bridge
+    backend``'s (so that its ``--help`` lists them)."""
     parser.add_argument("--socket", required=True,
                         help="the endpoint socket to create (pipe_dir/endpoint)")
     parser.add_argument("--report", help="write environment, ids and process group here")
@@ -58,8 +59,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--accept-once", action="store_true",
                         help="accept one connection, then stop listening, as ogon's Qt "
                              "platform plugin does")
-    args = parser.parse_args(argv)
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="icp-bridge backend", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Listen on ``args.socket`` until SIGTERM (or as the options say)."""
     if args.report:
         report(args.report)
     if args.crash:

@@ -5,9 +5,10 @@ load."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from bridge.cli.common import read_password
 
@@ -21,27 +22,49 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
     password = read_password(f"password for {args.user}: ") if args.user else ""
     if not args.quiet:
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+        # Our own lines stay on stdout; the log (Twisted's and the peer's) on stderr.
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
+                                         redirectStandardIO=False)
     statuses = {0: "AUTH_SUCCESSFUL", 1: "AUTH_BAD_CREDENTIALS", 2: "AUTH_WRONG_SESSION_STATE",
                 3: "AUTH_UNKNOWN_ERROR"}
 
+    def fail(text: str) -> NoReturn:
+        print(f"icp-bridge peer: {text}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
     async def run(reactor: Any) -> None:
+        from twisted.internet.error import ConnectError
+
+        from protocols.errors import IcpError
+
         peer = StandInRdpServer(reactor, answer_delay=args.delay,
                                 pipe_dir=Path(args.pipe_dir) if args.pipe_dir else None)
-        proto = await peer.connect(f"unix:{args.socket}")
+        try:
+            proto = await peer.connect(f"unix:{args.socket}")
+        except ConnectError as e:
+            # osError is the errno for a UNIX socket (ENOENT, ECONNREFUSED, EACCES).
+            why = os.strerror(e.osError) if isinstance(e.osError, int) else str(e)
+            fail(f"no bridge at {args.socket} ({why})")
         print(f"connected to {args.socket}, ICP {proto.peer_version[0]}.{proto.peer_version[1]}",
               flush=True)
         for connection_id in range(args.first_connection,
                                    args.first_connection + args.connections):
+            # Without --user: a client that brings no credentials (the greeter).
             direct = args.direct or not args.user
-            r = await peer.logon(connection_id, args.user if direct else "",
-                                 password if direct else "", args.domain)
             who = args.user if direct and args.user else "(greeter)"
+            try:
+                r = await peer.logon(connection_id, (args.user or "") if direct else "",
+                                     password if direct else "", args.domain)
+            except IcpError as e:
+                fail(f"connection {connection_id}: logon {who} failed: {e}")
             print(f"connection {connection_id}: logon {who} -> {r.serviceEndpoint} "
                   f"({r.maxWidth}x{r.maxHeight})", flush=True)
             if not direct:
-                status = await peer.greeter_login(connection_id, args.user, password,
-                                                  args.domain)
+                try:
+                    status = await peer.greeter_login(connection_id, args.user, password,
+                                                      args.domain)
+                except IcpError as e:
+                    fail(f"connection {connection_id}: greeter login {args.user} failed: {e}")
                 connection = peer.connections.get(connection_id)
                 endpoint = connection.service_endpoint if connection is not None else "?"
                 print(f"connection {connection_id}: greeter login {args.user}: "
@@ -61,7 +84,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
 def cmd_backend(args: argparse.Namespace) -> int:
     from bridge.backends import standin as standin_backend
 
-    return standin_backend.main(args.backend_args)
+    return standin_backend.run(args)
 
 
 def add_commands(commands: Any) -> None:
@@ -86,8 +109,11 @@ def add_commands(commands: Any) -> None:
     peer.add_argument("--quiet", action="store_true", help="no log lines")
     peer.set_defaults(func=cmd_peer)
 
+    from bridge.backends import standin as standin_backend
+
     backend = commands.add_parser(
         "backend", help="run a stand-in session backend (for [modules.*] in demos and tests)",
-        add_help=False)
-    backend.add_argument("backend_args", nargs=argparse.REMAINDER)
+        description="A stand-in session backend: listens on its endpoint socket, logs each "
+                    "connection, exits on SIGTERM.")
+    standin_backend.add_arguments(backend)
     backend.set_defaults(func=cmd_backend)
