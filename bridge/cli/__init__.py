@@ -16,11 +16,23 @@ from collections.abc import Sequence
 from bridge.cli import ctl, standins, state, users
 
 
+def package_version() -> str:
+    """The installed package's version (setup.cfg's), as pip knows it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("icp-bridge")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="icp-bridge",
         description="Tools for icp-bridge (the service runs as `twistd -n icp-bridge`).",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"icp-bridge {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     users.add_commands(commands)
@@ -33,9 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from thrift.Thrift import TException
 
+    from bridge.cli.otsclient import CtlError
+
     args = build_parser().parse_args(argv)
+    where = " ".join(filter(None, ("icp-bridge", args.command, getattr(args, "call", None))))
     try:
         return int(args.func(args))
+    except CtlError as e:
+        print(f"{where}: {e}", file=sys.stderr)
+        return e.exit_code
     except (OSError, TException) as e:
-        print(f"icp-bridge {args.command}: {e}", file=sys.stderr)
+        print(f"{where}: {e}", file=sys.stderr)
         return 1

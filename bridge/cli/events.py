@@ -14,6 +14,8 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from bridge.cli.common import token
+from bridge.cli.decode import iso
+from bridge.cli.otsclient import CtlError, unreachable
 
 
 def _sse_blocks(response: Any) -> Iterator[dict[str, str]]:
@@ -32,14 +34,16 @@ def _sse_blocks(response: Any) -> Iterator[dict[str, str]]:
 
 
 def _event_line(event: dict[str, Any]) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
+    """One journal event for people. Events of no session (session_id 0:
+    failed logons, lockouts) name no session."""
     states = ""
     if event.get("old_state_name") and event.get("new_state_name") \
             and event["old_state_name"] != event["new_state_name"]:
         states = f" {event['old_state_name']} -> {event['new_state_name']}"
     user = f" {event['username']}" if event.get("username") else ""
     reason = f" ({event['reason']})" if event.get("reason") else ""
-    return f"#{event['id']} {when} session {event['session_id']} {event['event']}{user}" \
+    session = f"session {event['session_id']} " if event.get("session_id") else ""
+    return f"#{event['id']} {iso(event['time'])} {session}{event['event']}{user}" \
            f"{states}{reason}"
 
 
@@ -47,7 +51,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     admin_token = token(args)
     url = urlsplit(args.admin if "//" in args.admin else f"http://{args.admin}")
     if url.scheme != "http" or not url.hostname:
-        raise SystemExit(f"--admin: expected http://HOST:PORT, got {args.admin!r}")
+        raise CtlError(f"--admin: expected http://HOST:PORT, got {args.admin!r}")
     # Without --after: everything the journal keeps, or with --follow only new ones.
     last: int | None = args.after if args.after is not None else (None if args.follow else 0)
     delay = 1.0
@@ -67,7 +71,7 @@ def cmd_events(args: argparse.Namespace) -> int:
                     body = json.loads(body).get("error", body)
                 except ValueError:
                     pass
-                raise SystemExit(f"/events: {response.status} {response.reason}: {body}")
+                raise CtlError(f"/events: {response.status} {response.reason}: {body}")
             delay = 1.0
             for block in _sse_blocks(response):
                 if block.get("event") == "resync":
@@ -80,7 +84,11 @@ def cmd_events(args: argparse.Namespace) -> int:
                       flush=True)
         except (OSError, http.client.HTTPException) as e:
             if not args.follow:
-                raise SystemExit(f"cannot read events from {args.admin}: {e}") from None
+                where = f"{url.hostname}:{url.port or 9092}"
+                if isinstance(e, ConnectionRefusedError):
+                    raise unreachable(f"admin endpoint not listening at {where} (connection "
+                                      f"refused)") from None
+                raise unreachable(f"cannot read events from {where}: {e}") from None
             print(f"events: {e or type(e).__name__}; trying again in {delay:g} s",
                   file=sys.stderr)
             time.sleep(delay)

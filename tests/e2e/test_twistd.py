@@ -192,10 +192,10 @@ async def test_demo_and_kill_9_restart(short_dir: Path) -> None:
     await events.wait_for(lambda seen: any(e.data["event"] == "logged-on" for e in seen))
     out, err, code = await cli(*ctl, "--token", token, "sessions")
     assert code == 0, err
-    assert "Active" in out and "alice" in out and "RDP-Tcp#1" in out
+    assert "Active" in out and "alice" in out and "client1" in out
     out, err, code = await cli(*ctl, "--token", token, "--json", "vc-open", "1", "CLIPRDR")
     assert code == 0, err
-    assert json.loads(out)["pipeName"].endswith("_svc_CLIPRDR_1")
+    assert json.loads(out)["pipe"].endswith("_svc_CLIPRDR_1")
     token_file = short_dir / "tokens" / "ogon.session.1"
     assert token_file.stat().st_mode & 0o777 == 0o600
     backend_pid = int(proc.output.split("started xsession (pid ")[1].split(")")[0])
@@ -218,7 +218,7 @@ async def test_demo_and_kill_9_restart(short_dir: Path) -> None:
     assert code == 0, err
     assert "Disconnected" in out and "alice" in out
     out, err, code = await cli(*ctl, "--token", token, "query", "1", "UserName")
-    assert "UserName: {'stringValue': 'alice'}" in out
+    assert "UserName: alice" in out.splitlines()
     out, err, code = await cli(*ctl, "--token", token, "logoff", "1")
     assert code == 0, err
     assert not token_file.exists()
