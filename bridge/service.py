@@ -28,6 +28,7 @@ from bridge.endpoints import (
 )
 from bridge.lifecycle.facade import SessionLifecycle
 from bridge.lifecycle.runtime import RdpPeer
+from bridge.otsapi.actions import SessionActions
 from bridge.otsapi.handler import OtsApiHandler
 from bridge.rdp.handlers import RdpRequestHandlers
 from bridge.rdp.link import RdpServerLink
@@ -52,7 +53,7 @@ from bridge.sessions.ogon_config import (
 )
 from bridge.sessions.properties import OGON_DEFAULTS, ChannelPolicy, PropertyTable
 from bridge.sessions.registry import SessionRegistry
-from bridge.state.journal import EventHub
+from bridge.state.journal import EventHub, LogonEvents
 from bridge.state.store import StateStore, restore, state_database
 from bridge.watch.admin import EventsResource, HealthResource, admin_site
 from bridge.watch.dbus import SessionNotifier
@@ -150,6 +151,9 @@ class BridgeService(MultiService):
             delay_max=config.logon_delay_max, lockout_failures=config.lockout_failures,
             lockout_time=config.lockout_time, queue_limit=config.password_check_queue),
             self.lockouts)
+        # Failed logons and lockouts: journal events of session 0, and counts.
+        self.logon_events = LogonEvents(self.events)
+        self.guard.observers.append(self.logon_events)
         # Real time, not ``clock``: readiness and stop timeouts wait on processes.
         self.launcher = launcher or BackendLauncher(
             reactor, reactor, config.pipe_dir, config.state_dir / "backends")
@@ -165,10 +169,13 @@ class BridgeService(MultiService):
         handlers = RdpRequestHandlers(self.registry, self.lifecycle, self.properties,
                                       self.channels)
         self.link.handlers = handlers.table()
+        # Logoff, disconnect and message: the OTS API's and the admin endpoint's.
+        self.actions = SessionActions(self.lifecycle, self.link, clock)
         self.otsapi = OtsApiHandler(self.registry, self.tokens, self.link, self.guard,
                                     self.lifecycle, self.properties, self.channels,
                                     token_lifetime=config.token_lifetime,
-                                    pam_levels=config.authenticator == "pam")
+                                    pam_levels=config.authenticator == "pam",
+                                    actions=self.actions)
         self.icp_listener = ListeningService("ICP (RDP server)", config.icp_endpoint,
                                              self.link, reactor)
         self.icp_listener.setServiceParent(self)
@@ -194,7 +201,8 @@ class BridgeService(MultiService):
         self._every(PRUNE_INTERVAL, self._prune_events, clock)
 
         self.metrics = Metrics(self.registry, self.link, self.thrift_factory, self.store,
-                               self.events, self.guard, self.launcher, self.dbus)
+                               self.events, self.guard, self.launcher, self.dbus,
+                               self.logon_events)
         self.admin_listener: ListeningService | None = None
         self.admin_events: EventsResource | None = None
         if config.admin_endpoint:

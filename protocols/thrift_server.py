@@ -196,6 +196,34 @@ def describe_mismatch(first: bytes) -> str | None:
     return None
 
 
+class Outcome:
+    """A handler's answer that did not do what was asked, for the metrics:
+    ``Outcome(value, REFUSED)`` (the caller may not: token, permission, no
+    such session) or ``Outcome(value, FAILED)`` (it could not be done: no
+    RDP server, no answer in time, nothing stored). The client gets
+    ``value`` as usual; a plain value counts as ``ANSWERED``."""
+
+    __slots__ = ("outcome", "value")
+
+    def __init__(self, value: Any, outcome: str) -> None:
+        self.value = value
+        self.outcome = outcome
+
+
+#: How calls end, the ``outcome`` label of the call counts: answered (the
+#: handler did it), refused and failed (an Outcome), error (the handler
+#: raised), bad_request (unknown method, undecodable arguments).
+ANSWERED, REFUSED, FAILED = "answered", "refused", "failed"
+
+
+def refused(value: Any) -> Outcome:
+    return Outcome(value, REFUSED)
+
+
+def failed(value: Any) -> Outcome:
+    return Outcome(value, FAILED)
+
+
 #: The method label of calls to methods the service does not have (the
 #: client's name is not used: it would let clients invent label values).
 UNKNOWN_METHOD = "(unknown)"
@@ -566,7 +594,11 @@ class ThriftServerProtocol(Protocol):
     # -- bytes out ------------------------------------------------------------
 
     def _reply(self, value: Any, method: ThriftMethod, seqid: int, framed: bool) -> None:
-        self.call_counts[method.name, "ok"] += 1
+        if type(value) is Outcome:
+            self.call_counts[method.name, value.outcome] += 1
+            value = value.value
+        else:
+            self.call_counts[method.name, ANSWERED] += 1
         if method.oneway or not self.connected:
             return
         result = method.result_type(success=value)
@@ -657,7 +689,8 @@ class ThriftServerFactory(Factory):
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.log_limit = LogLimiter(self.clock)
         self.connections: set[ThriftServerProtocol] = set()
-        # For the metrics: calls by (method, outcome: ok, error, bad_request)
+        # For the metrics: calls by (method, outcome: answered, refused,
+        # failed, error, bad_request)
         # and connections refused or closed by (limit or cause).
         self.call_counts: Counter[tuple[str, str]] = Counter()
         self.dropped: Counter[str] = Counter()

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from bridge.security.auth import InMemoryAuthenticator
+from bridge.security.throttle import RDP, LogonGuard, ThrottlePolicy
 from bridge.sessions.model import ClientInfo, ConnectState, SessionChange, StateWriteError
 from bridge.sessions.registry import SessionRegistry
-from bridge.state.journal import EventHub
+from bridge.state.journal import EventHub, LogonEvents
 from bridge.state.store import JournalEvent, StateStore
 from bridge.watch import dbus
 
@@ -131,12 +135,85 @@ class EventHubTests(SynchronousTestCase):
         subscription.resume()
         assert self.hub.stalled(60) == []
 
+    def test_events_of_no_session_go_out_in_order_with_session_changes(self) -> None:
+        subscriber = Collector()
+        self.hub.subscribe(subscriber, 0)
+        self.session_life(1)
+        events = LogonEvents(self.hub)
+        events.logon_failed("bob", "192.0.2.7", "rdp", 3)
+        events.locked_out("bob", "192.0.2.7", "source:192.0.2.7", 900, 10)
+        self.session_life(2)
+        assert subscriber.ids == list(range(1, 13))
+        failed, locked = subscriber.events[5], subscriber.events[6]
+        assert (failed.session_id, failed.event, failed.username, failed.reason) == (
+            0, "logon-failed", "bob", "failed logon from the RDP server from 192.0.2.7 (3 in "
+                                      "a row)")
+        assert (locked.event, locked.reason) == (
+            "locked-out", "client address 192.0.2.7 locked out for 900 s after 10 failed "
+                          "logons")
+        assert failed.old_state is None and failed.new_state is None
+        assert events.lockouts == {"source": 1}
+        assert [e.id for e in self.store.events_after(0)] == subscriber.ids
+
+    def test_an_event_of_no_session_the_disk_refuses_is_logged_and_dropped(self) -> None:
+        subscriber = Collector()
+        self.hub.subscribe(subscriber, 0)
+        self.store._db.execute("PRAGMA query_only = 1")
+        with capturedLogs() as logged:
+            assert self.hub.record("logon-failed", "bob", "x") is None
+        assert "not journaled" in logged[0]["log_format"]
+        self.store._db.execute("PRAGMA query_only = 0")
+        self.hub.record("logon-failed", "bob", "y")
+        assert [e.reason for e in subscriber.events] == ["y"]
+
 
 def change(event: str, old: ConnectState | None, new: ConnectState | None) -> Any:
     from bridge.sessions.model import Session, SessionEvent
 
     session = Session(7, "alice", "", new or ConnectState.DOWN)
     return SessionChange(SessionEvent(event), session, old, new, "", 0.0, 8)
+
+
+class Recorder:
+    """A LogonObserver that notes what it is told."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[Any, ...]] = []
+
+    def logon_failed(self, *args: Any) -> None:
+        self.told.append(("logon_failed", *args))
+
+    def locked_out(self, *args: Any) -> None:
+        self.told.append(("locked_out", *args))
+
+
+class Broken:
+    def logon_failed(self, *args: Any) -> None:
+        raise RuntimeError("observer bug")
+
+    locked_out = logon_failed
+
+
+class LogonObserverTests(SynchronousTestCase):
+    def test_failures_then_lockouts_are_told_and_a_broken_observer_changes_nothing(
+            self) -> None:
+        clock = Clock()
+        guard = LogonGuard(InMemoryAuthenticator({"bob": ("pw", 1)}), clock,
+                           ThrottlePolicy(failures_before_delay=5, lockout_failures=2))
+        recorder = Recorder()
+        guard.observers += [Broken(), recorder]
+        for _ in range(2):
+            d = Deferred.fromCoroutine(guard.authenticate("bob", "no", "", "192.0.2.7", RDP))
+            assert self.successResultOf(d) is None
+        assert recorder.told == [
+            ("logon_failed", "bob", "192.0.2.7", RDP, 1),
+            ("logon_failed", "bob", "192.0.2.7", RDP, 2),
+            ("locked_out", "bob", "192.0.2.7", "user:bob", 900.0, 2),
+            ("locked_out", "bob", "192.0.2.7", "source:192.0.2.7", 900.0, 2)]
+        assert len(self.flushLoggedErrors(RuntimeError)) == 4
+        # Locked out now: refused without a check, and no new failure told.
+        d = Deferred.fromCoroutine(guard.authenticate("bob", "pw", "", "192.0.2.7", RDP))
+        assert self.successResultOf(d) is None and len(recorder.told) == 4
 
 
 def test_dbus_reasons_follow_ogons_state_transitions() -> None:

@@ -96,7 +96,7 @@ class _Watcher(ProcessProtocol):
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         how = f"was killed by signal {sig}" if sig is not None else f"exited with status {code}"
-        self.backend._exited(how)
+        self.backend._exited(how, code, sig)
 
 
 class _PidfdReader:
@@ -143,6 +143,9 @@ class Backend:
         # then the (device, inode) of the socket it made.
         self.claim: EndpointClaim | None = None
         self.endpoint_identity: tuple[int, int] | None = None
+        # Whether the bridge asked it to stop (SIGTERM), and had to SIGKILL it.
+        self._stop_asked = False
+        self._kill_sent = False
 
     @property
     def pid(self) -> int:
@@ -156,11 +159,12 @@ class Backend:
         self._exit_waiters.append(d)
         return d
 
-    def _exited(self, how: str) -> None:
+    def _exited(self, how: str, code: int | None = None, sig: int | None = None) -> None:
         if not self.running:
             return
         self.running = False
         self.exit_reason = how
+        self.launcher.exits[self.module.name, self._exit_kind(code, sig)] += 1
         if self._pidfd is not None:
             self.launcher.reactor.removeReader(self._pidfd)
             os.close(self._pidfd.fd)
@@ -178,6 +182,21 @@ class Backend:
         for d in waiters:
             d.callback(how)
 
+    def _exit_kind(self, code: int | None, sig: int | None) -> str:
+        """How it ended, for the metrics: stopped (by the bridge),
+        stop_timeout (SIGKILLed after stop_timeout), killed (a signal not
+        ours), exited (status 0), failed (another status), unknown (adopted
+        after a restart: its status is not ours to read)."""
+        if self._kill_sent:
+            return "stop_timeout"
+        if self._stop_asked:
+            return "stopped"
+        if sig is not None:
+            return "killed"
+        if code is None:
+            return "unknown"
+        return "exited" if code == 0 else "failed"
+
     def _signal(self, signum: int) -> None:
         """Signal the backend's process group (its pid, since it leads it)."""
         if not self.running:
@@ -185,6 +204,7 @@ class Backend:
         if self._process is None and process_start_ticks(self.pid) != self.record.start_ticks:
             self._exited("exited (adopted: pid gone or reused)")
             return
+        self._kill_sent = self._kill_sent or signum == signal.SIGKILL
         try:
             os.killpg(self.pid, signum)
         except ProcessLookupError:
@@ -199,6 +219,7 @@ class Backend:
         stop_timeout; fires once the backend is gone."""
         d = self.when_exited()
         if self.running:
+            self._stop_asked = True
             self._signal(signal.SIGTERM)
             if self.running and (self._kill_call is None or not self._kill_call.active()):
                 self._kill_call = self.launcher.clock.callLater(
@@ -224,8 +245,10 @@ class BackendLauncher:
         self._poll: Any = None
         self._warned_own_user = False
         self._pipes = PipeDirectoryWatch(reactor, pipe_dir)
-        # For the metrics: starts by (module, outcome: ready or failed).
+        # For the metrics: starts by (module, outcome: ready or failed),
+        # exits by (module, reason: see Backend._exit_kind).
         self.starts: Counter[tuple[str, str]] = Counter()
+        self.exits: Counter[tuple[str, str]] = Counter()
 
     # -- accounts -------------------------------------------------------------------
 

@@ -96,9 +96,11 @@ class SessionEnding:
         Deferred.fromCoroutine(self.end(current, f"backend {backend.module.name} {how}",
                                         backend_gone=True))
 
-    async def logoff(self, session: Session, wait: bool) -> bool:
+    async def logoff(self, session: Session, wait: bool,
+                     reason: str = "logged off through the OTS API") -> bool:
         """OTS API logoffSession: the session ends whatever the RDP server
-        answers; the result is its answer (with ``wait``), else True."""
+        answers; the result is its answer (with ``wait``), else True.
+        ``reason`` goes to the log and the journal (who asked)."""
         if session.state is ConnectState.SHADOW:
             await self.remote_control.stop_own_shadowing(session)
         result = True
@@ -107,7 +109,7 @@ class SessionEnding:
             told = Deferred.fromCoroutine(self.tell_logoff(connection_id, self.call_timeout))
             if wait:
                 result = await told == "loggedoff"
-        await self.end(session, "logged off through the OTS API", tell_rdp=False)
+        await self.end(session, reason, tell_rdp=False)
         return result
 
     async def client_logged_off(self, connection_id: int) -> bool:

@@ -110,11 +110,13 @@ class SessionLifecycle:
 
     # -- what the OTS API asks ----------------------------------------------------------
 
-    async def disconnect(self, session: Session, wait: bool) -> bool:
-        return await self.policies.disconnect(session, wait)
+    async def disconnect(self, session: Session, wait: bool,
+                         reason: str = "disconnected through the OTS API") -> bool:
+        return await self.policies.disconnect(session, wait, reason)
 
-    async def logoff(self, session: Session, wait: bool) -> bool:
-        return await self.ending.logoff(session, wait)
+    async def logoff(self, session: Session, wait: bool,
+                     reason: str = "logged off through the OTS API") -> bool:
+        return await self.ending.logoff(session, wait, reason)
 
     async def start_shadow(self, spy: Session, target: Session, hotkey_vk: int,
                            hotkey_modifiers: int, flags: int) -> bool:

@@ -169,11 +169,12 @@ class SessionPolicies:
             if session.connection_id is not None:
                 Deferred.fromCoroutine(self.client_gone(session, "RDP server went away"))
 
-    async def disconnect(self, session: Session, wait: bool) -> bool:
+    async def disconnect(self, session: Session, wait: bool,
+                         reason: str = "disconnected through the OTS API") -> bool:
         """OTS API disconnectSession (ogon's OTS disconnect): stop shadowing,
         tell the RDP server LogoffUserSession (it drops the client), mark
         Disconnected. With ``wait``, only once it answered: False when it
-        does not in time."""
+        does not in time. ``reason`` goes to the log and the journal."""
         if session.state is ConnectState.SHADOW:
             await self.remote_control.stop_own_shadowing(session)
         connection_id = session.connection_id
@@ -186,5 +187,5 @@ class SessionPolicies:
             return False
         if self.registry.get(session.session_id) is session \
                 and session.connection_id == connection_id:
-            await self.client_gone(session, "disconnected through the OTS API")
+            await self.client_gone(session, reason)
         return True

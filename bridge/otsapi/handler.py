@@ -2,13 +2,14 @@
 
 Methods that need the RDP server send an ICP request and return a Deferred;
 every refusal or failure answers the method's failure value (WIRE.md
-section 2) and logs one line saying why. Method and argument names are
-those of the IDL, since the Thrift server calls them by wire name.
+section 2), marked ``refused`` or ``failed`` for the call counts, and logs
+one line saying why. Logoff, disconnect and message are the
+``SessionActions`` the admin endpoint shares. Method and argument names
+are those of the IDL, since the Thrift server calls them by wire name.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ from twisted.python.failure import Failure
 
 from bridge.lifecycle.facade import SessionLifecycle
 from bridge.lifecycle.runtime import RdpCaller
+from bridge.otsapi.actions import Actor, NoClientError, SessionActions
 from bridge.otsapi.session_info import session_info, signed
 from bridge.security.auth import Authenticator, Identity, is_user_name, logon_allowed
 from bridge.security.permissions import Permission, ogon_level
@@ -28,7 +30,7 @@ from bridge.sessions.model import Session, StateWriteError
 from bridge.sessions.properties import ChannelPolicy, PropertyTable
 from bridge.sessions.registry import SessionRegistry
 from protocols import icp
-from protocols.errors import IcpError, IcpTimeoutError
+from protocols.errors import IcpError
 from protocols.generated import ICP_pb2
 from protocols.generated.otsapi.ttypes import (
     TReturnEnumerateSession,
@@ -39,15 +41,13 @@ from protocols.generated.otsapi.ttypes import (
     TVersion,
 )
 from protocols.loglimit import LogLimiter
-from protocols.thrift_server import current_peer
+from protocols.thrift_server import Outcome, current_peer, failed, refused
 
 VERSION = (1, 1)
 WTS_CURRENT_SESSION = -1
 WTS_CHANNEL_OPTION_DYNAMIC = 0x1
-#: include/ogon/message.h: the only Message type sendMessage sends.
-MESSAGE_CUSTOM_TYPE = 1
-IDTIMEOUT = 32000
-IDASYNC = 32001
+#: The way in, as the journal's reasons name it.
+VIA = "the OTS API"
 
 
 def _vc_open_failed() -> TReturnVirtualChannelOpen:
@@ -61,17 +61,20 @@ class OtsApiHandler:
     """Implements ``service otsapi``."""
 
     log = Logger()
-    # Only these read current_peer (the client's address, for throttling).
-    methods_wanting_peer = frozenset({"logonConnection"})
+    # Only these read current_peer (the client's address): for throttling,
+    # and to say who ended, disconnected or messaged a session.
+    methods_wanting_peer = frozenset({"logonConnection", "logoffSession", "disconnectSession",
+                                      "sendMessage"})
 
     def __init__(self, registry: SessionRegistry, tokens: TokenStore, rdp: RdpCaller,
                  authenticator: Authenticator | LogonGuard,
                  lifecycle: SessionLifecycle, properties: PropertyTable,
                  channels: ChannelPolicy, token_lifetime: float,
-                 pam_levels: bool = False) -> None:
+                 pam_levels: bool = False, actions: SessionActions | None = None) -> None:
         """``token_lifetime``: a logon token's life without use (seconds).
         ``pam_levels``: users authenticate through PAM, so a user's level is
-        the ``permission.level`` property."""
+        the ``permission.level`` property. ``actions``: logoff, disconnect
+        and message, shared with the admin endpoint (default: its own)."""
         self.registry = registry
         self.tokens = tokens
         self.rdp = rdp
@@ -84,6 +87,7 @@ class OtsApiHandler:
         # Under backpressure every bridged call can fail alike: one line per
         # method and reason per 10 s, with a count.
         self.log_limit = LogLimiter(registry.clock)
+        self.actions = actions or SessionActions(lifecycle, rdp, registry.clock)
 
     # -- helpers --------------------------------------------------------------
 
@@ -125,7 +129,7 @@ class OtsApiHandler:
 
     def _bridged(self, method: str, session: Session, msg_type: int, request: Message,
                  on_answer: Callable[[Any], T], failure_value: Callable[[], T] | T,
-                 timeout: float | None = None) -> Deferred[T]:
+                 timeout: float | None = None) -> Deferred[T | Outcome]:
         """Send ``request`` to the RDP server; fires with ``on_answer(response)``
         or, on any ICP failure, with the failure value (logged). A callable
         ``failure_value`` is called for it, so structs are built only when
@@ -136,29 +140,38 @@ class OtsApiHandler:
         return d
 
     def _bridge_failed(self, failure: Failure, method: str, session_id: int,
-                       failure_value: Callable[[], T] | T) -> T:
+                       failure_value: Callable[[], T] | T) -> Outcome:
         failure.trap(IcpError)
         self.log_limit.warn(self.log, (method, type(failure.value)),
                             "{method} for session {session_id} failed: {reason}",
                             method=method, session_id=session_id,
                             reason=failure.getErrorMessage())
-        return failure_value() if callable(failure_value) else failure_value
+        return failed(failure_value() if callable(failure_value) else failure_value)
 
     def _connection(self, method: str, session: Session) -> int | None:
         if session.connection_id is None:
             self._refuse(method, session.session_id, "session has no client connection")
         return session.connection_id
 
-    def _lifecycle(self, method: str, session_id: int, work: Any) -> Deferred[bool]:
+    def _actor(self, record: TokenRecord) -> Actor:
+        return Actor(record.username, VIA, current_peer.get())
+
+    @staticmethod
+    def _done(result: bool) -> bool | Outcome:
+        """A lifecycle action's result: False is a failure (logged there)."""
+        return result if result else failed(False)
+
+    def _lifecycle(self, method: str, session_id: int, work: Any
+                   ) -> Deferred[bool | Outcome]:
         """Run a lifecycle coroutine; a stored-state failure answers False."""
-        def failed(failure: Failure) -> bool:
+        def not_stored(failure: Failure) -> Outcome:
             failure.trap(StateWriteError)
             self.log.warn("{method} for session {session_id} failed: {reason}",
                           method=method, session_id=session_id,
                           reason=failure.getErrorMessage())
-            return False
+            return failed(False)
 
-        return Deferred.fromCoroutine(work).addErrback(failed)
+        return Deferred.fromCoroutine(work).addCallbacks(self._done, not_stored)
 
     # -- local methods --------------------------------------------------------
 
@@ -169,14 +182,14 @@ class OtsApiHandler:
         return input or 0
 
     def logonConnection(self, username: str | None, password: str | None, domain: str | None
-                        ) -> TReturnLogonConnection | Deferred[TReturnLogonConnection]:
+                        ) -> TReturnLogonConnection | Outcome | Deferred[Any]:
         username, domain = username or "", domain or ""
-        refused = TReturnLogonConnection(success=False, authToken="")
+        refusal = refused(TReturnLogonConnection(success=False, authToken=""))
 
-        def decided(identity: Identity | None) -> TReturnLogonConnection:
+        def decided(identity: Identity | None) -> TReturnLogonConnection | Outcome:
             if identity is None:
                 self.log.warn("failed OTS API logon for user {username}", username=username)
-                return refused
+                return refusal
             if self.pam_levels:
                 level = self.properties.get_string("permission.level", identity.username)
                 identity = Identity(identity.username, identity.domain, ogon_level(level))
@@ -185,40 +198,40 @@ class OtsApiHandler:
             except StateWriteError as e:
                 self.log.error("OTS API logon for user {username} failed: {error}",
                                username=username, error=str(e))
-                return refused
+                return failed(TReturnLogonConnection(success=False, authToken=""))
             self.log.info("OTS API logon for user {username}", username=username)
             return TReturnLogonConnection(success=True, authToken=token)
 
         if not username or not is_user_name(username):
             self.log.warn("OTS API logon refused: no user name, or not a name")
-            return refused
+            return refusal
         if not logon_allowed(self.properties, username):
             self.log.warn("OTS API logon of user {username} refused by "
                           "permission.groups.whiteList/blackList", username=username)
-            return refused
+            return refusal
         return Deferred.fromCoroutine(self.guard.authenticate(
             username, password or "", domain, current_peer.get(), OTSAPI)).addCallback(decided)
 
-    def getPermissionForToken(self, authToken: str | None) -> int:
+    def getPermissionForToken(self, authToken: str | None) -> int | Outcome:
         record = self.tokens.lookup(authToken or "")
-        return record.permission if record is not None else 0
+        return record.permission if record is not None else refused(0)
 
-    def logoffConnection(self, authToken: str | None) -> bool:
+    def logoffConnection(self, authToken: str | None) -> bool | Outcome:
         try:
-            return self.tokens.revoke(authToken or "")
+            return self.tokens.revoke(authToken or "") or refused(False)
         except StateWriteError as e:
             self.log.error("logoffConnection failed: {error}", error=str(e))
-            return False
+            return failed(False)
 
     def enumerateSessions(self, authToken: str | None, Version: int | None
-                          ) -> TReturnEnumerateSession:
+                          ) -> TReturnEnumerateSession | Outcome:
         record = self.tokens.lookup(authToken or "")
         if record is None:
             self._refuse("enumerateSessions", None, "unknown or expired token")
-            return TReturnEnumerateSession(returnValue=False, sessionInfoList=[])
+            return refused(TReturnEnumerateSession(returnValue=False, sessionInfoList=[]))
         if not record.permission & Permission.QUERY_INFORMATION:
             self._refuse("enumerateSessions", None, "token lacks QUERY_INFORMATION")
-            return TReturnEnumerateSession(returnValue=False, sessionInfoList=[])
+            return refused(TReturnEnumerateSession(returnValue=False, sessionInfoList=[]))
         sessions = [
             TSessionInfo(sessionId=s.session_id, winStationName=s.win_station_name,
                          connectState=int(s.state))
@@ -227,17 +240,18 @@ class OtsApiHandler:
         return TReturnEnumerateSession(returnValue=True, sessionInfoList=sessions)
 
     def querySessionInformation(self, authToken: str | None, sessionId: int | None,
-                                infoClass: int | None) -> TReturnQuerySessionInformation:
-        failed = TReturnQuerySessionInformation(returnValue=False)
+                                infoClass: int | None
+                                ) -> TReturnQuerySessionInformation | Outcome:
+        refusal = refused(TReturnQuerySessionInformation(returnValue=False))
         auth = self._authorize("querySessionInformation", authToken, sessionId,
                                Permission.QUERY_INFORMATION)
         if auth is None:
-            return failed
+            return refusal
         value = session_info(auth[1], infoClass, self.registry.clock)
         if value is None:
             self._refuse("querySessionInformation", sessionId,
                          f"info class {infoClass} not available")
-            return failed
+            return refusal
         return TReturnQuerySessionInformation(returnValue=True, infoValue=value)
 
     # -- bridged methods -------------------------------------------------------
@@ -245,19 +259,19 @@ class OtsApiHandler:
     def virtualChannelOpen(self, authToken: str | None, sessionId: int | None,
                            virtualName: str | None, isDynChannel: bool | None,
                            flags: int | None
-                           ) -> TReturnVirtualChannelOpen | Deferred[TReturnVirtualChannelOpen]:
+                           ) -> TReturnVirtualChannelOpen | Outcome | Deferred[Any]:
         method = "virtualChannelOpen"
         auth = self._authorize(method, authToken, sessionId, Permission.VIRTUAL_CHANNEL)
         if auth is None:
-            return _vc_open_failed()
+            return refused(_vc_open_failed())
         session = auth[1]
         name = virtualName or ""
         if not self.channels.allowed(name, session.username):
             self._refuse(method, session.session_id, f"channel {name} is not allowed")
-            return _vc_open_failed()
+            return refused(_vc_open_failed())
         connection_id = self._connection(method, session)
         if connection_id is None:
-            return _vc_open_failed()
+            return refused(_vc_open_failed())
         flags = (flags or 0) & 0xFFFFFFFF
         dynamic = bool(isDynChannel) and bool(flags & WTS_CHANNEL_OPTION_DYNAMIC)
         request = ICP_pb2.OtsApiVirtualChannelOpenRequest(
@@ -267,127 +281,111 @@ class OtsApiHandler:
         return self._bridged(
             method, session, icp.MSG_VIRTUAL_CHANNEL_OPEN, request,
             lambda r: TReturnVirtualChannelOpen(pipeName=r.connectionString,
-                                                instance=signed(r.instance, 32)),
+                                                instance=signed(r.instance, 32))
+            if r.connectionString else failed(_vc_open_failed()),
             _vc_open_failed,
         )
 
     def virtualChannelClose(self, authToken: str | None, sessionId: int | None,
                             virtualName: str | None, instance: int | None
-                            ) -> bool | Deferred[bool]:
+                            ) -> bool | Outcome | Deferred[Any]:
         method = "virtualChannelClose"
         auth = self._authorize(method, authToken, sessionId, Permission.VIRTUAL_CHANNEL)
         if auth is None:
-            return False
+            return refused(False)
         session = auth[1]
         connection_id = self._connection(method, session)
         if connection_id is None:
-            return False
+            return refused(False)
         request = ICP_pb2.OtsApiVirtualChannelCloseRequest(
             connectionId=connection_id, virtualName=virtualName or "",
             instance=(instance or 0) & 0xFFFFFFFF,
         )
         return self._bridged(method, session, icp.MSG_VIRTUAL_CHANNEL_CLOSE, request,
-                             lambda r: r.success, False)
+                             lambda r: r.success or failed(False), False)
 
     def disconnectSession(self, authToken: str | None, sessionId: int | None,
-                          wait: bool | None) -> bool | Deferred[bool]:
+                          wait: bool | None) -> bool | Outcome | Deferred[Any]:
         """ogon's TaskDisconnect: LogoffUserSession for the session's
         connection (the RDP server drops the client), then Disconnected;
         without ``wait`` True as soon as that is sent."""
         auth = self._authorize("disconnectSession", authToken, sessionId, Permission.DISCONNECT)
         if auth is None:
-            return False
-        session = auth[1]
-        return self._lifecycle("disconnectSession", session.session_id,
-                               self.lifecycle.disconnect(session, bool(wait)))
+            return refused(False)
+        record, session = auth
+        return self.actions.disconnect(session, bool(wait), self._actor(record)).addCallback(
+            self._done)
 
     def logoffSession(self, authToken: str | None, sessionId: int | None,
-                      wait: bool | None) -> bool | Deferred[bool]:
+                      wait: bool | None) -> bool | Outcome | Deferred[Any]:
         """ogon's TaskLogoff: the session ends whatever the RDP server
         answers; with ``wait`` the answer is the RDP server's."""
         auth = self._authorize("logoffSession", authToken, sessionId, Permission.LOGOFF)
         if auth is None:
-            return False
-        session = auth[1]
-        return self._lifecycle("logoffSession", session.session_id,
-                               self.lifecycle.logoff(session, bool(wait)))
+            return refused(False)
+        record, session = auth
+        return self.actions.logoff(session, bool(wait), self._actor(record)).addCallback(
+            self._done)
 
     def startRemoteControlSession(self, authToken: str | None, sourceLogonId: int | None,
                                   targetLogonId: int | None, HotkeyVk: int | None,
                                   HotkeyModifiers: int | None, flags: int | None
-                                  ) -> bool | Deferred[bool]:
+                                  ) -> bool | Outcome | Deferred[Any]:
         """As ogon: only with a session token, from its own session, with
         the session's REMOTE_CONTROL right, onto an Active session."""
         method = "startRemoteControlSession"
         record = self.tokens.lookup(authToken or "")
         if record is None or record.session_id is None:
             self._refuse(method, sourceLogonId, "needs the token of the caller's session")
-            return False
+            return refused(False)
         source_id = record.session_id if sourceLogonId in (None, WTS_CURRENT_SESSION) \
             else sourceLogonId
         if source_id != record.session_id:
             self._refuse(method, sourceLogonId, "can only start from the token's own session")
-            return False
+            return refused(False)
         if targetLogonId == source_id:
             self._refuse(method, sourceLogonId, "a session cannot shadow itself")
-            return False
+            return refused(False)
         if not record.permission & Permission.REMOTE_CONTROL:
             self._refuse(method, sourceLogonId, "token lacks REMOTE_CONTROL")
-            return False
+            return refused(False)
         spy = self.registry.get(source_id)
         target = self.registry.get(targetLogonId) if targetLogonId is not None else None
         if spy is None or target is None:
             self._refuse(method, targetLogonId, "no such session")
-            return False
+            return refused(False)
         return self._lifecycle(method, source_id, self.lifecycle.start_shadow(
             spy, target, HotkeyVk or 0, HotkeyModifiers or 0, flags or 0))
 
     def stopRemoteControlSession(self, authToken: str | None, sourceLogonId: int | None,
-                                 targetLogonId: int | None) -> bool | Deferred[bool]:
+                                 targetLogonId: int | None
+                                 ) -> bool | Outcome | Deferred[Any]:
         """Stops the shadowing that involves ``sourceLogonId``: of every
         session shadowing it (ogon) and its own, if it is shadowing."""
         method = "stopRemoteControlSession"
         auth = self._authorize(method, authToken, sourceLogonId, Permission.REMOTE_CONTROL)
         if auth is None:
-            return False
+            return refused(False)
         session = auth[1]
         return self._lifecycle(method, session.session_id,
                                self.lifecycle.stop_shadowing(session))
 
     def sendMessage(self, authToken: str | None, sessionId: int | None, title: str | None,
                     message: str | None, style: int | None, timeout: int | None,
-                    wait: bool | None) -> int | Deferred[int]:
-        """ogon's sendMessage: a MESSAGE_CUSTOM_TYPE box with the title and
-        text. Without ``wait``: IDASYNC once sent. With: the user's answer,
-        or IDTIMEOUT when ``timeout`` seconds pass (0: wait as long as the
-        RDP server keeps the box) or the RDP server answers 0."""
+                    wait: bool | None) -> int | Outcome | Deferred[Any]:
+        """ogon's sendMessage (SessionActions.message): IDASYNC once sent,
+        or with ``wait`` the user's answer or IDTIMEOUT; 0 on failure."""
         method = "sendMessage"
         auth = self._authorize(method, authToken, sessionId, Permission.MESSAGE)
         if auth is None:
-            return 0
-        session = auth[1]
-        connection_id = self._connection(method, session)
-        if connection_id is None:
-            return 0
-        seconds = max(timeout or 0, 0)
-        request = ICP_pb2.MessageRequest(
-            connectionId=connection_id, type=MESSAGE_CUSTOM_TYPE, style=(style or 0) & 0xFFFFFFFF,
-            timeout=seconds, parameterNum=2, parameter1=title or "", parameter2=message or "",
-        )
-        d = self.rdp.call(icp.MSG_MESSAGE, request, seconds if seconds else math.inf)
-        if not wait:
-            d.addErrback(self._bridge_failed, method, session.session_id, 0)
-            # Fired already: it could not even be sent (no RDP server).
-            return 0 if d.called else IDASYNC
-
-        def answered(response: ICP_pb2.MessageResponse) -> int:
-            return signed(response.result, 32) if response.result else IDTIMEOUT
-
-        def failed(failure: Failure) -> int:
-            if failure.check(IcpTimeoutError):
-                self.log.info("sendMessage to session {session_id}: no answer within {s} s",
-                              session_id=session.session_id, s=seconds)
-                return IDTIMEOUT
-            return self._bridge_failed(failure, method, session.session_id, 0)
-
-        return d.addCallbacks(answered, failed)
+            return refused(0)
+        record, session = auth
+        try:
+            result = self.actions.message(session, title or "", message or "", style or 0,
+                                          timeout or 0, bool(wait), self._actor(record))
+        except NoClientError:
+            self._refuse(method, session.session_id, "session has no client connection")
+            return refused(0)
+        if isinstance(result, Deferred):
+            return result.addCallback(lambda answer: answer or failed(0))
+        return result or failed(0)

@@ -25,7 +25,7 @@ import sqlite3
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
@@ -65,6 +65,16 @@ class ThrottlePolicy:
     forget_after: float = 3600.0
     concurrency: int = 2
     queue_limit: int = 32
+
+
+class LogonObserver(Protocol):
+    """Told of each failed logon and each lockout set (the event journal,
+    metrics); ``key`` names what is locked ("user:alice", "source:ADDR")."""
+
+    def logon_failed(self, username: str, source: str, kind: str, failures: int) -> None: ...
+
+    def locked_out(self, username: str, source: str, key: str, seconds: float,
+                   failures: int) -> None: ...
 
 
 class LockoutStore:
@@ -126,6 +136,7 @@ class LogonGuard:
         # For the metrics: logons by (kind, outcome: ok, failed, locked_out,
         # queue_full).
         self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.observers: list[LogonObserver] = []
 
     @classmethod
     def around(cls, authenticator: Authenticator | LogonGuard, clock: IReactorTime
@@ -174,9 +185,17 @@ class LogonGuard:
         except sqlite3.Error as e:
             self.log.warn("failed-logon counts not stored: {error}", error=str(e))
 
-    def _failed(self, keys: list[str], username: str, source: str) -> None:
+    def _tell(self, what: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, what)(*args)
+            except Exception:
+                self.log.failure("logon observer failed on {what}", what=what)
+
+    def _failed(self, keys: list[str], username: str, source: str, kind: str) -> None:
         now = self.clock.seconds()
         worst = 0
+        locked: list[tuple[str, int]] = []
         for key in keys:
             count = self._count(key)
             count.failures += 1
@@ -187,10 +206,14 @@ class LogonGuard:
                 self.log.warn("{key} locked out for {seconds:g} s after {failures} failed "
                               "logons", key=key, seconds=self.policy.lockout_time,
                               failures=count.failures)
+                locked.append((key, count.failures))
             self.counts[key] = count
             self._save(key, count)
         self.log.warn("failed logon for user {username} from {source} ({failures} in a row)",
                       username=username, source=source or "unknown", failures=worst)
+        self._tell("logon_failed", username, source, kind, worst)
+        for key, failures in locked:
+            self._tell("locked_out", username, source, key, self.policy.lockout_time, failures)
 
     def _succeeded(self, keys: list[str]) -> None:
         for key in keys:
@@ -252,7 +275,7 @@ class LogonGuard:
             self._waiting[kind] -= 1
         if identity is None:
             self.outcomes[kind, "failed"] += 1
-            self._failed(keys, username, source)
+            self._failed(keys, username, source, kind)
         else:
             self.outcomes[kind, "ok"] += 1
             self._succeeded(keys)

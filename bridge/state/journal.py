@@ -15,13 +15,13 @@ position kept), and caught up from the journal when it reads again.
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
 from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from bridge.sessions.model import SessionChange, state_name
+from bridge.sessions.model import SessionChange, StateWriteError, state_name
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.store import JournalEvent, StateStore
 
@@ -110,6 +110,22 @@ class EventHub:
             # Changes written late (the disk had refused them) came first.
             self.poll()
 
+    def record(self, event: str, username: str, reason: str) -> JournalEvent | None:
+        """Write and publish an event of no session (session_id 0: see
+        LogonEvents); None, logged, when the disk refuses it (such events
+        are not kept to be written again: they change no state)."""
+        try:
+            written = self.store.append_event(self.clock.seconds(), username, event, reason)
+        except StateWriteError as e:
+            self.log.warn("{event} event for {username} not journaled: {error}", event=event,
+                          username=username, error=str(e))
+            return None
+        if written.id == self.last_id + 1:
+            self._publish(written)
+        else:
+            self.poll()
+        return written
+
     def poll(self) -> None:
         """Publish whatever the journal has that was not published yet."""
         while True:
@@ -176,6 +192,38 @@ class EventHub:
         now = self.clock.seconds()
         return [s for s in self.subscriptions
                 if s.paused_since is not None and now - s.paused_since > longer_than]
+
+
+#: Journal events of no session (session_id 0), beside SessionEvent's.
+LOGON_FAILED = "logon-failed"
+LOCKED_OUT = "locked-out"
+#: How each kind of logon (bridge.security.throttle) came in, for reasons.
+_LOGON_KINDS = {"rdp": "from the RDP server", "otsapi": "through the OTS API"}
+
+
+class LogonEvents:
+    """Failed logons and lockouts as journal events of session 0, so that
+    /events, the status page and ``ctl events`` show them (a LogonObserver
+    of the logon guard), and lockouts counted for the metrics."""
+
+    def __init__(self, hub: EventHub) -> None:
+        self.hub = hub
+        #: Lockouts set, by what was locked ("user", "source").
+        self.lockouts: Counter[str] = Counter()
+
+    def logon_failed(self, username: str, source: str, kind: str, failures: int) -> None:
+        where = _LOGON_KINDS.get(kind, kind)
+        address = f" from {source}" if source else ""
+        self.hub.record(LOGON_FAILED, username,
+                        f"failed logon {where}{address} ({failures} in a row)")
+
+    def locked_out(self, username: str, source: str, key: str, seconds: float,
+                   failures: int) -> None:
+        what, _, name = key.partition(":")
+        self.lockouts[what] += 1
+        locked = {"user": f"user {name}", "source": f"client address {name}"}.get(what, key)
+        self.hub.record(LOCKED_OUT, username,
+                        f"{locked} locked out for {seconds:g} s after {failures} failed logons")
 
 
 def _index_after(recent: deque[JournalEvent], after: int) -> int:

@@ -234,6 +234,16 @@ class StateStore:
         for change, index in zip(changes, journal_rows, strict=True):
             change.event_id = rowids[index]
 
+    def append_event(self, time: float, username: str, event: str, reason: str,
+                     session_id: int = 0) -> JournalEvent:
+        """A journal row that is no session change (a failed logon, a
+        lockout): session_id 0, no states. Raises StateWriteError."""
+        [rowid] = self._transaction([(
+            "INSERT INTO events (time, session_id, username, event, old_state, new_state, "
+            "reason) VALUES (?, ?, ?, ?, NULL, NULL, ?)",
+            (time, session_id, username, event, reason[:500]))])
+        return JournalEvent(rowid, time, session_id, username, event, None, None, reason[:500])
+
     def events_after(self, after: int, limit: int = 1000) -> list[JournalEvent]:
         rows = self._db.execute(
             "SELECT id, time, session_id, username, event, old_state, new_state, reason "

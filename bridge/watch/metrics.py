@@ -4,16 +4,29 @@ The components count in plain ``Counter`` dicts as they work (a dict
 increment is all the hot path pays); this collector reads them, and the
 live state (sessions, connections, calls waiting), when Prometheus
 scrapes; prometheus-client formats them.
+
+Names follow Prometheus's conventions: the ``icp_bridge_`` prefix, base
+units in the name (``_seconds``), ``_total`` on counters (added by
+prometheus-client), ``icp_bridge_build_info`` set to 1 with the versions as
+labels, and the process's own metrics under the standard ``process_``
+names from prometheus-client's ProcessCollector.
 """
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
 from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -24,7 +37,7 @@ if TYPE_CHECKING:
     from bridge.rdp.link import RdpServerLink
     from bridge.security.throttle import LogonGuard
     from bridge.sessions.registry import SessionRegistry
-    from bridge.state.journal import EventHub
+    from bridge.state.journal import EventHub, LogonEvents
     from bridge.state.store import StateStore
     from bridge.watch.dbus import SessionNotifier
     from protocols.thrift_server import ThriftServerFactory
@@ -72,7 +85,8 @@ class Metrics:
     def __init__(self, sessions: SessionRegistry, link: RdpServerLink,
                  otsapi: ThriftServerFactory, store: StateStore, journal: EventHub,
                  guard: LogonGuard, launcher: BackendLauncher,
-                 dbus: SessionNotifier | None) -> None:
+                 dbus: SessionNotifier | None, logon_events: LogonEvents | None = None
+                 ) -> None:
         """The parts whose counts and state are exported; the link and the
         store are given observers for the latency histograms."""
         self.sessions = sessions
@@ -83,13 +97,27 @@ class Metrics:
         self.guard = guard
         self.launcher = launcher
         self.dbus = dbus
+        self.logon_events = logon_events
         self.registry = CollectorRegistry(auto_describe=True)
         self.bridged_latency = Latencies(LATENCY_BUCKETS)
         self.state_write_latency = Latencies(WRITE_BUCKETS)
         link.set_latency_observer(self.bridged_latency.observe)
         store.observe_write = lambda seconds: self.state_write_latency.observe("", seconds)
         self.registry.register(_BridgeCollector(self))
-        ProcessCollector(namespace="icp_bridge", registry=self.registry)
+        # The standard process_* names (memory, descriptors, CPU, start time).
+        ProcessCollector(registry=self.registry)
+
+
+def build_info() -> dict[str, str]:
+    """What runs: the package, Python and Twisted versions."""
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return {"version": installed("icp-bridge"), "python": platform.python_version(),
+            "twisted": installed("twisted")}
 
 
 def _counter(name: str, documentation: str, labels: list[str],
@@ -107,9 +135,12 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 class _BridgeCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self.build = build_info()
 
     def collect(self) -> Iterator[Any]:
         parts = self.metrics
+        yield InfoMetricFamily("icp_bridge_build", "The running icp-bridge, Python and "
+                               "Twisted versions (always 1).", value=self.build)
         yield self.metrics.bridged_latency.family(
             "icp_bridge_bridged_call_seconds",
             "Calls from the bridge to the RDP server, until answered or failed.", ["method"])
@@ -118,7 +149,9 @@ class _BridgeCollector(Collector):
         factory = parts.otsapi
         link = parts.link
         yield _counter("icp_bridge_otsapi_calls", "OTS API calls by method and outcome "
-                       "(ok: answered; error: failed in the handler; bad_request: unknown "
+                       "(answered: done; refused: token, permission, no such session; "
+                       "failed: the RDP server failed it or did not answer, or it could "
+                       "not be stored; error: a bug in the handler; bad_request: unknown "
                        "method or undecodable arguments).", ["method", "outcome"],
                        factory.call_counts)
         yield _gauge("icp_bridge_otsapi_calls_in_flight",
@@ -157,6 +190,15 @@ class _BridgeCollector(Collector):
         yield _counter("icp_bridge_backend_starts", "Backends started, by module and outcome "
                        "(ready, or failed to start or become ready).", ["module", "outcome"],
                        parts.launcher.starts)
+        yield _counter("icp_bridge_backend_exits", "Backends that ended, by module and reason "
+                       "(exited: status 0; failed: another status; killed: a signal not the "
+                       "bridge's; stopped: by the bridge; stop_timeout: SIGKILLed after "
+                       "stop_timeout; unknown: adopted, status not known).",
+                       ["module", "reason"], getattr(parts.launcher, "exits", {}))
+        events = parts.logon_events
+        yield _counter("icp_bridge_lockouts", "Lockouts set after failed logons, by what was "
+                       "locked (user, source: a client address).", ["what"],
+                       events.lockouts if events is not None else {})
         yield _counter("icp_bridge_state_write_failures",
                        "State transactions the disk refused.", [],
                        {(): parts.store.write_failures})

@@ -191,6 +191,11 @@ async def test_healthz_sessions_and_metrics_move_with_what_happens(short_dir: Pa
         opened = await client.call("virtualChannelOpen", token, session_id, "CLIPRDR", False, 0)
         assert opened.pipeName
         assert not (await client.call("logonConnection", "alice", "wrong", "")).success
+        # Refused (no such session) and failed (the RDP server fails it) apart.
+        assert not (await client.call("querySessionInformation", token, 999, 5)).returnValue
+        peer.refuse.add("OtsApiVirtualChannelOpenRequest")
+        failed = await client.call("virtualChannelOpen", token, session_id, "CLIPRDR", False, 0)
+        assert failed.pipeName == ""
         client.close()
 
         code, body, _ = await get(port, "/healthz")
@@ -202,8 +207,13 @@ async def test_healthz_sessions_and_metrics_move_with_what_happens(short_dir: Pa
         assert row["client_address"] and row["since"] >= row["connect_time"]
 
         after = samples((await get(port, "/metrics"))[1].decode())
-        assert after["icp_bridge_otsapi_calls_total", (("method", "ping"),
-                                                       ("outcome", "ok"))] == 3
+        calls = "icp_bridge_otsapi_calls_total"
+        assert after[calls, (("method", "ping"), ("outcome", "answered"))] == 3
+        assert after[calls, (("method", "logonConnection"), ("outcome", "refused"))] == 1
+        assert after[calls, (("method", "querySessionInformation"),
+                             ("outcome", "refused"))] == 1
+        assert after[calls, (("method", "virtualChannelOpen"), ("outcome", "answered"))] == 1
+        assert after[calls, (("method", "virtualChannelOpen"), ("outcome", "failed"))] == 1
         assert after["icp_bridge_rdp_server_connected", ()] == 1
         assert after["icp_bridge_sessions", (("state", "active"),)] == 1
         assert after["icp_bridge_logons_total", (("kind", "rdp"), ("outcome", "ok"))] == 1
@@ -214,13 +224,13 @@ async def test_healthz_sessions_and_metrics_move_with_what_happens(short_dir: Pa
         assert after["icp_bridge_icp_calls_total", (
             ("direction", "from_rdp_server"), ("method", "LogonUser"), ("outcome", "ok"))] == 1
         assert after["icp_bridge_bridged_call_seconds_count", (
-            ("method", "OtsApiVirtualChannelOpen"),)] == 1
+            ("method", "OtsApiVirtualChannelOpen"),)] == 2
         assert after["icp_bridge_backend_starts_total", (("module", "xsession"),
                                                          ("outcome", "ready"))] == 1
         assert after["icp_bridge_state_write_seconds_count", ()] > \
             before["icp_bridge_state_write_seconds_count", ()]
         assert after["icp_bridge_event_journal_last_id", ()] == journal_ids(bridge)[-1]
-        assert after["icp_bridge_process_open_fds", ()] > 0
+        assert after["process_open_fds", ()] > 0
 
         # A connection the bridge closes is counted by reason.
         junk = socket.create_connection(("127.0.0.1", bridge.thrift_port), timeout=20)

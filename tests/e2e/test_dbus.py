@@ -85,6 +85,9 @@ async def test_the_signals_ogon_sends_in_order(short_dir: Path, bus: str) -> Non
         assert bridge.service.registry.by_connection(2).session_id == session_id
         client = BlockingClient(bridge.thrift_port)
         token = (await client.call("logonConnection", "alice", "alice-pw", "")).authToken
+        # A failed logon is a journal event of session 0, and no notification.
+        assert not (await client.call("logonConnection", "alice", "wrong", "")).success
+        assert bridge.service.store.events_after(0, 1000)[-1].event == "logon-failed"
         assert await client.call("logoffSession", token, session_id, True)
         client.close()
         assert await heard == [
