@@ -55,6 +55,7 @@ from bridge.sessions.properties import OGON_DEFAULTS, ChannelPolicy, PropertyTab
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub, LogonEvents
 from bridge.state.store import StateStore, restore, state_database
+from bridge.watch.actions import SessionActionRoutes
 from bridge.watch.admin import EventsResource, HealthResource, admin_site
 from bridge.watch.dbus import SessionNotifier
 from bridge.watch.metrics import Metrics
@@ -210,8 +211,9 @@ class BridgeService(MultiService):
             health = HealthResource(self.icp_listener, self.thrift_listener, self.link,
                                     self.registry, self.dbus)
             # Real time, not ``clock``: keepalives and stalls are the network's.
-            site, self.admin_events = admin_site(self.tokens, self.registry, self.events,
-                                                 self.metrics.registry, health, reactor)
+            site, self.admin_events = admin_site(
+                self.tokens, self.registry, self.events, self.metrics.registry, health,
+                reactor, SessionActionRoutes(self.tokens, self.registry, self.actions))
             self.admin_listener = ListeningService("admin (HTTP)", config.admin_endpoint, site,
                                                    reactor)
             self.admin_listener.setServiceParent(self)

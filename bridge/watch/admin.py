@@ -32,6 +32,7 @@ from bridge.sessions.model import state_name
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub, Subscription, event_json
 from bridge.state.store import JournalEvent
+from bridge.watch.actions import ACTIONS, SessionActionRoutes
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -94,9 +95,20 @@ class _Authorized(Resource):
 
 
 class SessionsResource(_Authorized):
+    #: POST /sessions/<id>/<action> (bridge.watch.actions), when wired.
+    actions: SessionActionRoutes | None = None
+
+    def render_POST(self, request: Request) -> bytes | int:
+        if self.actions is None:
+            return _json(request, {"error": "no actions here"}, 404)
+        return self.actions.render_POST(request)
+
     def render_GET(self, request: Request) -> bytes:
-        if self.authorized(request) is None:
+        record = self.authorized(request)
+        if record is None:
             return self.refuse(request)
+        if any(request.postpath):
+            return _json(request, {"error": "not found"}, 404)
         sessions = []
         for session in sorted(self.registry, key=lambda s: s.session_id):
             sessions.append({
@@ -111,7 +123,11 @@ class SessionsResource(_Authorized):
                 "logon_time": session.logon_time,
                 "shadowing": session.shadowing,
             })
-        return _json(request, {"sessions": sessions,
+        # Who asks and what they may do (the status page shows its buttons).
+        caller = {"user": record.username, "permission": record.permission,
+                  "actions": [name for name, flag in ACTIONS.items()
+                              if record.permission & flag]}
+        return _json(request, {"sessions": sessions, "caller": caller,
                                "last_event_id": self.journal.last_id})
 
 
@@ -320,14 +336,17 @@ class AdminSite(Site):
 
 
 def admin_site(tokens: TokenStore, registry: SessionRegistry, journal: EventHub,
-               metrics: CollectorRegistry, health: HealthResource, clock: IReactorTime
-               ) -> tuple[Site, EventsResource]:
+               metrics: CollectorRegistry, health: HealthResource, clock: IReactorTime,
+               actions: SessionActionRoutes | None = None) -> tuple[Site, EventsResource]:
     """The admin endpoint's site and its /events resource (which the service
-    starts and stops). ``clock`` (real time) paces the streams' keepalives."""
+    starts and stops). ``clock`` (real time) paces the streams' keepalives;
+    ``actions`` answers POST /sessions/<id>/<action>."""
     root = _Root()
     events = EventsResource(tokens, registry, journal, clock)
     root.putChild(b"events", events)
-    root.putChild(b"sessions", SessionsResource(tokens, registry, journal))
+    sessions = SessionsResource(tokens, registry, journal)
+    sessions.actions = actions
+    root.putChild(b"sessions", sessions)
     root.putChild(b"metrics", MetricsResource(metrics))
     root.putChild(b"healthz", health)
     site = AdminSite(root, timeout=60)

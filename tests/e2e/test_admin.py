@@ -146,7 +146,9 @@ async def test_events_and_sessions_need_a_query_information_token(short_dir: Pat
                 assert headers.getRawHeaders(b"www-authenticate") == [b'Bearer realm="icp-bridge"']
                 assert b"QUERY_INFORMATION" in body
         code, body, _ = await get(bridge.admin_port, "/sessions", full)
-        assert code == 200 and json.loads(body) == {"sessions": [], "last_event_id": 0}
+        assert code == 200
+        assert {k: v for k, v in json.loads(body).items() if k != "caller"} == {
+            "sessions": [], "last_event_id": 0}
         code, body, _ = await get(bridge.admin_port, "/events?after=x", full)
         assert code == 400
         code, body, _ = await get(bridge.admin_port, "/nothing-here", full)
