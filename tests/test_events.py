@@ -146,8 +146,8 @@ class EventHubTests(SynchronousTestCase):
         assert subscriber.ids == list(range(1, 13))
         failed, locked = subscriber.events[5], subscriber.events[6]
         assert (failed.session_id, failed.event, failed.username, failed.reason) == (
-            0, "logon-failed", "bob", "failed logon from the RDP server from 192.0.2.7 (3 in "
-                                      "a row)")
+            0, "logon-failed", "bob", "failed logon from the RDP server from 192.0.2.7, 3 in "
+                                      "a row")
         assert (locked.event, locked.reason) == (
             "locked-out", "client address 192.0.2.7 locked out for 900 s after 10 failed "
                           "logons")

@@ -215,7 +215,7 @@ class LogonEvents:
         where = _LOGON_KINDS.get(kind, kind)
         address = f" from {source}" if source else ""
         self.hub.record(LOGON_FAILED, username,
-                        f"failed logon {where}{address} ({failures} in a row)")
+                        f"failed logon {where}{address}, {failures} in a row")
 
     def locked_out(self, username: str, source: str, key: str, seconds: float,
                    failures: int) -> None:

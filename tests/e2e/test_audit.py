@@ -122,9 +122,9 @@ async def test_failed_logons_and_lockouts_are_journal_events_of_session_0(
         assert [(e["event"], e["username"]) for e in events] == [
             ("logon-failed", "bob"), ("logon-failed", "bob"), ("locked-out", "bob")]
         assert events[0]["reason"] == \
-            "failed logon from the RDP server from 192.0.2.10 (1 in a row)"
+            "failed logon from the RDP server from 192.0.2.10, 1 in a row"
         assert events[1]["reason"] == \
-            "failed logon through the OTS API from 127.0.0.1 (2 in a row)"
+            "failed logon through the OTS API from 127.0.0.1, 2 in a row"
         assert events[2]["reason"] == "user bob locked out for 900 s after 2 failed logons"
         assert events[0]["old_state"] is None and events[0]["new_state_name"] is None
         stored = [e for e in journal(bridge) if e.session_id == 0]
