@@ -1,6 +1,7 @@
 """The ``icp-bridge`` command: ``users``, ``ctl``, ``peer``, ``backend`` and
-``state``, one module each (``ctl events`` in ``events``); ``main`` is the
-console script's entry point.
+``state``, one module each (``ctl events`` in ``events``; what ctl prints
+in ``decode``, its connection in ``otsclient``); ``main`` is the console
+script's entry point.
 
 (The service itself runs under twistd: ``twistd -n icp-bridge``.)
 

@@ -4,6 +4,8 @@
   semantics: check the token, ask the lifecycle or the RDP server, answer
   the method's failure value (logged) when anything refuses.
 - ``session_info``: querySessionInformation's answer for each WTS_INFO_CLASS.
+- ``actions``: SessionActions, logoff, disconnect and message as ogon does
+  them, saying who asked; the admin endpoint's routes use them too.
 
 The Thrift server protocol itself is ``protocols.thrift_server``.
 

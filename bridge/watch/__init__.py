@@ -3,6 +3,8 @@
 - ``admin``: the admin HTTP endpoint (twisted.web): ``/events`` (the journal
   as Server-Sent Events), ``/sessions``, ``/metrics``, ``/healthz`` and the
   status page (``status.html``, one file, no build step).
+- ``actions``: the admin endpoint's ``POST /sessions/<id>/<action>`` routes
+  (logoff, disconnect, message), on the OTS API's SessionActions.
 - ``metrics``: the Prometheus collector, reading the counters the parts keep.
 - ``dbus``: ogon's SessionNotification signals on the system bus.
 

@@ -103,7 +103,7 @@ async def test_the_page_follows_a_logon_and_a_logoff_and_says_when_the_bridge_is
             browser.wait_until,
             f"!{row(alice)} && document.getElementById('events').innerText.includes("
             f"'session {alice} ended')")
-        assert f"logged off through the OTS API by alice from 127.0.0.1" in text
+        assert "logged off through the OTS API by alice from 127.0.0.1" in text
 
         # The bridge goes away: the page says since when, and keeps what it had.
         site = bridge.service.admin_listener.factory
