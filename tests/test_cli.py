@@ -85,3 +85,12 @@ def test_decoded_values() -> None:
     assert text is not None and text[:4] in ("1970", "1969") and text[-6] in "+-"
     assert [duration(s) for s in (None, 5, 59, 60, 125 * 60, 7200, 90000, 86400)] == [
         None, "5 s", "59 s", "1 min", "2 h 5 min", "2 h", "1 d 1 h", "1 d"]
+
+
+def test_a_token_that_begins_with_a_dash_is_a_value() -> None:
+    args = build_parser().parse_args(["ctl", "--token=-abc", "ping"])
+    assert args.token == "-abc"
+    # As an operator types it: --token, then the token.
+    code, _, err = run(["ctl", "--plain", "--port", "1", "--token", "-abc", "--timeout",
+                        "1", "ping"])
+    assert "expected one argument" not in err and code == 3, err

@@ -43,12 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _token_value_attached(argv: list[str]) -> list[str]:
+    """``--token VALUE`` as ``--token=VALUE``: a token may begin with "-"
+    (one in 64 do), which argparse would take for an option."""
+    for i, word in enumerate(argv[:-1]):
+        if word == "--token":
+            return [*argv[:i], f"--token={argv[i + 1]}", *argv[i + 2:]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from thrift.Thrift import TException
 
     from bridge.cli.otsclient import CtlError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_token_value_attached(
+        list(sys.argv[1:] if argv is None else argv)))
     where = " ".join(filter(None, ("icp-bridge", args.command, getattr(args, "call", None))))
     try:
         return int(args.func(args))
