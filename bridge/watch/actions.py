@@ -137,9 +137,13 @@ class SessionActionRoutes:
         actor = Actor(record.username, VIA, getattr(request.getClientAddress(), "host", ""))
         self.log.info("{action} of session {session_id} asked {who}", action=action,
                       session_id=session_id, who=actor.describe())
+        # The client may go before the answer: the action happens regardless.
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
         d = maybeDeferred(run, actions, session, actor)
         d.addCallbacks(self._done, self._failed, callbackArgs=(request, action, session_id),
                        errbackArgs=(request, action, session_id))
+        d.addCallback(lambda body: None if gone else self._finish(request, body))
         return NOT_DONE_YET
 
     def _prepare(self, action: str, body: dict[str, Any]
@@ -162,7 +166,7 @@ class SessionActionRoutes:
             session, title, text, style, timeout, wait, actor)
 
     def _done(self, result: bool | int, request: Request, action: str, session_id: int
-              ) -> None:
+              ) -> bytes:
         value: dict[str, Any] = {"ok": bool(result), "session_id": session_id,
                                  "action": action}
         if action == "message":
@@ -170,23 +174,19 @@ class SessionActionRoutes:
         code = 200 if result else 502
         if not result:
             value["error"] = "the RDP server did not do it (the bridge's log says why)"
-        self._finish(request, _answer(request, value, code))
+        return _answer(request, value, code)
 
     def _failed(self, failure: Failure, request: Request, action: str, session_id: int
-                ) -> None:
+                ) -> bytes:
         if failure.check(NoClientError):
-            body = _answer(request, {"ok": False, "session_id": session_id, "action": action,
-                                     "error": str(failure.value)}, 409)
-        else:
-            self.log.failure("{action} of session {session_id} failed", failure,
-                             action=action, session_id=session_id)
-            body = _answer(request, {"ok": False, "error": "internal error"}, 500)
-        self._finish(request, body)
+            return _answer(request, {"ok": False, "session_id": session_id,
+                                     "action": action, "error": str(failure.value)}, 409)
+        self.log.failure("{action} of session {session_id} failed", failure,
+                         action=action, session_id=session_id)
+        return _answer(request, {"ok": False, "error": "internal error"}, 500)
 
     @staticmethod
     def _finish(request: Request, body: bytes) -> None:
-        if request.finished or request._disconnected:
-            return  # the client went; the action happened regardless
         request.write(body)
         request.finish()
 

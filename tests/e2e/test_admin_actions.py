@@ -5,16 +5,19 @@ the action's OTS API flag, and the journal saying who."""
 from __future__ import annotations
 
 import json
+import socket
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.logger import capturedLogs
 from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 
-from bridge.sessions.model import ConnectState
+from bridge.sessions.model import ConnectState, SessionChange, SessionEvent
 from tests.conftest import BridgeUnderTest, start_bridge
 from tests.e2e.otsapi_client import BlockingClient
 from tests.e2e.sse import _Body, get
@@ -134,5 +137,37 @@ async def test_without_the_flag_or_a_bearer_header_nothing_happens(short_dir: Pa
         assert code == 415
         assert (await get(port, f"/sessions/{session_id}/logoff", full))[0] == 404
         assert bridge.service.registry.get(session_id).state is ConnectState.ACTIVE
+    finally:
+        await bridge.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_goes_before_the_answer_does_not_stop_the_action(
+        short_dir: Path) -> None:
+    bridge = await start_bridge(short_dir)
+    try:
+        peer = await bridge.peer()
+        await peer.logon(1, "alice", "alice-pw")
+        session_id = bridge.service.registry.by_connection(1).session_id
+        full = await token_of(bridge, "alice", "alice-pw")
+        peer.hold = True  # the RDP server answers LogoffUserSession only when released
+        seen = peer.requests_count
+        raw = socket.create_connection(("127.0.0.1", bridge.admin_port), timeout=20)
+        raw.sendall(f"POST /sessions/{session_id}/logoff HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Authorization: Bearer {full}\r\nContent-Length: 0\r\n\r\n".encode())
+        await peer.when_requests_seen(seen + 1)
+        raw.close()
+        ended: Deferred[None] = Deferred()
+
+        def watch(change: SessionChange) -> None:
+            if change.event is SessionEvent.ENDED and not ended.called:
+                ended.callback(None)
+
+        bridge.service.registry.observe(watch)
+        with capturedLogs() as logged:
+            peer.release()
+            await ended
+        assert bridge.service.registry.get(session_id) is None
+        assert not [e for e in logged if e.get("log_failure") is not None]
     finally:
         await bridge.stop()
