@@ -60,10 +60,12 @@ class Ctl:
         return OtsClient(self.target)
 
     def why_refused(self, method: str, session_id: int | None = None,
-                    flag: Permission | None = None) -> CtlError:
+                    flag: Permission | None = None, otherwise: str | None = None
+                    ) -> CtlError:
         """Why the bridge answered ``method`` with its failure value, as far
         as the OTS API lets us tell (it answers no reasons; the bridge's log
-        has them)."""
+        has them); ``otherwise`` when neither the token nor the session is
+        the reason."""
         client, auth = self.client, self.token()
         flags = client.getPermissionForToken(auth)
         if not flags:
@@ -82,6 +84,8 @@ class Ctl:
         if session_id is not None and sessions is not None \
                 and sessions[session_id].connectState == ConnectState.DISCONNECTED:
             return CtlError(f"{method}: session {session_id} is Disconnected (no client)")
+        if otherwise is not None:
+            return CtlError(f"{method}: {otherwise}")
         return CtlError(f"{method} failed: the bridge refused it or the RDP server did not "
                         f"do it (the bridge's log says why)")
 
@@ -281,12 +285,13 @@ def _ctl_query(ctl: Ctl, args: argparse.Namespace) -> tuple[Any, str, int]:
             lines += [f"  {key}: {text(item)}" for key, item in value.items()]
         else:
             lines.append(f"{name}: {text(value)}")
+    not_answered = f"not answered for session {args.session}: {', '.join(missing)} (no " \
+                   f"client attached, or a class the bridge does not answer)"
     if len(missing) == len(classes):
         raise ctl.why_refused("querySessionInformation", args.session,
-                              Permission.QUERY_INFORMATION)
+                              Permission.QUERY_INFORMATION, otherwise=not_answered)
     if missing:
-        lines.append(f"not answered for session {args.session}: {', '.join(missing)} (no "
-                     f"client attached, or a class the bridge does not answer)")
+        lines.append(not_answered)
     return {"session_id": args.session, "info": results}, "\n".join(lines), 1 if missing else 0
 
 

@@ -156,6 +156,8 @@ async def test_query_prints_decoded_values(short_dir: Path) -> None:
                                    "IdleTime")
         assert code == 1
         assert "UserName: alice" in out and "IdleTime: - (not answered)" in out
+        _, err, code = await ctl(bridge, token, "query", str(session_id), "IdleTime")
+        assert code == 1 and f"not answered for session {session_id}: IdleTime" in err
     finally:
         await bridge.stop()
 
