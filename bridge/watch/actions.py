@@ -67,6 +67,8 @@ def _bearer(request: Request) -> str | None:
 
 def _body(request: Request) -> dict[str, Any]:
     raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+    if len(raw) > MAX_BODY:
+        raise BadRequestError(f"413 the body is over {MAX_BODY // 1024} KiB")
     if not raw.strip():
         return {}
     kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()

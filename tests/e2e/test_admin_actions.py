@@ -135,6 +135,9 @@ async def test_without_the_flag_or_a_bearer_header_nothing_happens(short_dir: Pa
         code, answer = await post(port, f"/sessions/{session_id}/logoff", full, b"wait=1",
                                   headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert code == 415
+        code, answer = await post(port, f"/sessions/{session_id}/message", full,
+                                  {"text": "x" * 70_000})
+        assert code == 413 and answer["error"] == "the body is over 64 KiB"
         assert (await get(port, f"/sessions/{session_id}/logoff", full))[0] == 404
         assert bridge.service.registry.get(session_id).state is ConnectState.ACTIVE
     finally:
