@@ -116,6 +116,9 @@ class Config:
     properties: dict[str, PropertyValue] = field(default_factory=dict)
     user_properties: dict[str, dict[str, PropertyValue]] = field(default_factory=dict)
     modules: dict[str, Module] = field(default_factory=default_modules)
+    # A desktop never runs as uid 0 (a users-file or PAM user whose system
+    # account is root) unless this allows it.
+    allow_root_desktops: bool = False
 
     def validate(self) -> None:
         if self.authenticator not in ("users-file", "pam"):
@@ -158,6 +161,12 @@ def _number(key: str, value: Any, positive: bool = True) -> float:
 def _integer(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{key}: expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {type(value).__name__}")
     return value
 
 
@@ -287,6 +296,7 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "channels_allow": _string_list("channel names"), "channels_deny": _string_list("channel names"),
     "properties": _property_table, "user_properties": _user_properties,
     "modules": _modules,
+    "allow_root_desktops": _boolean,
 }
 assert set(_CHECKERS) == {f.name for f in dataclasses.fields(Config)}, "every option is checked"
 

@@ -157,7 +157,8 @@ class BridgeService(MultiService):
         self.guard.observers.append(self.logon_events)
         # Real time, not ``clock``: readiness and stop timeouts wait on processes.
         self.launcher = launcher or BackendLauncher(
-            reactor, reactor, config.pipe_dir, config.state_dir / "backends")
+            reactor, reactor, config.pipe_dir, config.state_dir / "backends",
+            allow_root=config.allow_root_desktops)
         self.link = RdpServerLink(
             {}, clock, config.call_timeout, config.max_icp_frame, config.allowed_peer_uids,
             max_send_frame=config.max_icp_send, handshake_timeout=config.icp_handshake_timeout,

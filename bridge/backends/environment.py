@@ -84,3 +84,35 @@ def environment(module: Module, context: LaunchContext, account: Account,
     env.update(dict(context.environment_add))
     env.update({key: value.format(**values) for key, value in module.environment.items()})
     return env
+
+
+#: Linux's MAX_ARG_STRLEN: no argument or NAME=value may be longer (E2BIG).
+MAX_ARG_STRLEN = 32 * 4096
+
+
+def exec_problem(argv: list[str], env: Mapping[str, str]) -> str | None:
+    """Why exec would refuse this command line and environment (a NUL in a
+    string, a string or all of them too long, text the file system
+    encoding cannot carry), said for the log; None when it would not. Asked
+    before a spawn, so that a value a client chose (a typed user name, a
+    client name) makes a clear log line, not a traceback from the child."""
+    total = 0
+    for name in env:
+        if not name or "=" in name:
+            return f"environment variable {name[:64]!r} is not a name"
+    items = [(f"argument {n}", arg) for n, arg in enumerate(argv)] + [
+        (f"environment variable {name[:64]!r}", f"{name}={value}") for name, value in env.items()]
+    for what, text in items:
+        try:
+            encoded = os.fsencode(text)
+        except UnicodeError:
+            return f"{what} cannot be encoded"
+        if b"\0" in encoded:
+            return f"{what} holds a NUL character"
+        if len(encoded) + 1 > MAX_ARG_STRLEN:
+            return f"{what} is {len(encoded)} bytes (at most {MAX_ARG_STRLEN - 1})"
+        total += len(encoded) + 1 + 8  # and its pointer
+    limit = os.sysconf("SC_ARG_MAX")
+    if total > limit:
+        return f"arguments and environment are {total} bytes (at most {limit})"
+    return None

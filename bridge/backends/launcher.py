@@ -42,7 +42,13 @@ from bridge.backends.endpoint import (
     remove_if_same,
     start_mark,
 )
-from bridge.backends.environment import Account, environment, own_account, placeholders
+from bridge.backends.environment import (
+    Account,
+    environment,
+    exec_problem,
+    own_account,
+    placeholders,
+)
 from bridge.backends.modules import BackendError, LaunchContext, Module, pipe_file
 from bridge.backends.output import OutputFollower
 from bridge.sessions.model import BackendRecord
@@ -234,12 +240,14 @@ class BackendLauncher:
 
     def __init__(self, reactor: Any, clock: IReactorTime, pipe_dir: Path, log_dir: Path,
                  as_root: bool | None = None,
-                 spawn: Callable[..., Any] | None = None) -> None:
+                 spawn: Callable[..., Any] | None = None, allow_root: bool = False) -> None:
+        """``allow_root``: desktops may run as uid 0."""
         self.reactor = reactor
         self.clock = clock
         self.pipe_dir = pipe_dir
         self.log_dir = log_dir
         self.as_root = os.geteuid() == 0 if as_root is None else as_root
+        self.allow_root = allow_root
         self._spawn = spawn or self._spawn_process
         self._backends: dict[int, Backend] = {}
         self._poll: Any = None
@@ -269,6 +277,14 @@ class BackendLauncher:
         except (KeyError, ValueError):
             raise BackendError(f"no system account {name[:64]!r} to run {module.name} "
                                f"as") from None
+        if entry.pw_uid == 0 and module.user == "session" and context.username \
+                and not self.allow_root:
+            # A users-file or PAM user whose system account is root (toor):
+            # a desktop as root is the operator's decision (allow_root_desktops,
+            # or a module's own ``user``), never a side effect of a user name.
+            raise BackendError(f"{module.name} for user {context.username[:64]!r} would run as "
+                               f"{entry.pw_name} (uid 0): refused; set allow_root_desktops = "
+                               f"true to allow desktops as root")
         return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
 
     def _spawn_process(self, protocol: ProcessProtocol, executable: str, args: list[str],
@@ -308,6 +324,9 @@ class BackendLauncher:
         if "/" not in argv[0] and shutil.which(argv[0], path=env["PATH"]) is None:
             raise BackendError(f"module {module.name}: command {argv[0]!r} not found in PATH "
                                f"({env['PATH']})")
+        problem = exec_problem(argv, env)
+        if problem is not None:
+            raise BackendError(f"module {module.name}: not started: {problem}")
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = self.log_dir / f"session-{context.session_id}-{module.name}.log"
         try:

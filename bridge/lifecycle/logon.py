@@ -14,7 +14,7 @@ from bridge.lifecycle.ending import SessionEnding
 from bridge.lifecycle.policies import SessionPolicies
 from bridge.lifecycle.runner import BackendRunner
 from bridge.lifecycle.runtime import LogonAnswer, SessionRuntime, stored
-from bridge.security.auth import Identity
+from bridge.security.auth import Identity, is_user_name
 from bridge.security.token_files import SessionTokenFiles
 from bridge.sessions.model import ClientInfo, Session, StateWriteError
 from bridge.sessions.registry import SessionRegistry
@@ -105,8 +105,22 @@ class Logon:
         await self._backend_ready(session, backend, identity)
         return self.runner.answer_for(session)
 
+    def _typed(self, connection_id: int, what: str, text: str) -> str:
+        """What the client typed, for the greeter's environment (OGON_USER,
+        OGON_DOMAIN); "" when it is no name (a NUL or another control
+        character, over 256 characters), which would fail the greeter's exec."""
+        if not text or is_user_name(text):
+            return text
+        self.log.warn("connection {connection_id}: the typed {what} is not a name ({length} "
+                      "characters{nul}); the greeter starts without it",
+                      connection_id=connection_id, what=what, length=len(text),
+                      nul=", a NUL among them" if "\0" in text else "")
+        return ""
+
     async def _greeter_logon(self, connection_id: int, client: ClientInfo, typed_user: str,
                              typed_domain: str) -> LogonAnswer:
+        typed_user = self._typed(connection_id, "user name", typed_user)
+        typed_domain = self._typed(connection_id, "domain", typed_domain)
         max_width, max_height = self.runner.max_size("")
         client = self._clamped(client, max_width, max_height)
         with stored():

@@ -74,8 +74,11 @@ class StandInRdpServer:
 
     def __init__(self, reactor: Any, answer_delay: float = 0.0,
                  call_timeout: float = icp.DEFAULT_CALL_TIMEOUT,
-                 pipe_dir: Path | None = None) -> None:
+                 pipe_dir: Path | None = None,
+                 max_send_frame: int = icp.DEFAULT_MAX_SEND_FRAME) -> None:
         self.reactor = reactor
+        # ogon's RDP server sends what it reads (32 KiB); an attack sends more.
+        self.max_send_frame = max_send_frame
         self.answer_delay = answer_delay
         self.call_timeout = call_timeout
         # With a pipe directory, connect to each backend endpoint, as ogon does.
@@ -101,7 +104,8 @@ class StandInRdpServer:
 
     def build_protocol(self) -> icp.IcpProtocol:
         self.protocol = icp.IcpProtocol(self.handlers(), clock=self.reactor, initiator=True,
-                                        call_timeout=self.call_timeout)
+                                        call_timeout=self.call_timeout,
+                                        max_send_frame=self.max_send_frame)
         return self.protocol
 
     async def connect(self, endpoint: str) -> icp.IcpProtocol:

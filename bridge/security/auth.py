@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from bridge.security.accounts import SHADOW, account_problem
 from bridge.security.permissions import USER, level_name, level_value
 
 if TYPE_CHECKING:
@@ -255,12 +256,15 @@ class UsersFileAuthenticator:
 
     log = Logger()
 
-    def __init__(self, path: Path, run_blocking: BlockingRunner = _run_here) -> None:
+    def __init__(self, path: Path, run_blocking: BlockingRunner = _run_here,
+                 shadow: Path = SHADOW) -> None:
         self.path = path
         self._run_blocking = run_blocking
         self._users: dict[str, UserEntry] = {}
         self._stamp: tuple[int, int] | None = None
         self._dummy_hash = dummy_hash(SCRYPT_N)
+        self.shadow = shadow
+        self._warned_shadow = False
 
     def users(self) -> dict[str, UserEntry]:
         try:
@@ -280,15 +284,41 @@ class UsersFileAuthenticator:
         return self._users
 
     def authenticate(self, username: str, password: str, domain: str) -> Deferred[Identity | None]:
+        """Fires with the Identity when the password is right and the user's
+        system account (if there is one) may log on, as PAM's account stage
+        would decide: not locked, not expired (``bridge.security.accounts``)."""
         entry = self.users().get(username)
         encoded = entry.password_hash if entry is not None else self._dummy_hash
 
-        def checked(ok: bool) -> Identity | None:
-            if ok and entry is not None:
-                return Identity(username, domain, entry.permission)
-            return None
+        def checked(outcome: tuple[bool, str | None, str | None]) -> Identity | None:
+            ok, problem, unreadable = outcome
+            if unreadable is not None and not self._warned_shadow:
+                self._warned_shadow = True
+                self.log.warn("cannot read {path} ({error}): users-file logons of locked or "
+                              "expired system accounts are not refused (the bridge must run "
+                              "as root to read it)", path=str(self.shadow), error=unreadable)
+            if not ok or entry is None:
+                return None
+            if problem is not None:
+                self.log.warn("logon of user {username} refused: {why}", username=username,
+                              why=problem)
+                return None
+            return Identity(username, domain, entry.permission)
 
-        return self._run_blocking(verify_password, password, encoded).addCallback(checked)
+        return self._run_blocking(self._check, username, password, encoded,
+                                  entry is not None).addCallback(checked)
+
+    def _check(self, username: str, password: str, encoded: str, known: bool
+               ) -> tuple[bool, str | None, str | None]:
+        """In a thread: the password, then (only for a right one: no oracle
+        for guessers) the system account. Returns (password right, why the
+        account may not log on, why the shadow file could not be read)."""
+        if not verify_password(password, encoded) or not known:
+            return False, None, None
+        try:
+            return True, account_problem(username, self.shadow), None
+        except OSError as e:
+            return True, None, e.strerror or str(e)
 
 
 #: Where ogon looks for its PAM service file.
