@@ -238,7 +238,10 @@ class _Launcher:
     def adopt(self, *args: Any) -> None:
         return None
 
-    def kill_orphan(self, *args: Any) -> None:
+    def kill_orphan(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def stop_unowned(self, *args: Any) -> None:
         pass
 
     def close(self) -> None:

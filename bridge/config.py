@@ -39,6 +39,22 @@ def default_users_file() -> Path:
     return Path(base) / "icp-bridge" / "users"
 
 
+def backend_log_directory(config: Config) -> Path:
+    """Where backends' output files go: ``backend_log_dir``, else a
+    directory off the state database's filesystem, so that output can never
+    fill the disk the state is written to: /run/icp-bridge/backends as root
+    (a tmpfs), $XDG_RUNTIME_DIR/icp-bridge/backends otherwise, and only
+    without either <state_dir>/backends."""
+    if config.backend_log_dir is not None:
+        return config.backend_log_dir
+    if _running_as_root():
+        return Path("/run/icp-bridge/backends")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "icp-bridge" / "backends"
+    return config.state_dir / "backends"
+
+
 def default_modules() -> dict[str, Module]:
     """What ogon's defaults start: the Qt greeter (ogon's module.greeter,
     run as the bridge's user as ogon runs it). A desktop module has no
@@ -117,8 +133,18 @@ class Config:
     user_properties: dict[str, dict[str, PropertyValue]] = field(default_factory=dict)
     modules: dict[str, Module] = field(default_factory=default_modules)
     # A desktop never runs as uid 0 (a users-file or PAM user whose system
-    # account is root) unless this allows it.
+    # account is root, or a module's fixed user) unless this allows it.
     allow_root_desktops: bool = False
+    # Backends' stdout/stderr files; None: /run/icp-bridge/backends as root,
+    # else $XDG_RUNTIME_DIR/icp-bridge/backends (see backend_log_directory).
+    backend_log_dir: Path | None = None
+    # Each backend's file is started over past the first, and the largest
+    # ones while all together pass the second.
+    backend_log_max_per_session: int = 8 * 1024 * 1024
+    backend_log_max_total: int = 256 * 1024 * 1024
+    # /healthz is not ok while the state's or the backend logs' filesystem
+    # has less free space than this.
+    min_free_disk: int = 64 * 1024 * 1024
 
     def validate(self) -> None:
         if self.authenticator not in ("users-file", "pam"):
@@ -135,13 +161,19 @@ class Config:
                 raise ConfigError(f"{name}: must be positive")
         for name in ("listen_backlog", "max_connections", "max_calls_per_connection",
                      "max_output_buffer", "max_icp_pending", "max_icp_queued",
-                     "logon_failures_before_delay", "lockout_failures", "password_check_queue"):
+                     "logon_failures_before_delay", "lockout_failures", "password_check_queue",
+                     "backend_log_max_per_session", "backend_log_max_total"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
         for name in ("frame_timeout", "first_call_timeout", "tls_handshake_timeout",
                      "idle_timeout", "icp_handshake_timeout", "logon_delay_max", "lockout_time"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be 0 (off) or more seconds")
+        if self.backend_log_max_total < self.backend_log_max_per_session:
+            raise ConfigError("backend_log_max_total: must be at least "
+                              "backend_log_max_per_session")
+        if self.min_free_disk < 0:
+            raise ConfigError("min_free_disk: must be 0 (off) or more bytes")
         for scope, table in [("properties", self.properties),
                              *((f"user_properties.{u}", t)
                                for u, t in self.user_properties.items())]:
@@ -296,7 +328,9 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "channels_allow": _string_list("channel names"), "channels_deny": _string_list("channel names"),
     "properties": _property_table, "user_properties": _user_properties,
     "modules": _modules,
-    "allow_root_desktops": _boolean,
+    "allow_root_desktops": _boolean, "backend_log_dir": _path,
+    "backend_log_max_per_session": _integer, "backend_log_max_total": _integer,
+    "min_free_disk": _integer,
 }
 assert set(_CHECKERS) == {f.name for f in dataclasses.fields(Config)}, "every option is checked"
 

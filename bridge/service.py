@@ -16,7 +16,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from bridge.backends.launcher import BackendLauncher
-from bridge.config import Config
+from bridge.backends.logs import BackendLogs
+from bridge.config import Config, backend_log_directory
 from bridge.endpoints import (
     ListeningService,
     StartupError,
@@ -54,7 +55,7 @@ from bridge.sessions.ogon_config import (
 from bridge.sessions.properties import OGON_DEFAULTS, ChannelPolicy, PropertyTable
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub, LogonEvents
-from bridge.state.store import StateStore, restore, state_database
+from bridge.state.store import SpawnRecords, StateStore, restore, state_database
 from bridge.watch.actions import SessionActionRoutes
 from bridge.watch.admin import EventsResource, HealthResource, admin_site
 from bridge.watch.dbus import SessionNotifier
@@ -157,8 +158,10 @@ class BridgeService(MultiService):
         self.guard.observers.append(self.logon_events)
         # Real time, not ``clock``: readiness and stop timeouts wait on processes.
         self.launcher = launcher or BackendLauncher(
-            reactor, reactor, config.pipe_dir, config.state_dir / "backends",
-            allow_root=config.allow_root_desktops)
+            reactor, reactor, config.pipe_dir,
+            BackendLogs(reactor, reactor, backend_log_directory(config),
+                        config.backend_log_max_per_session, config.backend_log_max_total),
+            ledger=SpawnRecords(self.store), allow_root=config.allow_root_desktops)
         self.link = RdpServerLink(
             {}, clock, config.call_timeout, config.max_icp_frame, config.allowed_peer_uids,
             max_send_frame=config.max_icp_send, handshake_timeout=config.icp_handshake_timeout,
@@ -210,7 +213,9 @@ class BridgeService(MultiService):
         if config.admin_endpoint:
             validate_endpoint(reactor, config.admin_endpoint, "admin_endpoint")
             health = HealthResource(self.icp_listener, self.thrift_listener, self.link,
-                                    self.registry, self.dbus)
+                                    self.registry, self.dbus,
+                                    [config.state_dir, self.launcher.logs.directory],
+                                    config.min_free_disk)
             # Real time, not ``clock``: keepalives and stalls are the network's.
             site, self.admin_events = admin_site(
                 self.tokens, self.registry, self.events, self.metrics.registry, health,
@@ -381,6 +386,14 @@ class BridgeService(MultiService):
         if path is not None:
             check_directory(path.parent, "icp_endpoint", shared=path.parent == self.config.pipe_dir)
         check_directory(self.config.pipe_dir, "pipe_dir", shared=True)
+        logs = self.launcher.logs
+        logs.prepare()
+        shared = os.stat(logs.directory).st_dev == os.stat(self.config.state_dir).st_dev
+        self.log.info("backends' output in {directory}, at most {per_session} bytes each and "
+                      "{total} in all{shared}", directory=str(logs.directory),
+                      per_session=logs.per_session, total=logs.total,
+                      shared=" (on the state's filesystem: set backend_log_dir to another)"
+                      if shared else "")
 
     def _fd_limits(self) -> None:
         """Raise the descriptor limit, and keep max_connections below it with

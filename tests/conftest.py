@@ -81,6 +81,7 @@ def make_config(base: Path, **overrides: Any) -> Config:
         "users_file": base / "users",
         "token_dir": base / "tokens",
         "pipe_dir": base / "pipes",
+        "backend_log_dir": base / "logs",
         "channels_deny": ["blocked"],
         "properties": {"session.timeout": 30, "ssl.enabled": True, "desktop.name": "xfce"},
         "user_properties": {"alice": {"desktop.name": "kde"}},

@@ -105,8 +105,12 @@ class FakeLauncher:
         self.started.append(backend)
         return backend
 
-    def kill_orphan(self, record: BackendRecord, stop_timeout: float = 5.0) -> None:
+    def kill_orphan(self, record: BackendRecord, stop_timeout: float = 5.0,
+                    session_id: int = 0, why: str = "") -> None:
         self.orphans_killed.append(record)
+
+    def stop_unowned(self, modules: Any) -> None:
+        self.unowned_stopped = True
 
     def close(self) -> None:
         pass

@@ -6,22 +6,29 @@ A backend is started in its own process group (and session), as the
 session's user when the bridge runs as root, with a clean environment
 (WIRE.md section 5). It is *ready* once its endpoint socket appears in the
 pipe directory, made by the backend (see ``bridge.backends.endpoint``:
-decided from the file, never by connecting). Its output goes to a log file under the
-state directory, which the bridge follows and copies into its own log
-(``bridge.backends.output``): a file rather than a pipe, so a backend
-writing after the bridge was killed does not die of SIGPIPE. A backend
-outlives the bridge; a restarted bridge adopts it again by pid and start
-time and watches it with a pidfd.
+decided from the file, never by connecting). Its output goes to a file
+bounded by size (``bridge.backends.logs``), which the bridge follows and
+copies into its own log (``bridge.backends.output``): a file rather than a
+pipe, so a backend writing after the bridge was killed does not die of
+SIGPIPE. Every process is recorded the moment it is spawned
+(``bridge.backends.ledger``). A backend outlives the bridge; a restarted
+bridge adopts it again by pid and start time and watches it with a pidfd,
+and stops the ones no session owns (``bridge.backends.orphans``).
+
+``spawn_backend`` is the one way a backend process comes to be, whatever
+kind of module starts it: its output file, the spawn, the ledger, the
+follower.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import shutil
 import signal
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,35 +56,20 @@ from bridge.backends.environment import (
     own_account,
     placeholders,
 )
+from bridge.backends.ledger import MemoryLedger, SpawnLedger
+from bridge.backends.logs import BackendLogs, LogFile
 from bridge.backends.modules import BackendError, LaunchContext, Module, pipe_file
+from bridge.backends.orphans import Orphans, PidfdReader, process_start_ticks, same_process
 from bridge.backends.output import OutputFollower
-from bridge.sessions.model import BackendRecord
+from bridge.sessions.model import BackendRecord, StateWriteError
+
+__all__ = ["Backend", "BackendLauncher", "process_start_ticks"]
 
 #: How often a starting backend's endpoint is looked at, besides inotify's
 #: word that something appeared there.
 READY_PROBE_INTERVAL = 0.1
-#: How often backend log files are read.
-OUTPUT_POLL_INTERVAL = 1.0
 #: Lines kept for the log line of a failed start.
 LAST_LINES = 5
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot),
-    None if there is no such process, or only its zombie is left."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after it.
-    fields = data[data.rfind(b")") + 2:].split()
-    try:
-        if fields[0] in (b"Z", b"X"):
-            return None
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 class _GroupLeaderProcess(process.Process):
@@ -105,26 +97,6 @@ class _Watcher(ProcessProtocol):
         self.backend._exited(how, code, sig)
 
 
-class _PidfdReader:
-    """IReadDescriptor for a pidfd: readable once the process has exited."""
-
-    def __init__(self, fd: int, backend: Backend) -> None:
-        self.fd = fd
-        self.backend = backend
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def doRead(self) -> None:
-        self.backend._exited("exited (adopted after a restart: status unknown)")
-
-    def connectionLost(self, reason: Failure) -> None:
-        pass
-
-    def logPrefix(self) -> str:
-        return "pidfd"
-
-
 class Backend:
     """One backend process, started by this bridge or adopted from a
     previous run. ``when_exited()`` fires with a description of how it ended."""
@@ -142,9 +114,10 @@ class Backend:
         self.last_lines: deque[str] = deque(maxlen=LAST_LINES)
         self._exit_waiters: list[Deferred[str]] = []
         self._process: Any = None
-        self._pidfd: _PidfdReader | None = None
+        self._pidfd: PidfdReader | None = None
         self._kill_call: Any = None
         self._output: OutputFollower | None = None
+        self._output_file: LogFile | None = None
         # What its endpoint must be to count as its own, while it starts;
         # then the (device, inode) of the socket it made.
         self.claim: EndpointClaim | None = None
@@ -178,8 +151,11 @@ class Backend:
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()
         if self._output is not None:
-            self._output.read()
             self._output.close()
+        if self._output_file is not None:
+            self.launcher.logs.release(self._output_file)
+        if not self.launcher.closed:  # else the state is closed: the next run sees it gone
+            self.launcher.ledger.gone(self.record)
         if self.claim is not None:
             # Its socket, if it left it: the name is free for the next start.
             remove_if_same(self.claim.path, self.endpoint_identity)
@@ -203,11 +179,18 @@ class Backend:
             return "unknown"
         return "exited" if code == 0 else "failed"
 
+    def follow_output(self, output: LogFile | None, from_end: bool) -> None:
+        """Copy the backend's output into the bridge's log as it comes."""
+        self._output_file = output
+        if output is not None:
+            self._output = OutputFollower(self, output, self.launcher.clock, from_end)
+            output.on_read = self._output.read
+
     def _signal(self, signum: int) -> None:
         """Signal the backend's process group (its pid, since it leads it)."""
         if not self.running:
             return
-        if self._process is None and process_start_ticks(self.pid) != self.record.start_ticks:
+        if self._process is None and not same_process(self.record):
             self._exited("exited (adopted: pid gone or reused)")
             return
         self._kill_sent = self._kill_sent or signum == signal.SIGKILL
@@ -238,20 +221,25 @@ class BackendLauncher:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, clock: IReactorTime, pipe_dir: Path, log_dir: Path,
-                 as_root: bool | None = None,
-                 spawn: Callable[..., Any] | None = None, allow_root: bool = False) -> None:
-        """``allow_root``: desktops may run as uid 0."""
+    def __init__(self, reactor: Any, clock: IReactorTime, pipe_dir: Path,
+                 logs: BackendLogs | Path, as_root: bool | None = None,
+                 spawn: Callable[..., Any] | None = None,
+                 ledger: SpawnLedger | None = None, allow_root: bool = False) -> None:
+        """``logs``: the backends' output files (a directory: with the
+        default caps). ``ledger``: where spawned processes are recorded
+        (default: in memory). ``allow_root``: desktops may run as uid 0."""
         self.reactor = reactor
         self.clock = clock
         self.pipe_dir = pipe_dir
-        self.log_dir = log_dir
+        self.logs = logs if isinstance(logs, BackendLogs) else BackendLogs(reactor, clock, logs)
         self.as_root = os.geteuid() == 0 if as_root is None else as_root
         self.allow_root = allow_root
+        self.ledger: SpawnLedger = ledger if ledger is not None else MemoryLedger()
+        self.orphans = Orphans(reactor, clock, self.ledger, self.logs)
         self._spawn = spawn or self._spawn_process
         self._backends: dict[int, Backend] = {}
-        self._poll: Any = None
         self._warned_own_user = False
+        self.closed = False
         self._pipes = PipeDirectoryWatch(reactor, pipe_dir)
         # For the metrics: starts by (module, outcome: ready or failed),
         # exits by (module, reason: see Backend._exit_kind).
@@ -327,40 +315,59 @@ class BackendLauncher:
         problem = exec_problem(argv, env)
         if problem is not None:
             raise BackendError(f"module {module.name}: not started: {problem}")
-        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        log_path = self.log_dir / f"session-{context.session_id}-{module.name}.log"
-        try:
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600)
-            null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise BackendError(f"cannot open backend log {log_path}: {e.strerror}") from None
         home = account.home if os.path.isdir(account.home) else "/"
         switch = self.as_root and account.uid != os.geteuid()
         backend = Backend(self, context.session_id, module,
-                          BackendRecord(module.name, 0, 0, endpoint, str(log_path)))
+                          BackendRecord(module.name, 0, 0, endpoint))
         backend.claim = EndpointClaim(pipe_file(self.pipe_dir, endpoint),
                                       account.uid if switch else os.geteuid(), start_mark())
+        self.spawn_backend(backend, argv, env, home, account.uid if switch else None,
+                           account.gid if switch else None)
+        self.log.info("session {session_id}: started {module} (pid {pid}) as {user}: {command}",
+                      session_id=context.session_id, module=module.name, pid=backend.pid,
+                      user=account.name, command=" ".join(argv)[:300])
+        return backend
+
+    def spawn_backend(self, backend: Backend, argv: list[str], env: dict[str, str], path: str,
+                      uid: int | None, gid: int | None) -> None:
+        """Spawn ``backend``'s process: stdin /dev/null, stdout and stderr
+        its output file; recorded in the ledger at once (a bridge killed
+        from here on leaves nothing the next run does not know of), its
+        output followed, its exit watched. Every kind of module's processes
+        come to be here. Raises BackendError (nothing is left running)."""
+        module = backend.module
         try:
-            child = self._spawn(_Watcher(backend), argv[0], argv, env, home,
-                                account.uid if switch else None,
-                                account.gid if switch else None,
+            log_path, log_fd = self.logs.create(backend.session_id, module.name)
+        except OSError as e:
+            raise BackendError(f"cannot create an output file for {module.name} in "
+                               f"{self.logs.directory}: {e.strerror or e}") from None
+        null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            child = self._spawn(_Watcher(backend), argv[0], argv, env, path, uid, gid,
                                 {0: null_fd, 1: log_fd, 2: log_fd})
         except OSError as e:
+            log_path.unlink(missing_ok=True)
             raise BackendError(f"cannot start {argv[0]}: {e.strerror or e}") from None
         finally:
             os.close(log_fd)
             os.close(null_fd)
         backend._process = child
-        backend.record = BackendRecord(module.name, child.pid,
-                                       process_start_ticks(child.pid) or 0, endpoint,
-                                       str(log_path))
-        backend._output = OutputFollower(backend, log_path, self.clock, from_end=True)
+        backend.record = dataclasses.replace(
+            backend.record, pid=child.pid, start_ticks=process_start_ticks(child.pid) or 0,
+            log_path=str(log_path))
+        backend.follow_output(self.logs.attach(log_path, f"session {backend.session_id} "
+                                                         f"{module.name}"), from_end=False)
         self._track(backend)
-        self.log.info("session {session_id}: started {module} (pid {pid}) as {user}: {command}",
-                      session_id=context.session_id, module=module.name, pid=child.pid,
-                      user=account.name, command=" ".join(argv)[:300])
-        return backend
+        try:
+            self.ledger.spawned(backend.session_id, backend.record)
+        except StateWriteError as e:
+            # Not recorded, not run: a bridge killed now would leave it unknown.
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            raise BackendError(f"{module.name} stopped at once: the spawn could not be "
+                               f"recorded ({e})") from None
 
     def _free_endpoint(self, session_id: int, module: Module, endpoint: str) -> str:
         """Clear the endpoint's name before the start: a socket or file
@@ -456,17 +463,18 @@ class BackendLauncher:
 
     def adopt(self, session_id: int, module: Module, record: BackendRecord) -> Backend | None:
         """Watch a backend a previous run started; None if it is gone."""
-        if record.pid <= 0 or process_start_ticks(record.pid) != record.start_ticks:
+        if not same_process(record):
             return None
         try:
             fd = os.pidfd_open(record.pid)
         except OSError:
             return None
         backend = Backend(self, session_id, module, record)
-        backend._pidfd = _PidfdReader(fd, backend)
-        if record.log_path:
-            backend._output = OutputFollower(backend, Path(record.log_path), self.clock,
-                                              from_end=True)
+        backend._pidfd = PidfdReader(
+            fd, lambda: backend._exited("exited (adopted after a restart: status unknown)"))
+        backend.follow_output(self.logs.attach_path(record.log_path, f"session {session_id} "
+                                                                     f"{module.name}"),
+                              from_end=True)
         self._track(backend)
         # An exit between the checks above and now makes the pidfd readable at once.
         self.reactor.addReader(backend._pidfd)
@@ -474,54 +482,53 @@ class BackendLauncher:
                       session_id=session_id, module=module.name, pid=record.pid)
         return backend
 
-    def kill_orphan(self, record: BackendRecord, stop_timeout: float = 5.0) -> None:
-        """Stop a backend a previous run left for a session that is gone."""
-        if record.pid <= 0 or process_start_ticks(record.pid) != record.start_ticks:
-            return
-        for signum, delay in ((signal.SIGTERM, 0.0), (signal.SIGKILL, stop_timeout)):
-            self.clock.callLater(delay, self._kill_if_same, record, signum)
+    def kill_orphan(self, record: BackendRecord, stop_timeout: float = 5.0,
+                    session_id: int = 0, why: str = "its session is gone") -> Deferred[None]:
+        """Stop a backend a previous run left for a session that is gone;
+        fires once it is gone."""
+        return self.orphans.stop(session_id, record, stop_timeout, why)
 
-    @staticmethod
-    def _kill_if_same(record: BackendRecord, signum: int) -> None:
-        if process_start_ticks(record.pid) == record.start_ticks:
-            try:
-                os.killpg(record.pid, signum)
-            except OSError:
-                pass
+    def stop_unowned(self, modules: Mapping[str, Module]) -> None:
+        """After a restart, once the sessions adopted their backends: stop
+        every backend the ledger names that no session owns (a start the
+        last run did not finish, the greeter of a session that ended with
+        it), forget those that are gone, and remove the output files no
+        backend writes to any more."""
+        owned = {(b.record.pid, b.record.start_ticks) for b in self._backends.values()}
+        for session_id, record in self.ledger.recorded():
+            if (record.pid, record.start_ticks) in owned:
+                continue
+            module = modules.get(record.module)
+            self.orphans.stop(session_id, record,
+                              module.stop_timeout if module is not None else 5.0,
+                              "started by the last run, and no session owns it (it was still "
+                              "starting, or its session ended with that run)")
+        self.logs.sweep({Path(b.record.log_path) for b in self._backends.values()})
 
     # -- bookkeeping --------------------------------------------------------------
 
     def _track(self, backend: Backend) -> None:
         self._backends[id(backend)] = backend
-        if self._poll is None:
-            self._poll = self.clock.callLater(OUTPUT_POLL_INTERVAL, self._read_output)
 
     def _forget(self, backend: Backend) -> None:
         self._backends.pop(id(backend), None)
-
-    def _read_output(self) -> None:
-        self._poll = None
-        for backend in list(self._backends.values()):
-            if backend._output is not None:
-                backend._output.read()
-        if self._backends:
-            self._poll = self.clock.callLater(OUTPUT_POLL_INTERVAL, self._read_output)
 
     def running(self) -> list[Backend]:
         return list(self._backends.values())
 
     def close(self) -> None:
-        """Stop following output (the backends themselves keep running)."""
-        if self._poll is not None and self._poll.active():
-            self._poll.cancel()
-        self._poll = None
+        """Stop following output and watching (the backends themselves keep
+        running; a restarted bridge takes them up again)."""
+        self.closed = True
         self._pipes.close()
+        self.orphans.close()
         for backend in list(self._backends.values()):
             if backend._pidfd is not None:
                 self.reactor.removeReader(backend._pidfd)
                 os.close(backend._pidfd.fd)
                 backend._pidfd = None
             if backend._output is not None:
-                backend._output.close()
+                backend._output.read()
                 backend._output = None
-
+            backend._output_file = None
+        self.logs.close()

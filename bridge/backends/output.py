@@ -1,10 +1,9 @@
 """A backend's output, followed: new lines of its log file copied into the
-bridge's log, prefixed with the session, a burst and then a steady rate."""
+bridge's log, prefixed with the session, a burst and then a steady rate.
+(How big the file may grow is ``bridge.backends.logs``'s business.)"""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
@@ -12,12 +11,14 @@ from twisted.logger import Logger
 
 if TYPE_CHECKING:
     from bridge.backends.launcher import Backend
+    from bridge.backends.logs import LogFile
 
 #: Backend output copied into the bridge's log: a burst, then this many a second.
 OUTPUT_BURST = 20
 OUTPUT_RATE = 2.0
-#: A backend log file is emptied once it grows past this (it is followed, not archived).
-OUTPUT_FILE_LIMIT = 1024 * 1024
+#: At most this much is read at each look (the rest is read later, or dropped
+#: when the file is started over first).
+READ_LIMIT = 256 * 1024
 _MAX_LINE = 500
 
 
@@ -30,40 +31,26 @@ class OutputFollower:
 
     log = _output_log
 
-    def __init__(self, backend: Backend, path: Path, clock: IReactorTime,
+    def __init__(self, backend: Backend, file: LogFile, clock: IReactorTime,
                  from_end: bool) -> None:
         self.backend = backend
-        self.path = path
+        self.file = file
         self.clock = clock
-        self._fd: int | None = None
-        self._offset = 0
         self._partial = b""
+        self._restarts = file.restarts
         self._tokens = float(OUTPUT_BURST)
         self._last_refill = clock.seconds()
         self._dropped = 0
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            if from_end:
-                self._offset = os.fstat(self._fd).st_size
-        except OSError:
-            self._fd = None
+        if from_end:
+            file.skip_to_end()
 
     def read(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            size = os.fstat(self._fd).st_size
-            if size < self._offset:  # emptied by us below, or by someone
-                self._offset = 0
-            if size == self._offset:
-                return
-            data = os.pread(self._fd, min(size - self._offset, 256 * 1024), self._offset)
-            self._offset += len(data)
-            if self._offset >= OUTPUT_FILE_LIMIT:
-                # Followed, not archived: start the file over (writers use O_APPEND).
-                os.truncate(self.path, 0)
-                self._offset = 0
-        except OSError:
+        data = self.file.read(READ_LIMIT)
+        if self.file.restarts != self._restarts:
+            # Started over: the partial line before is not continued by this.
+            self._restarts = self.file.restarts
+            self._partial = b""
+        if not data:
             return
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()[-_MAX_LINE:]
@@ -91,9 +78,10 @@ class OutputFollower:
                       module=self.backend.module.name, line=text)
 
     def close(self) -> None:
+        """The backend is gone: what is left of its output, then its last
+        partial line."""
+        self.read()
         if self._partial:
             self._line(self._partial.decode("utf-8", "replace"))
             self._partial = b""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+

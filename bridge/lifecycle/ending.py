@@ -80,7 +80,8 @@ class SessionEnding:
             if backend is not None and backend.running:
                 backend.stop()
             elif session.backend is not None and backend is None and not backend_gone:
-                self.launcher.kill_orphan(session.backend)
+                self.launcher.kill_orphan(session.backend, session_id=session_id,
+                                          why=f"its session ended ({reason})")
         finally:
             self._ending.discard(session_id)
 

@@ -131,10 +131,14 @@ class SessionLifecycle:
     def adopt(self, kept: list[Session], dropped: list[Session]) -> None:
         """After a restart: watch each restored session's backend again, or
         end the session when its backend is gone; stop the backends of
-        greeter sessions that did not survive; schedule session.timeout."""
+        greeter sessions that did not survive, and every other backend the
+        last run spawned that no session owns; schedule session.timeout."""
         for session in dropped:
             if session.backend is not None:
-                self.launcher.kill_orphan(session.backend)
+                module = self.modules.get(session.backend.module)
+                self.launcher.kill_orphan(
+                    session.backend, module.stop_timeout if module is not None else 5.0,
+                    session.session_id, "its session ended with the bridge's restart")
         for session in kept:
             record = session.backend
             module = self.modules.get(record.module) if record is not None else None
@@ -150,6 +154,7 @@ class SessionLifecycle:
             self.runner.watch(session, backend)
             if session.state is ConnectState.DISCONNECTED:
                 self.policies.schedule_timeout(session)
+        self.launcher.stop_unowned(self.modules)
 
     async def shutdown(self) -> None:
         """The bridge stops: greeter sessions end (nothing can resume them);

@@ -49,6 +49,14 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires_at REAL,
     lifetime REAL
 );
+-- Every backend process spawned and not seen exit (bridge.backends.ledger).
+CREATE TABLE IF NOT EXISTS backends (
+    pid INTEGER NOT NULL,
+    start_ticks INTEGER NOT NULL,
+    session_id INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (pid, start_ticks)
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL,
@@ -286,6 +294,45 @@ class StateStore:
                 "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (record.digest, record.username, record.domain, record.permission,
                  record.session_id, record.expires_at, record.lifetime))])
+
+
+class SpawnRecords:
+    """The SpawnLedger of ``bridge.backends.ledger`` in the state database:
+    a row per backend process spawned and not seen exit."""
+
+    log = Logger()
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    def spawned(self, session_id: int, record: BackendRecord) -> None:
+        self.store._transaction([(
+            "INSERT OR REPLACE INTO backends (pid, start_ticks, session_id, data) "
+            "VALUES (?, ?, ?, ?)", (record.pid, record.start_ticks, session_id,
+                                    json.dumps(dataclasses.asdict(record), sort_keys=True)))])
+
+    def gone(self, record: BackendRecord) -> None:
+        try:
+            self.store._transaction([("DELETE FROM backends WHERE pid = ? AND start_ticks = ?",
+                                      (record.pid, record.start_ticks))])
+        except StateWriteError as e:
+            self.log.warn("backend pid {pid} exited, not recorded yet ({error}); the next start "
+                          "will find it gone", pid=record.pid, error=str(e))
+
+    def recorded(self) -> list[tuple[int, BackendRecord]]:
+        found = []
+        for pid, start_ticks, session_id, data in self.store._db.execute(
+                "SELECT pid, start_ticks, session_id, data FROM backends ORDER BY pid"):
+            try:
+                record = BackendRecord(**json.loads(data))
+            except (ValueError, TypeError) as e:
+                # The process is still known by its columns: it is stopped
+                # like any other, never left running for want of its details.
+                self.log.error("backend row (pid {pid}) in {path} does not parse: {error}",
+                               pid=pid, path=str(self.store.path), error=str(e)[:200])
+                record = BackendRecord("unknown", int(pid), int(start_ticks), "")
+            found.append((int(session_id), record))
+        return found
 
 
 def check(path: Path) -> list[str]:

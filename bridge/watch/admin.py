@@ -13,7 +13,9 @@ logged on, do not; the default endpoint listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -33,6 +35,7 @@ from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub, Subscription, event_json
 from bridge.state.store import JournalEvent
 from bridge.watch.actions import ACTIONS, SessionActionRoutes
+from bridge.watch.metrics import disk_free
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -279,27 +282,42 @@ class HealthResource(Resource):
 
     def __init__(self, icp_listener: ListeningService, otsapi_listener: ListeningService,
                  link: RdpServerLink, registry: SessionRegistry,
-                 dbus: SessionNotifier | None) -> None:
+                 dbus: SessionNotifier | None, disk_paths: Sequence[Path] = (),
+                 min_free_disk: int = 0) -> None:
+        """``disk_paths``: directories whose filesystem must keep
+        ``min_free_disk`` bytes free (the state's, the backend logs')."""
         super().__init__()
         self.icp_listener = icp_listener
         self.otsapi_listener = otsapi_listener
         self.link = link
         self.registry = registry
         self.dbus = dbus
+        self.disk_paths = disk_paths
+        self.min_free_disk = min_free_disk
 
     def render_GET(self, request: Request) -> bytes:
         icp = self.icp_listener.port is not None
         otsapi = self.otsapi_listener.port is not None
         notifier = self.dbus
-        return _json(request, {
-            "ok": icp and otsapi,
+        free = disk_free(self.disk_paths)
+        short = [f"{path} has {n} bytes free (min_free_disk is {self.min_free_disk})"
+                 for path, n in free.items() if n < self.min_free_disk]
+        ok = icp and otsapi and not short
+        health = {
+            "ok": ok,
             "icp_listening": icp, "otsapi_listening": otsapi,
             "rdp_server_connected": self.link.ready,
             "sessions": len(self.registry),
             "dbus": "off" if notifier is None else
                     ("connected" if notifier.connected else "not connected"),
             "state_unwritten": self.registry.unwritten,
-        }, 200 if icp and otsapi else 503)
+            "disk_free": free,
+        }
+        if not ok:
+            health["problem"] = "; ".join(
+                (["a listener is not listening"] if not (icp and otsapi) else [])
+                + [f"disk: {line}" for line in short])
+        return _json(request, health, 200 if ok else 503)
 
 
 class StatusPage(Resource):

@@ -14,10 +14,12 @@ names from prometheus-client's ProcessCollector.
 
 from __future__ import annotations
 
+import os
 import platform
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -47,6 +49,19 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    2.5, 5.0, 10.0, 30.0)
 WRITE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                  0.25, 1.0)
+
+
+def disk_free(paths: Iterable[Path]) -> dict[str, int]:
+    """Bytes free for unprivileged writers on the filesystem of each path
+    (one that cannot be looked at counts as 0: nothing can be written)."""
+    free = {}
+    for path in paths:
+        try:
+            info = os.statvfs(path)
+            free[str(path)] = info.f_bavail * info.f_frsize
+        except OSError:
+            free[str(path)] = 0
+    return free
 
 
 class Latencies:
@@ -199,6 +214,17 @@ class _BridgeCollector(Collector):
         yield _counter("icp_bridge_lockouts", "Lockouts set after failed logons, by what was "
                        "locked (user, source: a client address).", ["what"],
                        events.lockouts if events is not None else {})
+        logs = parts.launcher.logs
+        yield _counter("icp_bridge_backend_output_dropped_bytes", "Backend output cut off "
+                       "unread when a file was started over at its cap.", [],
+                       {(): logs.dropped_bytes})
+        yield _gauge("icp_bridge_backend_output_bytes", "Bytes the backends' output files "
+                     "take now.", sum(log.size for log in logs.files()))
+        free = GaugeMetricFamily("icp_bridge_disk_free_bytes", "Bytes free on the filesystem "
+                                 "of the state and of the backends' output.", labels=["path"])
+        for path, n in disk_free([Path(str(parts.store.path)).parent, logs.directory]).items():
+            free.add_metric([path], n)
+        yield free
         yield _counter("icp_bridge_state_write_failures",
                        "State transactions the disk refused.", [],
                        {(): parts.store.write_failures})

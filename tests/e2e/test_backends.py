@@ -237,26 +237,24 @@ def test_output_is_rate_limited(tmp_path: Path) -> None:
     from bridge.backends.launcher import Backend, BackendLauncher
     from bridge.backends.modules import Module
     from bridge.backends.output import OUTPUT_BURST
-    from bridge.backends.output import OutputFollower as _OutputFollower
     from bridge.sessions.model import BackendRecord
 
     clock = Clock()
-    log = tmp_path / "out.log"
-    log.write_text("")
     launcher = BackendLauncher(reactor, clock, tmp_path, tmp_path, as_root=False)
+    path, fd = launcher.logs.create(3, "m")
     backend = Backend(launcher, 3, Module("m", ("x",), "e"), BackendRecord("m", 1, 1, "e"))
-    follower = _OutputFollower(backend, log, clock, from_end=True)
-    with capturedLogs() as events, open(log, "a") as out:
+    backend.follow_output(launcher.logs.attach(path, "session 3 m"), from_end=True)
+    with capturedLogs() as events, open(fd, "w") as out:
         out.write("".join(f"line {n}\n" for n in range(100)))
         out.flush()
-        follower.read()
+        clock.advance(1)
         clock.advance(10)
         out.write("later\n")
         out.flush()
-        follower.read()
+        clock.advance(1)
     lines = [e["line"] for e in events if "line" in e]
     assert lines[:OUTPUT_BURST] == [f"line {n}" for n in range(OUTPUT_BURST)]
     assert lines[-1] == "later" and len(lines) == OUTPUT_BURST + 1
     assert any(e.get("count") == 100 - OUTPUT_BURST for e in events), "drops are counted"
     assert list(backend.last_lines)[-1] == "later"
-    follower.close()
+    launcher.close()

@@ -1,0 +1,227 @@
+"""The mechanics under every backend, whatever kind of module starts it:
+output files bounded by size and removed once nothing writes to them, the
+ledger of spawned processes and the stopping of those no session owns, the
+check of a command line before exec, and where the output goes by default."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+
+from bridge import config as config_module
+from bridge.backends.environment import MAX_ARG_STRLEN, exec_problem
+from bridge.backends.ledger import MemoryLedger
+from bridge.backends.logs import POLL_INTERVAL, BackendLogs
+from bridge.backends.orphans import Orphans, process_start_ticks, same_process
+from bridge.config import Config, ConfigError, backend_log_directory, config_from_mapping
+from bridge.endpoints import StartupError
+from bridge.sessions.model import BackendRecord
+from bridge.state.store import SpawnRecords, StateStore
+
+KiB = 1024
+
+
+def write(fd: int, n: int) -> None:
+    os.write(fd, b"x" * n)
+
+
+def test_a_file_past_its_cap_starts_over(tmp_path: Path) -> None:
+    clock = Clock()
+    logs = BackendLogs(reactor, clock, tmp_path, per_session=100 * KiB, total=150 * KiB)
+    a_path, a = logs.create(1, "xsession")
+    b_path, b = logs.create(2, "xsession")
+    assert a_path.name.startswith("session-1-xsession.") and a_path.suffix == ".log"
+    assert stat.S_IMODE(a_path.stat().st_mode) == 0o600
+    a_log, b_log = logs.attach(a_path, "session 1 xsession"), logs.attach(b_path, "session 2")
+    with capturedLogs() as events:
+        write(a, 120 * KiB)
+        clock.advance(POLL_INTERVAL)
+        assert a_path.stat().st_size == 0, "past its cap: started over"
+        assert logs.dropped_bytes == 120 * KiB
+        write(a, 10 * KiB)  # the writer appends: it goes on at the start
+        assert a_path.stat().st_size == 10 * KiB
+        a_log.read(1 << 20)
+        write(a, 60 * KiB)
+        write(b, 90 * KiB)
+        clock.advance(POLL_INTERVAL)
+    assert (a_path.stat().st_size, b_path.stat().st_size) == (70 * KiB, 0), \
+        "past the total cap: the largest started over"
+    assert logs.dropped_bytes == 120 * KiB + 90 * KiB
+    assert [e["what"] for e in events if "what" in e] == [
+        "its cap", "the total cap of all backend logs"]
+    assert a_log.size >= 70 * KiB and b_log.size == 0  # (blocks: 4 KiB each)
+    for fd in (a, b):
+        os.close(fd)
+    logs.close()
+
+
+def test_space_kept_with_fallocate_counts(tmp_path: Path) -> None:
+    clock = Clock()
+    logs = BackendLogs(reactor, clock, tmp_path, per_session=100 * KiB, total=1 << 30)
+    path, fd = logs.create(1, "m")
+    logs.attach(path, "session 1 m")
+    os.posix_fallocate(fd, 0, 1 << 20)
+    clock.advance(POLL_INTERVAL)
+    assert path.stat().st_blocks == 0 and path.stat().st_size == 0
+    os.close(fd)
+    logs.close()
+
+
+def test_a_file_goes_once_no_one_writes_to_it(tmp_path: Path) -> None:
+    """Not before: a process the backend left behind still writes to it,
+    and an unlinked file would be bounded by no one."""
+    clock = Clock()
+    logs = BackendLogs(reactor, clock, tmp_path, per_session=100 * KiB)
+    path, fd = logs.create(1, "m")
+    log = logs.attach(path, "session 1 m")
+    assert log is not None and log.has_writers()
+    logs.release(log)
+    assert path.exists(), "still written to"
+    write(fd, 200 * KiB)
+    clock.advance(POLL_INTERVAL)
+    assert path.stat().st_size == 0, "still bounded"
+    os.close(fd)
+    assert not log.has_writers()
+    clock.advance(POLL_INTERVAL)
+    assert not path.exists() and logs.files() == []
+    logs.close()
+
+
+def test_leftovers_of_a_previous_run_are_swept(tmp_path: Path) -> None:
+    clock = Clock()
+    logs = BackendLogs(reactor, clock, tmp_path, per_session=100 * KiB)
+    stale = tmp_path / "session-3-xsession.0000.log"
+    stale.write_text("old output")
+    busy = tmp_path / "session-4-xsession.0000.log"
+    writer = os.open(busy, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    other = tmp_path / "notes.txt"
+    other.write_text("not ours")
+    known = tmp_path / "session-5-xsession.0000.log"
+    known.write_text("an adopted backend's")
+    logs.sweep({known})
+    assert not stale.exists() and busy.exists() and other.exists() and known.exists()
+    write(writer, 200 * KiB)
+    clock.advance(POLL_INTERVAL)
+    assert busy.stat().st_size == 0, "bounded until its writer is gone"
+    os.close(writer)
+    clock.advance(POLL_INTERVAL)
+    assert not busy.exists()
+    logs.close()
+
+
+def test_the_directory_must_be_the_bridges_alone(tmp_path: Path) -> None:
+    clock = Clock()
+    directory = tmp_path / "a" / "backends"
+    BackendLogs(reactor, clock, directory).prepare()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    directory.chmod(0o777)
+    with pytest.raises(StartupError, match="writable by no one else"):
+        BackendLogs(reactor, clock, directory).prepare()
+
+
+def test_backend_logs_default_off_the_state_filesystem(monkeypatch: Any) -> None:
+    config = Config(state_dir=Path("/srv/state"))
+    monkeypatch.setattr(config_module, "_running_as_root", lambda: True)
+    assert backend_log_directory(config) == Path("/run/icp-bridge/backends")
+    monkeypatch.setattr(config_module, "_running_as_root", lambda: False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert backend_log_directory(config) == Path("/run/user/1000/icp-bridge/backends")
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert backend_log_directory(config) == Path("/srv/state/backends")
+    config.backend_log_dir = Path("/var/log/icp-bridge")
+    assert backend_log_directory(config) == Path("/var/log/icp-bridge")
+
+
+def test_the_new_keys_are_checked() -> None:
+    config = config_from_mapping({"allow_root_desktops": True, "backend_log_dir": "/x",
+                                  "backend_log_max_per_session": 1024,
+                                  "backend_log_max_total": 4096, "min_free_disk": 0})
+    assert config.allow_root_desktops and config.backend_log_dir == Path("/x")
+    for bad, message in [({"allow_root_desktops": "yes"}, "expected true or false"),
+                         ({"backend_log_max_per_session": 0}, "must be positive"),
+                         ({"backend_log_max_total": 10}, "at least backend_log_max_per"),
+                         ({"min_free_disk": -1}, "min_free_disk")]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_mapping(bad)
+
+
+def test_what_exec_would_refuse_is_said_before() -> None:
+    assert exec_problem(["/bin/true"], {"A": "b"}) is None
+    assert exec_problem(["/bin/true", "a\0b"], {}) == "argument 1 holds a NUL character"
+    assert exec_problem(["/bin/true"], {"OGON_USER": "alice\0root"}) == \
+        "environment variable 'OGON_USER' holds a NUL character"
+    assert "bytes (at most" in exec_problem(["/bin/true"], {"OGON_USER": "x" * MAX_ARG_STRLEN})
+    assert exec_problem(["/bin/true"], {"A=B": "c"}) == "environment variable 'A=B' is not a name"
+    assert exec_problem(["/bin/true"], {"X": "\udc80\ud800"}) is not None
+
+
+def test_spawned_backends_are_recorded_in_the_state(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.sqlite3")
+    records = SpawnRecords(store)
+    first = BackendRecord("xsession", 4242, 77, "ogon_1_X11", "/run/x.log")
+    records.spawned(1, first)
+    records.spawned(2, BackendRecord("greeter", 4243, 78, "ogon_2_Qt"))
+    assert [(sid, r.pid) for sid, r in records.recorded()] == [(1, 4242), (2, 4243)]
+    records.gone(first)
+    store.close()
+    # A row that does not parse still names its process: it is stopped, not left.
+    db = sqlite3.connect(tmp_path / "state.sqlite3")
+    db.execute("UPDATE backends SET data = 'not json'")
+    db.commit()
+    db.close()
+    store = StateStore(tmp_path / "state.sqlite3")
+    with capturedLogs() as events:
+        [(session_id, record)] = SpawnRecords(store).recorded()
+    assert (session_id, record.pid, record.start_ticks) == (2, 4243, 78)
+    assert any("does not parse" in e.get("log_format", "") for e in events)
+    store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_orphan_is_stopped_and_forgotten(tmp_path: Path) -> None:
+    """SIGTERM, then SIGKILL after its stop timeout for one that ignores it;
+    once gone its row and its output file go too."""
+    output = tmp_path / "session-9-xsession.0000.log"
+    with open(output, "w") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+             "sys.stderr.write('ready\\n'); sys.stderr.flush(); time.sleep(60)"],
+            start_new_session=True, stdout=out, stderr=subprocess.PIPE, text=True)
+    assert child.stderr is not None and child.stderr.readline() == "ready\n"
+    ticks = process_start_ticks(child.pid)
+    assert ticks is not None
+    record = BackendRecord("xsession", child.pid, ticks, "ogon_9_X11", str(output))
+    ledger = MemoryLedger()
+    ledger.spawned(9, record)
+    logs = BackendLogs(reactor, reactor, tmp_path)
+    orphans = Orphans(reactor, reactor, ledger, logs)
+    try:
+        with capturedLogs() as events:
+            gone = orphans.stop(9, record, 0.2, "no session owns it")
+            again = orphans.stop(9, record, 0.2, "named twice")
+            await gone
+            await again
+        child.wait(5)
+        assert child.returncode == -signal.SIGKILL
+        assert not same_process(record) and ledger.recorded() == []
+        assert not output.exists()
+        [line] = [e for e in events if "stopping" in e.get("log_format", "")]
+        assert (line["pid"], line["why"]) == (child.pid, "no session owns it")
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        logs.close()
