@@ -23,6 +23,15 @@ Each attack starts its own ``twistd -n icp-bridge`` from ``--bridge-root``
   user and writable by all.
 - ``corrupt_state``: random bytes over state.sqlite3.
 - ``disk_full``: the state on a full 1 MiB tmpfs, 400 logons (root only).
+- ``output_flood``: the state on a 300 MB tmpfs; a desktop, running as an
+  unprivileged user, writes to stdout and stderr as fast as it can; RDP
+  and OTS API logons and /healthz meanwhile; then the tmpfs filled
+  (root only).
+- ``half_started_kill9``: kill -9 while a desktop starts, a restart, the
+  user's next logon.
+- ``accounts``: users-file users whose system account is root, locked,
+  expired; greeter logons with a NUL in the name and with 200 KB of it
+  (root only).
 
 usage: python -m bench.attacks [--bridge-root DIR] [ATTACK ...]
 """
@@ -122,6 +131,17 @@ class IcpPeer:
     def logon(self, connection_id: int, user: str, password: str) -> RPCBase:
         """LogonUser; the answer (requests from the bridge meanwhile are
         answered NOTFOUND, as an RDP server without that handler would)."""
+        tag = self.send_logon(connection_id, user, password)
+        while True:
+            rpc = self.recv()
+            if rpc.isResponse and rpc.tag == tag:
+                return rpc
+            if not rpc.isResponse:
+                self.send(RPCBase(tag=rpc.tag, isResponse=True, status=RPCBase.NOTFOUND,
+                                  msgType=rpc.msgType))
+
+    def send_logon(self, connection_id: int, user: str, password: str) -> int:
+        """Send LogonUser, not waiting for its answer; returns its tag."""
         self.tag += 1
         tag = self.tag
         self.send(RPCBase(tag=tag, isResponse=False, status=RPCBase.SUCCESS,
@@ -131,13 +151,7 @@ class IcpPeer:
                               clientHostName="attack", clientAddress="192.0.2.7",
                               clientBuildNumber=1, clientProductId=1, clientHardwareId=0,
                               clientProtocolType=2).SerializeToString()))
-        while True:
-            rpc = self.recv()
-            if rpc.isResponse and rpc.tag == tag:
-                return rpc
-            if not rpc.isResponse:
-                self.send(RPCBase(tag=rpc.tag, isResponse=True, status=RPCBase.NOTFOUND,
-                                  msgType=rpc.msgType))
+        return tag
 
     def close(self) -> None:
         self.sock.close()
@@ -161,7 +175,9 @@ class Bridge:
 
     def __init__(self, root: Path, users: dict[str, str] | None = None,
                  state_dir: Path | None = None, icp_path: Path | None = None,
-                 scrypt_n: int | None = 1024) -> None:
+                 scrypt_n: int | None = 1024, config: str | None = None) -> None:
+        """``config``: the TOML file's text, instead of the stand-in
+        backends' (the placeholder BASE is this bridge's directory)."""
         self.root = root
         self.base = Path(tempfile.mkdtemp(prefix="ib-attack-", dir="/tmp"))
         self.port = free_port()
@@ -172,6 +188,7 @@ class Bridge:
         self.popen: subprocess.Popen[bytes] | None = None
         self.current = root == ROOT or (root / "bridge" / "backends.py").exists() \
             or (root / "bridge" / "backends").is_dir()
+        self.config = config
         self.write_users(users or {"bench": PASSWORD}, scrypt_n)
 
     def python(self, code: str, *argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -194,7 +211,11 @@ class Bridge:
                 "--thrift", f"tcp:{self.port}:interface=127.0.0.1",
                 "--state", str(self.state_dir), "--users", str(self.users),
                 "--token-dir", str(self.base)]
-        if self.current:
+        if self.config is not None:
+            path = self.base / "attack.toml"
+            path.write_text(self.config.replace("BASE", str(self.base)))
+            argv += ["--config", str(path)]
+        elif self.current:
             # Sessions run the stand-in backend (the older bridge starts none).
             argv += ["--config", str(bench_config(self.base))]
         return argv
@@ -681,12 +702,310 @@ def disk_full(root: Path) -> dict[str, Any]:
         shutil.rmtree(mount, ignore_errors=True)
 
 
+# -- issue 18: backends' output, half-started backends, accounts --------------------------
+
+#: A desktop that makes its socket, then writes 1 MiB lines to stdout and
+#: stderr as fast as it can; on SIGTERM it writes how much to argv[2].
+FLOODER = """
+import os, signal, socket, sys
+path, report = sys.argv[1], sys.argv[2]
+server = socket.socket(socket.AF_UNIX)
+server.bind(path + ".tmp"); server.listen(4); os.rename(path + ".tmp", path)
+written = 0
+def done(*_):
+    with open(report, "w") as f:
+        f.write(str(written))
+    os._exit(0)
+signal.signal(signal.SIGTERM, done)
+block = b"flood " * (1024 * 1024 // 6) + b"\\n"
+while True:
+    for fd in (1, 2):
+        try:
+            written += os.write(fd, block)
+        except OSError:
+            pass
+"""
+STANDIN = ROOT / "bridge" / "backends" / "standin.py"
+
+
+def _modules(xsession: list[str], xsession_extra: str = "", user: str = "session") -> str:
+    """A config: the stand-in greeter, and ``xsession`` as the desktop run
+    as the session's user; both run by /usr/bin/python3 from BASE (which
+    other users may read)."""
+    greeter = ["/usr/bin/python3", "BASE/standin_backend.py", "--socket",
+               "{pipe_dir}/{endpoint}"]
+    return ('pipe_dir = "BASE/pipes"\nadmin_endpoint = "tcp:ADMIN:interface=127.0.0.1"\n'
+            'dbus_address = ""\n'
+            f'[modules.greeter]\ncommand = {json.dumps(greeter)}\n'
+            'endpoint = "ogon_{session_id}_greeter"\nuser = "root"\n'
+            f'[modules.xsession]\ncommand = {json.dumps(xsession)}\n'
+            f'endpoint = "ogon_{{session_id}}_xsession"\nuser = "{user}"\n{xsession_extra}')
+
+
+def _open_base(bridge: Bridge) -> None:
+    """Let other users reach the bridge's directory and run the stand-in."""
+    bridge.base.chmod(0o755)
+    shutil.copy(STANDIN, bridge.base / "standin_backend.py")
+    (bridge.base / "standin_backend.py").chmod(0o644)
+    reports = bridge.base / "reports"
+    reports.mkdir()
+    reports.chmod(0o1777)
+
+
+def _account(name: str, *usermod: str) -> str:
+    """A system account with a password (then ``usermod``), as the tests make."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", "--user-group", name],
+                       check=True, capture_output=True)
+        subprocess.run(["chpasswd"], input=f"{name}:system-pw\n", text=True, check=True,
+                       capture_output=True)
+        if usermod:
+            subprocess.run(["usermod", *usermod, name], check=True, capture_output=True)
+    return name
+
+
+def _kill_under(base: Path) -> None:
+    """End every process group whose command line names ``base`` (the
+    backends a bridge under it started; the bridge is stopped first)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if str(base).encode() in (entry / "cmdline").read_bytes():
+                os.killpg(int(entry.name), signal.SIGKILL)
+        except OSError:
+            continue
+
+
+def _http(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def output_flood(root: Path) -> dict[str, Any]:
+    """The review's flood: 7.15 GB in 12 s into the state directory."""
+    if os.geteuid() != 0:
+        return {"skipped": "needs root (a tmpfs, an unprivileged desktop user)"}
+    flooder_user = _account("icpbtest")
+    mount = Path(tempfile.mkdtemp(prefix="ib-small-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], check=True)
+    admin = free_port()
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    plain = ["/usr/bin/python3", "BASE/standin_backend.py", "--socket", "{pipe_dir}/{endpoint}"]
+    config = _modules(["/usr/bin/python3", "-c", FLOODER, "{pipe_dir}/{endpoint}",
+                       "BASE/reports/written"]).replace("ADMIN", str(admin)) + (
+        # The user logging on meanwhile has a desktop of the bridge's user.
+        f'[modules.plain]\ncommand = {json.dumps(plain)}\n'
+        f'endpoint = "ogon_{{session_id}}_plain"\nuser = "{me}"\n'
+        '[user_properties.bench]\n"module" = "plain"\n')
+    bridge = Bridge(root, users={flooder_user: PASSWORD, "bench": PASSWORD},
+                    state_dir=mount / "state", config=config)
+    _open_base(bridge)
+    sizes: list[int] = []
+    flooding = [True]
+
+    def watch_logs() -> None:
+        """The flooding desktop's output file, looked at every 0.5 ms."""
+        while flooding[0]:
+            for directory in (mount / "state" / "backends", Path("/run/icp-bridge/backends")):
+                for path in directory.glob("session-1-xsession*.log"):
+                    try:
+                        sizes.append(path.stat().st_size)
+                    except OSError:
+                        pass
+            time.sleep(0.0005)
+
+    def state_free() -> int:
+        info = os.statvfs(mount)
+        return info.f_bavail * info.f_frsize
+
+    import threading
+    run_logs = Path("/run/icp-bridge/backends")
+    before = set(run_logs.glob("session-*.log"))
+    try:
+        bridge.start()
+        peer = IcpPeer(bridge.icp_path)
+        peer.handshake()
+        started = time.monotonic()
+        desktop = endpoint_of(peer.logon(1, flooder_user, PASSWORD))
+        watcher = threading.Thread(target=watch_logs)
+        watcher.start()
+        lowest_free = state_free()
+        full_after = None
+        while time.monotonic() - started < 6:
+            lowest_free = min(lowest_free, state_free())
+            if full_after is None and lowest_free < 1024 * 1024:
+                full_after = round(time.monotonic() - started, 2)
+            time.sleep(0.01)
+        rdp = endpoint_of(peer.logon(2, "bench", PASSWORD))
+        client, transport = bridge.client()
+        try:
+            otsapi_ok = client.logonConnection("bench", PASSWORD, "").success
+        except Exception as e:  # the reviewer's "OTS API logons failed"
+            otsapi_ok = f"{type(e).__name__}"
+        transport.close()
+        health_code, health = _http(admin, "/healthz")
+        while time.monotonic() - started < 12:
+            lowest_free = min(lowest_free, state_free())
+            time.sleep(0.01)
+        written_file = bridge.base / "reports" / "written"
+        for pid in _running(str(written_file)):
+            os.kill(pid, signal.SIGTERM)  # it says how much it wrote, and ends
+        wait_for(written_file.exists, "the flooder's report", 10)
+        flooding[0] = False
+        watcher.join()
+        peer.close()
+        bridge.stop()
+        written = int(written_file.read_text())
+        figures: dict[str, Any] = {
+            "desktop_started": bool(desktop and "xsession" in desktop),
+            "flood_written_mb": round(written / 1e6) if written else None,
+            "log_mb_median_largest": [round(sorted(sizes)[len(sizes) // 2] / 1e6, 1),
+                                      round(max(sizes) / 1e6, 1)] if sizes else None,
+            "state_fs_free_lowest_mb": round(lowest_free / 1e6, 1),
+            "state_fs_full_after_s": full_after,
+            "rdp_logon_during_flood": "desktop" if rdp and "plain" in rdp else
+                                      ("greeter" if rdp else "FAILED"),
+            "otsapi_logon_during_flood": otsapi_ok,
+            "healthz_during_flood": [health_code, health.get("ok")],
+        }
+        # The state's filesystem filled by anything else: does /healthz say so?
+        with open(mount / "filler", "wb") as filler:
+            try:
+                while state_free() > 16 * 1024 * 1024:
+                    filler.write(b"\0" * (1 << 20))
+                    filler.flush()
+            except OSError:
+                pass
+        bridge.start()
+        code, health = _http(admin, "/healthz")
+        figures["healthz_state_fs_16mb_free"] = [code, health.get("ok")]
+        return figures
+    finally:
+        flooding[0] = False
+        bridge.cleanup()
+        _kill_under(bridge.base)
+        for path in set(run_logs.glob("session-*.log")) - before:
+            path.unlink(missing_ok=True)  # backends killed with the bridge away
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        shutil.rmtree(mount, ignore_errors=True)
+
+
+def _running(*markers: str) -> list[int]:
+    """Pids of processes whose command line holds every one of ``markers``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+        except OSError:
+            continue
+        if cmdline and all(marker.encode() in cmdline for marker in markers):
+            found.append(int(entry.name))
+    return found
+
+
+def half_started_kill9(root: Path) -> dict[str, Any]:
+    """kill -9 while bob's desktop starts (it takes its time), a restart,
+    bob's next logon."""
+    slow = ["/usr/bin/python3", "BASE/standin_backend.py", "--socket", "{pipe_dir}/{endpoint}",
+            "--delay", "600", "--ignore-term"]
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    config = _modules(slow, "ready_timeout = 600\nstop_timeout = 1\n", user=me).replace(
+        "ADMIN", "0").replace('user = "root"', f'user = "{me}"')
+    bridge = Bridge(root, users={"bob": PASSWORD}, config=config)
+    _open_base(bridge)
+    try:
+        bridge.start()
+        peer = IcpPeer(bridge.icp_path)
+        peer.handshake()
+        peer.send_logon(1, "bob", PASSWORD)
+        wait_for(lambda: "started xsession (pid" in bridge.log(), "the desktop's start", 20)
+        [first] = _running("--delay", str(bridge.base))
+        bridge.kill9()
+        assert bridge.popen is not None
+        bridge.popen.wait()
+        peer.close()
+        killed_at = time.monotonic()
+        bridge.start()
+        try:
+            wait_for(lambda: not _alive(first), "the half-started desktop to go", 15)
+            stopped_after: Any = round(time.monotonic() - killed_at, 2)
+        except RuntimeError:
+            stopped_after = "still running after 15 s"
+        peer = IcpPeer(bridge.icp_path)
+        peer.handshake()
+        peer.send_logon(2, "bob", PASSWORD)
+        wait_for(lambda: bridge.log().count("started xsession (pid") >= 2, "the next start", 20)
+        desktops = [pid for pid in _running("--delay", str(bridge.base)) if _alive(pid)]
+        peer.close()
+        return {"half_started_desktop_after_restart": stopped_after,
+                "bobs_desktops_after_next_logon": len(desktops),
+                "stop_logged": "stopping xsession backend (pid" in bridge.log()}
+    finally:
+        bridge.cleanup()
+        _kill_under(bridge.base)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not _zombie(pid)
+
+
+def accounts(root: Path) -> dict[str, Any]:
+    if os.geteuid() != 0:
+        return {"skipped": "needs root (system accounts, /etc/shadow)"}
+    locked = _account("icpblocked", "-L")
+    expired = _account("icpbexpired", "-e", "1")
+    desktop = ["/usr/bin/python3", "BASE/standin_backend.py", "--socket",
+               "{pipe_dir}/{endpoint}", "--report", "BASE/reports/report.json"]
+    bridge = Bridge(root, users={"root": PASSWORD, locked: PASSWORD, expired: PASSWORD},
+                    config=_modules(desktop).replace("ADMIN", "0"))
+    _open_base(bridge)
+    report = bridge.base / "reports" / "report.json"
+    figures: dict[str, Any] = {}
+    try:
+        bridge.start()
+        peer = IcpPeer(bridge.icp_path)
+        peer.handshake()
+        for connection_id, name in enumerate(("root", locked, expired), 1):
+            report.unlink(missing_ok=True)
+            endpoint = endpoint_of(peer.logon(connection_id, name, PASSWORD))
+            got = "FAILED" if endpoint is None else (
+                "greeter" if "greeter" in endpoint else "desktop")
+            if got == "desktop" and report.exists():
+                got += f" as uid {json.loads(report.read_text())['uid']}"
+            figures[f"logon_{name}"] = got
+        for connection_id, (what, name) in enumerate(
+                (("nul", "alice\0root"), ("200kb", "x" * 200_000)), 10):
+            endpoint = endpoint_of(peer.logon(connection_id, name, "whatever"))
+            figures[f"greeter_name_{what}"] = "greeter" if endpoint else "FAILED"
+        peer.close()
+        figures["tracebacks_in_log"] = bridge.log().count("Traceback")
+        return figures
+    finally:
+        bridge.cleanup()
+        _kill_under(bridge.base)
+
+
 ATTACKS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "token_bomb": token_bomb, "never_reads": never_reads,
     "rdp_stops_reading": rdp_stops_reading, "password_queue": password_queue,
     "timing": timing, "icp_silent": icp_silent, "stale_lock": stale_lock,
     "planted_fifo": planted_fifo, "foreign_socket_dir": foreign_socket_dir,
     "corrupt_state": corrupt_state, "disk_full": disk_full,
+    "output_flood": output_flood, "half_started_kill9": half_started_kill9,
+    "accounts": accounts,
 }
 
 

@@ -6,8 +6,14 @@ watched and stopped on the reactor.
 - ``environment``: whom it runs as and the environment it gets (ogon's
   variables), the values of a module's placeholders.
 - ``launcher``: BackendLauncher starts, adopts and stops backends; Backend
-  is one process, watched until it exits.
-- ``output``: a backend's log file followed into the bridge's log.
+  is one process, watched until it exits. ``spawn_backend`` is the one way
+  any kind of module's process comes to be.
+- ``endpoint``: the socket a backend makes, and when it counts as its own.
+- ``logs``: backends' output files, bounded by size, removed when no one
+  writes to them any more.
+- ``output``: a backend's output file followed into the bridge's log.
+- ``ledger``: every process spawned and not seen exit, recorded at once.
+- ``orphans``: stopping what a previous run started and no session owns.
 - ``standin``: the stand-in backend (``icp-bridge backend``), standard
   library only, runnable as a plain script.
 
