@@ -365,6 +365,7 @@ class BridgeService(MultiService):
             self.dbus.start()
         if self.admin_events is not None:
             self.admin_events.start()
+        self._announce_backend_logs()
         self.lifecycle.adopt(self._kept, self._dropped)
         for session in self._kept:
             if self.registry.get(session.session_id) is session:
@@ -386,8 +387,10 @@ class BridgeService(MultiService):
         if path is not None:
             check_directory(path.parent, "icp_endpoint", shared=path.parent == self.config.pipe_dir)
         check_directory(self.config.pipe_dir, "pipe_dir", shared=True)
+        self.launcher.logs.prepare()
+
+    def _announce_backend_logs(self) -> None:
         logs = self.launcher.logs
-        logs.prepare()
         shared = os.stat(logs.directory).st_dev == os.stat(self.config.state_dir).st_dev
         self.log.info("backends' output in {directory}, at most {per_session} bytes each and "
                       "{total} in all{shared}", directory=str(logs.directory),

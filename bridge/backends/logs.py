@@ -150,7 +150,9 @@ class BackendLogs:
                  per_session: int = 8 * 1024 * 1024, total: int = 256 * 1024 * 1024) -> None:
         self.reactor = reactor
         self.clock = clock
-        self.directory = directory
+        # Absolute, as inotify's events name the files (a relative path
+        # would match none of them).
+        self.directory = Path(os.path.abspath(directory))
         self.per_session = per_session
         self.total = total
         self.dropped_bytes = 0
@@ -279,7 +281,9 @@ class BackendLogs:
             used = log.used()
         self._total += used - log.size
         log.size = used
-        while self._total > self.total:
+        for _ in range(len(self._files)):  # each file at most once (one may not shrink)
+            if self._total <= self.total:
+                break
             largest = max(self._files.values(), key=lambda f: f.size)
             if largest.size == 0:
                 break
