@@ -217,7 +217,8 @@ class Bridge:
             argv += ["--config", str(path)]
         elif self.current:
             # Sessions run the stand-in backend (the older bridge starts none).
-            argv += ["--config", str(bench_config(self.base))]
+            knows_logs = "backend_log_dir" in (self.root / "bridge" / "config.py").read_text()
+            argv += ["--config", str(bench_config(self.base, backend_logs=knows_logs))]
         return argv
 
     def start(self, wait: bool = True, timeout: float = 30.0) -> None:

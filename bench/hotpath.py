@@ -55,7 +55,8 @@ class HotPath:
         clock = Clock()
         config = Config(icp_endpoint=f"unix:{base}/icp.sock", thrift_endpoint="tcp:0",
                         state_dir=base / "state", users_file=base / "users",
-                        token_dir=base / "tokens", admin_endpoint="", dbus_address="")
+                        token_dir=base / "tokens", admin_endpoint="", dbus_address="",
+                        backend_log_dir=base / "logs")
         self.service = BridgeService(config, reactor=clock, clock=clock,
                                      authenticator=InMemoryAuthenticator({"bench": ("pw", FULL)}))
         self.icp_transport = StringTransport()

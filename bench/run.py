@@ -130,8 +130,10 @@ def fast_peer_argv(binary: Path, sock: Path, answer_delay: float) -> list[str]:
             *(f"{msg_type}={m.SerializeToString().hex()}" for msg_type, m in answers.items())]
 
 
-def bench_config(base: Path) -> Path:
-    """A config whose sessions run the stand-in backend (a logon starts one)."""
+def bench_config(base: Path, backend_logs: bool = True) -> Path:
+    """A config whose sessions run the stand-in backend (a logon starts one).
+    ``backend_logs``: the backends' output goes under ``base`` too (older
+    checkouts do not know the key)."""
     backend = [sys.executable, str(ROOT / "bridge" / "backends" / "standin.py"), "--socket",
                "{pipe_dir}/{endpoint}"]
     user = pwd.getpwuid(os.geteuid()).pw_name
@@ -139,6 +141,7 @@ def bench_config(base: Path) -> Path:
     path.write_text(
         f'pipe_dir = "{base}/pipes"\nadmin_endpoint = "tcp:0:interface=127.0.0.1"\n'
         'dbus_address = ""\n'
+        + (f'backend_log_dir = "{base}/logs"\n' if backend_logs else "")
         + "".join(f'[modules.{name}]\ncommand = {json.dumps(backend)}\n'
                   f'endpoint = "ogon_{{session_id}}_{name}"\nuser = "{user}"\n'
                   for name in ("greeter", "xsession")))

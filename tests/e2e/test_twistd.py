@@ -80,6 +80,7 @@ state_dir = "{base}/state"
 users_file = "{base}/users"
 token_dir = "{base}/tokens"
 pipe_dir = "{base}/pipes"
+backend_log_dir = "{base}/logs"
 
 [properties]
 "ssl.certificate" = "{base}/tls/ogon.crt"
