@@ -363,6 +363,9 @@ class PamAuthenticator:
     def _check(self, username: str, password: str, keep: bool) -> Any:
         handle = self._pam.pam()
         service = self._service or ogon_pam_service(self._pam_dir)
+        # python-pam's authenticate runs pam_acct_mgmt after pam_authenticate,
+        # as ogon's pam_auth.c does: a locked or expired account fails here
+        # (tests/e2e/test_accounts.py shows it with pam_unix).
         if handle.authenticate(username, password, service=service, call_end=not keep):
             return handle
         if keep:
