@@ -175,9 +175,12 @@ class Bridge:
 
     def __init__(self, root: Path, users: dict[str, str] | None = None,
                  state_dir: Path | None = None, icp_path: Path | None = None,
-                 scrypt_n: int | None = 1024, config: str | None = None) -> None:
+                 scrypt_n: int | None = 1024, config: str | None = None,
+                 own_logs: bool = True) -> None:
         """``config``: the TOML file's text, instead of the stand-in
-        backends' (the placeholder BASE is this bridge's directory)."""
+        backends' (the placeholder BASE is this bridge's directory).
+        ``own_logs``: the backends' output under BASE, not in the default
+        directory (where a checkout knows backend_log_dir)."""
         self.root = root
         self.base = Path(tempfile.mkdtemp(prefix="ib-attack-", dir="/tmp"))
         self.port = free_port()
@@ -189,6 +192,8 @@ class Bridge:
         self.current = root == ROOT or (root / "bridge" / "backends.py").exists() \
             or (root / "bridge" / "backends").is_dir()
         self.config = config
+        self.own_logs = own_logs and "backend_log_dir" in (
+            root / "bridge" / "config.py").read_text()
         self.write_users(users or {"bench": PASSWORD}, scrypt_n)
 
     def python(self, code: str, *argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -213,12 +218,12 @@ class Bridge:
                 "--token-dir", str(self.base)]
         if self.config is not None:
             path = self.base / "attack.toml"
-            path.write_text(self.config.replace("BASE", str(self.base)))
+            logs = 'backend_log_dir = "BASE/logs"\n' if self.own_logs else ""
+            path.write_text((logs + self.config).replace("BASE", str(self.base)))
             argv += ["--config", str(path)]
         elif self.current:
             # Sessions run the stand-in backend (the older bridge starts none).
-            knows_logs = "backend_log_dir" in (self.root / "bridge" / "config.py").read_text()
-            argv += ["--config", str(bench_config(self.base, backend_logs=knows_logs))]
+            argv += ["--config", str(bench_config(self.base, backend_logs=self.own_logs))]
         return argv
 
     def start(self, wait: bool = True, timeout: float = 30.0) -> None:
@@ -807,8 +812,9 @@ def output_flood(root: Path) -> dict[str, Any]:
         f'[modules.plain]\ncommand = {json.dumps(plain)}\n'
         f'endpoint = "ogon_{{session_id}}_plain"\nuser = "{me}"\n'
         '[user_properties.bench]\n"module" = "plain"\n')
+    # The backends' output where it goes by default: off the state's filesystem.
     bridge = Bridge(root, users={flooder_user: PASSWORD, "bench": PASSWORD},
-                    state_dir=mount / "state", config=config)
+                    state_dir=mount / "state", config=config, own_logs=False)
     _open_base(bridge)
     sizes: list[int] = []
     flooding = [True]
