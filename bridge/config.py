@@ -1,12 +1,15 @@
-"""Configuration: defaults, the TOML file, and validation with one clear
-message naming the offending key."""
+"""Configuration: every option with its default (``Config``), and the
+checks that say what is wrong, one line per problem starting with the key
+(``check_values``). Where the values come from (the TOML file, flags, and
+the default file) is ``bridge.config_sources``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
-import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,11 +17,76 @@ from typing import Any
 from bridge.backends.modules import Module
 from bridge.security.permissions import LEVELS
 from bridge.sessions.ogon_config import DEFAULT_PATH as DEFAULT_OGON_CONFIG
-from bridge.sessions.properties import PropertyValue
+from bridge.sessions.properties import (
+    PropertyValue,
+    ogon_property,
+    type_name,
+)
+
+#: Read when it exists and no --config is given.
+DEFAULT_CONFIG_FILE = Path("/etc/icp-bridge/bridge.toml")
+#: ``log_level``: the least important log lines written.
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a configuration: where (a file, "command line", or
+    "" when it is not one source's), and what, starting with the key."""
+
+    source: str
+    text: str
+    warning: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.text}" if self.source else self.text
 
 
 class ConfigError(Exception):
-    """A configuration problem, worded for the operator (one line)."""
+    """A configuration that cannot be used; ``problems`` are its lines, each
+    worded for the operator."""
+
+    def __init__(self, *problems: str | Problem) -> None:
+        self.problems = [p if isinstance(p, Problem) else Problem("", p) for p in problems]
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    def from_source(self, source: str) -> list[Problem]:
+        """The problems, each named with ``source`` unless it has one."""
+        return [p if p.source else dataclasses.replace(p, source=source) for p in self.problems]
+
+
+def did_you_mean(word: str, candidates: Iterable[str], cutoff: float = 0.75) -> str:
+    """`` (did you mean X?)`` for the candidate closest to ``word`` (case
+    ignored), or "" when none is close."""
+    by_lower = {c.lower(): c for c in candidates}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=cutoff)
+    return f" (did you mean {by_lower[close[0]]}?)" if close else ""
+
+
+def default_config_file() -> Path | None:
+    """The configuration file to read when none is named: DEFAULT_CONFIG_FILE
+    when it exists."""
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
+
+
+def default_ogon_config() -> Path | None:
+    """ogon's config.ini to read when ``ogon_config`` is not given:
+    DEFAULT_OGON_CONFIG when it exists."""
+    return DEFAULT_OGON_CONFIG if DEFAULT_OGON_CONFIG.exists() else None
+
+
+def with_ogon_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (every source merged) with what an ogon host has, unless
+    the operator says otherwise: its config.ini (``/etc/ogon/config.ini``,
+    when it exists and ``ogon_config`` is not given) and, with such a file,
+    PAM as ogon authenticates (unless ``authenticator`` is given)."""
+    out = dict(values)
+    default = default_ogon_config()
+    if "ogon_config" not in out and default is not None:
+        out["ogon_config"] = str(default)
+    if out.get("ogon_config") and "authenticator" not in out:
+        out["authenticator"] = "pam"
+    return out
 
 
 def _running_as_root() -> bool:
@@ -94,8 +162,9 @@ class Config:
     pipe_dir: Path = Path("/tmp/.pipe")  # noqa: S108
     authenticator: str = "users-file"
     # ogon's own config.ini, read with ogon's rules (bridge.sessions.ogon_config);
-    # the TOML file's properties override it. None: none. load_config makes
-    # /etc/ogon/config.ini the default when it exists.
+    # the TOML file's properties override it. None: none. The configuration's
+    # sources make /etc/ogon/config.ini the default when it exists
+    # (with_ogon_defaults).
     ogon_config: Path | None = None
     call_timeout: float = 10.0
     token_lifetime: float = 24 * 3600.0
@@ -145,41 +214,48 @@ class Config:
     # /healthz is not ok while the state's or the backend logs' filesystem
     # has less free space than this.
     min_free_disk: int = 64 * 1024 * 1024
+    # The least important log lines written: debug, info, warn or error.
+    log_level: str = "info"
 
-    def validate(self) -> None:
+    def problems(self) -> list[tuple[str, str]]:
+        """What is wrong with the values as a whole: (top-level key, line)."""
+        found: list[tuple[str, str]] = []
         if self.authenticator not in ("users-file", "pam"):
-            raise ConfigError(
-                f"authenticator: {self.authenticator!r} is not one of users-file, pam"
-            )
-        for name in ("call_timeout", "token_lifetime", "max_icp_frame", "max_thrift_frame"):
+            hint = did_you_mean(self.authenticator, ("users-file", "pam"), 0.6)
+            found.append(("authenticator", f"authenticator: {self.authenticator!r} is not one "
+                          f"of users-file, pam{hint}"))
+        for name in ("call_timeout", "token_lifetime", "max_icp_frame", "max_thrift_frame",
+                     "events_keep", "events_keep_count", "listen_backlog", "max_connections",
+                     "max_calls_per_connection", "max_output_buffer", "max_icp_pending",
+                     "max_icp_queued", "logon_failures_before_delay", "lockout_failures",
+                     "password_check_queue", "backend_log_max_per_session",
+                     "backend_log_max_total"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be positive")
+                found.append((name, f"{name}: must be positive"))
         if self.max_icp_send < 256:
-            raise ConfigError("max_icp_send: must be at least 256 bytes")
-        for name in ("events_keep", "events_keep_count"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be positive")
-        for name in ("listen_backlog", "max_connections", "max_calls_per_connection",
-                     "max_output_buffer", "max_icp_pending", "max_icp_queued",
-                     "logon_failures_before_delay", "lockout_failures", "password_check_queue",
-                     "backend_log_max_per_session", "backend_log_max_total"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be positive")
+            found.append(("max_icp_send", "max_icp_send: must be at least 256 bytes"))
         for name in ("frame_timeout", "first_call_timeout", "tls_handshake_timeout",
                      "idle_timeout", "icp_handshake_timeout", "logon_delay_max", "lockout_time"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be 0 (off) or more seconds")
+                found.append((name, f"{name}: must be 0 (off) or more seconds"))
         if self.backend_log_max_total < self.backend_log_max_per_session:
-            raise ConfigError("backend_log_max_total: must be at least "
-                              "backend_log_max_per_session")
+            found.append(("backend_log_max_total", "backend_log_max_total: must be at least "
+                          "backend_log_max_per_session"))
         if self.min_free_disk < 0:
-            raise ConfigError("min_free_disk: must be 0 (off) or more bytes")
+            found.append(("min_free_disk", "min_free_disk: must be 0 (off) or more bytes"))
         for scope, table in [("properties", self.properties),
                              *((f"user_properties.{u}", t)
                                for u, t in self.user_properties.items())]:
             level = table.get("permission.level")
             if level is not None and str(level).lower() not in LEVELS:
-                raise ConfigError(f"{scope}.permission.level: must be full, user or guest")
+                found.append((scope.split(".")[0],
+                              f"{scope}.permission.level: must be full, user or guest"))
+        return found
+
+    def validate(self) -> None:
+        found = self.problems()
+        if found:
+            raise ConfigError(*(line for _, line in found))
 
 
 def _number(key: str, value: Any, positive: bool = True) -> float:
@@ -237,27 +313,69 @@ def _uids(key: str, value: Any) -> list[int]:
     return value
 
 
+def _describe_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    return f"the string {value!r}"[:80]
+
+
+def _property_type_problem(key: str, path: str, value: PropertyValue) -> str | None:
+    """A line when ogon reads ``path`` as another type than ``value`` has."""
+    known = ogon_property(path)
+    if known is None:
+        return None
+    name, kind = known
+    if isinstance(value, bool) == (kind is bool) and isinstance(value, kind):
+        return None
+    hint = ""
+    if kind is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        hint = f" (write {value.strip()} without quotes)"
+    elif kind is bool and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        hint = f" (write {value.strip().lower()} without quotes)"
+    return (f"{key}.{path}: ogon reads {name} as {type_name(kind)}, not "
+            f"{_describe_value(value)}{hint}; a value of another type is never found")
+
+
 def _property_table(key: str, table: Any) -> dict[str, PropertyValue]:
-    """Property paths compare case-insensitively (as in ogon): stored lower-case."""
+    """Property paths compare case-insensitively (as in ogon): stored
+    lower-case. A property ogon reads must have ogon's type."""
     if not isinstance(table, dict):
         raise ConfigError(f"{key}: expected a table of property paths")
     out: dict[str, PropertyValue] = {}
+    problems = []
     for path, value in table.items():
         if not isinstance(value, bool | int | str):
-            raise ConfigError(
-                f"{key}.{path}: a property is a boolean, integer or string, "
-                f"not {type(value).__name__}")
+            problems.append(f"{key}.{path}: a property is a boolean, integer or string, "
+                            f"not {type(value).__name__}")
+            continue
         lowered = path.lower()
         if lowered in out:
-            raise ConfigError(f"{key}.{path}: given twice (property paths ignore case)")
+            problems.append(f"{key}.{path}: given twice (property paths ignore case)")
+            continue
+        wrong_type = _property_type_problem(key, path, value)
+        if wrong_type is not None:
+            problems.append(wrong_type)
+            continue
         out[lowered] = value
+    if problems:
+        raise ConfigError(*problems)
     return out
 
 
 def _user_properties(key: str, value: Any) -> dict[str, dict[str, PropertyValue]]:
     if not isinstance(value, dict):
         raise ConfigError(f"{key}: expected a table of per-user property tables")
-    return {user: _property_table(f"{key}.{user}", table) for user, table in value.items()}
+    tables, problems = {}, []
+    for user, table in value.items():
+        try:
+            tables[user] = _property_table(f"{key}.{user}", table)
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(*problems)
+    return tables
 
 
 _MODULE_KEYS = {"command", "endpoint", "user", "ready_timeout", "stop_timeout", "environment"}
@@ -269,7 +387,9 @@ def _module(name: str, table: Any) -> Module:
         raise ConfigError(f"{key}: expected a table")
     unknown = set(table) - _MODULE_KEYS
     if unknown:
-        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown module option "
+        first = sorted(unknown)[0]
+        raise ConfigError(f"{key}.{first}: unknown module option"
+                          f"{did_you_mean(first, _MODULE_KEYS, 0.6)} "
                           f"(known: {', '.join(sorted(_MODULE_KEYS))})")
     for required in ("command", "endpoint"):
         if required not in table:
@@ -305,9 +425,23 @@ def _module(name: str, table: Any) -> Module:
 def _modules(key: str, value: Any) -> dict[str, Module]:
     if not isinstance(value, dict):
         raise ConfigError(f"{key}: expected tables [modules.NAME]")
-    modules = default_modules()
-    modules.update({name: _module(name, table) for name, table in value.items()})
+    modules, problems = default_modules(), []
+    for name, table in value.items():
+        try:
+            modules[name] = _module(name, table)
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(*problems)
     return modules
+
+
+def _log_level(key: str, value: Any) -> str:
+    level = _string(key, value).lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(LOG_LEVELS)}"
+                          f"{did_you_mean(level, LOG_LEVELS, 0.6)}")
+    return level
 
 
 _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
@@ -327,7 +461,7 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "allowed_peer_uids": _uids,
     "channels_allow": _string_list("channel names"), "channels_deny": _string_list("channel names"),
     "properties": _property_table, "user_properties": _user_properties,
-    "modules": _modules,
+    "modules": _modules, "log_level": _log_level,
     "allow_root_desktops": _boolean, "backend_log_dir": _path,
     "backend_log_max_per_session": _integer, "backend_log_max_total": _integer,
     "min_free_disk": _integer,
@@ -335,40 +469,36 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
 assert set(_CHECKERS) == {f.name for f in dataclasses.fields(Config)}, "every option is checked"
 
 
-def config_from_mapping(values: dict[str, Any], base: Config | None = None) -> Config:
-    """A Config from TOML-like values over ``base`` (defaults if None)."""
-    config = dataclasses.replace(base) if base is not None else Config()
+#: Renamed keys: the old name still works.
+ALIASES = {"metrics_endpoint": "admin_endpoint"}  # reserved in 0.1, never served
+
+
+def check_values(values: Mapping[str, Any], source: str) -> tuple[dict[str, Any], list[Problem]]:
+    """Each known key of ``values`` through its checker: the parsed values
+    and one Problem per thing wrong (unknown keys included)."""
+    parsed: dict[str, Any] = {}
+    problems: list[Problem] = []
     for key, value in values.items():
-        if key == "metrics_endpoint":  # reserved in 0.1, never served: now this
-            key = "admin_endpoint"
+        key = ALIASES.get(key, key)
         checker = _CHECKERS.get(key)
         if checker is None:
-            known = ", ".join(sorted(_CHECKERS))
-            raise ConfigError(f"unknown option {key!r} (known: {known})")
-        setattr(config, key, checker(key, value))
+            problems.append(Problem(source, f"unknown option {key!r}"
+                                            f"{did_you_mean(key, _CHECKERS, 0.6)}"))
+            continue
+        try:
+            parsed[key] = checker(key, value)
+        except ConfigError as e:
+            problems += e.from_source(source)
+    return parsed, problems
+
+
+def config_from_mapping(values: dict[str, Any], base: Config | None = None) -> Config:
+    """A Config from TOML-like values over ``base`` (defaults if None)."""
+    parsed, problems = check_values(values, "")
+    if problems:
+        raise ConfigError(*problems)
+    config = dataclasses.replace(base) if base is not None else Config()
+    for key, value in parsed.items():
+        setattr(config, key, value)
     config.validate()
     return config
-
-
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read the TOML file at ``path`` (if any), then apply flag ``overrides``.
-
-    What an ogon host has is used unless the operator says otherwise: its
-    config.ini (``/etc/ogon/config.ini``, when it exists and ``ogon_config``
-    is not given) and, with such a file, PAM as ogon authenticates (unless
-    ``authenticator`` is given)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                values = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path}: {e}") from None
-    values.update(overrides or {})
-    if "ogon_config" not in values and DEFAULT_OGON_CONFIG.exists():
-        values["ogon_config"] = str(DEFAULT_OGON_CONFIG)
-    if values.get("ogon_config") and "authenticator" not in values:
-        values["authenticator"] = "pam"
-    return config_from_mapping(values)

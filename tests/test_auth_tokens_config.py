@@ -10,7 +10,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.python import usage
 
-from bridge.config import ConfigError, load_config
+from bridge.config import ConfigError
+from bridge.config_sources import load_config
 from bridge.security.auth import (
     Identity,
     UserEntry,
@@ -172,10 +173,13 @@ def test_twistd_options(tmp_path: Path) -> None:
                           "--state", str(tmp_path), "--users", str(tmp_path / "u")])
     assert options.config.call_timeout == 2.5
     assert options.config.state_dir == tmp_path
-    with pytest.raises(usage.UsageError, match="call_timeout"):
+    # One line each, no usage text (SystemExit: twistd prints just that).
+    with pytest.raises(SystemExit, match=r"^icp-bridge: command line: call_timeout"):
         Options().parseOptions(["--call-timeout", "-1"])
     bad = tmp_path / "bad.toml"
     bad.write_text("nope = 1\n")
-    with pytest.raises(usage.UsageError, match="unknown option"):
+    with pytest.raises(SystemExit, match=f"^icp-bridge: {bad}: unknown option"):
         Options().parseOptions(["--config", str(bad)])
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--no-such-flag"])
     assert os.path.exists(tmp_path)

@@ -25,9 +25,11 @@ MAX_CLASS_LINES = 400
 
 #: Top-level modules any room may use; they import no other part of bridge.
 GROUND = {"bridge.endpoints", "bridge.reactor"}
-#: The top: the service tree, the configuration, twistd's tap, the CLI. They
-#: may import any room; no room imports them.
-TOP = {"bridge", "bridge.config", "bridge.service", "bridge.tap", "bridge.cli"}
+#: The top: the service tree, the configuration (its keys, its sources, its
+#: preflight against the machine, a reload applying it to the running tree),
+#: twistd's tap, the CLI. They may import any room; no room imports them.
+TOP = {"bridge", "bridge.config", "bridge.config_sources", "bridge.preflight",
+       "bridge.service", "bridge.tap", "bridge.cli"}
 #: Each room and the rooms it may import (besides itself and the ground),
 #: as its ``__init__`` docstring says. Lower rooms never import higher ones.
 LAYERS: dict[str, set[str]] = {

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bridge import config as config_module
-from bridge.config import load_config
+from bridge.config_sources import load_config
 from bridge.security.auth import PamAuthenticator, ogon_pam_service
 from bridge.security.permissions import FULL, GUEST, USER, ogon_level
 from bridge.sessions.ogon_config import (

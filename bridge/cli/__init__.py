@@ -1,7 +1,7 @@
-"""The ``icp-bridge`` command: ``users``, ``ctl``, ``peer``, ``backend`` and
-``state``, one module each (``ctl events`` in ``events``; what ctl prints
-in ``decode``, its connection in ``otsclient``); ``main`` is the console
-script's entry point.
+"""The ``icp-bridge`` command: ``users``, ``ctl``, ``peer``, ``backend``,
+``state`` and ``config``, one module each (``ctl events`` in ``events``;
+what ctl prints in ``decode``, its connection in ``otsclient``); ``main`` is
+the console script's entry point.
 
 (The service itself runs under twistd: ``twistd -n icp-bridge``.)
 
@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bridge.cli import ctl, standins, state, users
+from bridge.cli import config, ctl, standins, state, users
 
 
 def package_version() -> str:
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_commands(commands)
     standins.add_commands(commands)
     state.add_commands(commands)
+    config.add_commands(commands)
     return parser
 
 

@@ -129,6 +129,32 @@ def with_certificate(description: str, certificate: Path, key: Path) -> str:
             f":certKey={quoteStringArgument(str(certificate))}")
 
 
+def endpoint_certificate(description: str) -> Path | None:
+    """The certificate file an ``ssl:`` endpoint string names (``certKey``,
+    else ``privateKey``, which then holds both, as Twisted reads it); None
+    for another kind of endpoint or one that names neither."""
+    from twisted.internet.endpoints import _parse  # the endpoint string grammar
+
+    parts = split_endpoint(description)
+    if parts[0] != "ssl":
+        return None
+    _, options = _parse(description[len("ssl:"):])
+    named = options.get("certKey") or options.get("privateKey")
+    return Path(named) if named else None
+
+
+def certificate_not_after(path: Path) -> datetime.datetime | None:
+    """When the (first) certificate in a PEM file expires; None when the
+    file cannot be read or holds no certificate."""
+    from cryptography import x509
+
+    try:
+        data = path.read_bytes()
+        return x509.load_pem_x509_certificate(data).not_valid_after_utc
+    except (OSError, ValueError):
+        return None
+
+
 def uses_default_pair(description: str) -> bool:
     """Whether an endpoint string will be served with the properties' pair."""
     parts = split_endpoint(description)

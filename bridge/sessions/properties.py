@@ -59,6 +59,69 @@ OGON_DEFAULTS: dict[str, PropertyValue] = {
 
 CONNECTION_PREFIX = "current.connection."
 
+#: The type ogon reads each property as (spec section 1.6), by ogon's
+#: spelling: a property configured with another type is "not found" for
+#: its reader, which then falls back to a hard-coded value (a quoted
+#: ``session.timeout = "30"`` would end every disconnected session at once).
+OGON_PROPERTY_TYPES: dict[str, type] = {
+    "ssl.certificate": str, "ssl.key": str, "tcp.keepalive.params": str,
+    "module": str, "auth.module": str, "auth.greeter": str,
+    "session.reconnect": bool, "session.reconnect.fromSameClient": bool,
+    "session.singleSession": bool, "session.timeout": int,
+    "session.remotecontrol.ask": bool,
+    "environment.filter": str, "environment.add": str,
+    "permission.level": str, "permission.groups.whiteList": str,
+    "permission.groups.blackList": str, "virtualChannel.whiteList": str,
+    "session.maxXRes": int, "session.maxYRes": int, "session.xres": int, "session.yres": int,
+    "session.colordepth": int,
+    # Read by ogon's RDP server over ICP (rdp-server/frontend.c).
+    "ogon.forceWeakRdpKey": bool, "ogon.showDebugInfo": bool,
+    "ogon.disableGraphicsPipeline": bool, "ogon.bitrate": int,
+    "ogon.disableGraphicsPipelineH264": bool, "ogon.enableFullAVC444": bool,
+    "ogon.restrictAVC444": bool,
+}
+#: ``module.<name>.<option>``: what ogon's module kinds read per module
+#: (``colordepth`` is in ogon's shipped files, though nothing reads it).
+OGON_MODULE_PROPERTY_TYPES: dict[str, type] = {
+    "modulename": str, "uselauncher": bool, "launcherexecutable": str,
+    "launcherdebugfile": str, "displayOffset": int, "dpi": int, "fontPath": str,
+    "noKPCursor": bool, "xauthoritypath": str, "stopwm": str, "startwm": str,
+    "startvc": str, "cmd": str, "colordepth": int,
+}
+_TYPES_BY_KEY = {path.lower(): (path, kind) for path, kind in OGON_PROPERTY_TYPES.items()}
+_MODULE_TYPES_BY_KEY = {option.lower(): (option, kind)
+                        for option, kind in OGON_MODULE_PROPERTY_TYPES.items()}
+
+
+def ogon_property(path: str) -> tuple[str, type] | None:
+    """ogon's spelling and type of a property path (any case), or None for a
+    property ogon does not read (sites add their own; they are answered
+    over ICP all the same)."""
+    key = path.lower()
+    known = _TYPES_BY_KEY.get(key)
+    if known is not None:
+        return known
+    parts = path.split(".")
+    if len(parts) == 3 and parts[0].lower() == "module" and parts[1]:
+        option = _MODULE_TYPES_BY_KEY.get(parts[2].lower())
+        if option is not None:
+            return f"module.{parts[1]}.{option[0]}", option[1]
+    return None
+
+
+def known_property_names(module_names: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """ogon's property names (with ``module.<name>.*`` for the given
+    modules): what a misspelt property is compared with."""
+    names = list(OGON_PROPERTY_TYPES)
+    for module in module_names:
+        names += [f"module.{module}.{option}" for option in OGON_MODULE_PROPERTY_TYPES]
+    return names
+
+
+def type_name(kind: type) -> str:
+    """How the operator's TOML spells a property type."""
+    return {bool: "a boolean (true/false)", int: "an integer", str: "a string"}[kind]
+
 
 @dataclass(frozen=True)
 class ConnectionValues:

@@ -1,0 +1,64 @@
+"""``icp-bridge config check [FILE]``: what the bridge would say about a
+configuration at startup (or refuse at a reload), without starting it:
+the file's keys and values, ogon's property types, the preflight against
+this machine.
+
+Exit status 0 when the bridge would start and run as configured; 1 when it
+would refuse to (an error) or run with something broken (an alert: an
+expired certificate). Warnings are printed and do
+not change the status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from bridge.config import DEFAULT_CONFIG_FILE, ConfigError
+    from bridge.config_sources import ConfigSources
+    from bridge.preflight import preflight
+
+    path = Path(args.file) if args.file else DEFAULT_CONFIG_FILE
+    if not args.file and not path.exists():
+        print(f"{path}: not there; the bridge uses the defaults (checked below)")
+        sources = ConfigSources([])
+    else:
+        sources = ConfigSources.for_service(path)
+    try:
+        loaded = sources.load()
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem)
+        return 1
+    config = loaded.config
+    findings = preflight(config, loaded.origins)
+    alerts = [str(p) for p in findings.alerts]
+    warnings = [str(p) for p in [*loaded.warnings, *findings.warnings]]
+    for problem in findings.errors:
+        print(problem)
+    for line in alerts:
+        print(f"error: {line}")
+    for line in warnings:
+        print(f"warning: {line}")
+    if findings.errors or alerts:
+        return 1
+    what = ", ".join(sources.files) or "the defaults"
+    print(f"{what}: ok" + (f" ({len(warnings)} warnings)" if warnings else "") +
+          ("" if os.geteuid() == 0 else " (checked as a user that is not root: backends "
+           "would run as that user)"))
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    config = commands.add_parser("config", help="the service's configuration")
+    actions = config.add_subparsers(dest="action", required=True)
+    check = actions.add_parser(
+        "check", help="check a configuration as the bridge would at startup: one line per "
+                      "problem (file, key, what); exit 0 when it would start")
+    check.add_argument("file", nargs="?",
+                       help="[default: /etc/icp-bridge/bridge.toml, or the defaults]")
+    check.set_defaults(func=cmd_check)

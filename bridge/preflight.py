@@ -1,0 +1,349 @@
+"""Preflight: what a configuration means on this machine, checked before
+the bridge starts (and before a reload is applied, and by ``icp-bridge
+config check``), each finding one line naming the key.
+
+Three kinds of finding, decided per check (README, "Operating it"):
+
+- **errors** stop startup and refuse a reload: mistakes inside the
+  configuration that can never work and that the operator fixes in the
+  file -- a ``module``/``auth.greeter`` property naming a module that is not
+  defined, a ``pipe_dir`` the session users cannot create their sockets in
+  (every desktop would fail to start).
+- **alerts** are logged as errors but the bridge runs: an expired
+  certificate (the RDP server reads the same pair; refusing to start would
+  lock every client out instead of warning them).
+- **warnings**: the machine may still change under a running bridge (a
+  package installed, an account created), and the launcher checks again at
+  every start with a clear line -- a module command that is missing or not
+  executable, a module account that does not exist, no desktop module at
+  all, a certificate that expires within 30 days, a plaintext or
+  off-loopback listener.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import pwd
+import shutil
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bridge.backends.environment import STANDARD_PATH
+from bridge.backends.modules import Module
+from bridge.config import Config, Problem, default_modules
+from bridge.endpoints import split_endpoint
+from bridge.security.tls import (
+    certificate_not_after,
+    default_pair,
+    endpoint_certificate,
+    uses_default_pair,
+)
+from bridge.sessions.properties import PropertyTable
+
+#: A certificate expiring sooner than this is warned about.
+CERTIFICATE_WARNING = datetime.timedelta(days=30)
+_PLACEHOLDERS = {"session_id": "1", "user": "user", "endpoint": "endpoint", "width": "1024",
+                 "height": "768", "bpp": "32", "pipe_dir": "/tmp/.pipe"}  # noqa: S108
+
+
+@dataclass
+class Findings:
+    """What preflight found, by kind (see the module's docstring)."""
+
+    errors: list[Problem] = field(default_factory=list)
+    alerts: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield from self.errors
+        yield from self.alerts
+        yield from self.warnings
+
+
+class _Checker:
+    """One run of the checks over one configuration."""
+
+    def __init__(self, config: Config, origins: dict[str, str], as_root: bool,
+                 now: datetime.datetime) -> None:
+        self.config = config
+        self.origins = origins
+        self.as_root = as_root
+        self.now = now
+        self.findings = Findings()
+        self.properties = PropertyTable(config.properties, config.user_properties)
+
+    def _problem(self, key: str, text: str, warning: bool = False) -> Problem:
+        parts = key.split(".")
+        if parts[0] == "modules" and len(parts) > 1 and \
+                default_modules().get(parts[1]) == self.config.modules.get(parts[1]):
+            return Problem("", text, warning=warning)  # the built-in module, no file's
+        return Problem(self.origins.get(parts[0], ""), text, warning=warning)
+
+    def error(self, key: str, text: str) -> None:
+        self.findings.errors.append(self._problem(key, text))
+
+    def alert(self, key: str, text: str) -> None:
+        self.findings.alerts.append(self._problem(key, text))
+
+    def warn(self, key: str, text: str) -> None:
+        self.findings.warnings.append(self._problem(key, text, warning=True))
+
+    # -- modules ------------------------------------------------------------------------
+
+    def used_modules(self) -> dict[str, list[str]]:
+        """Module name -> where it is named (``properties.module``, ...)."""
+        used: dict[str, list[str]] = {}
+        for prop, default in (("module", "xsession"), ("auth.greeter", "greeter")):
+            used.setdefault(self.properties.string_or(prop, "", default), []).append(
+                f"properties.{prop}" if prop in self.config.properties else "")
+            for user, table in self.config.user_properties.items():
+                value = table.get(prop)
+                if isinstance(value, str):
+                    used.setdefault(value, []).append(f"user_properties.{user}.{prop}")
+        return used
+
+    def modules(self) -> list[Module]:
+        """Check that every module named is defined; the modules to check."""
+        checked = []
+        for name, named_by in self.used_modules().items():
+            module = self.config.modules.get(name)
+            if module is not None:
+                checked.append(module)
+                continue
+            explicit = [where for where in named_by if where]
+            if explicit:
+                for where in explicit:
+                    self.error(where, f"{where}: names module {name!r}, which is not defined "
+                                      f"(add [modules.{name}] or name one of: "
+                                      f"{', '.join(sorted(self.config.modules))})")
+            else:
+                self.warn("modules", f"modules.{name}: not defined, and the module property "
+                                     f"names it by default: a logon with a password gets "
+                                     f"the greeter until [modules.{name}] (a desktop) is "
+                                     f"configured")
+        # Modules the configuration defines are meant to be used: check them too.
+        built_in = default_modules()
+        checked += [m for name, m in self.config.modules.items()
+                    if m not in checked and built_in.get(name) != m]
+        return checked
+
+    def search_path(self, module: Module) -> str:
+        """PATH as the launcher gives it to the module's process."""
+        path = STANDARD_PATH
+        passed = self.properties.split_list("environment.filter")
+        if ("*" in passed or "PATH" in passed) and "PATH" in os.environ:
+            path = os.environ["PATH"]
+        for item in self.properties.split_list("environment.add"):
+            name, _, value = item.partition(":")
+            if name.strip() == "PATH":
+                path = value
+        if "PATH" in module.environment:
+            path = module.environment["PATH"].format(**_PLACEHOLDERS)
+        return path
+
+    def consequence(self, module: Module) -> str:
+        """What the operator's users see when ``module`` cannot start."""
+        if module.name == self.properties.string_or("auth.greeter", "", "greeter"):
+            return " (clients without a password get FAILED instead of a greeter)"
+        if module.name == self.properties.string_or("module", "", "xsession"):
+            return " (logons get the greeter instead of their desktop)"
+        return ""
+
+    def runs_as_others(self, module: Module) -> bool:
+        """Whether the module's processes run as another user than the
+        bridge's (whose sockets and files it cannot rely on). A greeter has
+        no session user yet: with ``user = "session"`` it runs as the
+        bridge's user, as in ogon."""
+        if not self.as_root:
+            return False
+        if module.user == "session":
+            return self.used_as_desktop(module.name)
+        return module.user not in ("root", _own_name())
+
+    def used_as_desktop(self, name: str) -> bool:
+        """Whether a ``module`` property (or the default) names ``name``."""
+        if self.properties.string_or("module", "", "xsession") == name:
+            return True
+        return any(table.get("module") == name for table in self.config.user_properties.values())
+
+    def command(self, module: Module) -> None:
+        key = f"modules.{module.name}.command"
+        program = module.command[0]
+        if "{" in program:
+            return  # chosen per session: nothing to check before
+        if "/" not in program:
+            search = self.search_path(module)
+            found = shutil.which(program, path=search)
+            if found is None:
+                self.warn(key, f"{key}: {program!r} not found in PATH ({search}); "
+                               f"{module.name} backends cannot start{self.consequence(module)}")
+                return
+            program = found
+        path = Path(program)
+        try:
+            info = path.stat()
+        except OSError as e:
+            self.warn(key, f"{key}: {program}: {e.strerror}; {module.name} backends "
+                           f"cannot start{self.consequence(module)}")
+            return
+        if not stat.S_ISREG(info.st_mode) or not os.access(path, os.X_OK):
+            self.warn(key, f"{key}: {program} is not an executable file; "
+                           f"{module.name} backends cannot start{self.consequence(module)}")
+        elif self.runs_as_others(module) and not info.st_mode & stat.S_IXOTH:
+            self.warn(key, f"{key}: {program} (mode {stat.S_IMODE(info.st_mode):04o}) "
+                           f"may not be executable by the users {module.name} runs as")
+
+    def account(self, module: Module) -> None:
+        if module.user == "session" or not self.as_root:
+            return  # not root: backends run as the bridge's own user
+        try:
+            pwd.getpwnam(module.user)
+        except KeyError:
+            self.warn(f"modules.{module.name}", f"modules.{module.name}.user: no account "
+                      f"{module.user!r}; {module.name} backends cannot start"
+                      f"{self.consequence(module)}")
+
+    def pipe_dir(self, modules: list[Module]) -> None:
+        """The backends create their endpoint sockets in pipe_dir: every
+        account they run as must be able to."""
+        others = [m for m in modules if self.runs_as_others(m)]
+        directory = self.config.pipe_dir
+        if not others or not directory.exists():
+            return  # created 1777 at startup when missing (as winpr does)
+        fixed = {m.user for m in others if m.user != "session"}
+        any_user = any(m.user == "session" for m in others)
+        who = "the session's users" if any_user else ", ".join(sorted(fixed))
+        names = ", ".join(sorted(m.name for m in others))
+        for part in [directory, *directory.parents]:
+            try:
+                info = part.stat()
+            except OSError:
+                return
+            # As "others" bits: write and search the directory itself, search
+            # every directory above it.
+            need = stat.S_IWOTH | stat.S_IXOTH if part == directory else stat.S_IXOTH
+            if (not any_user or info.st_mode & need == need) and \
+                    all(_may(info, user, need) for user in fixed):
+                continue
+            if part == directory:
+                what, fix = "create sockets in", f"chmod 1777 {part}, as winpr makes it"
+            else:
+                what, fix = "reach", f"chmod o+x {part}, or choose another pipe_dir"
+            self.error("pipe_dir", f"pipe_dir: {who} cannot {what} {part} (owner uid "
+                                   f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}), "
+                                   f"so {names} backends cannot start ({fix})")
+            return
+
+    # -- TLS and listeners ------------------------------------------------------------------
+
+    def certificate(self) -> None:
+        path, key = certificate_path(self.config, self.properties, self.as_root)
+        if path is None or not path.exists():
+            return  # generated at startup
+        not_after = certificate_not_after(path)
+        if not_after is None:
+            self.warn(key, f"{key}: {path} holds no PEM certificate")
+            return
+        left = not_after - self.now
+        when = not_after.strftime("%Y-%m-%d %H:%M UTC")
+        if left <= datetime.timedelta(0):
+            self.alert(key, f"{key}: the certificate {path} EXPIRED on {when}: TLS clients "
+                            f"refuse the OTS API (and RDP clients warn); renew it and restart")
+        elif left < CERTIFICATE_WARNING:
+            self.warn(key, f"{key}: the certificate {path} expires on {when} ({left.days} "
+                           f"days); renew it before then (a restart serves the new one)")
+
+    def listeners(self) -> None:
+        config = self.config
+        for key, description, what in (
+                ("thrift_endpoint", config.thrift_endpoint, "logonConnection passwords "
+                 "and tokens"),
+                ("admin_endpoint", config.admin_endpoint, "tokens (Authorization headers)")):
+            if not description:
+                continue
+            kind = split_endpoint(description)[0]
+            exposed = _exposed_interface(description)
+            if kind in ("tcp", "tcp6", "unix") and (key == "thrift_endpoint" or exposed):
+                extra = (" and ogon's WTSAPI clients, which dial TLS, cannot connect"
+                         if key == "thrift_endpoint" else "")
+                self.warn(key, f"{key}: {description!r} is not TLS: {what} cross it "
+                               f"unencrypted{extra}")
+            if exposed:
+                self.warn(key, f"{key}: listens on {exposed}, reachable from the "
+                               f"network (add :interface=127.0.0.1 to keep it local)")
+
+
+def _own_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return ""
+
+
+def _may(info: os.stat_result, user: str, need: int) -> bool:
+    """Whether ``user`` has the permission bits ``need`` (given as the
+    "others" bits) on a file with ``info``."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return True  # said elsewhere: the account is missing
+    if entry.pw_uid == 0:
+        return True
+    mode = info.st_mode
+    if entry.pw_uid == info.st_uid:
+        return mode & (need << 6) == need << 6
+    if info.st_gid in os.getgrouplist(user, entry.pw_gid):
+        return mode & (need << 3) == need << 3
+    return mode & need == need
+
+
+def _exposed_interface(description: str) -> str:
+    """For a TCP or TLS endpoint string: "" when it listens on loopback
+    only, else what it listens on ("every interface" or the address)."""
+    from twisted.internet.endpoints import _parse
+
+    kind = split_endpoint(description)[0]
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return ""
+    _, options = _parse(description[len(kind) + 1:])
+    interface = options.get("interface", "")
+    if interface in ("", "0.0.0.0", "::"):  # noqa: S104 - what is looked for
+        return "every interface"
+    if interface == "localhost":
+        return ""
+    try:
+        return "" if ipaddress.ip_address(interface).is_loopback else interface
+    except ValueError:
+        return interface
+
+
+def certificate_path(config: Config, properties: PropertyTable, as_root: bool,
+                     ) -> tuple[Path | None, str]:
+    """The certificate the OTS API serves, and the key that names it."""
+    description = config.thrift_endpoint
+    if uses_default_pair(description):
+        default = default_pair(as_root, config.state_dir)[0]
+        return Path(properties.string_or("ssl.certificate", "", str(default))), \
+            "properties.ssl.certificate"
+    return endpoint_certificate(description), "thrift_endpoint"
+
+
+def preflight(config: Config, origins: dict[str, str] | None = None,
+              as_root: bool | None = None,
+              now: Callable[[], datetime.datetime] | None = None) -> Findings:
+    """Check ``config`` against this machine; ``origins`` names the file
+    of each top-level key (for the lines)."""
+    checker = _Checker(config, origins or {}, os.geteuid() == 0 if as_root is None else as_root,
+                       (now or (lambda: datetime.datetime.now(datetime.UTC)))())
+    modules = checker.modules()
+    for module in modules:
+        checker.command(module)
+        checker.account(module)
+    checker.pipe_dir(modules)
+    checker.certificate()
+    checker.listeners()
+    return checker.findings
