@@ -42,7 +42,14 @@ from bridge.security.auth import (
 )
 from bridge.security.permissions import ogon_level
 from bridge.security.throttle import LockoutStore, LogonGuard, ThrottlePolicy
-from bridge.security.tls import default_pair, ensure_pair, uses_default_pair, with_certificate
+from bridge.security.tls import (
+    certificate_not_after,
+    default_pair,
+    endpoint_certificate,
+    ensure_pair,
+    uses_default_pair,
+    with_certificate,
+)
 from bridge.security.token_files import SessionTokenFiles
 from bridge.security.tokens import TokenStore
 from bridge.sessions.model import StateWriteError
@@ -60,6 +67,7 @@ from bridge.watch.actions import SessionActionRoutes
 from bridge.watch.admin import EventsResource, HealthResource, admin_site
 from bridge.watch.dbus import SessionNotifier
 from bridge.watch.metrics import Metrics
+from bridge.watch.operations import OperationsCollector, OperationsState
 from protocols.generated.otsapi import otsapi
 from protocols.thrift_server import ConnectionLimits, ThriftServerFactory
 
@@ -147,6 +155,10 @@ class BridgeService(MultiService):
             if config.dbus_address else None
 
         self.authenticator = authenticator or self._make_authenticator()
+        self.operations = OperationsState(
+            users=self.authenticator if isinstance(self.authenticator, UsersFileAuthenticator)
+            else None)
+        self._served_certificate()
         self.lockouts = LockoutStore(state_database(config.state_dir))
         self.guard = LogonGuard(self.authenticator, clock, ThrottlePolicy(
             failures_before_delay=config.logon_failures_before_delay,
@@ -208,6 +220,7 @@ class BridgeService(MultiService):
         self.metrics = Metrics(self.registry, self.link, self.thrift_factory, self.store,
                                self.events, self.guard, self.launcher, self.dbus,
                                self.logon_events)
+        self.metrics.registry.register(OperationsCollector(self.operations))
         self.admin_listener: ListeningService | None = None
         self.admin_events: EventsResource | None = None
         if config.admin_endpoint:
@@ -215,7 +228,7 @@ class BridgeService(MultiService):
             health = HealthResource(self.icp_listener, self.thrift_listener, self.link,
                                     self.registry, self.dbus,
                                     [config.state_dir, self.launcher.logs.directory],
-                                    config.min_free_disk)
+                                    config.min_free_disk, self.operations.degraded)
             # Real time, not ``clock``: keepalives and stalls are the network's.
             site, self.admin_events = admin_site(
                 self.tokens, self.registry, self.events, self.metrics.registry, health,
@@ -273,6 +286,14 @@ class BridgeService(MultiService):
         key = Path(self.properties.get_string("ssl.key") or "")
         ensure_pair(certificate, key)
         return with_certificate(description, certificate, key)
+
+    def _served_certificate(self) -> None:
+        """When the OTS API's certificate expires (for /metrics, /healthz)."""
+        path = endpoint_certificate(self.thrift_description)
+        not_after = certificate_not_after(path) if path is not None else None
+        if path is not None and not_after is not None:
+            self.operations.certificate_path = str(path)
+            self.operations.certificate_not_after = not_after.timestamp()
 
     def _accepting(self, on: bool) -> None:
         """Under a storm of TLS handshakes: stop accepting while enough wait."""
@@ -337,10 +358,9 @@ class BridgeService(MultiService):
                 "added with `icp-bridge users add NAME --permission full|user|guest`",
                 path=str(config.users_file),
             )
-        elif config.users_file.stat().st_mode & 0o077:
-            self.log.warn("users file {path} is readable by others; chmod 600 it",
-                          path=str(config.users_file))
-        return UsersFileAuthenticator(config.users_file, run_blocking=self._run_blocking)
+        users = UsersFileAuthenticator(config.users_file, run_blocking=self._run_blocking)
+        users.users()  # read now: its bad entries and its owner and mode are said at startup
+        return users
 
     def privilegedStartService(self) -> None:
         try:

@@ -195,11 +195,13 @@ def test_config_check_lists_every_problem_and_exits_1(tmp_path: Path) -> None:
 
 def test_config_check_runs_the_preflight(tmp_path: Path) -> None:
     path = good_config(tmp_path, extra='[user_properties.bob]\n"module" = "kde"\n')
+    (tmp_path / "users").write_text("alice:full:not-a-hash\n")
     result = run_check(str(path))
     assert result.returncode == 1
-    assert result.stdout.splitlines()[:1] == [
+    assert result.stdout.splitlines()[:2] == [
         f"{path}: user_properties.bob.module: names module 'kde', which is not defined (add "
         f"[modules.kde] or name one of: greeter, xsession)",
+        f"error: {tmp_path}/users:1: the hash is not scrypt$n=..,r=..,p=..$salt$digest",
     ]
 
 

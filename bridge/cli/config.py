@@ -1,11 +1,11 @@
 """``icp-bridge config check [FILE]``: what the bridge would say about a
 configuration at startup (or refuse at a reload), without starting it:
 the file's keys and values, ogon's property types, the preflight against
-this machine.
+this machine, and the users file.
 
 Exit status 0 when the bridge would start and run as configured; 1 when it
 would refuse to (an error) or run with something broken (an alert: an
-expired certificate). Warnings are printed and do
+expired certificate, bad users-file entries). Warnings are printed and do
 not change the status.
 """
 
@@ -21,6 +21,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from bridge.config import DEFAULT_CONFIG_FILE, ConfigError
     from bridge.config_sources import ConfigSources
     from bridge.preflight import preflight
+    from bridge.security.auth import parse_users, users_file_warnings
 
     path = Path(args.file) if args.file else DEFAULT_CONFIG_FILE
     if not args.file and not path.exists():
@@ -38,6 +39,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     findings = preflight(config, loaded.origins)
     alerts = [str(p) for p in findings.alerts]
     warnings = [str(p) for p in [*loaded.warnings, *findings.warnings]]
+    if config.authenticator == "users-file":
+        users = config.users_file
+        try:
+            parsed = parse_users(users.read_text(encoding="utf-8"), users)
+            alerts += parsed.problems
+            warnings += users_file_warnings(users)
+        except FileNotFoundError:
+            warnings.append(f"users file {users} does not exist: every logon goes to the "
+                            f"greeter (`icp-bridge users add`)")
+        except (OSError, UnicodeDecodeError) as e:
+            alerts.append(f"users file {users} cannot be read: {e}")
     for problem in findings.errors:
         print(problem)
     for line in alerts:

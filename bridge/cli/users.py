@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bridge.cli.common import read_password
-from bridge.config import default_users_file
+from bridge.cli.common import add_config_option, read_password, service_paths
 from bridge.security.auth import (
     UserEntry,
+    UsersFile,
     UsersFileError,
     check_username,
     hash_password,
+    parse_users,
     read_users,
     write_users,
 )
@@ -26,11 +27,10 @@ def cmd_lockouts(args: argparse.Namespace) -> int:
     running bridge sees a cleared one at its next logon attempt)."""
     import time
 
-    from bridge.config import default_state_dir
     from bridge.security.throttle import LockoutStore, source_key, user_key
     from bridge.state.store import state_database
 
-    path = state_database(Path(args.state) if args.state else default_state_dir())
+    path = state_database(Path(args.state) if args.state else service_paths(args.config)[1])
     if not path.exists():
         print(f"no state database at {path}", file=sys.stderr)
         return 1
@@ -57,18 +57,29 @@ def cmd_lockouts(args: argparse.Namespace) -> int:
         store.close()
 
 
+def list_users(path: Path) -> int:
+    """The good entries, and each bad one (exit 1) as the bridge names it."""
+    try:
+        parsed = parse_users(path.read_text(encoding="utf-8"), path)
+    except FileNotFoundError:
+        parsed = UsersFile()
+    if not parsed.users and not parsed.problems:
+        print(f"no users in {path}")
+    for entry in parsed.users.values():
+        print(f"{entry.name}\t{level_name(entry.permission)}")
+    for problem in parsed.problems:
+        print(f"bad entry: {problem} (that user cannot log on)", file=sys.stderr)
+    return 1 if parsed.problems else 0
+
+
 def cmd_users(args: argparse.Namespace) -> int:
     if args.action in ("lockouts", "unlock"):
         return cmd_lockouts(args)
-    path = Path(args.users) if args.users else default_users_file()
+    path = Path(args.users) if args.users else service_paths(args.config)[0]
+    if args.action == "list":
+        return list_users(path)
     try:
         users = read_users(path)
-        if args.action == "list":
-            if not users:
-                print(f"no users in {path}")
-            for entry in users.values():
-                print(f"{entry.name}\t{level_name(entry.permission)}")
-            return 0
         check_username(args.name)
         if args.action == "add":
             password = read_password(f"password for {args.name}: ")
@@ -102,7 +113,9 @@ def add_commands(commands: Any) -> None:
     remove = user_actions.add_parser("remove", help="remove a user")
     remove.add_argument("name")
     for action in (add, listing, remove):
-        action.add_argument("--users", help=f"users file [default: {default_users_file()}]")
+        action.add_argument("--users", help="users file [default: the configuration's "
+                                            "users_file]")
+        add_config_option(action)
     lockouts = user_actions.add_parser(
         "lockouts", help="users and client addresses locked out after failed logons")
     lockouts.add_argument("--all", action="store_true", help="also counts not locked yet")
@@ -110,5 +123,7 @@ def add_commands(commands: Any) -> None:
     unlock.add_argument("name", nargs="?")
     unlock.add_argument("--source", help="a client address instead of a user")
     for action in (lockouts, unlock):
-        action.add_argument("--state", help="state directory [default: the service's]")
+        action.add_argument("--state", help="state directory [default: the configuration's "
+                                            "state_dir]")
+        add_config_option(action)
     users.set_defaults(func=cmd_users)

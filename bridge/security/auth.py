@@ -10,7 +10,9 @@ import hmac
 import os
 import pwd
 import secrets
+import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,26 +182,103 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def read_users(path: Path) -> dict[str, UserEntry]:
-    """Parse a users file: ``name:level:hash`` per line, ``#`` comments."""
-    users: dict[str, UserEntry] = {}
+def _hash_problem(encoded: str) -> str | None:
+    """What is wrong with a stored hash, or None (a hash that cannot be
+    checked would refuse its user as if the password were wrong)."""
+    parts = encoded.split("$")
+    if len(parts) != 4 or parts[0] != "scrypt":
+        return "the hash is not scrypt$n=..,r=..,p=..$salt$digest"
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return users
+        cost = dict(item.split("=") for item in parts[1].split(","))
+        n, r, p = int(cost["n"]), int(cost["r"]), int(cost["p"])
+        base64.b64decode(parts[2], validate=True)
+        base64.b64decode(parts[3], validate=True)
+    except (ValueError, KeyError):
+        return "the hash's parameters, salt or digest do not parse"
+    if n < 2 or n & (n - 1) or r < 1 or p < 1:
+        return "the hash's scrypt cost is not usable"
+    return None
+
+
+@dataclass
+class UsersFile:
+    """A users file as read: its good entries, one line per bad entry
+    (``path:line: what``), and the names whose entry is bad (they cannot log
+    on until it is fixed, and that is not their failure)."""
+
+    users: dict[str, UserEntry] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    bad_names: set[str] = field(default_factory=set)
+
+
+def parse_users(text: str, path: Path | str) -> UsersFile:
+    """Parse users-file text: ``name:level:hash`` per line, ``#`` comments.
+    A bad line spoils only its own entry."""
+    parsed = UsersFile()
+    seen: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.split(":")
+        name = parts[0]
         if len(parts) != 3:
-            raise UsersFileError(f"{path}:{number}: expected name:level:hash")
-        name, level, password_hash = parts
-        try:
-            users[name] = UserEntry(name, level_value(level), password_hash)
-        except ValueError as e:
-            raise UsersFileError(f"{path}:{number}: {e}") from None
-    return users
+            problem = "expected name:level:hash"
+        elif name in seen:
+            problem = f"{name} is already on line {seen[name]}"
+        else:
+            try:
+                check_username(name)
+                level_value(parts[1])
+                problem = _hash_problem(parts[2]) or ""
+            except (UsersFileError, ValueError) as e:
+                problem = str(e)
+        if problem:
+            parsed.problems.append(f"{path}:{number}: {problem}")
+            if name and len(name) <= 256:
+                parsed.bad_names.add(name)
+            continue
+        seen[name] = number
+        parsed.users[name] = UserEntry(name, level_value(parts[1]), parts[2])
+    for name in parsed.bad_names & set(parsed.users):  # a duplicate: neither line is trusted
+        del parsed.users[name]
+    return parsed
+
+
+def read_users(path: Path) -> dict[str, UserEntry]:
+    """Parse a users file; UsersFileError naming ``path:line`` at the first
+    bad entry (tools refuse to rewrite a file they would lose lines of)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    parsed = parse_users(text, path)
+    if parsed.problems:
+        raise UsersFileError(parsed.problems[0])
+    return parsed.users
+
+
+def users_file_warnings(path: Path, own_uid: int | None = None) -> list[str]:
+    """What about the users file's owner and mode an operator should hear:
+    whoever owns or may write it can add an admin."""
+    own_uid = os.geteuid() if own_uid is None else own_uid
+    try:
+        info = path.stat()
+    except OSError:
+        return []
+    warnings = []
+    if info.st_uid not in (0, own_uid):
+        warnings.append(f"users file {path} is owned by uid {info.st_uid}, not root or the "
+                        f"bridge's user: its owner can add users (chown root it)")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        who = "others" if mode & 0o002 else "its group"
+        warnings.append(f"users file {path} is writable by {who} (mode {mode:04o}): they can "
+                        f"add users; chmod 600 it")
+    elif mode & 0o044:
+        warnings.append(f"users file {path} is readable by others (mode {mode:04o}); "
+                        f"chmod 600 it")
+    return warnings
 
 
 def write_users(path: Path, users: Iterable[UserEntry]) -> None:
@@ -249,10 +328,21 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600, owner: tuple[int, i
         os.close(dir_fd)
 
 
+class AuthenticationUnavailable(Exception):  # noqa: N818 - not an error of the caller's
+    """The user cannot be checked now (their users-file entry is bad): a
+    refused logon that is no failed guess of theirs."""
+
+
 class UsersFileAuthenticator:
-    """Checks passwords against the users file, re-read when it changes.
-    scrypt runs through ``run_blocking`` (a thread pool in the service) so
-    the reactor never waits on it."""
+    """Checks passwords against the users file, re-read when it changes
+    (and on ``reload``). scrypt runs through ``run_blocking`` (a thread pool
+    in the service) so the reactor never waits on it.
+
+    The first read uses the good entries of the file and names each bad one.
+    A later edit with a bad entry is not used: the last good version stays
+    (``stale``), loudly, until the file is fixed. A user whose entry is bad
+    is refused with AuthenticationUnavailable, which does not count toward
+    their lockout."""
 
     log = Logger()
 
@@ -260,38 +350,113 @@ class UsersFileAuthenticator:
                  shadow: Path = SHADOW) -> None:
         self.path = path
         self._run_blocking = run_blocking
-        self._users: dict[str, UserEntry] = {}
-        self._stamp: tuple[int, int] | None = None
+        self._current = UsersFile()
+        self._stamp: tuple[int, int, int] | None = None
+        self._loaded = False
         self._dummy_hash = dummy_hash(SCRYPT_N)
         self.shadow = shadow
         self._warned_shadow = False
+        #: True while the file on disk has a bad entry and an older version is used.
+        self.stale = False
+        #: The problems of the file on disk (``path:line: what``), if any.
+        self.problems: list[str] = []
+        #: When the version in use was read (unix time; 0 before).
+        self.loaded_at = 0.0
 
-    def users(self) -> dict[str, UserEntry]:
+    def _read_stamp(self) -> tuple[int, int, int] | None:
         try:
             st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
-            stamp = None
-        if stamp != self._stamp:
-            try:
-                self._users = read_users(self.path)
-            except UsersFileError as e:
-                self.log.error("cannot read users file: {error}", error=str(e))
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def reload(self, path: Path | None = None) -> None:
+        """Read the file again now (a configuration reload), at a new path
+        if given."""
+        if path is not None and path != self.path:
+            self.path = path
+            self._loaded = False
+        self._stamp = None
+        self.users()
+
+    def users(self) -> dict[str, UserEntry]:
+        stamp = self._read_stamp()
+        if stamp != self._stamp or not self._loaded:
             self._stamp = stamp
-            # Unknown users cost what known ones do: no timing tells them apart.
-            costs = [_cost(entry.password_hash) for entry in self._users.values()]
-            self._dummy_hash = dummy_hash(max(costs, default=SCRYPT_N))
-        return self._users
+            self._load(stamp)
+        return self._current.users
+
+    def _load(self, stamp: tuple[int, int, int] | None) -> None:
+        try:
+            text = self.path.read_text(encoding="utf-8") if stamp is not None else ""
+        except (OSError, UnicodeDecodeError) as e:
+            self._refuse([f"{self.path}: cannot be read: {getattr(e, 'strerror', None) or e}"])
+            return
+        parsed = parse_users(text, self.path)
+        self.problems = parsed.problems
+        for warning in users_file_warnings(self.path):
+            self.log.warn("{warning}", warning=warning)
+        if parsed.problems and self._loaded:
+            self._refuse(parsed.problems)
+            return
+        first = not self._loaded
+        self._use(parsed)
+        if parsed.problems:
+            # The first read: nothing older to keep; the good entries serve.
+            self.log.error("users file {path}: {count} bad entries; those users cannot log on "
+                           "until they are fixed (the other {users} can):", path=str(self.path),
+                           count=len(parsed.problems), users=len(parsed.users))
+            for problem in parsed.problems:
+                self.log.error("{problem}", problem=problem)
+        elif not first or stamp is not None:
+            self.log.info("users file {path}: {users} users", path=str(self.path),
+                          users=len(parsed.users))
+
+    def _use(self, parsed: UsersFile) -> None:
+        self._current = parsed
+        self._loaded = True
+        self.stale = False
+        self.loaded_at = time.time()
+        # Unknown users cost what known ones do: no timing tells them apart.
+        costs = [_cost(entry.password_hash) for entry in parsed.users.values()]
+        self._dummy_hash = dummy_hash(max(costs, default=SCRYPT_N))
+
+    def _refuse(self, problems: list[str]) -> None:
+        """The file on disk is not used; the version read before stays."""
+        self.problems = problems
+        self.stale = True
+        self.log.error("users file {path} not used: it has {count} bad entries; the version "
+                       "read {ago:.0f} s ago ({users} users) stays until it is fixed:",
+                       path=str(self.path), count=len(problems),
+                       ago=max(0.0, time.time() - self.loaded_at) if self.loaded_at else 0.0,
+                       users=len(self._current.users))
+        for problem in problems:
+            self.log.error("{problem}", problem=problem)
+
+    def health(self) -> list[str]:
+        """What /healthz calls degraded about the users file ([] when fine)."""
+        if self.stale:
+            return [f"users file {self.path} has bad entries; an older version is in use "
+                    f"({self.problems[0] if self.problems else ''})"]
+        if self._current.problems:
+            return [f"users file {self.path}: {len(self._current.problems)} bad entries "
+                    f"({self._current.problems[0]})"]
+        return []
 
     def authenticate(self, username: str, password: str, domain: str) -> Deferred[Identity | None]:
         """Fires with the Identity when the password is right and the user's
         system account (if there is one) may log on, as PAM's account stage
-        would decide: not locked, not expired (``bridge.security.accounts``)."""
+        would decide: not locked, not expired (``bridge.security.accounts``).
+        A user whose entry in the users file is bad fails with
+        AuthenticationUnavailable (not counted toward a lockout)."""
         entry = self.users().get(username)
         encoded = entry.password_hash if entry is not None else self._dummy_hash
+        unavailable = entry is None and username in self._current.bad_names
 
         def checked(outcome: tuple[bool, str | None, str | None]) -> Identity | None:
             ok, problem, unreadable = outcome
+            if unavailable:
+                raise AuthenticationUnavailable(f"the users file's entry for {username} is bad")
             if unreadable is not None and not self._warned_shadow:
                 self._warned_shadow = True
                 self.log.warn("cannot read {path} ({error}): users-file logons of locked or "

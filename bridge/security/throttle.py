@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from bridge.security.auth import Authenticator, Identity
+from bridge.security.auth import AuthenticationUnavailable, Authenticator, Identity
 
 #: The kinds of logon that queue apart.
 RDP = "rdp"
@@ -134,7 +134,7 @@ class LogonGuard:
         self._logged: dict[str, float] = {}
         self.refused_full = 0
         # For the metrics: logons by (kind, outcome: ok, failed, locked_out,
-        # queue_full).
+        # queue_full, unavailable).
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.observers: list[LogonObserver] = []
 
@@ -271,6 +271,13 @@ class LogonGuard:
         try:
             identity = await self._lanes[kind].run(
                 self._check, username, password, domain, options)
+        except AuthenticationUnavailable as e:
+            # Not a guess of theirs: no failure is counted toward a lockout.
+            self.outcomes[kind, "unavailable"] += 1
+            if self._rate_limited(f"unavailable {username}"):
+                self.log.warn("logon of user {username} refused: {reason}",
+                              username=username, reason=str(e))
+            return None
         finally:
             self._waiting[kind] -= 1
         if identity is None:

@@ -13,7 +13,7 @@ logged on, do not; the default endpoint listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -283,9 +283,12 @@ class HealthResource(Resource):
     def __init__(self, icp_listener: ListeningService, otsapi_listener: ListeningService,
                  link: RdpServerLink, registry: SessionRegistry,
                  dbus: SessionNotifier | None, disk_paths: Sequence[Path] = (),
-                 min_free_disk: int = 0) -> None:
+                 min_free_disk: int = 0,
+                 degraded: Callable[[], list[str]] | None = None) -> None:
         """``disk_paths``: directories whose filesystem must keep
-        ``min_free_disk`` bytes free (the state's, the backend logs')."""
+        ``min_free_disk`` bytes free (the state's, the backend logs').
+        ``degraded``: why the bridge, though serving, needs an operator (a
+        bad users file, a refused reload, an expiring certificate)."""
         super().__init__()
         self.icp_listener = icp_listener
         self.otsapi_listener = otsapi_listener
@@ -294,6 +297,7 @@ class HealthResource(Resource):
         self.dbus = dbus
         self.disk_paths = disk_paths
         self.min_free_disk = min_free_disk
+        self.degraded = degraded or list
 
     def render_GET(self, request: Request) -> bytes:
         icp = self.icp_listener.port is not None
@@ -312,6 +316,7 @@ class HealthResource(Resource):
                     ("connected" if notifier.connected else "not connected"),
             "state_unwritten": self.registry.unwritten,
             "disk_free": free,
+            "degraded": self.degraded(),
         }
         if not ok:
             health["problem"] = "; ".join(
