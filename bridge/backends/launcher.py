@@ -59,9 +59,9 @@ from bridge.backends.environment import (
 from bridge.backends.ledger import MemoryLedger, SpawnLedger
 from bridge.backends.logs import BackendLogs, LogFile
 from bridge.backends.modules import BackendError, LaunchContext, Module, pipe_file
-from bridge.backends.orphans import Orphans, PidfdReader, process_start_ticks, same_process
+from bridge.backends.orphans import Orphans, PidfdReader, same_process
 from bridge.backends.output import OutputFollower
-from bridge.sessions.model import BackendRecord, StateWriteError
+from bridge.sessions.model import BackendRecord, StateWriteError, process_start_ticks
 
 __all__ = ["Backend", "BackendLauncher", "process_start_ticks"]
 

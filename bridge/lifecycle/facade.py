@@ -142,6 +142,13 @@ class SessionLifecycle:
         for session in kept:
             record = session.backend
             module = self.modules.get(record.module) if record is not None else None
+            if record is not None and module is None:
+                # Removed from the configuration (or unreadable in the row):
+                # the running desktop is still the user's, not an orphan.
+                module = Module(name=record.module, command=(), endpoint=record.endpoint)
+                self.log.warn("session {session_id}: module {module} is not configured any "
+                              "more; its backend is adopted as it runs",
+                              session_id=session.session_id, module=record.module)
             backend = None
             if record is not None and module is not None:
                 backend = self.launcher.adopt(session.session_id, module, record)

@@ -53,6 +53,24 @@ class ClientInfo:
     initial_height: int = 0
 
 
+def process_start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot),
+    None if there is no such process, or only its zombie is left."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after it.
+    fields = data[data.rfind(b")") + 2:].split()
+    try:
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
 @dataclass
 class BackendRecord:
     """The backend process a session runs, as the state store keeps it so

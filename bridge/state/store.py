@@ -28,47 +28,23 @@ from bridge.endpoints import StartupError
 from bridge.security.tokens import TokenRecord
 from bridge.sessions.model import (
     BackendRecord,
-    ClientInfo,
     ConnectState,
     Session,
     SessionChange,
     SessionEvent,
     StateWriteError,
+    process_start_ticks,
 )
 from bridge.sessions.registry import SessionRegistry
+from bridge.state.rows import RowReading, read_row, session_to_json
+from bridge.state.schema import migrate
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS sessions (session_id INTEGER PRIMARY KEY, data TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS tokens (
-    digest TEXT PRIMARY KEY,
-    username TEXT NOT NULL,
-    domain TEXT NOT NULL,
-    permission INTEGER NOT NULL,
-    session_id INTEGER,
-    expires_at REAL,
-    lifetime REAL
-);
--- Every backend process spawned and not seen exit (bridge.backends.ledger).
-CREATE TABLE IF NOT EXISTS backends (
-    pid INTEGER NOT NULL,
-    start_ticks INTEGER NOT NULL,
-    session_id INTEGER NOT NULL,
-    data TEXT NOT NULL,
-    PRIMARY KEY (pid, start_ticks)
-);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time REAL NOT NULL,
-    session_id INTEGER NOT NULL,
-    username TEXT NOT NULL,
-    event TEXT NOT NULL,
-    old_state INTEGER,
-    new_state INTEGER,
-    reason TEXT NOT NULL
-);
-"""
-_TABLES = ("meta", "sessions", "tokens", "events")
+#: The tables ``icp-bridge state check`` expects (``bridge.state.schema`` makes them).
+TABLES = ("meta", "sessions", "tokens", "events", "lockouts", "backends")
+#: The meta row a running bridge keeps ("<pid>:<process start ticks>"),
+#: removed when it closes the database: a copy that has it was taken while a
+#: bridge ran.
+OPENED_BY = "opened_by"
 
 
 def state_database(state_dir: Path) -> Path:
@@ -92,21 +68,6 @@ class JournalEvent:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _session_to_json(session: Session) -> str:
-    data = dataclasses.asdict(session)
-    data["state"] = int(session.state)
-    return json.dumps(data, sort_keys=True)
-
-
-def _session_from_json(text: str) -> Session:
-    data = json.loads(text)
-    data["state"] = ConnectState(data["state"])
-    data["client"] = ClientInfo(**data["client"])
-    if data.get("backend") is not None:
-        data["backend"] = BackendRecord(**data["backend"])
-    return Session(**data)
 
 
 def _describe(error: sqlite3.Error) -> str:
@@ -135,9 +96,11 @@ class StateStore:
             # on the reactor thread now and then (~20 ms here). The service
             # calls checkpoint() from a worker thread instead.
             self._db.execute("PRAGMA wal_autocheckpoint=0")
-            self._db.executescript(SCHEMA)
+            migrate(self._db, path)
             if not memory:
                 os.chmod(path, 0o600)
+                self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                 (OPENED_BY, f"{os.getpid()}:{process_start_ticks(os.getpid())}"))
         except sqlite3.DatabaseError as e:
             raise StartupError(
                 f"state database {path} cannot be used ({_describe(e)}): move it aside to start "
@@ -164,6 +127,11 @@ class StateStore:
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
+        try:
+            self._db.execute("DELETE FROM meta WHERE key = ?", (OPENED_BY,))
+        except sqlite3.Error as e:
+            self.log.warn("state database {path}: not marked closed: {error}",
+                          path=str(self.path), error=_describe(e))
         self._db.close()
 
     def _transaction(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> list[int]:
@@ -191,19 +159,15 @@ class StateStore:
 
     # -- sessions and their journal -------------------------------------------
 
+    def load_rows(self) -> list[RowReading]:
+        """Every stored session row, read as well as it can be (a row that
+        does not parse still gives its backend: ``bridge.state.rows``)."""
+        return [read_row(session_id, data) for session_id, data in self._db.execute(
+            "SELECT session_id, data FROM sessions ORDER BY session_id")]
+
     def load_sessions(self) -> list[Session]:
-        """Every stored session; a row that does not parse is logged and
-        skipped (left in place for inspection), not fatal."""
-        sessions = []
-        for session_id, data in self._db.execute(
-                "SELECT session_id, data FROM sessions ORDER BY session_id"):
-            try:
-                sessions.append(_session_from_json(data))
-            except (ValueError, TypeError, KeyError) as e:
-                self.log.error("skipping unreadable session row {session_id} in {path}: "
-                               "{error}", session_id=session_id, path=str(self.path),
-                               error=str(e)[:200])
-        return sessions
+        """Every stored session that can be restored."""
+        return [row.session for row in self.load_rows() if row.session is not None]
 
     def next_session_id(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key='next_session_id'").fetchone()
@@ -227,7 +191,7 @@ class StateStore:
             else:
                 statements.append(("INSERT OR REPLACE INTO sessions (session_id, data) "
                                    "VALUES (?, ?)", (session.session_id,
-                                                     _session_to_json(session))))
+                                                     session_to_json(session))))
             journal_rows.append(len(statements))
             statements.append((
                 "INSERT INTO events (time, session_id, username, event, old_state, new_state,"
@@ -335,36 +299,6 @@ class SpawnRecords:
         return found
 
 
-def check(path: Path) -> list[str]:
-    """What is wrong with the state database at ``path`` (empty: sound).
-    Opens it read-only; changes nothing."""
-    if not path.exists():
-        return [f"{path} does not exist"]
-    problems = []
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as e:
-        return [f"cannot open {path}: {_describe(e)}"]
-    try:
-        result = [row[0] for row in db.execute("PRAGMA integrity_check")]
-        if result != ["ok"]:
-            problems += [f"integrity: {line}" for line in result[:20]]
-        tables = {row[0] for row in db.execute(
-            "SELECT name FROM sqlite_master WHERE type='table'")}
-        problems += [f"table {name} is missing" for name in _TABLES if name not in tables]
-        if "sessions" in tables:
-            for session_id, data in db.execute("SELECT session_id, data FROM sessions"):
-                try:
-                    _session_from_json(data)
-                except (ValueError, TypeError, KeyError) as e:
-                    problems.append(f"session row {session_id} does not parse: {str(e)[:100]}")
-    except sqlite3.DatabaseError as e:
-        problems.append(f"{path} is not a usable SQLite database: {_describe(e)}")
-    finally:
-        db.close()
-    return problems
-
-
 def restore(store: StateStore, registry: SessionRegistry, now: float,
             ) -> tuple[list[Session], list[Session], list[TokenRecord]]:
     """Load what the last run left into ``registry`` (whose persister is
@@ -376,10 +310,25 @@ def restore(store: StateStore, registry: SessionRegistry, now: float,
     log = Logger(namespace="bridge.state.store")
     # Before any write below: ids of ended sessions stay used.
     registry.restore_next_session_id(store.next_session_id())
-    loaded = store.load_sessions()
+    rows = store.load_rows()
+    loaded = [row.session for row in rows if row.session is not None]
     for session in loaded:
         registry.restore(session)
     kept, dropped = [], []
+    for row in rows:
+        session = row.session or row.stray
+        if row.note and session is not None:
+            backend = session.backend
+            log.error("state database {path}: session {session_id}'s row does not parse "
+                      "({note}); {what}", path=str(store.path), session_id=session.session_id,
+                      note=row.note, what="restored with what could be read" if row.session
+                      else f"ended; its backend (pid {backend.pid}) is stopped if still "
+                      f"running" if backend is not None else "ended; no backend found in it")
+        if row.stray is not None:
+            # Journaled like any end; the caller stops its backend (same process only).
+            registry.restore(row.stray)
+            registry.end(row.stray, "its state row could not be read")
+            dropped.append(row.stray)
     for session in loaded:
         if not session.logged_on:
             registry.end(session, "bridge restarted")
