@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet import tcp, unix
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.fdesc import setNonBlocking
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 
 class StartupError(Exception):
@@ -185,13 +188,75 @@ def check_directory(path: Path, option: str, shared: bool) -> None:
                            f"or +t it")
 
 
+def from_systemd(description: str) -> bool:
+    """Whether the endpoint string names a socket systemd hands over."""
+    return split_endpoint(description)[0] == "systemd"
+
+
 def validate_endpoint(reactor: Any, description: str, option: str) -> None:
     """Parse an endpoint string now (it reads TLS certificate files), so a
     mistake stops startup with one line naming the option."""
     try:
         serverFromString(reactor, description)
+    except (KeyError, IndexError) as e:
+        if not from_systemd(description):
+            raise StartupError(f"{option}: bad endpoint {description!r}: {e}") from None
+        names = os.environ.get("LISTEN_FDNAMES", "")
+        raise StartupError(
+            f"{option}: systemd handed over no socket {e} for {description!r} (LISTEN_FDS="
+            f"{os.environ.get('LISTEN_FDS', '')!r}, LISTEN_FDNAMES={names!r}); start the "
+            f"bridge through its .socket unit, or give another endpoint") from None
     except Exception as e:
         raise StartupError(f"{option}: bad endpoint {description!r}: {e}") from None
+
+
+class _HandedUnixPort(unix.Port):
+    """A listening UNIX socket systemd handed over. Its socket unit owns the
+    path and the mode (``SocketMode=0600``): Twisted's adopted Port would
+    chmod it to 0666 and remove the path when it stops listening (systemd's
+    socket would be left without a name for the next start). This one does
+    neither."""
+
+    def startListening(self) -> None:
+        path = self._bindPath
+        if isinstance(path, str | bytes) and path and path[:1] not in ("\0", b"\0"):
+            # Twisted chmods the path to self.mode: make that its own mode.
+            self.mode = stat.S_IMODE(os.stat(path).st_mode)
+        super().startListening()
+
+    def connectionLost(self, reason: Failure) -> None:
+        tcp.Port.connectionLost(self, reason)  # not unix.Port's, which removes the path
+
+
+@implementer(IStreamServerEndpoint)
+class _HandedUnixEndpoint:
+    """Listens on a UNIX socket descriptor systemd handed over, as a
+    ``_HandedUnixPort``; the inherited descriptor is closed (the port has
+    its own copy)."""
+
+    def __init__(self, reactor: Any, fileno: int) -> None:
+        self.reactor = reactor
+        self.fileno = fileno
+
+    def listen(self, factory: Factory) -> Deferred[IListeningPort]:
+        try:
+            setNonBlocking(self.fileno)
+            port = _HandedUnixPort._fromListeningDescriptor(self.reactor, self.fileno, factory)
+            port.startListening()
+            os.close(self.fileno)
+        except BaseException:
+            return fail()
+        return succeed(port)
+
+
+def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """``serverFromString``, but a UNIX socket systemd hands over keeps its
+    path and mode (``_HandedUnixPort``)."""
+    endpoint = serverFromString(reactor, description)
+    if isinstance(endpoint, AdoptedStreamServerEndpoint) and \
+            endpoint.addressFamily == socket.AF_UNIX:
+        return _HandedUnixEndpoint(reactor, endpoint.fileno)
+    return endpoint
 
 
 def describe_port(port: IListeningPort) -> str:
@@ -234,8 +299,10 @@ class ListeningService(Service):
         if path is not None:
             self._lock_fd = claim_unix_socket(path)
             description = without_twisted_lock(description)
+        # A socket systemd hands over is the socket unit's: no lock, no
+        # stale-socket check, no unlink (systemd made it and keeps it).
         try:
-            endpoint = serverFromString(self.reactor, description)
+            endpoint = server_endpoint(self.reactor, description)
         except BaseException:
             self._unlock()
             raise
@@ -253,6 +320,11 @@ class ListeningService(Service):
         address = describe_port(result)
         if split_endpoint(self.description)[0] == "ssl":
             address = address.replace("tcp:", "tls:", 1)
+        if from_systemd(self.description):
+            self.log.info("{what} listening on {address} (socket handed over by systemd: "
+                          "{description})", what=self.what, address=address,
+                          description=self.description)
+            return
         self.log.info("{what} listening on {address}", what=self.what, address=address)
 
     def _unlock(self) -> None:

@@ -1,21 +1,34 @@
-"""``twistd icp-bridge``: options and makeService: the configuration's
-sources, its preflight against the machine, and startup errors as one line
-per problem (no usage text)."""
+"""``twistd icp-bridge``: options, makeService, and what running as a daemon
+adds around the bridge (``DaemonService``): the configuration's sources
+and its preflight, the log's observer, systemd's notifications, SIGHUP
+(reload) and SIGUSR1 (reopen --logfile)."""
 
 from __future__ import annotations
 
+import signal
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from twisted.logger import Logger
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from bridge.config import Config, ConfigError, default_config_file
 from bridge.config_sources import ConfigSources, LoadedConfig
+from bridge.daemon.logs import BridgeLogging, is_journal_stream
+from bridge.daemon.notify import SystemdNotifier
 from bridge.endpoints import StartupError
-from bridge.preflight import preflight
+from bridge.preflight import CERTIFICATE_WARNING, preflight
 from bridge.reactor import install_unless_chosen
+from bridge.reload import Reloader
 from bridge.service import BridgeService
+
+#: Seconds between reminders of a certificate close to its expiry.
+CERTIFICATE_REMINDER_INTERVAL = 24 * 3600.0
 
 # flag name -> config key; every flag overrides the config file.
 FLAG_KEYS = {
@@ -33,8 +46,10 @@ FLAG_KEYS = {
 
 def _exit(lines: list[str]) -> SystemExit:
     """Startup refused: the lines alone on stderr, exit status 1 (twistd
-    prints a SystemExit's text and no usage)."""
-    return SystemExit("\n".join(f"icp-bridge: {line}" for line in lines))
+    prints a SystemExit's text and no usage); as errors for the journal
+    when stderr is the journal's."""
+    mark = "<3>" if is_journal_stream(sys.stderr) else ""
+    return SystemExit("\n".join(f"{mark}icp-bridge: {line}" for line in lines))
 
 
 class Options(usage.Options):
@@ -80,19 +95,120 @@ class Options(usage.Options):
         self.config: Config = self.loaded.config
 
 
-def makeService(options: Options) -> BridgeService:
+class DaemonService(MultiService):
+    """The bridge as twistd runs it. Around ``bridge``: the log observer
+    twistd begins logging to (set on the application), READY/RELOADING/
+    STOPPING and the watchdog for systemd, SIGHUP and SIGUSR1."""
+
+    log = Logger()
+
+    def __init__(self, bridge: BridgeService, sources: ConfigSources,
+                 logging: BridgeLogging | None, notifier: SystemdNotifier) -> None:
+        super().__init__()
+        self.bridge = bridge
+        self.logging = logging
+        self.notifier = notifier
+        self.reloader = Reloader(bridge, sources,
+                                 logging.set_level if logging is not None else None)
+        bridge.setServiceParent(self)
+        # A bridge runs for months: its certificate may come close to expiry
+        # meanwhile (at startup, preflight says so).
+        self.reminder = LoopingCall(self.certificate_reminder)
+        self.reminder.clock = bridge.reactor
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd begins logging to the application's ILogObserver, when it
+        # has one, unless --logger names another.
+        if self.logging is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.logging.observer)
+        super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        super().startService()
+        reactor = self.bridge.reactor
+        for signum, handler in ((signal.SIGHUP, self.reload),
+                                (signal.SIGUSR1, self.reopen_log)):
+            # Signal handlers run between bytecodes: hand the work to the reactor.
+            signal.signal(signum, lambda *_, h=handler: reactor.callFromThread(h))
+        self.notifier.ready(f"{len(self.bridge.registry)} sessions")
+        self.notifier.start_watchdog(reactor)
+        self.reminder.start(CERTIFICATE_REMINDER_INTERVAL, now=False)
+        if self.notifier.enabled:
+            self.log.info("told systemd the bridge is ready")
+
+    def certificate_reminder(self) -> None:
+        """Once a day: a line while the served certificate expires within
+        30 days."""
+        operations = self.bridge.operations
+        expiry = operations.certificate_not_after
+        if expiry is None:
+            return
+        left = expiry - time.time()
+        if left <= 0:
+            self.log.error("the OTS API's certificate {path} has EXPIRED: TLS clients refuse "
+                           "it; renew it and restart", path=operations.certificate_path)
+        elif left < CERTIFICATE_WARNING.total_seconds():
+            self.log.warn("the OTS API's certificate {path} expires in {days:.0f} days; renew "
+                          "it and restart", path=operations.certificate_path, days=left / 86400)
+
+    def reload(self) -> None:
+        self.log.info("SIGHUP: reloading the configuration")
+        self.notifier.reloading()
+        try:
+            applied = self.reloader.reload()
+        except Exception:
+            # A bug here must not take the service down with it.
+            self.log.failure("configuration reload failed; the running one stays")
+            applied = False
+        self.notifier.ready("configuration reloaded" if applied
+                            else "configuration reload refused; the running one stays")
+
+    def reopen_log(self) -> None:
+        reopen = self.logging.reopen if self.logging is not None else None
+        if reopen is None:
+            self.log.info("SIGUSR1: no --logfile to reopen")
+            return
+        what = reopen()
+        self.log.info("SIGUSR1: log file {what}", what=what)
+
+    def stopService(self) -> Deferred[None]:
+        self.notifier.stopping()
+        self.notifier.stop_watchdog()
+        if self.reminder.running:
+            self.reminder.stop()
+        return super().stopService()
+
+
+def _logging(options: Options, config: Config) -> BridgeLogging | None:
+    """The observer for twistd's own options: None when --logger or
+    --syslog chose one (or when not run by twistd)."""
+    twistd = getattr(options, "parent", None)
+    if twistd is None or twistd.get("logger") or twistd.get("syslog"):
+        return None
+    logfile = twistd.get("logfile") or None
+    if not logfile and not twistd.get("nodaemon"):
+        logfile = "twistd.log"  # a daemon has no terminal: twistd's own default
+    return BridgeLogging(logfile, config.log_level)
+
+
+def makeService(options: Options) -> DaemonService:
     config = options.config
     findings = preflight(config, options.loaded.origins)
     if findings.errors:
         raise _exit([str(problem) for problem in findings.errors])
+    logging = _logging(options, config)
     log = Logger(namespace="bridge.tap")
-    log.info("configuration from {sources}", sources=", ".join(options.sources.files) or
+    sources = options.sources
+    log.info("configuration from {sources}", sources=", ".join(sources.files) or
              "the defaults (no /etc/icp-bridge/bridge.toml)")
     for problem in [*options.loaded.warnings, *findings.warnings]:
         log.warn("{problem}", problem=str(problem))
     for problem in findings.alerts:
         log.error("{problem}", problem=str(problem))
+    # Read before the endpoints are parsed: a systemd: endpoint needs LISTEN_FDS.
+    notifier = SystemdNotifier(unset=True)
     try:
-        return BridgeService(config, exit_on_startup_error=True)
+        bridge = BridgeService(config, exit_on_startup_error=True)
     except StartupError as e:
         raise _exit([str(e)]) from None
+    return DaemonService(bridge, sources, logging, notifier)

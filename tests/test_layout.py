@@ -28,12 +28,14 @@ GROUND = {"bridge.endpoints", "bridge.reactor"}
 #: The top: the service tree, the configuration (its keys, its sources, its
 #: preflight against the machine, a reload applying it to the running tree),
 #: twistd's tap, the CLI. They may import any room; no room imports them.
-TOP = {"bridge", "bridge.config", "bridge.config_sources", "bridge.preflight",
+TOP = {"bridge", "bridge.config", "bridge.config_sources", "bridge.preflight", "bridge.reload",
        "bridge.service", "bridge.tap", "bridge.cli"}
 #: Each room and the rooms it may import (besides itself and the ground),
 #: as its ``__init__`` docstring says. Lower rooms never import higher ones.
 LAYERS: dict[str, set[str]] = {
     "bridge.sessions": set(),
+    # Running under systemd (notify, the log's form): nothing of the bridge.
+    "bridge.daemon": set(),
     "bridge.security": {"bridge.sessions"},
     "bridge.backends": {"bridge.sessions"},
     "bridge.state": {"bridge.sessions", "bridge.security"},

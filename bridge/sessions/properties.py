@@ -154,15 +154,19 @@ class PropertyTable:
         #: Bumped by every replace(), so that what is derived from the
         #: properties (ChannelPolicy's lists) knows to derive it again.
         self.generation = 0
-        self.replace(global_values, per_user, defaults)
+        self._defaults: dict[str, PropertyValue] = {}
+        self.replace(global_values, per_user, OGON_DEFAULTS if defaults is None else defaults)
 
     def replace(self, global_values: Mapping[str, PropertyValue],
                 per_user: Mapping[str, Mapping[str, PropertyValue]],
                 defaults: Mapping[str, PropertyValue] | None = None) -> None:
-        """New values, all at once (a configuration reload): the next
-        lookup sees them. Sessions keep what was decided from the old ones."""
-        base = dict(OGON_DEFAULTS if defaults is None else defaults)
-        self._global = {**{k.lower(): v for k, v in base.items()},
+        """New values, all at once and in place (a reload): every part
+        holding this table sees them at its next lookup, as ogon's reload
+        does (what a session decided when it started, such as its backend,
+        stays). ``defaults`` None keeps the table's own."""
+        if defaults is not None:
+            self._defaults = {k.lower(): v for k, v in defaults.items()}
+        self._global = {**self._defaults,
                         **{k.lower(): v for k, v in global_values.items()}}
         self._per_user = {user: {k.lower(): v for k, v in table.items()}
                           for user, table in per_user.items()}
@@ -242,12 +246,16 @@ class ChannelPolicy:
 
     def __init__(self, properties: PropertyTable, allow: list[str], deny: list[str]) -> None:
         self.properties = properties
+        self.reconfigure(allow, deny)
+
+    def reconfigure(self, allow: list[str], deny: list[str]) -> None:
+        """New lists (a reload); the parsed whiteLists are read again too."""
         self._allow = {name.lower() for name in allow}
         self._deny = {name.lower() for name in deny}
         # The parsed whiteList per user (keys: session users): every channel
         # open asks; parsed again after the properties were replaced.
         self._white: dict[str, frozenset[str]] = {}
-        self._generation = properties.generation
+        self._generation = self.properties.generation
 
     def allowed(self, name: str, username: str = "") -> bool:
         key = name.lower()
