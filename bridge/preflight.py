@@ -6,9 +6,9 @@ Three kinds of finding, decided per check (README, "Operating it"):
 
 - **errors** stop startup and refuse a reload: mistakes inside the
   configuration that can never work and that the operator fixes in the
-  file -- a ``module``/``auth.greeter`` property naming a module that is not
-  defined, a ``pipe_dir`` the session users cannot create their sockets in
-  (every desktop would fail to start).
+  file -- a ``module``/``auth.greeter`` property of the TOML file naming a
+  module that is not defined, a ``pipe_dir`` the session users cannot
+  create their sockets in (every desktop would fail to start).
 - **alerts** are logged as errors but the bridge runs: an expired
   certificate (the RDP server reads the same pair; refusing to start would
   lock every client out instead of warning them).
@@ -17,7 +17,14 @@ Three kinds of finding, decided per check (README, "Operating it"):
   every start with a clear line -- a module command that is missing or not
   executable, a module account that does not exist, no desktop module at
   all, a certificate that expires within 30 days, a plaintext or
-  off-loopback listener.
+  off-loopback listener. A module that ogon's config.ini names but the
+  bridge does not define is one too: config.ini names ogon's own module
+  configurations (``module_xsession_*``), which an ogon host has and the
+  bridge does not run, as the default ``module`` names ``xsession``.
+
+The properties checked are those the bridge serves (``load_properties``:
+config.ini under the TOML file's); a finding about a value config.ini set
+names its file and line.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from pathlib import Path
 from bridge.backends.environment import STANDARD_PATH
 from bridge.backends.modules import Module
 from bridge.config import Config, Problem, default_modules
+from bridge.config_sources import load_properties
 from bridge.endpoints import split_endpoint
 from bridge.security.tls import (
     certificate_not_after,
@@ -42,6 +50,7 @@ from bridge.security.tls import (
     endpoint_certificate,
     uses_default_pair,
 )
+from bridge.sessions.ogon_config import MergedProperties
 from bridge.sessions.properties import PropertyTable
 
 #: A certificate expiring sooner than this is warned about.
@@ -68,15 +77,29 @@ class _Checker:
     """One run of the checks over one configuration."""
 
     def __init__(self, config: Config, origins: dict[str, str], as_root: bool,
-                 now: datetime.datetime) -> None:
+                 now: datetime.datetime, properties: MergedProperties) -> None:
         self.config = config
         self.origins = origins
         self.as_root = as_root
         self.now = now
         self.findings = Findings()
-        self.properties = PropertyTable(config.properties, config.user_properties)
+        self.merged = properties
+        self.properties = properties.table()
+
+    def named_by(self, prop: str, user: str = "") -> str:
+        """Where the served ``prop`` (global, or ``user``'s own) is set: its
+        TOML key (``properties.module``), config.ini's ``FILE:LINE``, or ""
+        (ogon's default)."""
+        toml = self.config.user_properties.get(user, {}) if user else self.config.properties
+        if prop in toml:
+            return f"user_properties.{user}.{prop}" if user else f"properties.{prop}"
+        ini = self.merged.ini
+        line = ini.lines.get((user, prop)) if ini is not None else None
+        return f"{ini.source}:{line}" if ini is not None and line else ""
 
     def _problem(self, key: str, text: str, warning: bool = False) -> Problem:
+        if _is_file_line(key):  # set in config.ini: its file and line
+            return Problem(key, text, warning=warning)
         parts = key.split(".")
         if parts[0] == "modules" and len(parts) > 1 and \
                 default_modules().get(parts[1]) == self.config.modules.get(parts[1]):
@@ -94,16 +117,17 @@ class _Checker:
 
     # -- modules ------------------------------------------------------------------------
 
-    def used_modules(self) -> dict[str, list[str]]:
-        """Module name -> where it is named (``properties.module``, ...)."""
-        used: dict[str, list[str]] = {}
+    def used_modules(self) -> dict[str, list[tuple[str, str]]]:
+        """Module name -> (property, where it is set: see named_by) for each
+        property naming it."""
+        used: dict[str, list[tuple[str, str]]] = {}
         for prop, default in (("module", "xsession"), ("auth.greeter", "greeter")):
             used.setdefault(self.properties.string_or(prop, "", default), []).append(
-                f"properties.{prop}" if prop in self.config.properties else "")
-            for user, table in self.config.user_properties.items():
+                (prop, self.named_by(prop)))
+            for user, table in self.merged.per_user.items():
                 value = table.get(prop)
                 if isinstance(value, str):
-                    used.setdefault(value, []).append(f"user_properties.{user}.{prop}")
+                    used.setdefault(value, []).append((prop, self.named_by(prop, user)))
         return used
 
     def modules(self) -> list[Module]:
@@ -114,13 +138,17 @@ class _Checker:
             if module is not None:
                 checked.append(module)
                 continue
-            explicit = [where for where in named_by if where]
-            if explicit:
-                for where in explicit:
-                    self.error(where, f"{where}: names module {name!r}, which is not defined "
-                                      f"(add [modules.{name}] or name one of: "
-                                      f"{', '.join(sorted(self.config.modules))})")
-            else:
+            explicit = [where for _, where in named_by if where and not _is_file_line(where)]
+            in_ini = [(prop, where) for prop, where in named_by if _is_file_line(where)]
+            for where in explicit:
+                self.error(where, f"{where}: names module {name!r}, which is not defined "
+                                  f"(add [modules.{name}] or name one of: "
+                                  f"{', '.join(sorted(self.config.modules))})")
+            for prop, where in in_ini if not explicit else ():
+                self.warn(where, f"{prop}: names module {name!r}, which the bridge does not "
+                                 f"define (ogon's module configuration is not run): those "
+                                 f"logons get the greeter until [modules.{name}] is configured")
+            if not explicit and not in_ini:
                 self.warn("modules", f"modules.{name}: not defined, and the module property "
                                      f"names it by default: a logon with a password gets "
                                      f"the greeter until [modules.{name}] (a desktop) is "
@@ -168,7 +196,7 @@ class _Checker:
         """Whether a ``module`` property (or the default) names ``name``."""
         if self.properties.string_or("module", "", "xsession") == name:
             return True
-        return any(table.get("module") == name for table in self.config.user_properties.values())
+        return any(table.get("module") == name for table in self.merged.per_user.values())
 
     def command(self, module: Module) -> None:
         key = f"modules.{module.name}.command"
@@ -242,19 +270,22 @@ class _Checker:
 
     def certificate(self) -> None:
         path, key = certificate_path(self.config, self.properties, self.as_root)
+        label = key
+        if key == "properties.ssl.certificate" and _is_file_line(self.named_by("ssl.certificate")):
+            key, label = self.named_by("ssl.certificate"), "ssl.certificate"
         if path is None or not path.exists():
             return  # generated at startup
         not_after = certificate_not_after(path)
         if not_after is None:
-            self.warn(key, f"{key}: {path} holds no PEM certificate")
+            self.warn(key, f"{label}: {path} holds no PEM certificate")
             return
         left = not_after - self.now
         when = not_after.strftime("%Y-%m-%d %H:%M UTC")
         if left <= datetime.timedelta(0):
-            self.alert(key, f"{key}: the certificate {path} EXPIRED on {when}: TLS clients "
+            self.alert(key, f"{label}: the certificate {path} EXPIRED on {when}: TLS clients "
                             f"refuse the OTS API (and RDP clients warn); renew it and restart")
         elif left < CERTIFICATE_WARNING:
-            self.warn(key, f"{key}: the certificate {path} expires on {when} ({left.days} "
+            self.warn(key, f"{label}: the certificate {path} expires on {when} ({left.days} "
                            f"days); renew it before then (a restart serves the new one)")
 
     def listeners(self) -> None:
@@ -275,6 +306,11 @@ class _Checker:
             if exposed:
                 self.warn(key, f"{key}: listens on {exposed}, reachable from the "
                                f"network (add :interface=127.0.0.1 to keep it local)")
+
+
+def _is_file_line(where: str) -> bool:
+    """Whether ``where`` (see _Checker.named_by) is a config.ini line."""
+    return where.rpartition(":")[2].isdigit()
 
 
 def _own_name() -> str:
@@ -334,11 +370,15 @@ def certificate_path(config: Config, properties: PropertyTable, as_root: bool,
 
 def preflight(config: Config, origins: dict[str, str] | None = None,
               as_root: bool | None = None,
-              now: Callable[[], datetime.datetime] | None = None) -> Findings:
+              now: Callable[[], datetime.datetime] | None = None,
+              properties: MergedProperties | None = None) -> Findings:
     """Check ``config`` against this machine; ``origins`` names the file
-    of each top-level key (for the lines)."""
+    of each top-level key (for the lines). ``properties``: what
+    load_properties(config) says, when the caller has read it (else it is
+    read here; raises OgonConfigError)."""
     checker = _Checker(config, origins or {}, os.geteuid() == 0 if as_root is None else as_root,
-                       (now or (lambda: datetime.datetime.now(datetime.UTC)))())
+                       (now or (lambda: datetime.datetime.now(datetime.UTC)))(),
+                       properties if properties is not None else load_properties(config))
     modules = checker.modules()
     for module in modules:
         checker.command(module)

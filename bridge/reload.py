@@ -3,11 +3,14 @@ reload``): every source read again, checked as at startup, then what
 changed applied and logged key by key; sessions are not touched.
 
 A configuration that does not check (or whose preflight finds an error) is
-refused with one line, and the running one stays. What can change live:
+refused with one line, and the running one stays; so is a config.ini that
+cannot be used (its line: ``FILE:LINE: what``). What can change live:
 
-- ogon's properties (global and per user), ``channels_allow``/``_deny``,
-  ``modules``: seen by the next logon, lookup, channel or backend start
-  (running backends keep the module they started with);
+- ogon's properties (global and per user), from the TOML file and from
+  ogon's config.ini (``ogon_config``, read again as ogon reads it on
+  SIGHUP), ``channels_allow``/``_deny``, ``modules``: seen by the next
+  logon, lookup, channel or backend start (running backends keep the module
+  they started with);
 - the users file (``users_file``; it is also read again when it changes);
 - ``log_level``;
 - the OTS API's connection limits, the failed-logon throttle,
@@ -23,7 +26,7 @@ served by the OTS API only after a restart.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -32,7 +35,7 @@ from bridge.config import Config, ConfigError
 from bridge.config_sources import ConfigSources
 from bridge.preflight import Findings, preflight
 from bridge.security.auth import UsersFileAuthenticator
-from bridge.service import load_properties
+from bridge.sessions.ogon_config import MergedProperties, OgonConfig
 from bridge.sessions.properties import ogon_property
 
 if TYPE_CHECKING:
@@ -40,7 +43,7 @@ if TYPE_CHECKING:
 
 #: Keys applied to the running bridge (the rest wait for a restart).
 LIVE_KEYS = frozenset({
-    "properties", "user_properties", "channels_allow", "channels_deny", "modules",
+    "properties", "user_properties", "ogon_config", "channels_allow", "channels_deny", "modules",
     "users_file", "log_level", "max_connections", "frame_timeout", "first_call_timeout",
     "tls_handshake_timeout", "idle_timeout", "max_calls_per_connection", "max_output_buffer",
     "logon_failures_before_delay", "logon_delay_max", "lockout_failures", "lockout_time",
@@ -62,13 +65,17 @@ _THROTTLE = {
 
 
 def _shown(value: Any) -> str:
+    if value is None:
+        return "(none)"  # ogon_config = ""
     text = repr(str(value)) if not isinstance(value, int | float | bool) else str(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _property_changes(key: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """One line per property added, removed or changed. Values are shown
-    for ogon's own properties only: a site's own may hold anything."""
+def _property_changes(label: str, old: Mapping[str, Any], new: Mapping[str, Any]
+                      ) -> list[str]:
+    """One line per property added, removed or changed, each starting with
+    ``label`` then the property. Values are shown for ogon's own properties
+    only: a site's own may hold anything."""
     lines = []
     for path in sorted(set(old) | set(new)):
         before, after = old.get(path, None), new.get(path, None)
@@ -77,10 +84,25 @@ def _property_changes(key: str, old: dict[str, Any], new: dict[str, Any]) -> lis
         known = ogon_property(path)
         if known is None:
             what = "added" if before is None else "removed" if after is None else "changed"
-            lines.append(f"{key}.{path}: {what}")
+            lines.append(f"{label}{path}: {what}")
         else:
-            lines.append(f"{key}.{known[0]}: {'(unset)' if before is None else _shown(before)}"
+            lines.append(f"{label}{known[0]}: {'(unset)' if before is None else _shown(before)}"
                          f" -> {'(unset)' if after is None else _shown(after)}")
+    return lines
+
+
+def ogon_config_changes(old: OgonConfig | None, new: OgonConfig | None) -> list[str]:
+    """One line per property config.ini changed (``FILE: path: a -> b``;
+    ``FILE [user_NAME]: ...`` for a user's)."""
+    source = new.source if new is not None else old.source if old is not None else ""
+    empty: dict[str, Any] = {}
+    lines = _property_changes(f"{source}: ", old.global_values if old else empty,
+                              new.global_values if new else empty)
+    old_users = old.user_values if old else {}
+    new_users = new.user_values if new else {}
+    for user in sorted(set(old_users) | set(new_users)):
+        lines += _property_changes(f"{source} [user_{user}]: ", old_users.get(user, empty),
+                                   new_users.get(user, empty))
     return lines
 
 
@@ -94,11 +116,11 @@ def describe_changes(old: Config, new: Config) -> list[tuple[str, str]]:
         if before == after:
             continue
         if key == "properties":
-            changes += [(key, line) for line in _property_changes(key, before, after)]
+            changes += [(key, line) for line in _property_changes(f"{key}.", before, after)]
         elif key == "user_properties":
             for user in sorted(set(before) | set(after)):
                 changes += [(key, line) for line in _property_changes(
-                    f"{key}.{user}", before.get(user, {}), after.get(user, {}))]
+                    f"{key}.{user}.", before.get(user, {}), after.get(user, {}))]
         elif key == "modules":
             for name in sorted(set(before) | set(after)):
                 was, now = before.get(name), after.get(name)
@@ -123,7 +145,7 @@ class Reloader:
 
     def __init__(self, service: BridgeService, sources: ConfigSources,
                  set_log_level: Callable[[str], None] | None = None,
-                 check: Callable[[Config, dict[str, str]], Findings] = preflight) -> None:
+                 check: Callable[..., Findings] = preflight) -> None:
         self.service = service
         self.sources = sources
         self.set_log_level = set_log_level
@@ -133,10 +155,11 @@ class Reloader:
         """True when the new configuration was applied."""
         service = self.service
         try:
-            loaded = self.sources.load()
+            loaded = self.sources.load_settings()
+            properties = loaded.read_properties()  # config.ini, as ogon reads it on SIGHUP
         except ConfigError as e:
             return self._refused(e.problems[0], len(e.problems))
-        findings = self.check(loaded.config, loaded.origins)
+        findings = self.check(loaded.config, loaded.origins, properties=properties)
         if findings.errors:
             return self._refused(findings.errors[0], len(findings.errors))
         for problem in [*loaded.warnings, *findings.warnings]:
@@ -145,6 +168,8 @@ class Reloader:
             self.log.error("{problem}", problem=str(problem))
         running = service.config
         changes = describe_changes(running, loaded.config)
+        changes += [("ogon_config", line) for line in ogon_config_changes(
+            service.served_properties.ini, properties.ini)]
         kept = dataclasses.replace(loaded.config)
         for key, line in changes:
             if key in LIVE_KEYS:
@@ -154,11 +179,11 @@ class Reloader:
                               "(the running value stays)", change=line,
                               source=loaded.origins.get(key, "the configuration"))
                 setattr(kept, key, getattr(running, key))
-        self.apply(kept)
+        self.apply(kept, properties)
         service.operations.reloads["applied"] += 1
         service.operations.reload_refused = ""
         self.log.info("configuration reloaded from {sources}: {count} changes",
-                      sources=", ".join(self.sources.files) or "the defaults",
+                      sources=", ".join(loaded.files) or "the defaults",
                       count=len(changes))
         return True
 
@@ -171,13 +196,11 @@ class Reloader:
                        problem=str(problem), more=more)
         return False
 
-    def apply(self, new: Config) -> None:
+    def apply(self, new: Config, properties: MergedProperties) -> None:
         """Make ``new`` the running configuration (its restart-only keys
-        equal to the running ones)."""
+        equal to the running ones) and serve ``properties``."""
         service = self.service
-        properties = load_properties(new)
-        service.properties.replace(properties.global_values, properties.per_user,
-                                   properties.defaults)
+        service.serve_properties(properties)
         service.channels.reconfigure(new.channels_allow, new.channels_deny)
         # The lifecycle's flows hold this very dict: the next logon sees it.
         service.config.modules.clear()

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from bridge.backends.launcher import BackendLauncher
 from bridge.backends.logs import BackendLogs
 from bridge.config import Config, backend_log_directory
+from bridge.config_sources import load_properties
 from bridge.endpoints import (
     ListeningService,
     StartupError,
@@ -44,7 +45,6 @@ from bridge.security.permissions import ogon_level
 from bridge.security.throttle import LockoutStore, LogonGuard, ThrottlePolicy
 from bridge.security.tls import (
     certificate_not_after,
-    default_pair,
     endpoint_certificate,
     ensure_pair,
     uses_default_pair,
@@ -53,13 +53,8 @@ from bridge.security.tls import (
 from bridge.security.token_files import SessionTokenFiles
 from bridge.security.tokens import TokenStore
 from bridge.sessions.model import StateWriteError
-from bridge.sessions.ogon_config import (
-    MergedProperties,
-    OgonConfigError,
-    merge_properties,
-    read_ogon_config,
-)
-from bridge.sessions.properties import OGON_DEFAULTS, ChannelPolicy, PropertyTable
+from bridge.sessions.ogon_config import MergedProperties, OgonConfigError
+from bridge.sessions.properties import ChannelPolicy
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub, LogonEvents
 from bridge.state.store import SpawnRecords, StateStore, restore, state_database
@@ -80,23 +75,6 @@ STATE_RETRY_INTERVAL = 5.0
 PRUNE_INTERVAL = 3600.0
 
 
-def load_properties(config: Config) -> MergedProperties:
-    """The properties the bridge serves: ogon's config.ini (``ogon_config``)
-    under the TOML file's, over ogon's defaults with the TLS pair's default
-    paths filled in (they depend on running as root). Reads the file each
-    time (startup, reload); raises OgonConfigError."""
-    certificate, key = default_pair(os.geteuid() == 0, config.state_dir)
-    defaults = {**OGON_DEFAULTS, "ssl.certificate": str(certificate), "ssl.key": str(key)}
-    ini = read_ogon_config(config.ogon_config) if config.ogon_config is not None else None
-    return merge_properties(ini, config.properties, config.user_properties, defaults)
-
-
-def property_table(config: Config) -> PropertyTable:
-    """The table of what load_properties says (raises OgonConfigError)."""
-    merged = load_properties(config)
-    return PropertyTable(merged.global_values, merged.per_user, merged.defaults)
-
-
 class BridgeService(MultiService):
     """icp-bridge: the ICP listener, the OTS API listener and their state.
 
@@ -111,11 +89,13 @@ class BridgeService(MultiService):
     def __init__(self, config: Config, reactor: Any | None = None,
                  authenticator: Authenticator | None = None, clock: Any | None = None,
                  exit_on_startup_error: bool = False,
-                 launcher: BackendLauncher | None = None) -> None:
+                 launcher: BackendLauncher | None = None,
+                 properties: MergedProperties | None = None) -> None:
         """``clock`` (default: the reactor) times bridged calls, tokens and
         session times; tests pass a Clock. With ``exit_on_startup_error``
         (under twistd) a failure to start is one line and exit status 1, not
-        a traceback."""
+        a traceback. ``properties``: what load_properties(config) says, when
+        the caller has read it already (twistd's makeService)."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -126,10 +106,12 @@ class BridgeService(MultiService):
         self.clock = clock
         self.exit_on_startup_error = exit_on_startup_error
         try:
-            merged = load_properties(config)
+            merged = properties if properties is not None else load_properties(config)
         except OgonConfigError as e:
             raise StartupError(str(e)) from None
-        self.properties = PropertyTable(merged.global_values, merged.per_user, merged.defaults)
+        self.properties = merged.table()
+        #: Where the served properties came from (a reload compares with it).
+        self.served_properties = merged
         self._report_properties(merged)
         self.channels = ChannelPolicy(self.properties, config.channels_allow,
                                       config.channels_deny)
@@ -239,18 +221,28 @@ class BridgeService(MultiService):
 
     def reload_properties(self) -> bool:
         """Read ogon's config.ini again, as ogon does on SIGHUP, and serve
-        what it says now (under the TOML file's properties, which stay as
-        loaded). A file that cannot be used is logged with its file and line
-        and the running properties stay (ogon would fall back to its
-        defaults). Returns whether the new ones are served."""
+        what it says now, under the running configuration's TOML
+        properties: the part of a reload the service can do alone (SIGHUP
+        reads every source again, through bridge.reload). A file that cannot
+        be used is logged with its file and line and the running properties
+        stay (ogon would fall back to its defaults). Returns whether the new
+        ones are served."""
         try:
             merged = load_properties(self.config)
         except OgonConfigError as e:
             self.log.error("{error}; keeping the running configuration", error=str(e))
             return False
-        self.properties.replace(merged.global_values, merged.per_user, merged.defaults)
-        self._report_properties(merged)
+        self.serve_properties(merged)
         return True
+
+    def serve_properties(self, merged: MergedProperties) -> None:
+        """Serve ``merged`` from the next lookup on (a reload). ogon's
+        defaults and the TLS pair's default paths stay as started: they
+        follow state_dir and the user the bridge runs as, which only a
+        restart changes."""
+        self.properties.replace(merged.global_values, merged.per_user)
+        self.served_properties = merged
+        self._report_properties(merged)
 
     def _report_properties(self, merged: MergedProperties) -> None:
         """Where the properties come from, and what the operator should know."""

@@ -1,7 +1,7 @@
 """``twistd icp-bridge``: options, makeService, and what running as a daemon
 adds around the bridge (``DaemonService``): the configuration's sources
-and its preflight, the log's observer, systemd's notifications, SIGHUP
-(reload) and SIGUSR1 (reopen --logfile)."""
+(ogon's config.ini among them) and its preflight, the log's observer,
+systemd's notifications, SIGHUP (reload) and SIGUSR1 (reopen --logfile)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,11 @@ class Options(usage.Options):
         path = Path(self["config"]) if self["config"] else default_config_file()
         self.sources = ConfigSources.for_service(path, overrides)
         try:
-            self.loaded: LoadedConfig = self.sources.load()
+            # The bridge's own sources. ogon's config.ini they name is read
+            # when the service is made (makeService hands it to the
+            # BridgeService), so a broken one is said where BridgeService
+            # says it.
+            self.loaded: LoadedConfig = self.sources.load_settings()
         except ConfigError as e:
             raise _exit([str(problem) for problem in e.problems]) from None
         install_unless_chosen()  # before the first import of the reactor
@@ -192,15 +196,19 @@ def _logging(options: Options, config: Config) -> BridgeLogging | None:
 
 
 def makeService(options: Options) -> DaemonService:
-    config = options.config
-    findings = preflight(config, options.loaded.origins)
+    config, loaded = options.config, options.loaded
+    try:
+        properties = loaded.read_properties()  # ogon's config.ini, if any
+    except ConfigError as e:
+        raise _exit([str(problem) for problem in e.problems]) from None
+    findings = preflight(config, loaded.origins, properties=properties)
     if findings.errors:
         raise _exit([str(problem) for problem in findings.errors])
     logging = _logging(options, config)
     log = Logger(namespace="bridge.tap")
     sources = options.sources
-    log.info("configuration from {sources}", sources=", ".join(sources.files) or
-             "the defaults (no /etc/icp-bridge/bridge.toml)")
+    log.info("configuration from {sources}", sources=", ".join(loaded.files) or
+             "the defaults (no /etc/icp-bridge/bridge.toml, no /etc/ogon/config.ini)")
     for problem in [*options.loaded.warnings, *findings.warnings]:
         log.warn("{problem}", problem=str(problem))
     for problem in findings.alerts:
@@ -208,7 +216,7 @@ def makeService(options: Options) -> DaemonService:
     # Read before the endpoints are parsed: a systemd: endpoint needs LISTEN_FDS.
     notifier = SystemdNotifier(unset=True)
     try:
-        bridge = BridgeService(config, exit_on_startup_error=True)
+        bridge = BridgeService(config, exit_on_startup_error=True, properties=properties)
     except StartupError as e:
         raise _exit([str(e)]) from None
     return DaemonService(bridge, sources, logging, notifier)

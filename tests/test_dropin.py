@@ -19,9 +19,9 @@ from twisted.internet.unix import Server
 from twisted.logger import capturedLogs
 
 from bridge.config import Config
+from bridge.config_sources import property_table
 from bridge.endpoints import StartupError, check_directory
 from bridge.security.tls import ensure_pair, uses_default_pair, with_certificate
-from bridge.service import property_table
 from protocols.errors import IcpFrameTooLargeError
 from protocols.generated import ICP_pb2
 from protocols.icp import DEFAULT_MAX_SEND_FRAME, MSG_PROPERTY_STRING, MSG_VIRTUAL_CHANNEL_OPEN

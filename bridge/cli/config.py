@@ -1,7 +1,8 @@
 """``icp-bridge config check [FILE]``: what the bridge would say about a
 configuration at startup (or refuse at a reload), without starting it:
-the file's keys and values, ogon's property types, the preflight against
-this machine, and the users file.
+the file's keys and values, ogon's property types, ogon's config.ini the
+configuration names (``/etc/ogon/config.ini`` when it exists, as at a
+start), the preflight against this machine, and the users file.
 
 Exit status 0 when the bridge would start and run as configured; 1 when it
 would refuse to (an error) or run with something broken (an alert: an
@@ -36,9 +37,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(problem)
         return 1
     config = loaded.config
-    findings = preflight(config, loaded.origins)
+    properties = loaded.properties
+    findings = preflight(config, loaded.origins, properties=properties)
     alerts = [str(p) for p in findings.alerts]
     warnings = [str(p) for p in [*loaded.warnings, *findings.warnings]]
+    warnings += properties.problems if properties is not None else ()
     if config.authenticator == "users-file":
         users = config.users_file
         try:
@@ -58,7 +61,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {line}")
     if findings.errors or alerts:
         return 1
-    what = ", ".join(sources.files) or "the defaults"
+    what = ", ".join(loaded.files) or "the defaults"
     print(f"{what}: ok" + (f" ({len(warnings)} warnings)" if warnings else "") +
           ("" if os.geteuid() == 0 else " (checked as a user that is not root: backends "
            "would run as that user)"))
@@ -69,8 +72,10 @@ def add_commands(commands: Any) -> None:
     config = commands.add_parser("config", help="the service's configuration")
     actions = config.add_subparsers(dest="action", required=True)
     check = actions.add_parser(
-        "check", help="check a configuration as the bridge would at startup: one line per "
-                      "problem (file, key, what); exit 0 when it would start")
+        "check", help="check a configuration as the bridge would at startup (with ogon's "
+                      "config.ini it names): one line per problem (file, key or line, "
+                      "what); exit 0 when it would start")
     check.add_argument("file", nargs="?",
-                       help="[default: /etc/icp-bridge/bridge.toml, or the defaults]")
+                       help="[default: /etc/icp-bridge/bridge.toml, or the defaults; "
+                            "/etc/ogon/config.ini too when it exists]")
     check.set_defaults(func=cmd_check)

@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bridge.sessions.properties import PropertyValue
+from bridge.sessions.properties import PropertyTable, PropertyValue
 
 #: Where ogon's Debian package installs it (``${SYSCONFDIR}/ogon/config.ini``).
 DEFAULT_PATH = Path("/etc/ogon/config.ini")
@@ -269,6 +269,10 @@ class MergedProperties:
     ini: OgonConfig | None = None
     overrides: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
+
+    def table(self) -> PropertyTable:
+        """A table that serves these properties."""
+        return PropertyTable(self.global_values, self.per_user, self.defaults)
 
 
 def _lowered(table: Mapping[str, PropertyValue]) -> dict[str, PropertyValue]:

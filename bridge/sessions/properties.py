@@ -21,8 +21,9 @@ PropertyValue = bool | int | str
 #: setupDefaultValues), all of them and nothing more (a property ogon has no
 #: default for, such as ``session.remotecontrol.ask``, is answered "not
 #: found" over ICP as ogon answers it; its reader has a fallback), by
-#: lower-cased path. ``ssl.certificate`` and ``ssl.key`` are filled in by the
-#: service, since where they live depends on whether the bridge runs as root.
+#: lower-cased path. ``ssl.certificate`` and ``ssl.key`` are filled in by
+#: ``bridge.config_sources.load_properties``, since where they live depends
+#: on whether the bridge runs as root.
 OGON_DEFAULTS: dict[str, PropertyValue] = {
     "tcp.keepalive.params": "-1,-1",
     "module": "xsession",
