@@ -6,6 +6,7 @@ listeners)."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import pwd
@@ -138,6 +139,125 @@ def test_startup_errors_are_the_lines_without_usage(tmp_path: Path) -> None:
         f"integer, not the string '30' (write 30 without quotes); a value of another type is "
         f"never found",
     ]
+
+
+# -- ogon's config.ini among the sources ----------------------------------------------------
+
+def test_both_default_files_are_read_and_config_ini_brings_pam(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml, ini = tmp_path / "bridge.toml", tmp_path / "config.ini"
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_FILE", toml)
+    monkeypatch.setattr(config_module, "DEFAULT_OGON_CONFIG", ini)
+    toml.write_text("call_timeout = 4\n")
+    ini.write_text("[global]\nsession_timeout_number=60\n")
+    options = Options()
+    options.parseOptions(["--state", str(tmp_path)])
+    assert options.sources.files == [str(toml)]
+    assert (options.config.ogon_config, options.config.authenticator) == (ini, "pam")
+    assert options.loaded.read_properties().global_values["session.timeout"] == 60
+    assert options.loaded.files == [str(toml), str(ini)]
+    toml.write_text('authenticator = "users-file"\n')
+    assert ConfigSources.for_service(toml).load().config.authenticator == "users-file"
+    toml.write_text('ogon_config = ""\n')
+    loaded = ConfigSources.for_service(toml).load()
+    assert (loaded.config.ogon_config, loaded.config.authenticator) == (None, "users-file")
+    assert loaded.files == [str(toml)]
+
+
+def test_config_ini_of_another_type_or_unknown_is_a_warning_with_its_line(
+        tmp_path: Path) -> None:
+    """config.ini's suffix types an entry, as in ogon: one of another type
+    than ogon reads is kept and served as ogon serves it (not found under
+    ogon's type), and said with its line; so is a property ogon does not
+    read. A user's entry that hides the global one is said once."""
+    ini = tmp_path / "config.ini"
+    ini.write_text("[global]\nsession_timeout_string=30\nsession_timout_number=5\n"
+                   "module_weston_uselauncher_string=true\nsession_reconnect_bool=false\n"
+                   "[user_bob]\nsession_maxXRes_string=2560\nsession_remotecontrol_ask_number=1\n")
+    toml = tmp_path / "bridge.toml"
+    toml.write_text(f'ogon_config = "{ini}"\n')
+    loaded = ConfigSources.for_service(toml).load()
+    assert loaded.warnings == []
+    assert loaded.properties is not None
+    assert list(loaded.properties.problems) == [
+        "property session.maxxres for user bob is a string, the global one a number: asked "
+        "for a number, bob's sessions find none (as in ogon)",
+        f"{ini}:2: session.timeout is a string here, but ogon reads it as a number: asked for "
+        f"a number, it is not found and its reader falls back to its own value (as in ogon; "
+        f"use the _number suffix)",
+        f"{ini}:3: session.timout: not a property ogon reads (did you mean session.timeout?); "
+        f"kept, and answered over ICP",
+        f"{ini}:4: module.weston.uselauncher is a string here, but ogon reads it as a "
+        f"boolean: asked for a boolean, it is not found and its reader falls back to its own "
+        f"value (as in ogon; use the _bool suffix)",
+        f"{ini}:8: session.remotecontrol.ask is a number here, but ogon reads it as a "
+        f"boolean: asked for a boolean, it is not found and its reader falls back to its own "
+        f"value (as in ogon; use the _bool suffix)",
+    ]
+    table = loaded.properties.table()
+    assert table.get_number("session.timeout") is None, "served as ogon serves it"
+    assert table.get_string("session.timeout") == "30"
+    # The same mistake in the TOML file is an error: there a quoted number is never meant.
+    toml.write_text(f'ogon_config = "{ini}"\n[properties]\n"session.timeout" = "30"\n')
+    with pytest.raises(ConfigError, match=r"ogon reads session\.timeout as an integer"):
+        ConfigSources.for_service(toml).load()
+
+
+def test_a_module_config_ini_names_is_a_warning_one_the_toml_names_an_error(
+        tmp_path: Path) -> None:
+    ini = tmp_path / "config.ini"
+    ini.write_text("[global]\nmodule_string=xsession\n[user_bob]\nmodule_string=kde\n")
+    config = config_with(tmp_path, ogon_config=ini)
+    found = preflight(config, {"properties": "/etc/b.toml"}, as_root=False)
+    assert found.errors == []
+    assert [str(p) for p in found.warnings if "names module" in p.text] == [
+        f"{ini}:2: module: names module 'xsession', which the bridge does not define (ogon's "
+        f"module configuration is not run): those logons get the greeter until "
+        f"[modules.xsession] is configured",
+        f"{ini}:4: module: names module 'kde', which the bridge does not define (ogon's "
+        f"module configuration is not run): those logons get the greeter until [modules.kde] "
+        f"is configured",
+    ]
+    config = config_with(tmp_path, ogon_config=ini, user_properties={"bob": {"module": "kde"}})
+    assert lines(preflight(config, {"user_properties": "/etc/b.toml"}, as_root=False).errors) \
+        == ["/etc/b.toml: user_properties.bob.module: names module 'kde', which is not defined "
+            "(add [modules.kde] or name one of: greeter)"]
+
+
+def test_config_check_checks_config_ini_and_names_its_line(tmp_path: Path) -> None:
+    ini = tmp_path / "config.ini"
+    ini.write_text("[global]\nsession_timeout_number=60\nsession_timeout_number=30\n")
+    path = good_config(tmp_path, extra=f'ogon_config = "{ini}"')
+    result = run_check(str(path))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"{ini}:3: session_timeout_number given twice in [global] (first on line 2); ogon "
+        f"then ignores the whole file"]
+    ini.write_text("[global]\nsession_timeout_number=60\nsession_timout_number=30\n")
+    result = run_check(str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"warning: {ini}:3: session.timout: not a property ogon reads (did you mean " \
+           f"session.timeout?); kept, and answered over ICP" in result.stdout.splitlines()
+    assert result.stdout.splitlines()[-1].startswith(f"{path}, {ini}: ok (")
+
+
+def test_config_check_without_arguments_checks_what_a_start_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from bridge.cli.config import cmd_check
+
+    ini = tmp_path / "config.ini"
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_FILE", good_config(tmp_path))
+    monkeypatch.setattr(config_module, "DEFAULT_OGON_CONFIG", ini)
+    ini.write_text("[global]\nsession_maxXRes_number=wide\n")
+    assert cmd_check(argparse.Namespace(file=None)) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{ini}:2: session_maxXRes_number=wide: not a decimal number (ogon would log it and "
+        f"ignore the line)"]
+    ini.write_text("[global]\nsession_maxXRes_number=4096\n")
+    assert cmd_check(argparse.Namespace(file=None)) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        f"{tmp_path}/bridge.toml, {ini}: ok")
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess[str]:

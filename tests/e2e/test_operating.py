@@ -27,6 +27,7 @@ from twisted.python.filepath import FilePath
 
 from bridge.rdp.standin import StandInRdpServer
 from tests.conftest import ME, STANDIN_BACKEND, kill_process_groups
+from tests.e2e.test_ogon_install import ask
 from tests.e2e.test_twistd import Twistd
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,9 +116,10 @@ class LogWatcher:
 
 
 def write_config(base: Path, icp_endpoint: str, properties: str = "",
-                 log_level: str = "info") -> Path:
+                 log_level: str = "info", top: str = "") -> Path:
+    """``top``: more top-level keys (TOML lines)."""
     path = base / "bridge.toml"
-    path.write_text(f"""
+    path.write_text(f"""{top}
 icp_endpoint = "{icp_endpoint}"
 thrift_endpoint = "tcp:0:interface=127.0.0.1"
 admin_endpoint = ""
@@ -262,6 +264,57 @@ async def test_sighup_reloads_or_refuses_and_sigusr1_starts_a_new_logfile(
     finally:
         watcher.close()
         kill_process_groups(pids)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_reads_ogons_config_ini_again(short_dir: Path) -> None:
+    """As ogon's session manager on SIGHUP: a changed config.ini is served
+    over ICP after the reload; one that cannot be used is refused with its
+    file and line, and the running values stay."""
+    ini = short_dir / "config.ini"
+    ini.write_text("[global]\nsession_maxXRes_number=1600\n")
+    config = write_config(short_dir, f"unix:{short_dir}/icp.sock:mode=600",
+                          top=f'ogon_config = "{ini}"\nauthenticator = "users-file"')
+    logfile = short_dir / "bridge.log"
+    proc = Twistd()
+    done: Deferred[Any] = Deferred()
+    transport = reactor.spawnProcess(
+        proc, sys.executable, [*TWISTD, f"--logfile={logfile}", "icp-bridge", "--config",
+                               str(config)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, path=str(ROOT))
+    RUNNING.append(transport)
+    proc.ended.addBoth(done.callback)
+    watcher = LogWatcher(logfile)
+    try:
+        await watcher.wait_for("OTS API listening on")
+        assert f"configuration from {config}, {ini}" in watcher.text()
+        assert f"ogon config {ini}: 1 global properties, 0 users" in watcher.text()
+        peer = StandInRdpServer(reactor, pipe_dir=short_dir / "pipes")
+        await peer.connect(f"unix:{short_dir}/icp.sock")
+        assert await ask(peer, "number", "session.maxXRes") == (True, 1600)
+
+        ini.write_text("[global]\nsession_maxXRes_number=2048\n")
+        transport.signalProcess(signal.SIGHUP)
+        await watcher.wait_for("configuration reloaded from")
+        assert f"reload: {ini}: session.maxXRes: 1600 -> 2048" in watcher.text()
+        assert await ask(peer, "number", "session.maxXRes") == (True, 2048)
+
+        ini.write_text("[global]\nsession_maxXRes_number=4096\nsession_maxXRes_number=1\n")
+        transport.signalProcess(signal.SIGHUP)
+        await watcher.wait_for("configuration not reloaded")
+        line = next(li for li in watcher.text().splitlines()
+                    if "configuration not reloaded" in li)
+        assert line.endswith(f"configuration not reloaded, the running one stays: {ini}:3: "
+                             f"session_maxXRes_number given twice in [global] (first on line "
+                             f"2); ogon then ignores the whole file")
+        assert await ask(peer, "number", "session.maxXRes") == (True, 2048)
+        assert not done.called and "Traceback" not in watcher.text()
+        closed = peer.protocol.when_closed()
+        transport.signalProcess(signal.SIGTERM)
+        await done
+        await closed
+    finally:
+        watcher.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -26,6 +26,7 @@ from bridge.tap import DaemonService
 from tests.conftest import ME, STANDIN_BACKEND, BridgeUnderTest, kill_process_groups
 from tests.e2e.sse import get
 from tests.e2e.test_admin import samples
+from tests.e2e.test_ogon_install import ask
 
 BACKEND = [sys.executable, str(STANDIN_BACKEND), "--socket", "{pipe_dir}/{endpoint}"]
 
@@ -158,6 +159,61 @@ async def test_a_configuration_that_does_not_check_is_refused(short_dir: Path) -
         path.write_text(toml(short_dir))
         assert reloader.reload()
         assert json.loads((await get(port, "/healthz"))[1])["degraded"] == []
+    finally:
+        await bridge.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_reads_config_ini_again_in_one_step_with_the_toml(
+        short_dir: Path) -> None:
+    """ogon's config.ini is read again at a reload, as ogon reads it on
+    SIGHUP, together with the TOML file: its changes are logged line by line
+    and served over ICP; one that cannot be used refuses the whole reload
+    with its line (the TOML file's changes wait with it)."""
+    ini = short_dir / "config.ini"
+    ini.write_text("[global]\nsession_maxXRes_number=1600\n"
+                   "[user_alice]\npermission_level_string=FULL\n")
+    ogon = {"ogon_config": f'"{ini}"', "authenticator": '"users-file"'}
+    bridge, reloader, path = await start(short_dir, toml(short_dir, **ogon))
+    try:
+        service = bridge.service
+        peer = await bridge.peer()
+        assert await ask(peer, "number", "session.maxXRes") == (True, 1600)
+        assert await peer.is_channel_allowed("rdpsnd")
+        ini.write_text("[global]\nsession_maxXRes_number=2048\nsession_timeout_string=5\n"
+                       "virtualChannel_whiteList_string=cliprdr\n")
+        path.write_text(toml(short_dir, properties='"session.timeout" = 40', **ogon))
+        with capturedLogs() as events:
+            assert reloader.reload()
+        lines = said(events)
+        assert "reload: properties.session.timeout: 30 -> 40" in lines
+        assert f"reload: {ini}: session.maxXRes: 1600 -> 2048" in lines
+        assert f"reload: {ini}: session.timeout: (unset) -> '5'" in lines
+        assert f"reload: {ini}: virtualChannel.whiteList: (unset) -> 'cliprdr'" in lines
+        assert f"reload: {ini} [user_alice]: permission.level: 'FULL' -> (unset)" in lines
+        assert f"configuration reloaded from {path}, {ini}: 5 changes" in lines
+        logged = [e["log_format"].format(**e) for e in events]
+        assert f"property session.timeout: the TOML file's [properties] overrides {ini}:3" \
+            in logged
+        assert (f"{ini}:3: session.timeout is a string here, but ogon reads it as a number: "
+                f"asked for a number, it is not found and its reader falls back to its own "
+                f"value (as in ogon; use the _number suffix)") in logged
+        assert await ask(peer, "number", "session.maxXRes") == (True, 2048)
+        assert await ask(peer, "number", "session.timeout") == (True, 40), "the TOML wins"
+        assert not await peer.is_channel_allowed("rdpsnd"), "the whiteList is read again"
+        assert service.properties.get_string("permission.level", "alice") == "USER"
+
+        ini.write_text("[global]\nsession_maxXRes_number=4096\n[global]\nx_string=y\n")
+        path.write_text(toml(short_dir, properties='"session.timeout" = 50', **ogon))
+        with capturedLogs() as events:
+            assert not reloader.reload()
+        assert said(events) == [
+            f"configuration not reloaded, the running one stays: {ini}:3: section [global] "
+            f"given twice (ogon then ignores the whole file)"]
+        assert await ask(peer, "number", "session.maxXRes") == (True, 2048)
+        assert await ask(peer, "number", "session.timeout") == (True, 40)
+        assert service.config.properties["session.timeout"] == 40
+        assert service.operations.reloads == {"applied": 1, "refused": 1}
     finally:
         await bridge.stop()
 
