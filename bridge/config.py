@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,6 +218,20 @@ class Config:
     min_free_disk: int = 64 * 1024 * 1024
     # The least important log lines written: debug, info, warn or error.
     log_level: str = "info"
+    # A farm (opt-in): the libpq connection string of the farm's PostgreSQL
+    # ("": no farm). Never with a password in it: farm_password_file, or
+    # libpq's PGPASSWORD / PGPASSFILE / ~/.pgpass; TLS through its sslmode.
+    farm_database: str = ""
+    farm_password_file: Path | None = None
+    # This host's name in the farm (HAProxy's backend for it has this name).
+    host_name: str = field(default_factory=socket.gethostname)
+    # Seconds between heartbeats; a host not heard of for farm_stale_after is stale.
+    farm_heartbeat: float = 5.0
+    farm_stale_after: float = 20.0
+    # Reconnect routing: HAProxy's stats socket (an endpoint string,
+    # "unix:/run/haproxy/admin.sock") and the map file its config loads.
+    haproxy_socket: str = ""
+    haproxy_map: Path | None = None
 
     def problems(self) -> list[tuple[str, str]]:
         """What is wrong with the values as a whole: (top-level key, line)."""
@@ -243,6 +259,7 @@ class Config:
                           "backend_log_max_per_session"))
         if self.min_free_disk < 0:
             found.append(("min_free_disk", "min_free_disk: must be 0 (off) or more bytes"))
+        found.extend(self._farm_problems())
         for scope, table in [("properties", self.properties),
                              *((f"user_properties.{u}", t)
                                for u, t in self.user_properties.items())]:
@@ -256,6 +273,30 @@ class Config:
         found = self.problems()
         if found:
             raise ConfigError(*(line for _, line in found))
+
+    def _farm_problems(self) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        if self.farm_database:
+            from bridge.state.engines import conninfo_problem
+
+            problem = conninfo_problem(self.farm_database)
+            if problem is not None:
+                found.append(("farm_database", f"farm_database: {problem}"))
+        if not _HOST_NAME.fullmatch(self.host_name):
+            found.append(("host_name", f"host_name: {self.host_name!r} is not a host name "
+                          "(letters, digits, '.', '-', '_'; at most 63)"))
+        if self.farm_heartbeat <= 0 or self.farm_stale_after <= self.farm_heartbeat:
+            found.append(("farm_stale_after", "farm_stale_after: must be longer than "
+                          "farm_heartbeat (both positive)"))
+        if (self.haproxy_socket or self.haproxy_map) and not self.farm_database:
+            found.append(("haproxy_map", "haproxy_map: reconnect routing needs farm_database"))
+        if self.haproxy_socket and self.haproxy_map is None:
+            found.append(("haproxy_socket", "haproxy_socket: needs haproxy_map (the map file "
+                          "HAProxy loads)"))
+        return found
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 def _number(key: str, value: Any, positive: bool = True) -> float:
@@ -465,6 +506,9 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "allow_root_desktops": _boolean, "backend_log_dir": _path,
     "backend_log_max_per_session": _integer, "backend_log_max_total": _integer,
     "min_free_disk": _integer,
+    "farm_database": _string, "farm_password_file": _path, "host_name": _string,
+    "farm_heartbeat": _number, "farm_stale_after": _number, "haproxy_socket": _string,
+    "haproxy_map": _path,
 }
 assert set(_CHECKERS) == {f.name for f in dataclasses.fields(Config)}, "every option is checked"
 

@@ -28,6 +28,8 @@ from bridge.endpoints import (
     validate_endpoint,
     with_backlog,
 )
+from bridge.farm.commands import LifecycleActions
+from bridge.farm.service import FarmService, FarmSettings, read_password
 from bridge.lifecycle.facade import SessionLifecycle
 from bridge.lifecycle.runtime import RdpPeer
 from bridge.otsapi.actions import SessionActions
@@ -199,6 +201,11 @@ class BridgeService(MultiService):
         self._every(CHECKPOINT_INTERVAL, self._checkpoint, reactor)
         self._every(PRUNE_INTERVAL, self._prune_events, clock)
 
+        self.farm: FarmService | None = None
+        if config.farm_database:
+            self.farm = self._make_farm(reactor, clock)
+            self.farm.setServiceParent(self)
+
         self.metrics = Metrics(self.registry, self.link, self.thrift_factory, self.store,
                                self.events, self.guard, self.launcher, self.dbus,
                                self.logon_events)
@@ -260,6 +267,22 @@ class BridgeService(MultiService):
             self.log.warn("auth.module is {value!r}; icp-bridge authenticates with its "
                           "authenticator ({authenticator}), not an ogon auth module",
                           value=auth_module, authenticator=self.config.authenticator)
+    def _make_farm(self, reactor: Any, clock: IReactorTime) -> FarmService:
+        config = self.config
+        try:
+            password = read_password(config.farm_password_file)
+        except (OSError, ValueError) as e:
+            raise StartupError(f"farm_password_file: {getattr(e, 'strerror', None) or e}"
+                               ) from None
+        settings = FarmSettings(
+            database=config.farm_database, password=password, host=config.host_name,
+            heartbeat=config.farm_heartbeat, stale_after=config.farm_stale_after,
+            command_timeout=config.call_timeout, events_keep=config.events_keep,
+            haproxy_socket=config.haproxy_socket, haproxy_map=config.haproxy_map)
+        return FarmService(settings, reactor, clock, self.store,
+                           state_database(config.state_dir), self.registry, self.properties,
+                           LifecycleActions(self.lifecycle, self.link),
+                           admin_url=config.admin_endpoint)
 
     def _every(self, interval: float, work: Callable[[], object], clock: IReactorTime) -> None:
         """Run ``work`` every ``interval`` seconds of ``clock`` while the
@@ -313,8 +336,9 @@ class BridgeService(MultiService):
 
     def _prune_events(self) -> None:
         try:
-            removed = self.store.prune_events(self.clock.seconds() - self.config.events_keep,
-                                              self.config.events_keep_count)
+            removed = self.store.prune_events(
+                self.clock.seconds() - self.config.events_keep, self.config.events_keep_count,
+                keep_after=self.farm.prune_floor() if self.farm is not None else None)
         except StateWriteError as e:
             self.log.warn("event journal not pruned: {error}", error=str(e))
             return

@@ -42,8 +42,10 @@ LAYERS: dict[str, set[str]] = {
     "bridge.lifecycle": {"bridge.sessions", "bridge.security", "bridge.backends"},
     "bridge.rdp": {"bridge.sessions", "bridge.security", "bridge.backends", "bridge.lifecycle"},
     "bridge.otsapi": {"bridge.sessions", "bridge.security", "bridge.lifecycle"},
+    "bridge.farm": {"bridge.sessions", "bridge.security", "bridge.state", "bridge.lifecycle",
+                    "bridge.otsapi"},
     "bridge.watch": {"bridge.sessions", "bridge.security", "bridge.backends", "bridge.state",
-                     "bridge.lifecycle", "bridge.rdp", "bridge.otsapi"},
+                     "bridge.lifecycle", "bridge.rdp", "bridge.otsapi", "bridge.farm"},
 }
 
 

@@ -226,14 +226,17 @@ class StateStore:
         row = self._db.execute("SELECT MAX(id) FROM events").fetchone()
         return int(row[0] or 0)
 
-    def prune_events(self, older_than: float, keep_at_most: int) -> int:
+    def prune_events(self, older_than: float, keep_at_most: int,
+                     keep_after: int | None = None) -> int:
         """Drop journal rows older than ``older_than`` (unix time) and any
-        beyond the newest ``keep_at_most``; returns how many went."""
+        beyond the newest ``keep_at_most``, but none after ``keep_after``
+        (the farm has not had those yet); returns how many went."""
         before = self._db.total_changes
+        floor = keep_after if keep_after is not None else 2 ** 62
         self._transaction([
-            ("DELETE FROM events WHERE time < ?", (older_than,)),
-            ("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?",
-             (keep_at_most,)),
+            ("DELETE FROM events WHERE time < ? AND id <= ?", (older_than, floor)),
+            ("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ? AND id <= ?",
+             (keep_at_most, floor)),
         ])
         return self._db.total_changes - before
 

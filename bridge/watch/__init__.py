@@ -13,6 +13,7 @@ the service.
 
 May import: ``bridge.state`` (the journal), ``bridge.sessions``,
 ``bridge.security``, ``bridge.backends``, ``bridge.lifecycle``, ``bridge.rdp``,
-``bridge.otsapi`` and the ground modules: it watches every room below the
+``bridge.otsapi``, ``bridge.farm`` (the farm's view and commands) and the
+ground modules: it watches every room below the
 top, and none of them imports it.
 """
