@@ -221,7 +221,8 @@ class BridgeService(MultiService):
             # Real time, not ``clock``: keepalives and stalls are the network's.
             site, self.admin_events = admin_site(
                 self.tokens, self.registry, self.events, self.metrics.registry, health,
-                reactor, SessionActionRoutes(self.tokens, self.registry, self.actions))
+                reactor, SessionActionRoutes(self.tokens, self.registry, self.actions),
+                self.farm)
             self.admin_listener = ListeningService("admin (HTTP)", config.admin_endpoint, site,
                                                    reactor)
             self.admin_listener.setServiceParent(self)

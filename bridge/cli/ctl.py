@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bridge.cli import events
+from bridge.cli import events, farm
 from bridge.cli.common import TOKEN_ENV, read_password, token
 from bridge.cli.decode import (
     INFO_CLASSES,
@@ -540,3 +540,4 @@ def add_commands(commands: Any) -> None:
     c.set_defaults(run=_ctl_unshadow)
 
     events.add_command(calls)
+    farm.add_command(calls)

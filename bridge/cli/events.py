@@ -43,7 +43,8 @@ def _event_line(event: dict[str, Any]) -> str:
     user = f" {event['username']}" if event.get("username") else ""
     reason = f" ({event['reason']})" if event.get("reason") else ""
     session = f"session {event['session_id']} " if event.get("session_id") else ""
-    return f"#{event['id']} {iso(event['time'])} {session}{event['event']}{user}" \
+    host = f" {event['host']}#{event['local_id']}" if "host" in event else ""
+    return f"#{event['id']}{host} {iso(event['time'])} {session}{event['event']}{user}" \
            f"{states}{reason}"
 
 
@@ -57,6 +58,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     delay = 1.0
     while True:
         query = {} if last is None else {"after": str(last)}
+        if args.farm:
+            query["scope"] = "farm"
         if not args.follow:
             query["once"] = "1"
         connection = http.client.HTTPConnection(url.hostname, url.port or 9092,
@@ -111,6 +114,8 @@ def add_command(calls: Any) -> None:
                         "only new events]")
     c.add_argument("--follow", action="store_true",
                    help="keep printing new events (resuming by id across restarts)")
+    c.add_argument("--farm", action="store_true",
+                   help="the farm journal: every host's events, in the farm's order")
     c.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="one JSON object per line")
     c.set_defaults(func=cmd_events)

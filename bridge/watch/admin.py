@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from bridge.endpoints import ListeningService
+    from bridge.farm.service import FarmService
     from bridge.rdp.link import RdpServerLink
     from bridge.watch.dbus import SessionNotifier
 
@@ -77,12 +78,20 @@ class _Authorized(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, tokens: TokenStore, registry: SessionRegistry, journal: EventHub
-                 ) -> None:
+    def __init__(self, tokens: TokenStore, registry: SessionRegistry, journal: EventHub,
+                 farm: FarmService | None = None) -> None:
         super().__init__()
         self.tokens = tokens
         self.registry = registry
         self.journal = journal
+        self.farm = farm
+
+    def farm_scope(self, request: Request) -> bool:
+        """``?scope=farm``: the whole farm's, not this host's."""
+        return _query(request).get("scope", ["host"])[0] == "farm"
+
+    def not_a_farm(self, request: Request) -> bytes:
+        return _json(request, {"error": "this bridge is not in a farm (farm_database)"}, 404)
 
     def authorized(self, request: Request) -> TokenRecord | None:
         token = _bearer(request)
@@ -106,10 +115,16 @@ class SessionsResource(_Authorized):
             return _json(request, {"error": "no actions here"}, 404)
         return self.actions.render_POST(request)
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         record = self.authorized(request)
         if record is None:
             return self.refuse(request)
+        if self.farm_scope(request):
+            if self.farm is None:
+                return self.not_a_farm(request)
+            from bridge.watch.farm_admin import sessions_view
+
+            return sessions_view(request, self.farm)
         if any(request.postpath):
             return _json(request, {"error": "not found"}, 404)
         sessions = []
@@ -202,8 +217,8 @@ class EventStream:
 
 class EventsResource(_Authorized):
     def __init__(self, tokens: TokenStore, registry: SessionRegistry, journal: EventHub,
-                 clock: IReactorTime) -> None:
-        super().__init__(tokens, registry, journal)
+                 clock: IReactorTime, farm: FarmService | None = None) -> None:
+        super().__init__(tokens, registry, journal, farm)
         self.streams: set[EventStream] = set()
         self._keepalive = LoopingCall(self._tick)
         self._keepalive.clock = clock
@@ -219,6 +234,8 @@ class EventsResource(_Authorized):
 
     def _tick(self) -> None:
         stalled = {s.subscriber for s in self.journal.stalled(STALL_TIMEOUT)}
+        if self.farm is not None:
+            stalled |= {s.subscriber for s in self.farm.events.stalled(STALL_TIMEOUT)}
         for stream in list(self.streams):
             if stream in stalled:
                 self.log.info("dropping an /events client that read nothing for {seconds:g} "
@@ -236,7 +253,15 @@ class EventsResource(_Authorized):
         if len(self.streams) >= MAX_STREAMS:
             return _json(request, {"error": f"{MAX_STREAMS} event streams already"}, 503)
         query = _query(request)
-        hub = self.journal
+        hub: Any = self.journal
+        if self.farm_scope(request):
+            if self.farm is None:
+                return self.not_a_farm(request)
+            hub = self.farm.events
+            if not hub.loaded and "after" not in query \
+                    and request.getHeader(b"last-event-id") is None:
+                return _json(request, {"error": "the farm journal is not read yet (the farm "
+                                                "database is away?); give ?after=N"}, 503)
         try:
             header = request.getHeader(b"last-event-id")
             if header is not None:
@@ -360,16 +385,22 @@ class AdminSite(Site):
 
 def admin_site(tokens: TokenStore, registry: SessionRegistry, journal: EventHub,
                metrics: CollectorRegistry, health: HealthResource, clock: IReactorTime,
-               actions: SessionActionRoutes | None = None) -> tuple[Site, EventsResource]:
+               actions: SessionActionRoutes | None = None,
+               farm: FarmService | None = None) -> tuple[Site, EventsResource]:
     """The admin endpoint's site and its /events resource (which the service
     starts and stops). ``clock`` (real time) paces the streams' keepalives;
-    ``actions`` answers POST /sessions/<id>/<action>."""
+    ``actions`` answers POST /sessions/<id>/<action>. With ``farm``, the
+    farm's scope and commands too (bridge.watch.farm_admin)."""
     root = _Root()
-    events = EventsResource(tokens, registry, journal, clock)
+    events = EventsResource(tokens, registry, journal, clock, farm)
     root.putChild(b"events", events)
-    sessions = SessionsResource(tokens, registry, journal)
+    sessions = SessionsResource(tokens, registry, journal, farm)
     sessions.actions = actions
     root.putChild(b"sessions", sessions)
+    if farm is not None:
+        from bridge.watch.farm_admin import FarmCommandsResource
+
+        root.putChild(b"farm", FarmCommandsResource(tokens, farm))
     root.putChild(b"metrics", MetricsResource(metrics))
     root.putChild(b"healthz", health)
     site = AdminSite(root, timeout=60)
