@@ -11,7 +11,7 @@ sessions are shipped and any other farm row of the host removed. Then the
 
 While PostgreSQL is away nothing here touches the host's work: logons,
 the OTS API and the journal go on; the shipper tries again (0.25 s
-doubling to 5 s) and catches up when it is back. One line says when the
+doubling to 2 s) and catches up when it is back. One line says when the
 farm went away and one when it came back, with how much waited.
 """
 
@@ -35,7 +35,7 @@ from bridge.state.store import StateStore
 
 #: Journal events per PostgreSQL transaction.
 PAGE = 500
-RETRY_FIRST, RETRY_MAX = 0.25, 5.0
+RETRY_FIRST, RETRY_MAX = 0.25, 2.0
 
 
 def session_row(session: Session) -> dict[str, Any]:

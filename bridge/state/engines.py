@@ -162,7 +162,7 @@ class PostgresEngine(Engine):
 class _Listener(threading.Thread):
     """LISTEN on a connection of its own, in a thread of its own: each
     notification is handed to the reactor; after an outage it connects
-    again (backing off to 5 s) and says so, since notifications sent
+    again (backing off to 2 s) and says so, since notifications sent
     meanwhile never arrive."""
 
     def __init__(self, engine: PostgresEngine, channels: list[str],
@@ -203,7 +203,7 @@ class _Listener(threading.Thread):
                     return
                 reactor.callFromThread(self.on_lost, _first_line(e))
                 self._stopping.wait(delay)
-                delay = min(5.0, delay * 2)
+                delay = min(2.0, delay * 2)
 
 
 def _first_line(error: BaseException) -> str:
