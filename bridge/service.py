@@ -205,6 +205,7 @@ class BridgeService(MultiService):
         if config.farm_database:
             self.farm = self._make_farm(reactor, clock)
             self.farm.setServiceParent(self)
+            self.lifecycle.policies.before_logon = self.farm.single_session.before_logon
 
         self.metrics = Metrics(self.registry, self.link, self.thrift_factory, self.store,
                                self.events, self.guard, self.launcher, self.dbus,

@@ -11,8 +11,8 @@ long as the old session lives, while ending it is what ogon does on one
 host for a single session it cannot take over (``session.reconnect``
 false). With reconnect routing (``bridge.farm.haproxy``) a user who sends
 the cookie is routed to the old session's host and reconnects instead.
-The logon waits for the old host at most ``call_timeout``; with the farm
-database away it goes on (the host stays the authority for its own
+The logon waits for the old host at most ``call_timeout`` (not at all for a
+stale host); with the farm database away it goes on (the host stays the authority for its own
 sessions) and a host that is away runs the logoff when it is back, if the
 command has not expired by then.
 
@@ -108,12 +108,13 @@ class FarmSingleSession:
     log = Logger()
 
     def __init__(self, farm: FarmStore, waiter: CommandWaiter, properties: PropertyTable,
-                 host: str, timeout: float) -> None:
+                 host: str, timeout: float, stale_after: float) -> None:
         self.farm = farm
         self.waiter = waiter
         self.properties = properties
         self.host = host
         self.timeout = timeout
+        self.stale_after = stale_after
 
     async def before_logon(self, identity: Identity) -> None:
         """Log off ``identity``'s sessions on other hosts, waiting at most
@@ -131,9 +132,12 @@ class FarmSingleSession:
             self.log.info("user {username} logs on at {host}: session.farm.singleSession "
                           "logs off {sessions}", username=user, host=self.host,
                           sessions=", ".join(f"{h}/{s}" for h, s in others))
+            # A stale host is not waited for: its logoff runs when it is back.
+            fresh = {h.host for h in await self.farm.hosts() if h.age <= self.stale_after}
+            wait = self.timeout if any(host in fresh for host, _ in others) else 0.001
             commands = await self.waiter.run(
                 others, "logoff", {"wait": False}, f"session.farm.singleSession at {self.host}",
-                self.timeout, SINGLE_SESSION_EXPIRY)
+                wait, SINGLE_SESSION_EXPIRY)
             pending = [f"{c.host}/{c.session_id}" for c in commands if c.state != "done"]
             if pending:
                 self.log.warn("user {username}: the logoff of {sessions} is still pending "

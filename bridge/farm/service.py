@@ -84,7 +84,7 @@ class FarmService(Service):
         self.events = FarmEventHub(self.store, clock)
         self.budget = FarmFailureBudget(self.store, self.outbox, clock, host)
         self.single_session = FarmSingleSession(self.store, self.waiter, properties, host,
-                                                settings.command_timeout)
+                                                settings.command_timeout, settings.stale_after)
         self.router = HaproxyMapFeeder(
             reactor, clock, self.store, settings.haproxy_socket, settings.haproxy_map,
             settings.stale_after, host) if settings.haproxy_map is not None else None

@@ -4,6 +4,8 @@ happens when a session's client goes (session.reconnect,
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -38,6 +40,9 @@ class SessionPolicies:
         self.ending = ending
         self.remote_control = remote_control
         self.call_timeout = call_timeout
+        # In a farm: what a user's logon asks of the other hosts first
+        # (session.farm.singleSession, bridge.farm.policies); never raises.
+        self.before_logon: Callable[[Identity], Awaitable[None]] | None = None
 
     # -- a logon -------------------------------------------------------------------
 
@@ -67,6 +72,8 @@ class SessionPolicies:
         """The session a user who logged on (LogonUser or the greeter) gets:
         one to reconnect to or take over, or None for a new one; a single
         session it replaces is ended first."""
+        if self.before_logon is not None:
+            await self.before_logon(identity)
         target, replace = self._choose(identity, client_host)
         if replace is not None:
             await self.ending.end(replace, "single session: replaced by a new logon")

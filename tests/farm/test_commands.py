@@ -78,3 +78,32 @@ async def test_a_host_that_was_down_runs_its_pending_commands_once(
     finally:
         await a.stop()
         await c.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_farm_single_session_logs_off_the_session_on_the_other_host(
+        short_dir: Path, farm_db: FarmDatabase) -> None:
+    """session.farm.singleSession: alice logs on at B while holding a session
+    at A: A's session is logged off (not B's logon refused); bob, for whom
+    it is off, keeps both."""
+    properties = {"session.timeout": 30, "session.farm.singleSession": True}
+    users = {"bob": {"session.farm.singleSession": False}}
+    a = await farm_bridge(short_dir / "a", farm_db, "host-a", properties=properties,
+                          user_properties=users)
+    b = await farm_bridge(short_dir / "b", farm_db, "host-b", properties=properties,
+                          user_properties=users)
+    try:
+        peer_a, peer_b = await a.peer(), await b.peer()
+        await peer_a.logon(1, "alice", "alice-pw")
+        await peer_a.logon(2, "bob", "bob-pw")
+        await farm_db.until("SELECT count(*) FROM farm_sessions WHERE host = 'host-a'", (),
+                            lambda rows: rows[0][0] == 2)
+        answer = await peer_b.logon(1, "alice", "alice-pw")
+        assert answer.serviceEndpoint, "the logon at B goes on"
+        assert a.service.registry.sessions_of("alice", "") == [], "A's session was ended"
+        assert [name for name, _ in peer_a.requests_seen][-1] == "LogoffUserSessionRequest"
+        await peer_b.logon(2, "bob", "bob-pw")
+        assert len(a.service.registry.sessions_of("bob", "")) == 1, "off for bob"
+    finally:
+        await a.stop()
+        await b.stop()
