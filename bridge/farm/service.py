@@ -11,7 +11,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from bridge.farm.commands import Actions, CommandRunner, CommandWaiter
@@ -31,6 +31,8 @@ from bridge.state.store import StateStore
 POLL_INTERVAL = 5.0
 #: How often the farm journal and finished commands are pruned.
 PRUNE_INTERVAL = 3600.0
+#: How long a stopping bridge tries to ship its last changes.
+DRAIN_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class FarmService(Service):
         self.budget.owed.append(self.shipper.kick)
         self.shipper.on_connected.append(self._farm_back)
         self.listening = False
+        self._readers_started = False
         self._timers = [self._every(POLL_INTERVAL, self.events.poll),
                         self._every(PRUNE_INTERVAL, self._prune)]
         self._handlers: dict[str, Callable[[str], object]] = {
@@ -111,26 +114,37 @@ class FarmService(Service):
         super().startService()
         self.runner.recover()
         self.shipper.start()
-        self.engine.listen(farm_store.CHANNELS, self._notified, self._listening,
-                           self._not_listening)
-        if self.router is not None:
-            self.router.start()
-        for call, interval in self._timers:
-            call.start(interval, now=False)
+        self._readers_started = False
         self.log.info("farm: host {host}, database {database}", host=self.settings.host,
                       database=_describe(self.settings.database))
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        # The last changes (clients gone as the bridge stops) reach the
+        # farm, if it answers within a few seconds. One reactor turn first:
+        # the RDP server's disconnect reaches the registry just after the
+        # link's when_closed() fires, which is what let the bridge stop us.
+        await deferLater(self.clock, 0, lambda: None)
+        drained = Deferred.fromCoroutine(self.shipper.drain())
+        drained.addTimeout(DRAIN_TIMEOUT, self.clock)
+        try:
+            await drained
+        except Exception as e:
+            self.log.info("farm: not everything shipped at stop ({error}); shipped at the "
+                          "next start", error=str(e) or type(e).__name__)
         self.shipper.stop()
         if self.router is not None:
             self.router.stop()
         for call, _ in self._timers:
             if call.running:
                 call.stop()
-        d = self.engine.close()
-        d.addBoth(lambda result: self.outbox.close() or None)
-        return d
+        try:
+            await self.engine.close()
+        finally:
+            self.outbox.close()
 
     # -- notifications (wake-ups; the rows are the truth) -------------------------------
 
@@ -156,6 +170,16 @@ class FarmService(Service):
         self.listening = False
 
     def _farm_back(self) -> None:
+        """The shipper (re)connected: the tables exist. The readers start
+        the first time (so none reads a table not made yet)."""
+        if not self._readers_started:
+            self._readers_started = True
+            self.engine.listen(farm_store.CHANNELS, self._notified, self._listening,
+                               self._not_listening)
+            if self.router is not None:
+                self.router.start()
+            for call, interval in self._timers:
+                call.start(interval, now=False)
         self.runner.fetch()
         self.events.poll()
 

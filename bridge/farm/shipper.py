@@ -82,6 +82,7 @@ class FarmShipper:
         self.on_connected: list[Callable[[], object]] = []
         self._pumping = False
         self._again = False
+        self._pumped: list[Deferred[None]] = []
         self._retry: IDelayedCall | None = None
         self._delay = RETRY_FIRST
         self._outage_since: float | None = None
@@ -95,6 +96,19 @@ class FarmShipper:
     def start(self) -> None:
         self.registry.observe(self._changed)
         self._heartbeat.start(self._interval, now=True)
+
+    async def drain(self) -> None:
+        """Ship what is owed now, once (a clean stop leaves the farm
+        current); nothing when the farm is away. Failures are the pump's."""
+        if not self.connected:
+            return
+        if self._pumping:
+            self._again = True
+            done: Deferred[None] = Deferred()
+            self._pumped.append(done)
+            await done
+        else:
+            await self._pump()
 
     def stop(self) -> None:
         self._stopped = True
@@ -144,6 +158,9 @@ class FarmShipper:
                     break
         finally:
             self._pumping = False
+            waiting, self._pumped = self._pumped, []
+            for done in waiting:
+                done.callback(None)
 
     async def _connect(self) -> None:
         await self.farm.prepare()

@@ -163,7 +163,8 @@ class FarmDatabase:
     async def until(self, sql: str, args: tuple[Any, ...], done: Any, timeout: float = 60.0,
                     what: str = "") -> list[tuple[Any, ...]]:
         """Poll ``sql`` until ``done(rows)`` (bounded by ``timeout``);
-        returns the rows. A database that is away counts as not yet."""
+        returns the rows. A database that is away, or whose tables the
+        first bridge has not made yet, counts as not yet."""
         import psycopg
 
         deadline = reactor.seconds() + timeout
@@ -173,7 +174,7 @@ class FarmDatabase:
                 rows = await self.query(sql, args)
                 if done(rows):
                     return rows
-            except psycopg.OperationalError:
+            except (psycopg.OperationalError, psycopg.errors.UndefinedTable):
                 pass
             if reactor.seconds() > deadline:
                 raise AssertionError(f"not within {timeout} s: {what or sql}; last: {rows!r}")
