@@ -28,7 +28,7 @@ from bridge.endpoints import (
     validate_endpoint,
     with_backlog,
 )
-from bridge.farm.commands import LifecycleActions
+from bridge.farm.commands import SharedActions
 from bridge.farm.service import FarmService, FarmSettings, read_password
 from bridge.lifecycle.facade import SessionLifecycle
 from bridge.lifecycle.runtime import RdpPeer
@@ -283,7 +283,7 @@ class BridgeService(MultiService):
             haproxy_socket=config.haproxy_socket, haproxy_map=config.haproxy_map)
         return FarmService(settings, reactor, clock, self.store,
                            state_database(config.state_dir), self.registry, self.properties,
-                           LifecycleActions(self.lifecycle, self.link),
+                           SharedActions(self.actions),
                            admin_url=config.admin_endpoint)
 
     def _every(self, interval: float, work: Callable[[], object], clock: IReactorTime) -> None:

@@ -17,30 +17,21 @@ that was running when the host died is answered "interrupted".
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from bridge.lifecycle.facade import SessionLifecycle
-from bridge.lifecycle.runtime import RdpCaller
+from bridge.otsapi.actions import Actor, NoClientError, SessionActions
 from bridge.sessions.model import Session
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.engines import DatabaseUnavailableError
 from bridge.state.farm_store import FarmCommand, FarmStore
 from bridge.state.outbox import FarmOutbox
-from protocols import icp
-from protocols.errors import IcpError, IcpTimeoutError
-from protocols.generated import ICP_pb2
 
 ACTIONS = ("logoff", "disconnect", "message")
-#: WTSSendMessage's answers when there is no click (wtsapi.h).
-IDTIMEOUT = 32000
-IDASYNC = 32001
-MESSAGE_CUSTOM_TYPE = 1
 
 
 class Actions(Protocol):
@@ -54,47 +45,34 @@ class Actions(Protocol):
                       timeout: int, wait: bool, why: str) -> int: ...
 
 
-class LifecycleActions:
-    """Actions through the session lifecycle and the RDP server, as the
-    OTS API's logoffSession, disconnectSession and sendMessage do them."""
+class SharedActions:
+    """The host's own session actions (``bridge.otsapi.actions``: what its
+    OTS API methods and its admin endpoint's POST routes call), for farm
+    commands: the journal says "logged off through farm command 7 by
+    alice on host-c"."""
 
-    log = Logger()
-
-    def __init__(self, lifecycle: SessionLifecycle, rdp: RdpCaller) -> None:
-        self.lifecycle = lifecycle
-        self.rdp = rdp
+    def __init__(self, actions: SessionActions) -> None:
+        self.actions = actions
 
     async def logoff(self, session: Session, wait: bool, why: str) -> bool:
-        self.log.info("session {session_id}: logoff {why}", session_id=session.session_id,
-                      why=why)
-        return await self.lifecycle.logoff(session, wait)
+        return await self.actions.logoff(session, wait, _actor(why))
 
     async def disconnect(self, session: Session, wait: bool, why: str) -> bool:
-        self.log.info("session {session_id}: disconnect {why}", session_id=session.session_id,
-                      why=why)
-        return await self.lifecycle.disconnect(session, wait)
+        return await self.actions.disconnect(session, wait, _actor(why))
 
     async def message(self, session: Session, title: str, text: str, style: int,
                       timeout: int, wait: bool, why: str) -> int:
-        if session.connection_id is None:
-            return 0
-        seconds = max(timeout, 0)
-        self.log.info("session {session_id}: message {why}", session_id=session.session_id,
-                      why=why)
-        d = self.rdp.call(icp.MSG_MESSAGE, ICP_pb2.MessageRequest(
-            connectionId=session.connection_id, type=MESSAGE_CUSTOM_TYPE,
-            style=style & 0xFFFFFFFF, timeout=seconds, parameterNum=2, parameter1=title,
-            parameter2=text), seconds if seconds else math.inf)
-        if not wait:
-            d.addErrback(lambda f: f.trap(IcpError) and 0)
-            return IDASYNC
         try:
-            response = await d
-        except IcpTimeoutError:
-            return IDTIMEOUT
-        except IcpError:
+            return await maybeDeferred(self.actions.message, session, title, text, style,
+                                       timeout, wait, _actor(why))
+        except NoClientError:
             return 0
-        return int(response.result) or IDTIMEOUT
+
+
+def _actor(why: str) -> Actor:
+    """``why`` is "farm command N (alice on host-c)": the way in and who."""
+    via, _, who = why.partition(" (")
+    return Actor(who.rstrip(")") or "(unknown)", via)
 
 
 class CommandRunner:
@@ -158,7 +136,7 @@ class CommandRunner:
     async def _run(self, command: FarmCommand) -> None:
         self.ran += 1
         session = self.registry.get(command.session_id)
-        why = f"by farm command {command.id} ({command.requested_by})"
+        why = f"farm command {command.id} ({command.requested_by})"
         args = command.args or {}
         wait = bool(args.get("wait", True))
         if session is None:

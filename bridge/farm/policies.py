@@ -146,3 +146,7 @@ class FarmSingleSession:
         except DatabaseUnavailableError as e:
             self.log.warn("user {username}: session.farm.singleSession not applied, the farm "
                           "database is away ({error})", username=user, error=str(e))
+        except Exception:
+            # Never a reason to refuse a logon (a farm not set up yet, a bug).
+            self.log.failure("user {username}: session.farm.singleSession not applied",
+                             username=user)

@@ -116,8 +116,9 @@ class FarmCommandsResource(Resource):
                         style=int(body.get("style", 0)),
                         timeout=int(body.get("message_timeout", 0)))
         peer = request.getClientAddress()
-        who = f"{record.username} through {self.farm.settings.host}'s admin endpoint from " \
-              f"{getattr(peer, 'host', '?')}"
+        who = f"{record.username} on {self.farm.settings.host}"
+        if getattr(peer, "host", ""):
+            who += f" from {peer.host}"
         self.log.info("farm {action} of {what} {name} {session} {who}", action=action,
                       what=target[0], name=target[1], session=target[2] or "", who=who)
         work = Deferred.fromCoroutine(self._run(action, target, args, who, timeout, expires))
