@@ -206,6 +206,7 @@ class BridgeService(MultiService):
             self.farm = self._make_farm(reactor, clock)
             self.farm.setServiceParent(self)
             self.lifecycle.policies.before_logon = self.farm.single_session.before_logon
+            self.guard.farm = self.farm.budget
 
         self.metrics = Metrics(self.registry, self.link, self.thrift_factory, self.store,
                                self.events, self.guard, self.launcher, self.dbus,

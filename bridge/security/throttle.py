@@ -77,6 +77,18 @@ class LogonObserver(Protocol):
                    failures: int) -> None: ...
 
 
+class FailureBudget(Protocol):
+    """Failed logons other hosts of a farm counted (bridge.farm.policies)."""
+
+    def others(self, key: str) -> int:
+        """Failures the other hosts counted recently for ``key``."""
+        ...
+
+    def counted(self, key: str, failures: int, last_failure: float) -> None:
+        """This host's count for ``key`` is now ``failures`` (0: cleared)."""
+        ...
+
+
 class LockoutStore:
     """The lockouts table of the state database (its own connection: the
     CLI reads and clears it while the bridge runs)."""
@@ -137,6 +149,10 @@ class LogonGuard:
         # queue_full, unavailable).
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.observers: list[LogonObserver] = []
+        # In a farm: the other hosts' counts add to ours. They delay any key,
+        # but lock out only a source (never a user for everyone: a guesser
+        # spreading over hosts must not lock alice out of the farm).
+        self.farm: FailureBudget | None = None
 
     @classmethod
     def around(cls, authenticator: Authenticator | LogonGuard, clock: IReactorTime
@@ -174,7 +190,17 @@ class LogonGuard:
             return 0.0
         return min(self.policy.delay_max, 0.5 * 2 ** over)
 
+    def _elsewhere(self, key: str, locks: bool = False) -> int:
+        """The farm's failures for ``key`` beyond ours (for a lockout: only
+        a source's count)."""
+        if self.farm is None or (locks and key.startswith("user:")):
+            return 0
+        return self.farm.others(key)
+
     def _save(self, key: str, count: FailureCount | None) -> None:
+        if self.farm is not None:
+            self.farm.counted(key, count.failures if count is not None else 0,
+                              count.last_failure if count is not None else 0.0)
         if self.store is None:
             return
         try:
@@ -201,7 +227,8 @@ class LogonGuard:
             count.failures += 1
             count.last_failure = now
             worst = max(worst, count.failures)
-            if count.failures >= self.policy.lockout_failures and count.locked_until <= now:
+            farm_failures = count.failures + self._elsewhere(key, locks=True)
+            if farm_failures >= self.policy.lockout_failures and count.locked_until <= now:
                 count.locked_until = now + self.policy.lockout_time
                 self.log.warn("{key} locked out for {seconds:g} s after {failures} failed "
                               "logons", key=key, seconds=self.policy.lockout_time,
@@ -256,7 +283,8 @@ class LogonGuard:
                                   "locked out for {seconds:.0f} s more", username=username,
                                   source=source or "unknown", key=key, seconds=remaining)
                 return None
-        delay = max(self.delay_for(self._count(key).failures) for key in keys)
+        delay = max(self.delay_for(self._count(key).failures + self._elsewhere(key))
+                    for key in keys)
         if delay:
             await deferLater(self.clock, delay, lambda: None)
         if self._waiting[kind] >= self.policy.concurrency + self.policy.queue_limit:
