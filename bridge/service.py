@@ -212,6 +212,10 @@ class BridgeService(MultiService):
                                self.events, self.guard, self.launcher, self.dbus,
                                self.logon_events)
         self.metrics.registry.register(OperationsCollector(self.operations))
+        if self.farm is not None:
+            from bridge.watch.farm_metrics import FarmCollector
+
+            self.metrics.registry.register(FarmCollector(self.farm))
         self.admin_listener: ListeningService | None = None
         self.admin_events: EventsResource | None = None
         if config.admin_endpoint:

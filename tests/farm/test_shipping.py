@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import BridgeUnderTest, start_bridge
+from tests.e2e.sse import get
 from tests.farm.pg import FarmDatabase
 
 
@@ -50,6 +52,14 @@ async def test_a_hosts_journal_and_sessions_reach_the_farm(short_dir: Path,
             "ORDER BY session_id")
         assert [tuple(r) for r in sessions] == [
             (s.session_id, s.username, int(s.state)) for s in bridge.service.registry]
+        code, body, _ = await get(bridge.admin_port, "/metrics")
+        assert code == 200
+        metrics = {sample.name: sample.value
+                   for family in text_string_to_metric_families(body.decode())
+                   for sample in family.samples}
+        assert metrics["icp_bridge_farm_connected"] == 1
+        assert metrics["icp_bridge_farm_events_shipped_total"] >= len(expected)
+        assert metrics["icp_bridge_farm_backlog_events"] == 0
     finally:
         await bridge.stop()
 
