@@ -200,10 +200,14 @@ async def run(bridges: int, sessions: int, outage: float, samples: int, logoffs:
                               "made_in_s": round(made - started, 2),
                               "shipped_in_s": round(done - started, 2),
                               "events_per_s": round(total / (done - started))}
-        # 2. latency to a farm SSE client on bridge 1
+        # 2. latency to a farm SSE client on bridge 1, once its farm journal
+        # hub has read what phase 1 shipped (steady state, not a catch-up)
         token = farm.services[0].tokens.issue(Identity("bench", "", FULL))
         headers = Headers({b"authorization": [f"Bearer {token}".encode()]})
         last = (await db.query("SELECT max(id) FROM farm_events"))[0][0]
+        hub = farm.services[0].farm.events
+        await until(lambda: hub.last_id >= last, time.perf_counter() + deadline,
+                    "bridge 1 has read the farm journal")
         response = await Agent(reactor).request(
             b"GET", f"http://127.0.0.1:{farm.admin_port(0)}/events?scope=farm&after={last}"
             .encode(), headers)

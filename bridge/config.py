@@ -293,6 +293,9 @@ class Config:
         if self.haproxy_socket and self.haproxy_map is None:
             found.append(("haproxy_socket", "haproxy_socket: needs haproxy_map (the map file "
                           "HAProxy loads)"))
+        if self.haproxy_map is not None and not self.haproxy_map.is_absolute():
+            found.append(("haproxy_map", "haproxy_map: an absolute path (HAProxy names the map "
+                          "by it)"))
         return found
 
 

@@ -86,7 +86,13 @@ async def test_logons_on_a_and_b_in_cs_farm_view_and_stream_and_logoff_from_c(
             ("host-a", "alice", 0), ("host-a", "guest", 0), ("host-b", "bob", 0)]
 
         alice = a.service.registry.sessions_of("alice", "")[0].session_id
+        guest = a.service.registry.sessions_of("guest", "")[0].session_id
         admin = f"http://127.0.0.1:{c.admin_port}"
+        code, out = await ctl("farm", "--admin", admin, "message", "host-a", str(guest),
+                              "--title", "Maintenance", "--text", "at noon", token=token)
+        assert (code, out.strip()) == (0, f"host-a session {guest}: message ok (answer 1)"), out
+        [request] = [r for kind, r in peer_a.requests_seen if kind == "MessageRequest"]
+        assert (request.parameter1, request.parameter2) == ("Maintenance", "at noon")
         code, out = await ctl("farm", "--admin", admin, "logoff", "host-a", str(alice),
                               token=token)
         assert (code, out.strip()) == (0, f"host-a session {alice}: logoff ok"), out

@@ -1,0 +1,51 @@
+"""Farm mode's configuration: opt-in, never a password in the connection
+string, the password file only for its owner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.config import ConfigError, config_from_mapping
+from bridge.farm.service import read_password
+
+
+def test_without_farm_database_nothing_changes() -> None:
+    config = config_from_mapping({})
+    assert config.farm_database == "" and config.host_name
+
+
+@pytest.mark.parametrize("conninfo", [
+    "host=db dbname=farm user=icp password=secret",
+    "postgresql://icp:secret@db/farm",
+])
+def test_a_password_in_the_connection_string_is_refused(conninfo: str) -> None:
+    with pytest.raises(ConfigError, match="farm_database: holds a password"):
+        config_from_mapping({"farm_database": conninfo})
+
+
+def test_what_else_is_checked(tmp_path: Path) -> None:
+    ok = {"farm_database": "host=db dbname=farm user=icp sslmode=verify-full"}
+    assert config_from_mapping(ok).farm_database.endswith("verify-full")
+    for values, message in [
+        ({"farm_database": "host=db =x"}, "not a libpq connection string"),
+        ({**ok, "host_name": "a b"}, "host_name"),
+        ({**ok, "farm_heartbeat": 5, "farm_stale_after": 5}, "farm_stale_after"),
+        ({"haproxy_map": "/etc/haproxy/u.map"}, "needs farm_database"),
+        ({**ok, "haproxy_socket": "unix:/run/h.sock"}, "needs haproxy_map"),
+        ({**ok, "haproxy_map": "u.map"}, "absolute path"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_mapping(values)
+
+
+def test_the_password_file_is_read_only_when_private(tmp_path: Path) -> None:
+    path = tmp_path / "password"
+    path.write_text("s3cret\nignored\n")
+    path.chmod(0o640)
+    with pytest.raises(ValueError, match="chmod 600"):
+        read_password(path)
+    path.chmod(0o600)
+    assert read_password(path) == "s3cret"
+    assert read_password(None) is None
