@@ -56,7 +56,7 @@ from bridge.security.token_files import SessionTokenFiles
 from bridge.security.tokens import TokenStore
 from bridge.sessions.model import StateWriteError
 from bridge.sessions.ogon_config import MergedProperties, OgonConfigError
-from bridge.sessions.properties import ChannelPolicy
+from bridge.sessions.properties import ChannelPolicy, PropertyTable
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub, LogonEvents
 from bridge.state.store import SpawnRecords, StateStore, restore, state_database
@@ -75,6 +75,25 @@ CHECKPOINT_INTERVAL = 5.0
 STATE_RETRY_INTERVAL = 5.0
 # How often the event journal drops what is older than events_keep.
 PRUNE_INTERVAL = 3600.0
+
+
+def make_farm(config: Config, reactor: Any, clock: IReactorTime, store: StateStore,
+              registry: SessionRegistry, properties: PropertyTable,
+              actions: SessionActions) -> FarmService:
+    """The farm's part of a bridge (config.farm_database is set)."""
+    try:
+        password = read_password(config.farm_password_file)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"farm_password_file: {getattr(e, 'strerror', None) or e}"
+                           ) from None
+    settings = FarmSettings(
+        database=config.farm_database, password=password, host=config.host_name,
+        heartbeat=config.farm_heartbeat, stale_after=config.farm_stale_after,
+        command_timeout=config.call_timeout, events_keep=config.events_keep,
+        haproxy_socket=config.haproxy_socket, haproxy_map=config.haproxy_map)
+    return FarmService(settings, reactor, clock, store, state_database(config.state_dir),
+                       registry, properties, SharedActions(actions),
+                       admin_url=config.admin_endpoint)
 
 
 class BridgeService(MultiService):
@@ -203,7 +222,8 @@ class BridgeService(MultiService):
 
         self.farm: FarmService | None = None
         if config.farm_database:
-            self.farm = self._make_farm(reactor, clock)
+            self.farm = make_farm(config, reactor, clock, self.store, self.registry,
+                                  self.properties, self.actions)
             self.farm.setServiceParent(self)
             self.lifecycle.policies.before_logon = self.farm.single_session.before_logon
             self.guard.farm = self.farm.budget
@@ -274,23 +294,6 @@ class BridgeService(MultiService):
             self.log.warn("auth.module is {value!r}; icp-bridge authenticates with its "
                           "authenticator ({authenticator}), not an ogon auth module",
                           value=auth_module, authenticator=self.config.authenticator)
-    def _make_farm(self, reactor: Any, clock: IReactorTime) -> FarmService:
-        config = self.config
-        try:
-            password = read_password(config.farm_password_file)
-        except (OSError, ValueError) as e:
-            raise StartupError(f"farm_password_file: {getattr(e, 'strerror', None) or e}"
-                               ) from None
-        settings = FarmSettings(
-            database=config.farm_database, password=password, host=config.host_name,
-            heartbeat=config.farm_heartbeat, stale_after=config.farm_stale_after,
-            command_timeout=config.call_timeout, events_keep=config.events_keep,
-            haproxy_socket=config.haproxy_socket, haproxy_map=config.haproxy_map)
-        return FarmService(settings, reactor, clock, self.store,
-                           state_database(config.state_dir), self.registry, self.properties,
-                           SharedActions(self.actions),
-                           admin_url=config.admin_endpoint)
-
     def _every(self, interval: float, work: Callable[[], object], clock: IReactorTime) -> None:
         """Run ``work`` every ``interval`` seconds of ``clock`` while the
         service runs (and once when it starts, as TimerService does)."""
