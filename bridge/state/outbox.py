@@ -24,36 +24,20 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS farm_outbox (
-    kind TEXT NOT NULL,
-    key TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (kind, key)
-);
-CREATE TABLE IF NOT EXISTS farm_commands_run (
-    command_id INTEGER PRIMARY KEY,
-    started REAL NOT NULL,
-    result TEXT
-);
-CREATE TABLE IF NOT EXISTS farm_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-
 FAILURES = "failures"
 COMMAND_RESULT = "command-result"
 
 
 class FarmOutbox:
     """The outbox tables of the host's state database (a connection of
-    its own, like the lockouts'). Every method is one short transaction
-    on the reactor, as the state store's are."""
+    its own, like the lockouts'; the tables are schema version 2's, made by
+    the state store when it opened the database). Every method is one
+    short transaction on the reactor, as the state store's are."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = path
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
                                    timeout=1.0)
-        self._db.executescript(SCHEMA)
         self._seq = int(self._db.execute("SELECT coalesce(max(seq), 0) FROM farm_outbox")
                         .fetchone()[0])
 

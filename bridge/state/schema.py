@@ -85,10 +85,29 @@ _V1 = _statements(
     )""",
 )
 
+#: The farm's outbox (bridge.state.outbox): what a host owes the farm, the
+#: farm commands it started, the journal's identity and shipped position.
+_V2 = _statements(
+    """CREATE TABLE IF NOT EXISTS farm_outbox (
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (kind, key)
+    )""",
+    """CREATE TABLE IF NOT EXISTS farm_commands_run (
+        command_id INTEGER PRIMARY KEY,
+        started REAL NOT NULL,
+        result TEXT
+    )""",
+    "CREATE TABLE IF NOT EXISTS farm_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+
 #: In order, without gaps; the last one is the version this code writes.
 MIGRATIONS: list[Migration] = [
     Migration(1, "sessions, tokens, event journal, meta, lockouts and backends (the tables "
                  "before schema versions)", _V1),
+    Migration(2, "the farm's outbox: farm_outbox, farm_commands_run, farm_state", _V2),
 ]
 
 

@@ -96,7 +96,7 @@ def test_a_database_of_0_1_is_stamped_and_keeps_its_rows(tmp_path: Path) -> None
     store = StateStore(path)
     assert store.next_session_id() == 8
     store.close()
-    assert user_version(path) == 1
+    assert user_version(path) == schema.latest()
     assert not Path(f"{path}.schema-0").exists(), "version 0 is only stamped"
 
 
@@ -112,16 +112,21 @@ def test_migrations_run_in_order_after_a_copy_and_a_failed_one_changes_nothing(
             db.execute(sql)
         return schema.Migration(version, f"step {version}", apply)
 
+    # The steps come after the shipped migrations (the farm's outbox is 2).
+    n = schema.latest()
     monkeypatch.setattr(schema, "MIGRATIONS", [
-        *schema.MIGRATIONS, step(2, "CREATE TABLE two (x)"), step(3, "CREATE TABLE three (x)")])
+        *schema.MIGRATIONS, step(n + 1, "CREATE TABLE two (x)"),
+        step(n + 2, "CREATE TABLE three (x)")])
     StateStore(path).close()
-    assert applied == [2, 3] and user_version(path) == 3
-    assert user_version(Path(f"{path}.schema-1")) == 1, "the version before, kept"
+    assert applied == [n + 1, n + 2] and user_version(path) == n + 2
+    assert user_version(Path(f"{path}.schema-{n}")) == n, "the version before, kept"
     monkeypatch.setattr(schema, "MIGRATIONS", [
-        *schema.MIGRATIONS, step(4, "CREATE TABLE four (x)"), step(5, "NOT SQL AT ALL")])
-    with pytest.raises(StartupError, match=r"migration to schema 5 \(step 5\) failed \(near"):
+        *schema.MIGRATIONS, step(n + 3, "CREATE TABLE four (x)"),
+        step(n + 4, "NOT SQL AT ALL")])
+    with pytest.raises(StartupError, match=rf"migration to schema {n + 4} \(step {n + 4}\) "
+                                           r"failed \(near"):
         StateStore(path)
-    assert user_version(path) == 4, "each migration is its own transaction"
+    assert user_version(path) == n + 3, "each migration is its own transaction"
     db = sqlite3.connect(path)
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
     db.close()
