@@ -152,11 +152,13 @@ class Soak:
         if not answer.serviceEndpoint.endswith("_xsession"):
             self.error("logon", f"{user} got {answer.serviceEndpoint}")
             return
+        # The endpoint names the session: ogon_<session id>_xsession.
+        expected = int(answer.serviceEndpoint.rsplit("_", 2)[-2])
         client = await self.client()
         try:
             sessions = await client.client.enumerateSessions(self.token, 1)
-            ids = {s.sessionId for s in sessions.sessionInfoList if s.winStationName ==
-                   f"RDP-Tcp#{connection_id}"}
+            ids = {s.sessionId for s in sessions.sessionInfoList
+                   if s.sessionId == expected and s.connectState == 0}
         finally:
             client.transport.loseConnection()
         if len(ids) != 1:

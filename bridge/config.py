@@ -126,16 +126,11 @@ def backend_log_directory(config: Config) -> Path:
 
 
 def default_modules() -> dict[str, Module]:
-    """What ogon's defaults start: the Qt greeter (ogon's module.greeter,
-    run as the bridge's user as ogon runs it). A desktop module has no
-    built-in default: it names the operator's X or Wayland session."""
-    return {
-        "greeter": Module(
-            name="greeter", command=("ogon-qt-greeter", "-platform", "ogon"),
-            endpoint="ogon_{session_id}_Qt", user="session",
-            environment={"OGON_PIPE_PATH": "{pipe_dir}/{endpoint}"},
-        ),
-    }
+    """No command module is built in: the greeter and the desktop are ogon's
+    module kinds by default (``module.greeter.modulename`` Qt running
+    ``module.greeter.cmd``, ``module.xsession.modulename`` X11), as in ogon.
+    A ``[modules.NAME]`` table of the same name takes precedence."""
+    return {}
 
 
 @dataclass
@@ -232,6 +227,16 @@ class Config:
     # "unix:/run/haproxy/admin.sock") and the map file its config loads.
     haproxy_socket: str = ""
     haproxy_map: Path | None = None
+    # Where ogon is installed: the directories put in front of PATH to find
+    # ogon's programs by bare name (ogon-backend-x, ogonXsession,
+    # ogon-backend-launcher), as ogon's session manager does with its
+    # OGON_BIN_PATH and OGON_CFG_PATH (Debian: /usr/bin, /etc/ogon); the
+    # directory of its module libraries for ogon-backend-launcher ("": next
+    # to the launcher, else /usr/lib/<multiarch>/ogon1/modules); the launcher
+    # keeper's socket (None: <state_dir>/launcher-keeper.sock).
+    ogon_bin_dirs: list[str] = field(default_factory=lambda: ["/usr/bin", "/etc/ogon"])
+    ogon_module_dir: str = ""
+    ogon_keeper_socket: Path | None = None
 
     def problems(self) -> list[tuple[str, str]]:
         """What is wrong with the values as a whole: (top-level key, line)."""
@@ -260,6 +265,10 @@ class Config:
         if self.min_free_disk < 0:
             found.append(("min_free_disk", "min_free_disk: must be 0 (off) or more bytes"))
         found.extend(self._farm_problems())
+        for directory in self.ogon_bin_dirs:
+            if not directory.startswith("/"):
+                found.append(("ogon_bin_dirs", f"ogon_bin_dirs: {directory!r} is not an "
+                              "absolute path"))
         for scope, table in [("properties", self.properties),
                              *((f"user_properties.{u}", t)
                                for u, t in self.user_properties.items())]:
@@ -512,6 +521,8 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "farm_database": _string, "farm_password_file": _path, "host_name": _string,
     "farm_heartbeat": _number, "farm_stale_after": _number, "haproxy_socket": _string,
     "haproxy_map": _path,
+    "ogon_bin_dirs": _string_list("directories"), "ogon_module_dir": _string,
+    "ogon_keeper_socket": _path,
 }
 assert set(_CHECKERS) == {f.name for f in dataclasses.fields(Config)}, "every option is checked"
 

@@ -139,12 +139,15 @@ def load_properties(config: Config) -> MergedProperties:
     """The properties the bridge serves, put together here and nowhere else:
     ogon's config.ini (``ogon_config``) under the TOML file's, over ogon's
     defaults with the TLS pair's default paths filled in (they depend on
-    running as root). Reads the file each time (startup, reload, config
-    check); raises OgonConfigError. The config.ini's warnings are in the
-    result's ``problems``."""
+    running as root) and the Qt greeter in ogon's (first) bin directory
+    (``${OGON_BIN_PATH}/ogon-qt-greeter``). Reads the file each time
+    (startup, reload, config check); raises OgonConfigError. The
+    config.ini's warnings are in the result's ``problems``."""
     certificate, key = default_pair(os.geteuid() == 0, config.state_dir)
+    bin_dir = config.ogon_bin_dirs[0] if config.ogon_bin_dirs else "/usr/bin"
     defaults: dict[str, PropertyValue] = {**OGON_DEFAULTS, "ssl.certificate": str(certificate),
-                                          "ssl.key": str(key)}
+                                          "ssl.key": str(key),
+                                          "module.greeter.cmd": f"{bin_dir}/ogon-qt-greeter"}
     ini = read_ogon_config(config.ogon_config) if config.ogon_config is not None else None
     merged = merge_properties(ini, config.properties, config.user_properties, defaults)
     if ini is None:

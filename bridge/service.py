@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from bridge.backends.launcher import BackendLauncher
 from bridge.backends.logs import BackendLogs
+from bridge.backends.ogon.kinds import OgonModules, OgonSettings
 from bridge.config import Config, backend_log_directory
 from bridge.config_sources import load_properties
 from bridge.endpoints import (
@@ -176,7 +177,11 @@ class BridgeService(MultiService):
             reactor, reactor, config.pipe_dir,
             BackendLogs(reactor, reactor, backend_log_directory(config),
                         config.backend_log_max_per_session, config.backend_log_max_total),
-            ledger=SpawnRecords(self.store), allow_root=config.allow_root_desktops)
+            ledger=SpawnRecords(self.store), allow_root=config.allow_root_desktops,
+            bin_dirs=tuple(config.ogon_bin_dirs))
+        self.ogon_modules = OgonModules(reactor, self.launcher, OgonSettings(
+            config.ogon_keeper_socket or config.state_dir / "launcher-keeper.sock",
+            tuple(config.ogon_bin_dirs), config.ogon_module_dir))
         self.link = RdpServerLink(
             {}, clock, config.call_timeout, config.max_icp_frame, config.allowed_peer_uids,
             max_send_frame=config.max_icp_send, handshake_timeout=config.icp_handshake_timeout,
@@ -184,7 +189,7 @@ class BridgeService(MultiService):
         self.lifecycle = SessionLifecycle(
             self.registry, self.link, self.guard, self.properties, config.modules,
             self.launcher, self.token_files, clock, config.call_timeout,
-            peer=self._rdp_peer)
+            peer=self._rdp_peer, ogon=self.ogon_modules)
         self.link.on_lost = self.lifecycle.rdp_server_lost
         handlers = RdpRequestHandlers(self.registry, self.lifecycle, self.properties,
                                       self.channels)

@@ -300,6 +300,14 @@ class IcpProtocol(Protocol):
     """
 
     log = Logger()
+    #: The message types this protocol speaks, and what follows the tag in
+    #: a request of each (subclasses for other pbRPC channels replace both).
+    methods: Mapping[int, IcpMethod] = ICP_METHODS
+    request_fields: Mapping[int, bytes] = _REQUEST_FIELDS
+    #: Whether a connection starts with the VersionInfo exchange.
+    handshake = True
+    #: The first tag this side gives its requests.
+    first_tag = 1
 
     def __init__(
         self,
@@ -326,9 +334,9 @@ class IcpProtocol(Protocol):
         ``observe_latency`` gets each answered or failed call's seconds."""
         if clock is None:
             from twisted.internet import reactor as clock  # the global one only as default
-        unknown = set(handlers) - set(ICP_METHODS)
+        unknown = set(handlers) - set(self.methods)
         if unknown:
-            raise ValueError(f"handlers for unknown ICP message types: {sorted(unknown)}")
+            raise ValueError(f"handlers for unknown message types: {sorted(unknown)}")
         self.max_frame_size = max_frame_size
         self.max_send_frame = max_send_frame
         self.handshake_timeout = handshake_timeout
@@ -359,7 +367,7 @@ class IcpProtocol(Protocol):
         self._sweep_call: IDelayedCall | None = None
         # When the armed sweep fires (inf: none armed); saves asking the timer.
         self._sweep_at = math.inf
-        self._next_tag = 1
+        self._next_tag = self.first_tag
         self._handshake_tag: int | None = None
         self._writer: TurnBatchedWriter | None = None
         self._closed_reason: Exception | None = None
@@ -409,6 +417,9 @@ class IcpProtocol(Protocol):
         # reading of its requests (whose answers would pile up).
         self.transport.registerProducer(_ReadPauser(self.transport), True)
         self._enter(IcpState.HANDSHAKING)
+        if not self.handshake:
+            self._become_ready(self.version)
+            return
         if self.handshake_timeout and not self.initiator:
             self._handshake_call = self.clock.callLater(self.handshake_timeout,
                                                         self._handshake_expired)
@@ -544,13 +555,17 @@ class IcpProtocol(Protocol):
         body = rpc.SerializeToString()
         self._writer.write(_LENGTH.pack(len(body)) + body, batch)
 
+    def _method_name(self, msg_type: int) -> str:
+        method = self.methods.get(msg_type)
+        return method.name if method is not None else method_name(msg_type)
+
     # -- handshake -----------------------------------------------------------
 
     def _handshake_received(self, rpc: RPCBase) -> None:
         if rpc.msgType != HANDSHAKE_MSG_TYPE or not rpc.HasField("versionInfo"):
             self.drop(
                 IcpProtocolError(
-                    f"expected a handshake, got {method_name(rpc.msgType)} "
+                    f"expected a handshake, got {self._method_name(rpc.msgType)} "
                     f"({'response' if rpc.isResponse else 'request'}, tag {rpc.tag})"
                 )
             )
@@ -610,7 +625,7 @@ class IcpProtocol(Protocol):
         ``math.inf`` waits for the answer or the connection's end.
         Cancelling it forgets the call; a late answer is then ignored.
         """
-        method = ICP_METHODS[msg_type]
+        method = self.methods[msg_type]
         if self.state is not IcpState.READY:
             if self.state is IcpState.CLOSED:
                 assert self._closed_reason is not None
@@ -661,7 +676,7 @@ class IcpProtocol(Protocol):
         heapq.heappush(self._deadlines, (deadline, self._deadline_sequence, tag))
         if deadline < self._sweep_at:
             self._arm_sweep(deadline)
-        self._writer.write(request_frame(tag, _REQUEST_FIELDS[msg_type], payload), batch)
+        self._writer.write(request_frame(tag, self.request_fields[msg_type], payload), batch)
         return d
 
     def _forget(self, tag: int) -> None:
@@ -733,7 +748,7 @@ class IcpProtocol(Protocol):
                 self.log, "unknown tag",
                 "ignoring ICP response with unknown tag {tag} ({method})",
                 tag=rpc.tag,
-                method=method_name(rpc.msgType),
+                method=self._method_name(rpc.msgType),
             )
             return
         method = outstanding.method
@@ -742,7 +757,8 @@ class IcpProtocol(Protocol):
             self._finished(outstanding, "protocol_error")
             d.errback(
                 IcpProtocolError(
-                    f"answer to {method.name} (tag {rpc.tag}) came as {method_name(rpc.msgType)}"
+                    f"answer to {method.name} (tag {rpc.tag}) came as "
+                    f"{self._method_name(rpc.msgType)}"
                 )
             )
         elif rpc.status == SUCCESS:
@@ -773,15 +789,15 @@ class IcpProtocol(Protocol):
         tag, msg_type = rpc.tag, rpc.msgType
         handler = self.handlers.get(msg_type)
         if handler is None:
-            self.request_counts[method_name(msg_type), "notfound"] += 1
+            self.request_counts[self._method_name(msg_type), "notfound"] += 1
             self.log.info(
                 "answering NOTFOUND to ICP request {method} (tag {tag})",
-                method=method_name(msg_type),
+                method=self._method_name(msg_type),
                 tag=tag,
             )
             self._send(RPCBase(tag=tag, isResponse=True, status=NOTFOUND, msgType=msg_type))
             return
-        method = ICP_METHODS[msg_type]
+        method = self.methods[msg_type]
         try:
             request = parse(method.request, rpc.payload)
         except DecodeError as e:

@@ -44,7 +44,23 @@ class FakeBackend:
         self.record = BackendRecord(module.name, pid, 1000 + pid, endpoint)
         self.running = True
         self.stopped = False
+        self.detached = False
+        # ogon's module Connect/Disconnect, in order: "connect", "disconnect".
+        self.told: list[str] = []
         self._waiters: list[Deferred[str]] = []
+
+    @property
+    def name(self) -> str:
+        return self.module.name
+
+    def connected(self) -> None:
+        self.told.append("connect")
+
+    def disconnected(self) -> None:
+        self.told.append("disconnect")
+
+    def detach(self) -> None:
+        self.detached = True
 
     def when_exited(self) -> Deferred[str]:
         if not self.running:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IDL = ROOT / "idl"
 OUT = ROOT / "protocols" / "generated"
 STAMP = OUT / "STAMP.json"
-PROTO_FILES = ("pbRPC.proto", "ICP.proto", "SBP.proto")
+PROTO_FILES = ("pbRPC.proto", "ICP.proto", "SBP.proto", "Module.proto")
 THRIFT_FILE = "otsapi.thrift"
 # The Twisted flavour (Deferred-returning client, zope interface) is what the
 # bridge and the baseline benchmark server use; the plain flavour gives the

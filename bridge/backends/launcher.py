@@ -28,7 +28,7 @@ import pwd
 import shutil
 import signal
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,11 @@ from bridge.backends.endpoint import (
     start_mark,
 )
 from bridge.backends.environment import (
+    OGON_BIN_DIRS,
     Account,
     environment,
     exec_problem,
+    manager_environment,
     own_account,
     placeholders,
 )
@@ -90,6 +92,14 @@ class _Watcher(ProcessProtocol):
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
 
+    def childDataReceived(self, childFD: int, data: bytes) -> None:  # noqa: N803
+        if self.backend.on_child_data is not None:
+            self.backend.on_child_data(childFD, data)
+
+    def childConnectionLost(self, childFD: int) -> None:  # noqa: N802,N803
+        if childFD > 2 and self.backend.on_child_data is not None:
+            self.backend.on_child_data(childFD, b"")
+
     def processEnded(self, reason: Failure) -> None:
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
@@ -125,10 +135,26 @@ class Backend:
         # Whether the bridge asked it to stop (SIGTERM), and had to SIGKILL it.
         self._stop_asked = False
         self._kill_sent = False
+        # Data from a descriptor beyond 0/1/2 (spawn_backend's child_fds "r",
+        # the X server's -displayfd); b"" at its end.
+        self.on_child_data: Callable[[int, bytes], None] | None = None
 
     @property
     def pid(self) -> int:
         return self.record.pid
+
+    @property
+    def name(self) -> str:
+        return self.module.name
+
+    def connected(self) -> None:
+        """A command module hears nothing of clients coming (SessionBackend)."""
+
+    def disconnected(self) -> None:
+        """Nor of them going."""
+
+    def detach(self) -> None:
+        """It keeps running; the launcher stops following it at close()."""
 
     def when_exited(self) -> Deferred[str]:
         if not self.running:
@@ -224,16 +250,19 @@ class BackendLauncher:
     def __init__(self, reactor: Any, clock: IReactorTime, pipe_dir: Path,
                  logs: BackendLogs | Path, as_root: bool | None = None,
                  spawn: Callable[..., Any] | None = None,
-                 ledger: SpawnLedger | None = None, allow_root: bool = False) -> None:
+                 ledger: SpawnLedger | None = None, allow_root: bool = False,
+                 bin_dirs: tuple[str, ...] = OGON_BIN_DIRS) -> None:
         """``logs``: the backends' output files (a directory: with the
         default caps). ``ledger``: where spawned processes are recorded
-        (default: in memory). ``allow_root``: desktops may run as uid 0."""
+        (default: in memory). ``allow_root``: desktops may run as uid 0.
+        ``bin_dirs``: put in front of PATH to find ogon's programs."""
         self.reactor = reactor
         self.clock = clock
         self.pipe_dir = pipe_dir
         self.logs = logs if isinstance(logs, BackendLogs) else BackendLogs(reactor, clock, logs)
         self.as_root = os.geteuid() == 0 if as_root is None else as_root
         self.allow_root = allow_root
+        self.bin_dirs = bin_dirs
         self.ledger: SpawnLedger = ledger if ledger is not None else MemoryLedger()
         self.orphans = Orphans(reactor, clock, self.ledger, self.logs)
         self._spawn = spawn or self._spawn_process
@@ -245,6 +274,13 @@ class BackendLauncher:
         # exits by (module, reason: see Backend._exit_kind).
         self.starts: Counter[tuple[str, str]] = Counter()
         self.exits: Counter[tuple[str, str]] = Counter()
+
+    @property
+    def manager_env(self) -> dict[str, str]:
+        """The session manager's environment as ogon's has it, as it is now:
+        environment.filter copies from it, ogon's programs are looked up
+        in its PATH, ogon-backend-launcher runs with it."""
+        return manager_environment(self.bin_dirs)
 
     # -- accounts -------------------------------------------------------------------
 
@@ -290,10 +326,12 @@ class BackendLauncher:
         except BackendError as e:
             self.starts[module.name, "failed"] += 1
             return fail(e)
-        d = self._wait_ready(backend)
+        return self.counted(module.name, self.wait_ready(backend))
 
+    def counted(self, name: str, d: Deferred[Any]) -> Deferred[Any]:
+        """Count a start (for the metrics) once ``d`` says how it went."""
         def counted(result: Any) -> Any:
-            self.starts[module.name, "failed" if isinstance(result, Failure) else "ready"] += 1
+            self.starts[name, "failed" if isinstance(result, Failure) else "ready"] += 1
             return result
 
         return d.addBoth(counted)
@@ -308,33 +346,46 @@ class BackendLauncher:
         except (KeyError, IndexError, ValueError) as e:
             raise BackendError(f"module {module.name}: bad placeholder in command ({e})") \
                 from None
-        env = environment(module, context, account, values)
-        if "/" not in argv[0] and shutil.which(argv[0], path=env["PATH"]) is None:
+        env = environment(module, context, account, values, self.manager_env)
+        search = env["PATH"] if module.search_path is None else module.search_path
+        executable = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=search)
+        if executable is None:
             raise BackendError(f"module {module.name}: command {argv[0]!r} not found in PATH "
-                               f"({env['PATH']})")
+                               f"({search})")
         problem = exec_problem(argv, env)
         if problem is not None:
             raise BackendError(f"module {module.name}: not started: {problem}")
-        home = account.home if os.path.isdir(account.home) else "/"
+        if module.cwd is None:
+            home: str | None = account.home if os.path.isdir(account.home) else "/"
+        else:
+            home = module.cwd or None  # "": the bridge's own directory, inherited
         switch = self.as_root and account.uid != os.geteuid()
         backend = Backend(self, context.session_id, module,
-                          BackendRecord(module.name, 0, 0, endpoint))
+                          BackendRecord(module.name, 0, 0, endpoint, kind=module.kind))
         backend.claim = EndpointClaim(pipe_file(self.pipe_dir, endpoint),
                                       account.uid if switch else os.geteuid(), start_mark())
         self.spawn_backend(backend, argv, env, home, account.uid if switch else None,
-                           account.gid if switch else None)
+                           account.gid if switch else None, executable=executable)
         self.log.info("session {session_id}: started {module} (pid {pid}) as {user}: {command}",
                       session_id=context.session_id, module=module.name, pid=backend.pid,
                       user=account.name, command=" ".join(argv)[:300])
         return backend
 
-    def spawn_backend(self, backend: Backend, argv: list[str], env: dict[str, str], path: str,
-                      uid: int | None, gid: int | None) -> None:
+    def spawn_backend(self, backend: Backend, argv: list[str], env: Mapping[str, str],
+                      path: str | None, uid: int | None, gid: int | None,
+                      executable: str | None = None,
+                      child_fds: Mapping[int, int | str] | None = None,
+                      recorded: bool = True) -> None:
         """Spawn ``backend``'s process: stdin /dev/null, stdout and stderr
         its output file; recorded in the ledger at once (a bridge killed
         from here on leaves nothing the next run does not know of), its
         output followed, its exit watched. Every kind of module's processes
-        come to be here. Raises BackendError (nothing is left running)."""
+        come to be here. ``executable`` is the file run (default argv[0]),
+        ``path`` its working directory (None: the bridge's), ``child_fds``
+        more descriptors as Twisted's spawnProcess maps them; ``recorded``
+        false leaves it out of the ledger (the launcher keeper, which no
+        session owns and which must outlive restarts). Raises BackendError
+        (nothing is left running)."""
         module = backend.module
         try:
             log_path, log_fd = self.logs.create(backend.session_id, module.name)
@@ -343,8 +394,9 @@ class BackendLauncher:
                                f"{self.logs.directory}: {e.strerror or e}") from None
         null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            child = self._spawn(_Watcher(backend), argv[0], argv, env, path, uid, gid,
-                                {0: null_fd, 1: log_fd, 2: log_fd})
+            child = self._spawn(_Watcher(backend), executable or argv[0], list(argv), dict(env),
+                                path, uid, gid,
+                                {0: null_fd, 1: log_fd, 2: log_fd, **(child_fds or {})})
         except OSError as e:
             log_path.unlink(missing_ok=True)
             raise BackendError(f"cannot start {argv[0]}: {e.strerror or e}") from None
@@ -354,10 +406,12 @@ class BackendLauncher:
         backend._process = child
         backend.record = dataclasses.replace(
             backend.record, pid=child.pid, start_ticks=process_start_ticks(child.pid) or 0,
-            log_path=str(log_path))
+            log_path=str(log_path), station=f"{module.kind or module.name}:{child.pid}")
         backend.follow_output(self.logs.attach(log_path, f"session {backend.session_id} "
                                                          f"{module.name}"), from_end=False)
         self._track(backend)
+        if not recorded:
+            return
         try:
             self.ledger.spawned(backend.session_id, backend.record)
         except StateWriteError as e:
@@ -394,14 +448,18 @@ class BackendLauncher:
         raise BackendError(f"module {module.name}: no endpoint name of {endpoint!r} could be "
                            f"cleared in {self.pipe_dir}")
 
-    def _wait_ready(self, backend: Backend) -> Deferred[Backend]:
+    def wait_ready(self, backend: Backend, timeout: float | None = None) -> Deferred[Backend]:
         """Fires with ``backend`` once its endpoint socket is there, made by
         it (``EndpointClaim``); looked at on every inotify event for that
-        name and every READY_PROBE_INTERVAL."""
+        name and every READY_PROBE_INTERVAL. On a timeout (default the
+        module's ready_timeout) it is stopped and the Deferred fails with
+        BackendError."""
         d: Deferred[Backend] = Deferred()
         claim = backend.claim
         assert claim is not None
-        deadline = self.clock.seconds() + backend.module.ready_timeout
+        if timeout is None:
+            timeout = backend.module.ready_timeout
+        deadline = self.clock.seconds() + timeout
         call: list[Any] = []
         foreign_seen: list[str] = []
 
@@ -444,7 +502,7 @@ class BackendLauncher:
                 if backend._output is not None:
                     backend._output.read()
                 d.errback(BackendError(
-                    f"{backend.module.name} not ready within {backend.module.ready_timeout:g} s "
+                    f"{backend.module.name} not ready within {timeout:g} s "
                     f"({why_not})", list(backend.last_lines)))
                 return
             if not call or not call[0].active():
@@ -488,13 +546,16 @@ class BackendLauncher:
         fires once it is gone."""
         return self.orphans.stop(session_id, record, stop_timeout, why)
 
-    def stop_unowned(self, modules: Mapping[str, Module]) -> None:
+    def stop_unowned(self, modules: Mapping[str, Module],
+                     also_owned: Iterable[BackendRecord] = ()) -> None:
         """After a restart, once the sessions adopted their backends: stop
         every backend the ledger names that no session owns (a start the
         last run did not finish, the greeter of a session that ended with
         it), forget those that are gone, and remove the output files no
-        backend writes to any more."""
+        backend writes to any more. ``also_owned``: sessions' backends this
+        launcher does not track itself (ogon-backend-launcher's)."""
         owned = {(b.record.pid, b.record.start_ticks) for b in self._backends.values()}
+        owned |= {(record.pid, record.start_ticks) for record in also_owned}
         for session_id, record in self.ledger.recorded():
             if (record.pid, record.start_ticks) in owned:
                 continue

@@ -1,12 +1,20 @@
 """What a backend is: a module (one ``[modules.NAME]`` table: how to run a
 kind of backend), the context it is started for, the error a start ends
-in, and the named pipe its endpoint is."""
+in, what the lifecycle holds of a running backend (SessionBackend), and
+the named pipe its endpoint is."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from bridge.sessions.model import BackendRecord
 
 PIPE_PREFIX = "\\\\.\\pipe\\"
 
@@ -27,7 +35,9 @@ class BackendError(Exception):
 
 @dataclass(frozen=True)
 class Module:
-    """One ``[modules.NAME]`` table: how to run a kind of backend."""
+    """One ``[modules.NAME]`` table: how to run a kind of backend. The
+    fields after ``environment`` are no TOML keys: ogon's Qt and Weston
+    modules run through the same machinery and set them."""
 
     name: str
     command: tuple[str, ...]
@@ -36,6 +46,15 @@ class Module:
     ready_timeout: float = 30.0
     stop_timeout: float = 5.0
     environment: Mapping[str, str] = field(default_factory=dict)
+    # ogon's module kind ("Qt", "Weston"): the WinStationName's first part;
+    # "" for a command module (named by the module's name).
+    kind: str = ""
+    # Where it runs: None, the account's home (or /); "", the bridge's own
+    # working directory (inherited, as ogon's Qt module leaves it).
+    cwd: str | None = None
+    # The PATH its command is looked up in; None: its environment's PATH.
+    # ogon looks programs up in the session manager's own PATH.
+    search_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,9 +78,50 @@ class LaunchContext:
     # For a greeter: the user name the client typed, if any (OGON_USER).
     typed_user: str = ""
     typed_domain: str = ""
-    # environment.add / environment.filter (ogon's properties), already split.
-    environment_add: tuple[tuple[str, str], ...] = ()
-    environment_pass: tuple[str, ...] = ()
+    # environment.filter / environment.add (ogon's properties), as given.
+    environment_filter: str = ""
+    environment_add_text: str = ""
+
+
+class SessionBackend(Protocol):
+    """What the lifecycle holds of a session's running backend, whatever its
+    kind: a command module's process, ogon's X11 module (X server and
+    window manager), a module run by ogon-backend-launcher."""
+
+    session_id: int
+    record: BackendRecord
+    running: bool
+    last_lines: deque[str]
+
+    @property
+    def name(self) -> str:
+        """The module's name (``[modules.NAME]`` or ogon's config name)."""
+        ...
+
+    @property
+    def pid(self) -> int:
+        """The process the session's life hangs on (for the log)."""
+        ...
+
+    def when_exited(self) -> Deferred[str]:
+        """Fires with how it ended, once it has (its session then ends)."""
+        ...
+
+    def stop(self) -> Deferred[str]:
+        """Stop it; fires once it is gone."""
+        ...
+
+    def connected(self) -> None:
+        """A client came (ogon's module Connect)."""
+        ...
+
+    def disconnected(self) -> None:
+        """The client went (ogon's module Disconnect)."""
+        ...
+
+    def detach(self) -> None:
+        """The bridge stops and leaves it running for the next start."""
+        ...
 
 
 def pipe_name(endpoint: str) -> str:

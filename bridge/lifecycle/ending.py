@@ -6,9 +6,11 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from bridge.backends.launcher import Backend, BackendLauncher
+from bridge.backends.launcher import BackendLauncher
+from bridge.backends.modules import SessionBackend
 from bridge.lifecycle.authentication import LogonAuthentication
 from bridge.lifecycle.remote_control import RemoteControl
+from bridge.lifecycle.runner import kill_recorded
 from bridge.lifecycle.runtime import RdpCaller, SessionRuntime
 from bridge.sessions.model import ConnectState, Session
 from bridge.sessions.registry import SessionRegistry
@@ -80,12 +82,12 @@ class SessionEnding:
             if backend is not None and backend.running:
                 backend.stop()
             elif session.backend is not None and backend is None and not backend_gone:
-                self.launcher.kill_orphan(session.backend, session_id=session_id,
-                                          why=f"its session ended ({reason})")
+                kill_recorded(self.launcher, session.backend, session_id,
+                              f"its session ended ({reason})")
         finally:
             self._ending.discard(session_id)
 
-    def backend_exited(self, session: Session, backend: Backend, how: str) -> None:
+    def backend_exited(self, session: Session, backend: SessionBackend, how: str) -> None:
         """The backend a session ran exited: the session ends (unless it is
         gone or already ending)."""
         current = self.registry.get(session.session_id)
@@ -93,8 +95,8 @@ class SessionEnding:
             return
         self.log.info("session {session_id}: backend {module} (pid {pid}) {how}; "
                       "ending the session", session_id=session.session_id,
-                      module=backend.module.name, pid=backend.pid, how=how)
-        Deferred.fromCoroutine(self.end(current, f"backend {backend.module.name} {how}",
+                      module=backend.name, pid=backend.pid, how=how)
+        Deferred.fromCoroutine(self.end(current, f"backend {backend.name} {how}",
                                         backend_gone=True))
 
     async def logoff(self, session: Session, wait: bool,

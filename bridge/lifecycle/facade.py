@@ -13,19 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from bridge.backends.launcher import BackendLauncher
-from bridge.backends.modules import Module
+from bridge.backends.modules import Module, SessionBackend
+from bridge.backends.ogon.kinds import OgonModules
 from bridge.lifecycle.authentication import LogonAuthentication
 from bridge.lifecycle.ending import SessionEnding
 from bridge.lifecycle.greeter_login import GreeterLogin
 from bridge.lifecycle.logon import Logon
 from bridge.lifecycle.policies import SessionPolicies
 from bridge.lifecycle.remote_control import RemoteControl
-from bridge.lifecycle.runner import BackendRunner
+from bridge.lifecycle.runner import BackendRunner, kill_recorded
 from bridge.lifecycle.runtime import (
     LogonAnswer,
     RdpCaller,
@@ -36,7 +37,7 @@ from bridge.lifecycle.runtime import (
 from bridge.security.auth import Authenticator
 from bridge.security.throttle import LogonGuard
 from bridge.security.token_files import SessionTokenFiles
-from bridge.sessions.model import ClientInfo, ConnectState, Session
+from bridge.sessions.model import ClientInfo, ConnectState, Session, SessionChange, SessionEvent
 from bridge.sessions.properties import PropertyTable
 from bridge.sessions.registry import SessionRegistry
 
@@ -59,7 +60,8 @@ class SessionLifecycle:
                  launcher: BackendLauncher, token_files: SessionTokenFiles,
                  clock: IReactorTime, call_timeout: float = 10.0,
                  peer: Callable[[], RdpPeer] = RdpPeer,
-                 cookie: Callable[[], str] = make_cookie) -> None:
+                 cookie: Callable[[], str] = make_cookie,
+                 ogon: OgonModules | None = None) -> None:
         self.registry = registry
         self.launcher = launcher
         self.modules = modules
@@ -73,11 +75,37 @@ class SessionLifecycle:
         self.policies = SessionPolicies(registry, properties, clock, self.runtime, self.ending,
                                         self.remote_control, call_timeout)
         self.runner = BackendRunner(registry, properties, modules, launcher, self.runtime,
-                                    self.ending.backend_exited, peer)
+                                    self.ending.backend_exited, peer, ogon)
         self.logon = Logon(registry, self.runtime, self.authentication, self.policies,
                            self.ending, self.runner, token_files, cookie)
         self.greeter_login = GreeterLogin(registry, rdp, self.runtime, self.authentication,
                                           self.policies, self.ending, self.runner, token_files)
+        registry.observe(self._tell_module)
+        # Fires once every backend a restart found is adopted or its session ended.
+        self.adopted: Deferred[None] = succeed(None)
+
+    def _tell_module(self, change: SessionChange) -> None:
+        """ogon's module Connect and Disconnect, where ogon's
+        Session::setConnectState calls them: a client arriving (Init ->
+        Connected; Disconnected or ConnectQuery -> Active; a take-over is
+        the old client leaving and the new one arriving) and leaving
+        (Active or Shadow -> Disconnected). A greeter login in the same
+        session (Connected -> Active) is neither."""
+        backend = self.backends.get(change.session.session_id)
+        if backend is None:
+            return
+        old, new = change.old_state, change.new_state
+        if change.event in (SessionEvent.RECONNECTED, SessionEvent.SWITCHED) \
+                and old in (ConnectState.ACTIVE, ConnectState.SHADOW):
+            backend.disconnected()
+            backend.connected()
+        elif (new is ConnectState.CONNECTED and old is ConnectState.INIT) or (
+                new is ConnectState.ACTIVE and old in (
+                    ConnectState.DISCONNECTED, ConnectState.CONNECT_QUERY, ConnectState.INIT)):
+            backend.connected()
+        elif new is ConnectState.DISCONNECTED and old in (ConnectState.ACTIVE,
+                                                          ConnectState.SHADOW):
+            backend.disconnected()
 
     # -- what the RDP server asks (ICP, and SBP from a greeter) -----------------------
 
@@ -136,32 +164,39 @@ class SessionLifecycle:
         for session in dropped:
             if session.backend is not None:
                 module = self.modules.get(session.backend.module)
-                self.launcher.kill_orphan(
-                    session.backend, module.stop_timeout if module is not None else 5.0,
-                    session.session_id, "its session ended with the bridge's restart")
-        for session in kept:
-            record = session.backend
-            module = self.modules.get(record.module) if record is not None else None
-            if record is not None and module is None:
-                # Removed from the configuration (or unreadable in the row):
-                # the running desktop is still the user's, not an orphan.
-                module = Module(name=record.module, command=(), endpoint=record.endpoint)
-                self.log.warn("session {session_id}: module {module} is not configured any "
-                              "more; its backend is adopted as it runs",
-                              session_id=session.session_id, module=record.module)
+                kill_recorded(self.launcher, session.backend, session.session_id,
+                              "its session ended with the bridge's restart",
+                              module.stop_timeout if module is not None else 5.0)
+        self.adopted = gatherResults([Deferred.fromCoroutine(self._adopt(session))
+                                      for session in kept]).addCallback(self._stop_unowned)
+
+    def _stop_unowned(self, _: object) -> None:
+        """Once the sessions took their backends back: stop what the last run
+        spawned that none owns. A session's backend the launcher does not
+        track itself (ogon-backend-launcher's, under the keeper) is owned too."""
+        self.launcher.stop_unowned(self.modules,
+                                   [backend.record for backend in self.backends.values()])
+
+    async def _adopt(self, session: Session) -> None:
+        try:
+            backend = await self.runner.adopt(session)
+        except Exception:
+            self.log.failure("session {session_id}: adopting its backend failed",
+                             session_id=session.session_id)
             backend = None
-            if record is not None and module is not None:
-                backend = self.launcher.adopt(session.session_id, module, record)
-            if backend is None:
-                self.log.info("session {session_id}: its backend is gone; ending it",
-                              session_id=session.session_id)
-                Deferred.fromCoroutine(self.ending.end(session, "backend gone after restart",
-                                                       tell_rdp=False, backend_gone=True))
-                continue
-            self.runner.watch(session, backend)
-            if session.state is ConnectState.DISCONNECTED:
-                self.policies.schedule_timeout(session)
-        self.launcher.stop_unowned(self.modules)
+        if self.registry.get(session.session_id) is not session:
+            if backend is not None:
+                backend.detach()
+            return
+        if backend is None:
+            self.log.info("session {session_id}: its backend is gone; ending it",
+                          session_id=session.session_id)
+            await self.ending.end(session, "backend gone after restart", tell_rdp=False,
+                                  backend_gone=True)
+            return
+        self.runner.watch(session, backend)
+        if session.state is ConnectState.DISCONNECTED:
+            self.policies.schedule_timeout(session)
 
     async def shutdown(self) -> None:
         """The bridge stops: greeter sessions end (nothing can resume them);
@@ -171,6 +206,9 @@ class SessionLifecycle:
             if not session.logged_on:
                 await self.ending.end(session, "bridge stopping", tell_rdp=False)
         # User sessions' backends outlive the bridge: stop watching them.
+        running: list[SessionBackend] = list(self.backends.values())
         self.backends.clear()
+        for backend in running:
+            backend.detach()
         self.runtime.cancel_all_timeouts()
         self.launcher.close()

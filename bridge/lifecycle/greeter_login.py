@@ -157,7 +157,10 @@ class GreeterLogin:
         probe = Session(**{**greeter.__dict__, "username": identity.username,
                            "domain": identity.domain})
         try:
-            await self.authentication.open_pam_session(greeter, identity)
+            if self.runner.runs_own_pam_session(probe):
+                self.authentication.release(identity)  # ogon's launcher opens its own
+            else:
+                await self.authentication.open_pam_session(greeter, identity)
             desktop = await self.runner.start(probe, greeter=False)
         except BackendError as e:
             self.authentication.close_pam_session(greeter.session_id)

@@ -7,8 +7,7 @@ from collections.abc import Callable
 
 from twisted.logger import Logger
 
-from bridge.backends.launcher import Backend
-from bridge.backends.modules import BackendError
+from bridge.backends.modules import BackendError, SessionBackend
 from bridge.lifecycle.authentication import LogonAuthentication
 from bridge.lifecycle.ending import SessionEnding
 from bridge.lifecycle.policies import SessionPolicies
@@ -96,7 +95,10 @@ class Logon:
             self.authentication.release(identity)
             raise IcpHandlerError("session state could not be stored") from e
         try:
-            await self.authentication.open_pam_session(session, identity)
+            if self.runner.runs_own_pam_session(session):
+                self.authentication.release(identity)  # ogon's launcher opens its own
+            else:
+                await self.authentication.open_pam_session(session, identity)
             backend = await self.runner.start(session, greeter=False)
         except BackendError:
             self.authentication.close_pam_session(session.session_id)
@@ -137,7 +139,7 @@ class Logon:
         await self._backend_ready(session, backend, None)
         return self.runner.answer_for(session)
 
-    async def _backend_ready(self, session: Session, backend: Backend,
+    async def _backend_ready(self, session: Session, backend: SessionBackend,
                              identity: Identity | None) -> None:
         """The backend a logon started is the session's: recorded, the
         session Connected (and, for a desktop, the user logged on with a

@@ -19,7 +19,7 @@ from bridge.sessions.model import Session, StateWriteError
 from protocols.errors import IcpHandlerError
 
 if TYPE_CHECKING:
-    from bridge.backends.launcher import Backend
+    from bridge.backends.modules import SessionBackend
 
 _COOKIE_ALPHABET = string.digits + string.ascii_letters
 
@@ -77,7 +77,7 @@ class SessionRuntime:
     """
 
     def __init__(self) -> None:
-        self.backends: dict[int, Backend] = {}
+        self.backends: dict[int, SessionBackend] = {}
         self.timeouts: dict[int, IDelayedCall] = {}
         self.shutting_down = False
 

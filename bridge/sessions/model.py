@@ -72,16 +72,49 @@ def process_start_ticks(pid: int) -> int | None:
 
 
 @dataclass
+class ProcessRecord:
+    """One more process of a backend (ogon's X11 module: the window
+    manager beside the X server), as the state store keeps it."""
+
+    role: str
+    pid: int
+    start_ticks: int
+    log_path: str = ""
+
+
+@dataclass
 class BackendRecord:
     """The backend process a session runs, as the state store keeps it so
     that a restarted bridge can find it again. ``start_ticks`` is the
-    process start time from /proc (tells a live backend from a reused pid)."""
+    process start time from /proc (tells a live backend from a reused pid).
+
+    For ogon's module kinds: ``kind`` (X11, Qt, Weston; "" for a command
+    module), whether ogon-backend-launcher runs it (``pid`` is then the
+    launcher's), the WinStationName (``station``, ogon's
+    ``<kind>:<custom info>``), its other processes, and what its stop needs
+    (``details``: the display, the stopwm command, ...)."""
 
     module: str
     pid: int
     start_ticks: int
     endpoint: str
     log_path: str = ""
+    kind: str = ""
+    launcher: bool = False
+    station: str = ""
+    processes: list[ProcessRecord] = field(default_factory=list)
+    details: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BackendRecord:
+        """The record ``dataclasses.asdict`` gave (TypeError if it is not
+        one: unknown or missing fields, a process that is no mapping)."""
+        data = dict(data)
+        processes = data.get("processes", [])
+        if not isinstance(processes, list) or not all(isinstance(p, dict) for p in processes):
+            raise TypeError("processes is not a list of mappings")
+        data["processes"] = [ProcessRecord(**p) for p in processes]
+        return cls(**data)
 
 
 @dataclass
@@ -117,9 +150,11 @@ class Session:
 
     @property
     def win_station_name(self) -> str:
-        if self.connection_id is None:
-            return ""
-        return f"RDP-Tcp#{self.connection_id}"
+        """ogon's WinStationName: ``<module kind>:<custom info>`` of the
+        module it runs (``X11:<display>``, ``Qt:<pid>``, ``Weston:<pid>``;
+        a command module ``<module name>:<pid>``), "" before one started.
+        It stays while the session is disconnected, as ogon's does."""
+        return self.backend.station if self.backend is not None else ""
 
 
 class SessionEvent(enum.Enum):

@@ -33,7 +33,7 @@ def session_from_json(text: str) -> Session:
     data["state"] = ConnectState(data["state"])
     data["client"] = ClientInfo(**data["client"])
     if data.get("backend") is not None:
-        data["backend"] = BackendRecord(**data["backend"])
+        data["backend"] = BackendRecord.from_dict(data["backend"])
     return Session(**data)
 
 
@@ -64,7 +64,7 @@ def _backend(value: Any) -> BackendRecord | None:
     if not isinstance(value, dict):
         return None
     try:
-        record = BackendRecord(**value)
+        record = BackendRecord.from_dict(value)
     except TypeError:
         return None
     ints = all(isinstance(getattr(record, name), int) and not isinstance(

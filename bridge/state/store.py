@@ -291,7 +291,7 @@ class SpawnRecords:
         for pid, start_ticks, session_id, data in self.store._db.execute(
                 "SELECT pid, start_ticks, session_id, data FROM backends ORDER BY pid"):
             try:
-                record = BackendRecord(**json.loads(data))
+                record = BackendRecord.from_dict(json.loads(data))
             except (ValueError, TypeError) as e:
                 # The process is still known by its columns: it is stopped
                 # like any other, never left running for want of its details.

@@ -82,8 +82,14 @@ async def test_local_methods(world: World) -> None:
 
     sessions = await c.call("enumerateSessions", token, 1)
     assert sessions.returnValue
+    registry = world.bridge.service.registry
+
+    def station(session_id: int) -> str:
+        """A command module's WinStationName: <module name>:<pid>."""
+        return f"xsession:{registry.get(session_id).backend.pid}"
+
     assert [(s.sessionId, s.connectState, s.winStationName) for s in sessions.sessionInfoList] \
-        == [(world.alice, 0, "RDP-Tcp#1"), (world.bob, 0, "RDP-Tcp#2")]
+        == [(world.alice, 0, station(world.alice)), (world.bob, 0, station(world.bob))]
 
     async def query(info_class: int, session: int | None = None) -> Any:
         r = await c.call("querySessionInformation", token, session or world.bob, info_class)
@@ -92,7 +98,7 @@ async def test_local_methods(world: World) -> None:
 
     assert (await query(4)).int32Value == world.bob
     assert (await query(5)).stringValue == "bob"
-    assert (await query(6)).stringValue == "RDP-Tcp#2"
+    assert (await query(6)).stringValue == station(world.bob)
     assert (await query(7)).stringValue == ""
     assert (await query(8)).int32Value == ConnectState.ACTIVE
     assert (await query(9)).int32Value == 19041
