@@ -27,8 +27,9 @@ descriptors passed with SCM_RIGHTS; the answer likewise.
 - ``{"op": "status", "pid"}``: ``{"ok", "running", "returncode"}``.
 - ``{"op": "list"}``: ``{"ok", "launchers": [{"pid", "start_ticks"}]}``.
 
-It exits once its last launcher has exited (or when it had none for
-``--linger`` seconds after its start), removing its socket.
+It exits ``--linger`` seconds after its last launcher exited (or after
+its start, when none came), removing its socket; the linger lets the
+bridge ask how that launcher ended.
 """
 
 from __future__ import annotations
@@ -78,10 +79,10 @@ class Keeper:
     def __init__(self, path: str, linger: float) -> None:
         self.path = path
         self.linger = linger
-        self.started = time.monotonic()
         self.launchers: dict[int, Launcher] = {}
         self.exited: dict[int, int] = {}
-        self.had_launchers = False
+        # Since when it has had no launcher (its start, or the last one's exit).
+        self.idle_since = time.monotonic()
         self.selector = selectors.DefaultSelector()
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.identity: tuple[int, int] | None = None
@@ -183,8 +184,14 @@ class Keeper:
             return {"ok": True}, [launcher.keep]
         if op == "status":
             pid = int(request.get("pid", 0))
-            if pid in self.launchers and self.launchers[pid].process.poll() is None:
-                return {"ok": True, "running": True, "returncode": None}, []
+            launcher = self.launchers.get(pid)
+            if launcher is not None:
+                # Asked once its exit was seen: it is reaped at once.
+                try:
+                    launcher.process.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    return {"ok": True, "running": True, "returncode": None}, []
+                self.reap()
             return {"ok": True, "running": False, "returncode": self.exited.get(pid)}, []
         if op == "list":
             return {"ok": True, "launchers": [{"pid": pid, "start_ticks": launcher.ticks}
@@ -204,7 +211,6 @@ class Keeper:
             return {"ok": False, "error": f"cannot start {request.get('executable')}: {e}"}
         ticks = start_ticks(process.pid) or 0
         self.launchers[process.pid] = Launcher(process, os.dup(keep), ticks)
-        self.had_launchers = True
         log(f"started {' '.join(request['argv'])[:200]} (pid {process.pid})")
         return {"ok": True, "pid": process.pid, "start_ticks": ticks}
 
@@ -221,11 +227,11 @@ class Keeper:
             while len(self.exited) > 256:
                 del self.exited[next(iter(self.exited))]
             log(f"launcher {pid} exited with {code}")
+            if not self.launchers:
+                self.idle_since = time.monotonic()
 
     def done(self) -> bool:
-        if self.launchers:
-            return False
-        return self.had_launchers or time.monotonic() - self.started > self.linger
+        return not self.launchers and time.monotonic() - self.idle_since > self.linger
 
     def run(self) -> int:
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -261,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="keeps ogon-backend-launchers alive for icp-bridge")
     parser.add_argument("--socket", required=True)
-    parser.add_argument("--linger", type=float, default=60.0,
-                        help="seconds to wait for a first launcher before exiting")
+    parser.add_argument("--linger", type=float, default=10.0,
+                        help="seconds without a launcher before it exits")
     args = parser.parse_args(argv)
     keeper = Keeper(args.socket, args.linger)
     if not keeper.listen():

@@ -1,0 +1,239 @@
+"""ogon's module kinds end to end, with stand-ins for ogon's programs
+(tests/ogon_standins) and the stand-in RDP server: the Qt greeter, a
+greeter login into an X11 desktop (display, xauth, startwm as the user),
+its logoff in ogon's order; the same through ogon-backend-launcher; a
+restart with the desktop alive."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from bridge.backends.ogon import xauth
+from tests.conftest import BridgeUnderTest, start_bridge
+from tests.e2e.ogon_site import PYTHON, OgonSite, desktop_account
+
+pytestmark = pytest.mark.skipif(not os.path.exists(PYTHON),
+                                reason=f"the stand-ins for ogon's programs run with {PYTHON}")
+
+GREETER_ENV = ["PATH", "OGON_COOKIE", "OGON_BACKEND_COOKIE", "OGON_USER", "OGON_SID",
+               "OGON_SESSION_CLIENT_NAME", "OGON_SESSION_CLIENT_ADDRESS", "OGON_SMAX",
+               "OGON_UID", "OGON_PID", "OGON_CONNECTION_BPP", "OGON_PIPE_PATH"]
+DESKTOP_ENV = ["PATH", "UID", "SHELL", "USER", "HOME", "OGON_COOKIE", "OGON_BACKEND_COOKIE",
+               "OGON_SID", "OGON_SESSION_CLIENT_NAME", "OGON_SESSION_CLIENT_ADDRESS",
+               "OGON_SMAX", "OGON_UID", "OGON_CONNECTION_BPP", "XAUTHORITY"]
+
+
+@pytest.fixture
+def site() -> Iterator[OgonSite]:
+    """A short temp dir others may traverse, with the stand-in installation."""
+    base = Path(tempfile.mkdtemp(prefix="ib-ogon-", dir="/tmp"))
+    base.chmod(0o755)
+    made = OgonSite(base)
+    yield made
+    made.kill_all()
+    if not os.environ.get("ICPB_KEEP_OGON_SITE"):  # to read the records after a failure
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def ogon_bridge(site: OgonSite, **properties: Any) -> BridgeUnderTest:
+    """A bridge with no command module: ogon's kinds from ogon's defaults
+    and ``properties``; ogon's bin directory is the stand-ins'."""
+    account = desktop_account()
+    bridge = await start_bridge(
+        site.base, modules={}, ogon_bin_dirs=[str(site.bin)],
+        properties={"session.timeout": 30, **properties}, user_properties={},
+        users={account: ("pw", 0x49), "alice": ("alice-pw", 0x1FF)})
+    bridge.account = account  # type: ignore[attr-defined]
+    return bridge
+
+
+@pytest_twisted.async_yield_fixture
+async def local(site: OgonSite) -> AsyncIterator[BridgeUnderTest]:
+    bridge = await ogon_bridge(site, **{"module.xsession.uselauncher": False,
+                                        "module.xsession.stopwm": f"{site.bin}/stopwm"})
+    yield bridge
+    await bridge.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def launched(site: OgonSite) -> AsyncIterator[BridgeUnderTest]:
+    # ogon's default: X11 through the launcher.
+    bridge = await ogon_bridge(site, **{"module.xsession.stopwm": f"{site.bin}/stopwm"})
+    yield bridge
+    await bridge.stop()
+
+
+def home_of(account: str) -> str:
+    return pwd.getpwnam(account).pw_dir
+
+
+def xauth_entries(path: str) -> list[tuple[int, bytes, bytes, bytes, int]]:
+    return [(f, a, n, name, len(data)) for f, a, n, name, data in
+            xauth.parse(Path(path).read_bytes())]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_qt_greeter_as_ogon_starts_it(site: OgonSite, local: BridgeUnderTest
+                                                ) -> None:
+    peer = await local.peer()
+    answer = await peer.logon(1, "nosuchuser", "")
+    session = local.service.registry.by_connection(1)
+    sid = session.session_id
+    assert answer.serviceEndpoint == f"\\\\.\\pipe\\ogon_{sid}_Qt"
+    assert peer.connections[1].backend_session == sid, "the RDP server got its one connection"
+    greeter = site.record("ogon-qt-greeter")
+    assert greeter["argv"] == [f"{site.bin}/ogon-qt-greeter", "-platform", "ogon"]
+    assert greeter["uid"] == os.geteuid(), "as the bridge's user: a greeter has no account"
+    assert greeter["cwd"] == os.getcwd(), "ogon's Qt module leaves the directory as it is"
+    assert greeter["pid"] == greeter["pgid"] == greeter["sid"]
+    assert greeter["env_order"] == GREETER_ENV, "ogon's names, in ogon's order"
+    env = greeter["env"]
+    assert env["OGON_USER"] == "nosuchuser", "what the client typed"
+    assert env["OGON_PIPE_PATH"] == f"{site.pipes}/ogon_{sid}_Qt"
+    assert env["OGON_SMAX"] == "1920x1200" and env["OGON_CONNECTION_BPP"] == "32"
+    assert env["OGON_PID"] == str(os.getpid()) and env["OGON_UID"] == str(os.getuid())
+    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+    assert sorted(greeter["fds"]) == ["0", "1", "2"], "nothing else inherited"
+    assert session.win_station_name == f"Qt:{greeter['pid']}"
+    assert any(e["what"] == "accepted the one connection" for e in greeter["events"])
+
+
+async def greeter_login_to_x11(bridge: BridgeUnderTest, site: OgonSite) -> int:
+    account = bridge.account  # type: ignore[attr-defined]
+    peer = await bridge.peer()
+    await peer.logon(1, "", "", width=1600, height=900)
+    sid = bridge.service.registry.by_connection(1).session_id
+    assert await peer.greeter_login(1, account, "pw") == 0
+    await site.when_recorded("ogonXsession", lambda r: "x_socket" in r)
+    [switch] = peer.seen("SwitchToRequest")
+    display = site.record("ogon-backend-x")["display"]
+    assert switch.serviceEndpoint == f"\\\\.\\pipe\\ogon_{display}_X11"
+    assert peer.connections[1].backend_session == sid, "connected to the X server's pipe"
+    return sid
+
+
+def check_x11_desktop(site: OgonSite, account: str, sid: int) -> dict[str, Any]:
+    entry = pwd.getpwnam(account)
+    home = entry.pw_dir
+    x = site.record("ogon-backend-x")
+    display = x["display"]
+    assert display >= 10, "the first free display from ogon's displayOffset"
+    xauthority = f"{home}/.Xauthority.ogon"
+    fd = x["opts"]["-displayfd"].split(":")[0]
+    assert x["argv"][1:] == ["-displayfd", f"{fd}:10", "-geometry", "1600x900", "-depth", "24",
+                             "-dpi", "96", "-auth", xauthority]
+    # (A script's argv[0] is its path: the kernel's #! handling puts it there.)
+    assert x["argv"][0] == f"{site.bin}/ogon-backend-x", "looked up in ogon's bin dir"
+    assert (x["uid"], x["gid"]) == (entry.pw_uid, entry.pw_gid), "the X server runs as the user"
+    assert sorted(os.getgrouplist(account, entry.pw_gid)) == x["groups"]
+    assert x["cwd"] == home
+    assert x["env"]["XAUTHORITY"] == xauthority and "DISPLAY" not in x["env"]
+    assert x["env_order"] == DESKTOP_ENV
+    assert "LOGNAME" not in x["env"] and "OGON_USER" not in x["env"]
+    assert x["env"]["OGON_SID"] == str(sid)
+    assert x["auth_at_start"]["uid"] == entry.pw_uid and x["auth_at_start"]["mode"] == 0o600
+    [(family, address, number, name, size)] = xauth_entries(xauthority)
+    assert (family, address, number, name, size) == (
+        256, socket.gethostname().encode(), b"", b"MIT-MAGIC-COOKIE-1", 16)
+    wm = site.record("ogonXsession")
+    assert wm["argv"] == [f"{site.bin}/ogonXsession"], "ogon's default startwm, found on PATH"
+    assert (wm["uid"], wm["gid"], wm["cwd"]) == (entry.pw_uid, entry.pw_gid, home)
+    assert wm["env"]["DISPLAY"] == f":{display}" and wm["env"]["XAUTHORITY"] == xauthority
+    assert wm["env_order"] == [*DESKTOP_ENV, "DISPLAY"]
+    assert wm["x_socket"] == "connected"
+    return x
+
+
+@pytest_twisted.ensureDeferred
+async def test_greeter_login_into_an_x11_desktop_and_logoff(site: OgonSite,
+                                                            local: BridgeUnderTest) -> None:
+    account = local.account  # type: ignore[attr-defined]
+    sid = await greeter_login_to_x11(local, site)
+    x = check_x11_desktop(site, account, sid)
+    wm = site.record("ogonXsession")
+    assert x["pid"] == x["pgid"] == x["sid"], "started by the bridge: its own session"
+    session = local.service.registry.get(sid)
+    assert session.win_station_name == f"X11:{x['display']}"
+    assert session.backend.processes[0].pid == wm["pid"], "the window manager is recorded"
+    greeter = site.record("ogon-qt-greeter")
+    assert greeter["ended"] == {"signal": "SIGTERM"}, "the greeter stopped after the switch"
+
+    module_pids = [x["pid"], wm["pid"]]
+    exited = local.service.lifecycle.backends[sid].when_exited()
+    assert await local.service.lifecycle.logoff(session, True)
+    assert await exited == "stopped"
+    running = [b.pid for b in local.service.launcher.running()]
+    assert all(pid not in running for pid in module_pids)
+    stopwm = site.record("stopwm")
+    x, wm = site.record("ogon-backend-x"), site.record("ogonXsession")
+    assert stopwm["uid"] == pwd.getpwnam(account).pw_uid and stopwm["x_socket"] == "connected"
+    assert wm["ended"] == {"signal": "SIGTERM"} and x["ended"] == {"signal": "SIGTERM"}
+    order = [stopwm["started"], site.event_time("ogonXsession", "ended"),
+             site.event_time("ogon-backend-x", "ended")]
+    assert order == sorted(order), "stopwm, then the window manager, then the X server"
+    assert not (site.pipes / f"ogon_{x['display']}_X11").exists()
+    assert (Path(home_of(account)) / ".Xauthority.ogon").exists(), "never deleted, as ogon"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_through_ogon_backend_launcher(site: OgonSite,
+                                                      launched: BridgeUnderTest) -> None:
+    account = launched.account  # type: ignore[attr-defined]
+    sid = await greeter_login_to_x11(launched, site)
+    x = check_x11_desktop(site, account, sid)
+    launcher = site.record("ogon-backend-launcher")
+    assert launcher["argv"] == [f"{site.bin}/ogon-backend-launcher", str(sid)]
+    assert launcher["uid"] == os.geteuid(), "the launcher runs as root, as ogon's"
+    assert launcher["pid"] == launcher["sid"], "it made its own session"
+    assert x["ppid"] == launcher["pid"] and x["sid"] == launcher["pid"]
+    keeper = [b for b in launched.service.launcher.running() if b.name == "launcher-keeper"]
+    assert [k.pid for k in keeper] == [launcher["ppid"]], "the keeper is its parent"
+    assert launcher["env"]["PATH"].split(":")[0] == str(site.bin), \
+        "the session manager's own environment, ogon's bin dir first"
+    start = launcher["start"]
+    assert start["moduleFileName"] == f"{site.modules}/libogon-mod-x11.so"
+    assert (start["sessionId"], start["userName"], start["baseConfigPath"]) == (
+        sid, account, "module.xsession")
+    assert start["remoteIp"] == "192.0.2.10"
+    names = [item.split("=", 1)[0] for item in start["envBlock"].split("\0") if item]
+    assert names == DESKTOP_ENV[:-1], "the session's block, XAUTHORITY is the module's own"
+    assert start["envBlock"].endswith("\0\0")
+    assert [m["type"] for m in launcher["messages"]][:2] == [300, 302]
+    assert [m["tag"] for m in launcher["messages"]][:2] == [2, 3], "tags from 2"
+    asked = [(p["kind"], p["path"]) for p in launcher["properties"]]
+    assert asked[:5] == [("string", "module.xsession.xauthoritypath"),
+                         ("number", "module.xsession.displayOffset"),
+                         ("number", "module.xsession.dpi"),
+                         ("string", "module.xsession.fontPath"),
+                         ("bool", "module.xsession.noKPCursor")]
+    assert ("string", "module.xsession.startwm") in asked
+    found = {p["path"]: p["value"] for p in launcher["properties"] if p["found"]}
+    assert found["current.connection.initialxres"] == 1600
+    assert found["module.xsession.startwm"] == "ogonXsession"
+    session = launched.service.registry.get(sid)
+    assert session.win_station_name == f"X11:{x['display']}"
+    assert session.backend.launcher and session.backend.pid == launcher["pid"]
+    assert launcher["pam_session"], "the launcher opens the PAM session for the user"
+
+    exited = launched.service.lifecycle.backends[sid].when_exited()
+    assert await launched.service.lifecycle.logoff(session, True)
+    assert await exited == "(ogon-backend-launcher) exited with status 0"
+    launcher = site.record("ogon-backend-launcher")
+    assert [m["type"] for m in launcher["messages"]][-2:] == [301, 308], "Stop, then Exit"
+    x, wm, stopwm = (site.record("ogon-backend-x"), site.record("ogonXsession"),
+                     site.record("stopwm"))
+    assert wm["ended"] == {"signal": "SIGTERM"} and x["ended"] == {"signal": "SIGTERM"}
+    order = [stopwm["started"], site.event_time("ogonXsession", "ended"),
+             site.event_time("ogon-backend-x", "ended")]
+    assert order == sorted(order)
+    assert any(e["what"] == "exit requested" for e in launcher["events"])
