@@ -472,6 +472,26 @@ class LifecycleTests(SynchronousTestCase):
         assert self.registry.by_connection(2).session_id == 1
         assert ("switched", 1, "ACTIVE") in self.changes
 
+    def test_modules_hear_clients_come_and_go_where_ogon_tells_them(self) -> None:
+        """ogon's module Connect/Disconnect (startvc, ModuleConnect) follow
+        Session::setConnectState: a client arriving or returning, leaving."""
+        self.logon(1, "alice", "pw")
+        desktop = self.backend_of(1)
+        assert desktop.told == ["connect"], "Init -> Connected: the first client"
+        self.handlers.disconnect_user_session(ICP_pb2.DisconnectUserSessionRequest(
+            connectionId=1))
+        assert desktop.told == ["connect", "disconnect"]
+        self.logon(2, "alice", "pw")
+        assert desktop.told == ["connect", "disconnect", "connect"], "a reconnect"
+        self.logon(3, "alice", "pw")
+        assert desktop.told[3:] == ["disconnect", "connect"], "a take-over: one goes, one comes"
+        self.logon(4)
+        greeter = self.backend_of(2)
+        assert greeter.told == ["connect"]
+        self.successResultOf(self.sbp(2, "bob", "pw"))
+        assert self.backend_of(2).told == [], \
+            "a desktop started by a greeter login hears no Connect (Connected -> Active)"
+
     def test_sbp_of_another_major_is_refused(self) -> None:
         self.logon(5)
         self.handlers.sbp_version_info(SBP_pb2.VersionInfoRequest(sessionId=1, vmajor=2,

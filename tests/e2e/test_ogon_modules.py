@@ -19,7 +19,7 @@ import pytest
 import pytest_twisted
 
 from bridge.backends.ogon import xauth
-from tests.conftest import BridgeUnderTest, start_bridge
+from tests.conftest import BridgeUnderTest, alive, kill_process_groups, start_bridge
 from tests.e2e.ogon_site import PYTHON, OgonSite, desktop_account
 
 pytestmark = pytest.mark.skipif(not os.path.exists(PYTHON),
@@ -237,3 +237,116 @@ async def test_the_same_through_ogon_backend_launcher(site: OgonSite,
              site.event_time("ogon-backend-x", "ended")]
     assert order == sorted(order)
     assert any(e["what"] == "exit requested" for e in launcher["events"])
+
+
+@pytest.mark.parametrize("through_launcher", [False, True], ids=["local", "launcher"])
+@pytest_twisted.ensureDeferred
+async def test_a_restart_keeps_the_x11_desktop(site: OgonSite, through_launcher: bool) -> None:
+    properties = {"module.xsession.uselauncher": through_launcher,
+                  "module.xsession.stopwm": f"{site.bin}/stopwm",
+                  "module.xsession.startvc": f"{site.bin}/startvc"}
+    first = await ogon_bridge(site, **properties)
+    keepers = [b.pid for b in first.service.launcher.running()]
+    account = first.account  # type: ignore[attr-defined]
+    second = None
+    try:
+        peer = await first.peer()
+        await peer.logon(1, account, "pw", width=1280, height=1024)
+        sid = first.service.registry.by_connection(1).session_id
+        await site.when_recorded("startvc")  # ogon's Connect: the client arrived
+        x = site.record("ogon-backend-x")
+        assert x["opts"]["-geometry"] == "1280x1024"
+        wm = await site.when_recorded("ogonXsession")
+        keepers = [b.pid for b in first.service.launcher.running() if b.name == "launcher-keeper"]
+        await first.stop(kill_backends=False)  # as if the bridge went away
+        assert alive(x["pid"]) and alive(wm["pid"]), "the desktop outlives the bridge"
+
+        second = await ogon_bridge(site, **properties)
+        await second.service.lifecycle.adopted
+        registry = second.service.registry
+        session = registry.get(sid)
+        assert session is not None and session.win_station_name == f"X11:{x['display']}"
+        backend = second.service.lifecycle.backends[sid]
+        if through_launcher:
+            assert backend.protocol is not None, "the channel, back from the keeper"
+        peer = await second.peer()
+        answer = await peer.logon(2, account, "pw")
+        assert answer.serviceEndpoint == f"\\\\.\\pipe\\ogon_{x['display']}_X11", "reconnected"
+        await site.when_recorded("startvc", lambda r: r["pid"] != site.records_of("startvc")[0][
+            "pid"])  # ogon's Connect again, after the restart
+        assert [r["prog"] for r in site.records_of("ogon-backend-x")] == ["ogon-backend-x"], \
+            "nothing started twice"
+
+        exited = backend.when_exited()
+        assert await second.service.lifecycle.logoff(registry.get(sid), True)
+        await exited
+        x, wm = site.record("ogon-backend-x"), site.record("ogonXsession")
+        assert wm["ended"] == {"signal": "SIGTERM"} and x["ended"] == {"signal": "SIGTERM"}
+        order = [site.record("stopwm")["started"], site.event_time("ogonXsession", "ended"),
+                 site.event_time("ogon-backend-x", "ended")]
+        assert order == sorted(order), "stopped in ogon's order after the restart too"
+        if through_launcher:
+            launcher = site.record("ogon-backend-launcher")
+            assert [m["type"] for m in launcher["messages"]] == [300, 302, 303, 303, 301, 308]
+            assert [m["tag"] for m in launcher["messages"]][-3:] == [2, 3, 4], \
+                "the restarted bridge numbers its requests from 2 again"
+        else:
+            assert site.records_of("startvc")[-1]["ended"] == {"signal": "SIGTERM"}
+    finally:
+        if second is not None:
+            await second.stop()
+        kill_process_groups(keepers)
+
+
+@pytest.mark.parametrize("through_launcher", [False, True], ids=["local", "launcher"])
+@pytest_twisted.ensureDeferred
+async def test_a_weston_desktop(site: OgonSite, through_launcher: bool) -> None:
+    bridge = await ogon_bridge(site, **{
+        "module": "weston", "module.weston.modulename": "Weston",
+        "module.weston.cmd": f"{site.bin}/ogon-backend-weston",
+        "module.weston.uselauncher": through_launcher})
+    keepers: list[int] = []
+    try:
+        account = bridge.account  # type: ignore[attr-defined]
+        entry = pwd.getpwnam(account)
+        peer = await bridge.peer()
+        answer = await peer.logon(1, account, "pw", width=3000, height=1000)
+        sid = bridge.service.registry.by_connection(1).session_id
+        assert answer.serviceEndpoint == f"\\\\.\\pipe\\ogon_{sid}_Weston"
+        assert peer.connections[1].backend_session == sid
+        weston = site.record("ogon-backend-weston")
+        assert weston["argv"] == [f"{site.bin}/ogon-backend-weston", "--backend=ogon-backend.so",
+                                  f"--session-id={sid}", "--width=1920", "--height=1000"], \
+            "the client's size capped by session.maxXRes"
+        assert (weston["uid"], weston["cwd"]) == (entry.pw_uid, entry.pw_dir)
+        assert weston["env_order"] == DESKTOP_ENV[:-1], "the session's block, nothing added"
+        session = bridge.service.registry.get(sid)
+        assert session.win_station_name == f"Weston:{weston['pid']}"
+        if through_launcher:
+            keepers = [b.pid for b in bridge.service.launcher.running()
+                       if b.name == "launcher-keeper"]
+            launcher = site.record("ogon-backend-launcher")
+            assert weston["ppid"] == launcher["pid"]
+            assert launcher["start"]["moduleFileName"].endswith("/libogon-mod-weston.so")
+        exited = bridge.service.lifecycle.backends[sid].when_exited()
+        assert await bridge.service.lifecycle.logoff(session, True)
+        await exited
+        assert site.record("ogon-backend-weston")["ended"] == {"signal": "SIGTERM"}
+    finally:
+        await bridge.stop()
+        kill_process_groups(keepers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_greeter_module_that_needs_a_user_is_refused(site: OgonSite) -> None:
+    """ogon's X11 and Weston modules fail without a user (getpwnam): as a
+    greeter they do not start, and LogonUser answers FAILED."""
+    bridge = await ogon_bridge(site, **{"auth.greeter": "xsession",
+                                        "module.xsession.uselauncher": False})
+    try:
+        peer = await bridge.peer()
+        with pytest.raises(Exception, match="the greeter could not be started"):
+            await peer.logon(1, "", "")
+        assert site.records_of("ogon-backend-x") == []
+    finally:
+        await bridge.stop()

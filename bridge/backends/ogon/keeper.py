@@ -68,6 +68,16 @@ def start_ticks(pid: int) -> int | None:
         return None
 
 
+def zombie(pid: int) -> bool:
+    """Whether the process has exited and waits to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rfind(b")") + 2:].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 class Launcher:
     def __init__(self, process: subprocess.Popen[bytes], keep: int, ticks: int) -> None:
         self.process = process
@@ -186,11 +196,10 @@ class Keeper:
             pid = int(request.get("pid", 0))
             launcher = self.launchers.get(pid)
             if launcher is not None:
-                # Asked once its exit was seen: it is reaped at once.
-                try:
-                    launcher.process.wait(timeout=1.0)
-                except subprocess.TimeoutExpired:
+                # The bridge asks once it saw the exit, maybe before our SIGCHLD.
+                if launcher.process.poll() is None and not zombie(pid):
                     return {"ok": True, "running": True, "returncode": None}, []
+                launcher.process.wait()
                 self.reap()
             return {"ok": True, "running": False, "returncode": self.exited.get(pid)}, []
         if op == "list":
