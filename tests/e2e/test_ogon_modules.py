@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -17,11 +18,15 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 
 from bridge.backends.ogon import xauth
+from bridge.rdp.standin import StandInRdpServer
 from tests.conftest import BridgeUnderTest, alive, kill_process_groups, start_bridge
 from tests.e2e.ogon_site import PYTHON, OgonSite, desktop_account
+from tests.e2e.test_twistd import _kill_leftover_twistd, cli, free_port, start_twistd
 
+__all__ = ["_kill_leftover_twistd"]  # the twistd children a test started, killed after it
 pytestmark = pytest.mark.skipif(not os.path.exists(PYTHON),
                                 reason=f"the stand-ins for ogon's programs run with {PYTHON}")
 
@@ -350,3 +355,78 @@ async def test_a_greeter_module_that_needs_a_user_is_refused(site: OgonSite) -> 
         assert site.records_of("ogon-backend-x") == []
     finally:
         await bridge.stop()
+
+
+@pytest.mark.parametrize("through_launcher", [False, True], ids=["local", "launcher"])
+@pytest_twisted.ensureDeferred
+async def test_kill_9_keeps_the_x11_desktop(site: OgonSite, through_launcher: bool) -> None:
+    """``twistd -n icp-bridge`` killed with SIGKILL while an X11 desktop runs
+    (by the bridge, or by ogon-backend-launcher under the keeper); the next
+    start adopts it, and a logoff stops it in ogon's order."""
+    account = desktop_account()
+    base = site.base
+    _, err, code = await cli("users", "add", account, "--permission", "user", "--users",
+                             str(base / "users"), "--scrypt-n", "1024", stdin="pw\n")
+    assert code == 0, err
+    port = free_port()
+    config = base / "bridge.toml"
+    config.write_text(f"""
+icp_endpoint = "unix:{base}/icp.sock:mode=600"
+thrift_endpoint = "ssl:{port}:interface=127.0.0.1"
+admin_endpoint = ""
+dbus_address = ""
+state_dir = "{base}/state"
+users_file = "{base}/users"
+token_dir = "{base}/tokens"
+pipe_dir = "{site.pipes}"
+ogon_bin_dirs = ["{site.bin}"]
+
+[properties]
+"ssl.certificate" = "{base}/tls/ogon.crt"
+"ssl.key" = "{base}/tls/ogon.key"
+"module.xsession.uselauncher" = {"true" if through_launcher else "false"}
+"module.xsession.stopwm" = "{site.bin}/stopwm"
+""")
+    proc, transport = await start_twistd(base, config)
+    keeper = None
+    try:
+        peer = StandInRdpServer(reactor, pipe_dir=site.pipes)
+        await peer.connect(f"unix:{base}/icp.sock")
+        answer = await peer.logon(1, account, "pw")
+        wm = await site.when_recorded("ogonXsession")
+        x = site.record("ogon-backend-x")
+        assert answer.serviceEndpoint == f"\\\\.\\pipe\\ogon_{x['display']}_X11"
+        if through_launcher:
+            keeper = site.record("ogon-backend-launcher")["ppid"]
+        closed = peer.protocol.when_closed()
+        transport.signalProcess(signal.SIGKILL)
+        await proc.ended
+        await closed
+        assert alive(x["pid"]) and alive(wm["pid"]), "the desktop outlives kill -9"
+
+        proc, transport = await start_twistd(base, config)
+        adopted = ("adopted xsession in ogon-backend-launcher" if through_launcher
+                   else f"adopted xsession backend (pid {x['pid']})")
+        await proc.wait_for(adopted)
+        certificate = base / "tls" / "ogon.crt"
+        ctl = ("ctl", "--port", str(port), "--cafile", str(certificate))
+        out, err, code = await cli(*ctl, "logon", account, stdin="pw\n")
+        assert code == 0 and out.strip(), (out, err)
+        out, err, code = await cli(*ctl, "--token", out.strip(), "logoff", "1")
+        assert code == 0, err
+        await proc.wait_for("session 1 ended")
+        await site.when_recorded("ogon-backend-x", lambda r: "ended" in r)
+        x, wm = site.record("ogon-backend-x"), site.record("ogonXsession")
+        assert wm["ended"] == {"signal": "SIGTERM"} and x["ended"] == {"signal": "SIGTERM"}
+        order = [site.record("stopwm")["started"], site.event_time("ogonXsession", "ended"),
+                 site.event_time("ogon-backend-x", "ended")]
+        assert order == sorted(order), "stopwm, the window manager, the X server"
+        if through_launcher:
+            launcher = await site.when_recorded("ogon-backend-launcher", lambda r: any(
+                e["what"] == "exit requested" for e in r["events"]))
+            assert [m["type"] for m in launcher["messages"]][-2:] == [301, 308]
+        transport.signalProcess(signal.SIGTERM)
+        await proc.ended
+    finally:
+        if keeper is not None:
+            kill_process_groups([keeper])
