@@ -12,12 +12,13 @@ import pytest
 
 from bridge.backends.environment import (
     Account,
+    environment,
     environment_block,
     search_path,
     session_environment,
     set_variable,
 )
-from bridge.backends.modules import LaunchContext
+from bridge.backends.modules import LaunchContext, Module
 from bridge.backends.ogon import xauth
 from bridge.backends.ogon.commandline import command_line_to_argv
 
@@ -152,3 +153,15 @@ def test_ogons_directories_go_in_front_of_path() -> None:
     assert search_path(["/usr/bin", "/etc/ogon"], {"PATH": "/usr/local/bin:/usr/bin"}) == \
         "/etc/ogon:/usr/local/bin:/usr/bin"
     assert search_path(["/opt/ogon/bin"], {}) is None, "no PATH: ogon leaves it unset"
+
+
+def test_a_command_module_on_a_qt_endpoint_gets_ogon_pipe_path() -> None:
+    greeter = Module("greeter", ("g",), "ogon_{session_id}_Qt")
+    desktop = Module("xsession", ("d",), "ogon_{session_id}_X11", environment={"X": "{user}"})
+    values = {"endpoint": "ogon_4_Qt", "pipe_dir": "/tmp/.pipe", "user": ""}
+    env = environment(greeter, context(), ALICE, values, {})
+    assert env["OGON_PIPE_PATH"] == "/tmp/.pipe/ogon_4_Qt"
+    assert "HOME" not in env, "a greeter has no account variables, whoever it runs as"
+    env = environment(desktop, context("alice"), ALICE,
+                      {"endpoint": "ogon_4_X11", "pipe_dir": "/tmp/.pipe", "user": "alice"}, {})
+    assert "OGON_PIPE_PATH" not in env and env["X"] == "alice" and env["USER"] == "alice"

@@ -179,9 +179,14 @@ def environment(module: Module, context: LaunchContext, account: Account,
                 ) -> dict[str, str]:
     """A command module's environment: the session's block as ogon builds
     it (a desktop's account variables are those of the account it runs
-    as), then the module's own ``environment`` table."""
+    as), OGON_PIPE_PATH for one on a ``_Qt`` endpoint, then the module's
+    own ``environment`` table."""
     env = session_environment(context, os.environ if manager_env is None else manager_env,
                               account if context.username else None)
+    if not module.kind and values["endpoint"].endswith("_Qt"):
+        # A Qt application on ogon's Qt endpoint (a greeter): the socket
+        # ogon's Qt platform plugin listens on, as ogon's Qt module sets it.
+        set_variable(env, "OGON_PIPE_PATH", f"{values['pipe_dir']}/{values['endpoint']}")
     for key, value in module.environment.items():
         set_variable(env, key, value.format(**values))
     return env
