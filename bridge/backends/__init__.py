@@ -17,8 +17,9 @@ watched and stopped on the reactor.
 - ``standin``: the stand-in backend (``icp-bridge backend``), standard
   library only, runnable as a plain script.
 
-Room for more kinds of module beside today's command line: ogon's X11, Qt
-and Weston modules, ogon's backend launcher.
+- ``ogon``: ogon's own module kinds (X11, Qt, Weston), run by the bridge
+  or through ogon-backend-launcher over ogon's module protocol, and the
+  launcher keeper that lets launcher sessions outlive the bridge.
 
 May import: ``bridge.sessions`` (the backend record) and the ground modules;
 nothing else of the bridge (``standin`` imports nothing of it at all).
