@@ -24,6 +24,7 @@ from bridge.backends.ogon import xauth
 from bridge.rdp.standin import StandInRdpServer
 from tests.conftest import BridgeUnderTest, alive, kill_process_groups, start_bridge
 from tests.e2e.ogon_site import PYTHON, OgonSite, desktop_account
+from tests.e2e.test_ogon_install import DEBIAN
 from tests.e2e.test_twistd import _kill_leftover_twistd, cli, free_port, start_twistd
 
 __all__ = ["_kill_leftover_twistd"]  # the twistd children a test started, killed after it
@@ -430,3 +431,74 @@ ogon_bin_dirs = ["{site.bin}"]
     finally:
         if keeper is not None:
             kill_process_groups([keeper])
+
+
+@pytest_twisted.ensureDeferred
+async def test_debians_config_ini_runs_the_greeter_and_the_x11_desktop_as_ogon(
+        site: OgonSite) -> None:
+    """The issue's first "done when": ogon's misc/config.ini.debian.in as Debian
+    installs it, its paths pointing at the stand-ins, and a users setup: the
+    Qt greeter, a greeter login, the X11 desktop through ogon-backend-launcher
+    (display from 100, xauth, startwm as the user), its logoff."""
+    text = DEBIAN.read_text()
+    for installed, standin in (("/usr/bin/ogon-qt-greeter", "ogon-qt-greeter"),
+                               ("/etc/ogon/ogonXsession", "ogonXsession"),
+                               ("/usr/sbin/ogon-backend-launcher", "ogon-backend-launcher"),
+                               ("/usr/bin/ogon-backend-weston", "ogon-backend-weston")):
+        assert installed in text
+        text = text.replace(installed, f"{site.bin}/{standin}")
+    text = text.replace("/etc/ssl/certs/ssl-cert-snakeoil.pem", f"{site.base}/tls/ogon.crt")
+    text = text.replace("/etc/ssl/private/ssl-cert-snakeoil.key", f"{site.base}/tls/ogon.key")
+    config_ini = site.base / "config.ini"
+    config_ini.write_text(text)
+    account = desktop_account()
+    # ogon's programs are in the stand-ins' bin directory, not in /usr/bin.
+    bridge = await start_bridge(site.base, modules={}, properties={}, user_properties={},
+                                ogon_config=config_ini, ogon_bin_dirs=[str(site.bin)],
+                                users={account: ("pw", 0x49)})
+    keepers: list[int] = []
+    try:
+        peer = await bridge.peer()
+        await peer.logon(1, "", "")
+        sid = bridge.service.registry.by_connection(1).session_id
+        greeter = site.record("ogon-qt-greeter")
+        assert greeter["argv"] == [f"{site.bin}/ogon-qt-greeter", "--noeffects", "-platform",
+                                   "ogon"]
+        assert greeter["env"]["WTSAPI_LIBRARY"] == \
+            "/usr/lib/x86_64-linux-gnu/ogon1/libogon-otsapi.so", "environment_add_string"
+        assert greeter["env"]["OGON_SMAX"] == "4096x2048"
+        assert await peer.greeter_login(1, account, "pw") == 0
+        wm = await site.when_recorded("ogonXsession", lambda r: "x_socket" in r)
+        keepers = [b.pid for b in bridge.service.launcher.running()
+                   if b.name == "launcher-keeper"]
+        x = site.record("ogon-backend-x")
+        launcher = site.record("ogon-backend-launcher")
+        entry = pwd.getpwnam(account)
+        assert launcher["argv"] == [f"{site.bin}/ogon-backend-launcher", str(sid)]
+        assert x["display"] >= 100 and x["opts"]["-displayfd"].endswith(":100")
+        assert x["opts"]["-auth"] == f"{entry.pw_dir}/.Xauthority.ogon"
+        assert (x["uid"], wm["uid"]) == (entry.pw_uid, entry.pw_uid)
+        assert x["ppid"] == wm["ppid"] == launcher["pid"]
+        assert wm["argv"] == [f"{site.bin}/ogonXsession"] and wm["x_socket"] == "connected"
+        assert wm["env"]["DISPLAY"] == f":{x['display']}"
+        start = launcher["start"]
+        assert start["envBlock"].startswith(
+            "WTSAPI_LIBRARY=/usr/lib/x86_64-linux-gnu/ogon1/libogon-otsapi.so\0PATH=")
+        assert bridge.service.registry.get(sid).win_station_name == f"X11:{x['display']}"
+        [switch] = peer.seen("SwitchToRequest")
+        assert switch.serviceEndpoint == f"\\\\.\\pipe\\ogon_{x['display']}_X11"
+        assert (switch.maxWidth, switch.maxHeight) == (4096, 2048)
+
+        session = bridge.service.registry.get(sid)
+        exited = bridge.service.lifecycle.backends[sid].when_exited()
+        assert await bridge.service.lifecycle.logoff(session, True)
+        await exited
+        x, wm = site.record("ogon-backend-x"), site.record("ogonXsession")
+        assert wm["ended"] == {"signal": "SIGTERM"} and x["ended"] == {"signal": "SIGTERM"}
+        assert site.event_time("ogonXsession", "ended") < site.event_time("ogon-backend-x",
+                                                                          "ended")
+        assert [m["type"] for m in site.record("ogon-backend-launcher")["messages"]] == [
+            300, 302, 301, 308]
+    finally:
+        await bridge.stop()
+        kill_process_groups(keepers)
