@@ -413,7 +413,8 @@ ogon_bin_dirs = ["{site.bin}"]
         ctl = ("ctl", "--port", str(port), "--cafile", str(certificate))
         out, err, code = await cli(*ctl, "logon", account, stdin="pw\n")
         assert code == 0 and out.strip(), (out, err)
-        out, err, code = await cli(*ctl, "--token", out.strip(), "logoff", "1")
+        # --token=: a token may begin with "-" (URL-safe base64).
+        out, err, code = await cli(*ctl, f"--token={out.strip()}", "logoff", "1")
         assert code == 0, err
         await proc.wait_for("session 1 ended")
         await site.when_recorded("ogon-backend-x", lambda r: "ended" in r)
