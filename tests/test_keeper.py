@@ -98,3 +98,26 @@ def test_bad_requests(keeper: tuple[str, subprocess.Popen[bytes]]) -> None:
     assert not answer["ok"] and "cannot start /nonexistent" in answer["error"]
     a.close()
     b.close()
+
+
+def test_a_socket_path_too_long_for_af_unix(short_dir: Path) -> None:
+    """A state directory deep enough that its socket path does not fit a
+    sockaddr_un: both sides go through /proc/self/fd/<directory>/."""
+    deep = short_dir / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = str(deep / "launcher-keeper.sock")
+    assert len(path) > 108
+    process = subprocess.Popen([sys.executable, keeper_module.__file__, "--socket", path,
+                                "--linger", "0.2"], stderr=subprocess.PIPE)
+    try:
+        assert process.stderr is not None
+        assert "listening on" in process.stderr.readline().decode()
+        assert Path(path).is_socket()
+        assert exchange(path, {"op": "list"})[0] == {"ok": True, "launchers": []}
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stderr is not None:
+            process.stderr.close()

@@ -52,6 +52,21 @@ MAX_FDS = 3
 _LENGTH = struct.Struct("!I")
 
 
+#: AF_UNIX paths hold at most 107 bytes; longer ones are reached through
+#: /proc/self/fd/<directory descriptor>/<name>.
+MAX_SOCKET_PATH = 100
+
+
+def short_path(path: str) -> tuple[str, int | None]:
+    """A path to bind or connect to for the socket at ``path``, and the
+    directory descriptor it goes through (to close afterwards) when
+    ``path`` itself is too long for a UNIX socket."""
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path, None
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return f"/proc/self/fd/{directory}/{os.path.basename(path)}", directory
+
+
 def log(text: str) -> None:
     sys.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} launcher keeper [{os.getpid()}]: "
                      f"{text}\n")
@@ -111,10 +126,13 @@ class Keeper:
         except FileNotFoundError:
             pass
         old_umask = os.umask(0o177)
+        where, directory = short_path(self.path)
         try:
-            self.server.bind(self.path)
+            self.server.bind(where)
         finally:
             os.umask(old_umask)
+            if directory is not None:
+                os.close(directory)
         info = os.lstat(self.path)
         self.identity = (info.st_dev, info.st_ino)
         self.server.listen(64)

@@ -30,6 +30,7 @@ from bridge.backends.environment import own_account
 from bridge.backends.launcher import BackendLauncher
 from bridge.backends.modules import BackendError, Module
 from bridge.backends.ogon import keeper as keeper_module
+from bridge.backends.ogon.keeper import short_path
 from bridge.backends.processes import Spawn, spawn_process
 
 _LENGTH = struct.Struct("!I")
@@ -52,10 +53,14 @@ def exchange(path: str, request: Mapping[str, Any], fds: list[int] | None = None
     conn.settimeout(REQUEST_TIMEOUT)
     received: list[int] = []
     try:
+        where, directory = short_path(path)
         try:
-            conn.connect(path)
+            conn.connect(where)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise KeeperUnavailableError(str(e)) from None
+        finally:
+            if directory is not None:
+                os.close(directory)
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _, uid, _ = struct.unpack("3i", creds)
         if uid != os.geteuid():
@@ -144,9 +149,6 @@ class LauncherKeeper:
                 waiter.callback(None)
 
     async def _start(self) -> None:
-        if len(os.fsencode(self.socket_path)) > 100:
-            raise BackendError(f"ogon_keeper_socket {self.socket_path} is too long for a "
-                               f"UNIX socket (at most 100 bytes)")
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         script = keeper_module.__file__
         argv = [sys.executable, script, "--socket", str(self.socket_path)]
