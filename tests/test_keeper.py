@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,32 +33,34 @@ def keeper(short_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     process.stderr.close()
 
 
-def roundtrip(fd: int, data: bytes) -> bytes:
-    os.write(fd, data)
+def roundtrip(write_fd: int, read_fd: int, data: bytes) -> bytes:
+    os.write(write_fd, data)
     got = b""
     while len(got) < len(data):
-        got += os.read(fd, 100)
+        got += os.read(read_fd, 100)
     return got
 
 
 def test_a_launcher_channel_outlives_the_bridges_end(keeper: tuple[str, subprocess.Popen[bytes]],
                                                     short_dir: Path) -> None:
     path, process = keeper
-    ours, theirs = socket.socketpair()
+    stdin_read, stdin_write = os.pipe()
+    stdout_read, stdout_write = os.pipe()
     errors = os.open(short_dir / "errors.log", os.O_WRONLY | os.O_CREAT, 0o600)
     answer, _ = exchange(path, {"op": "spawn", "executable": "/bin/cat", "argv": ["cat"],
                                 "env": {"PATH": "/bin"}, "cwd": "/"},
-                         [theirs.fileno(), ours.fileno(), errors])
-    theirs.close()
-    os.close(errors)
+                         [stdin_read, stdout_write, stdin_write, stdout_read, errors])
+    for fd in (stdin_read, stdout_write, errors):
+        os.close(fd)
     assert answer["ok"] and answer["pid"] > 0 and answer["start_ticks"] > 0
     pid, ticks = answer["pid"], answer["start_ticks"]
-    assert roundtrip(ours.fileno(), b"hello") == b"hello"
-    ours.close()  # the bridge goes away (kill -9 closes its descriptors)
+    assert roundtrip(stdin_write, stdout_read, b"hello") == b"hello"
+    os.close(stdin_write)  # the bridge goes away (kill -9 closes its descriptors)
+    os.close(stdout_read)
 
     answer, fds = exchange(path, {"op": "attach", "pid": pid, "start_ticks": ticks})
-    assert answer == {"ok": True} and len(fds) == 1
-    assert roundtrip(fds[0], b"again") == b"again", "the same channel, never closed"
+    assert answer == {"ok": True} and len(fds) == 2
+    assert roundtrip(fds[0], fds[1], b"again") == b"again", "the same channel, never closed"
     answer, none = exchange(path, {"op": "attach", "pid": pid, "start_ticks": ticks + 1})
     assert not answer["ok"] and none == [], "a reused pid is not taken for the launcher"
     assert exchange(path, {"op": "list"})[0]["launchers"] == [{"pid": pid,
@@ -69,8 +70,9 @@ def test_a_launcher_channel_outlives_the_bridges_end(keeper: tuple[str, subproce
     os.kill(pid, signal.SIGKILL)
     status, _ = exchange(path, {"op": "status", "pid": pid})
     assert status == {"ok": True, "running": False, "returncode": -9}
-    assert os.read(fds[0], 10) == b"", "its channel closes with it"
-    os.close(fds[0])
+    assert os.read(fds[1], 10) == b"", "its channel closes with it"
+    for fd in fds:
+        os.close(fd)
     assert process.wait(10) == 0, "no launcher left: the keeper exits"
     assert not Path(path).exists()
     with pytest.raises(KeeperUnavailableError):
@@ -90,14 +92,14 @@ def test_bad_requests(keeper: tuple[str, subprocess.Popen[bytes]]) -> None:
     path, _ = keeper
     assert exchange(path, {"op": "spawn", "executable": "/bin/cat", "argv": ["cat"],
                            "env": {}})[0] == {"ok": False,
-                                              "error": "spawn needs three descriptors"}
+                                              "error": "spawn needs five descriptors"}
     assert exchange(path, {"op": "nothing"})[0]["ok"] is False
-    a, b = socket.socketpair()
+    a, b = os.pipe()
     answer, _ = exchange(path, {"op": "spawn", "executable": "/nonexistent", "argv": ["x"],
-                                "env": {}}, [a.fileno(), b.fileno(), a.fileno()])
+                                "env": {}}, [a, b, b, a, b])
     assert not answer["ok"] and "cannot start /nonexistent" in answer["error"]
-    a.close()
-    b.close()
+    os.close(a)
+    os.close(b)
 
 
 def test_a_socket_path_too_long_for_af_unix(short_dir: Path) -> None:

@@ -7,23 +7,25 @@ PATH`` (the bridge starts it when it first needs it).
 Why: ogon's launcher sets ``prctl(PR_SET_PDEATHSIG, SIGPIPE)`` and stops
 its module when its parent dies or its pipe closes, so a launcher that is
 the bridge's child dies with the bridge. The keeper outlives the bridge;
-it starts each launcher with one end of a socket pair as its stdin and
-stdout and keeps a copy of the bridge's end, so the launcher never sees
-its channel close. A restarted bridge asks for that copy again and goes on
-speaking ogon's module protocol with the launcher. One keeper serves all
-launchers.
+it starts each launcher with two pipes as its stdin and stdout (pipes, as
+ogon's session manager gives it: WinPR opens the launcher's stdout for
+writing only when the descriptor is write-only) and keeps a copy of the
+bridge's ends, so the launcher never sees its channel close. A restarted
+bridge asks for those copies again and goes on speaking ogon's module
+protocol with it. One keeper serves all launchers.
 
 The protocol, on a UNIX socket only the keeper's own uid may use (checked
 with SO_PEERCRED; the bridge puts it in its 0700 state directory): one
 request per connection, a big-endian uint32 length and a JSON object,
 descriptors passed with SCM_RIGHTS; the answer likewise.
 
-- ``{"op": "spawn", "executable", "argv", "env", "cwd"}`` with three
-  descriptors (the launcher's end of the channel, the bridge's end to
-  keep, the launcher's stderr): starts it; answers ``{"ok", "pid",
-  "start_ticks"}``.
-- ``{"op": "attach", "pid", "start_ticks"}``: answers ``{"ok"}`` with a
-  copy of the kept end, or ``{"ok": false, "error"}``.
+- ``{"op": "spawn", "executable", "argv", "env", "cwd"}`` with five
+  descriptors (the launcher's stdin and stdout, the bridge's ends of those
+  two pipes to keep, the launcher's stderr): starts it; answers ``{"ok",
+  "pid", "start_ticks"}``.
+- ``{"op": "attach", "pid", "start_ticks"}``: answers ``{"ok"}`` with
+  copies of the kept ends (the one to write requests to, the one to read
+  answers from), or ``{"ok": false, "error"}``.
 - ``{"op": "status", "pid"}``: ``{"ok", "running", "returncode"}``.
 - ``{"op": "list"}``: ``{"ok", "launchers": [{"pid", "start_ticks"}]}``.
 
@@ -48,7 +50,7 @@ import sys
 import time
 
 MAX_MESSAGE = 1 << 20
-MAX_FDS = 3
+MAX_FDS = 5
 _LENGTH = struct.Struct("!I")
 
 
@@ -94,7 +96,7 @@ def zombie(pid: int) -> bool:
 
 
 class Launcher:
-    def __init__(self, process: subprocess.Popen[bytes], keep: int, ticks: int) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], keep: list[int], ticks: int) -> None:
         self.process = process
         self.keep = keep
         self.ticks = ticks
@@ -209,7 +211,7 @@ class Keeper:
             if launcher is None or launcher.ticks != request.get("start_ticks") \
                     or launcher.process.poll() is not None:
                 return {"ok": False, "error": "no such launcher"}, []
-            return {"ok": True}, [launcher.keep]
+            return {"ok": True}, list(launcher.keep)
         if op == "status":
             pid = int(request.get("pid", 0))
             launcher = self.launchers.get(pid)
@@ -226,18 +228,19 @@ class Keeper:
         return {"ok": False, "error": f"unknown op {op!r}"}, []
 
     def spawn(self, request: dict, fds: list[int]) -> dict:
-        if len(fds) != 3:
-            return {"ok": False, "error": "spawn needs three descriptors"}
-        channel, keep, errors = fds
+        if len(fds) != 5:
+            return {"ok": False, "error": "spawn needs five descriptors"}
+        stdin, stdout, keep_in, keep_out, errors = fds
         try:
             process = subprocess.Popen(
-                request["argv"], executable=request["executable"], stdin=channel,
-                stdout=channel, stderr=errors, env=request["env"], cwd=request.get("cwd"),
+                request["argv"], executable=request["executable"], stdin=stdin,
+                stdout=stdout, stderr=errors, env=request["env"], cwd=request.get("cwd"),
                 close_fds=True, restore_signals=True)
         except (OSError, KeyError, TypeError, ValueError) as e:
             return {"ok": False, "error": f"cannot start {request.get('executable')}: {e}"}
         ticks = start_ticks(process.pid) or 0
-        self.launchers[process.pid] = Launcher(process, os.dup(keep), ticks)
+        self.launchers[process.pid] = Launcher(process, [os.dup(keep_in), os.dup(keep_out)],
+                                               ticks)
         log(f"started {' '.join(request['argv'])[:200]} (pid {process.pid})")
         return {"ok": True, "pid": process.pid, "start_ticks": ticks}
 
@@ -249,7 +252,8 @@ class Keeper:
             if code is None:
                 continue
             del self.launchers[pid]
-            os.close(launcher.keep)
+            for fd in launcher.keep:
+                os.close(fd)
             self.exited[pid] = code
             while len(self.exited) > 256:
                 del self.exited[next(iter(self.exited))]

@@ -74,7 +74,7 @@ def exchange(path: str, request: Mapping[str, Any], fds: list[int] | None = None
             conn.sendall(message)
         data = b""
         while len(data) < 4 or len(data) < 4 + _LENGTH.unpack_from(data)[0]:
-            chunk, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_LEN(4 * 4))
+            chunk, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_LEN(8 * 4))
             for level, kind, extra in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     got = array.array("i")
@@ -176,31 +176,35 @@ class LauncherKeeper:
                            f"{START_TIMEOUT:g} s")
 
     async def spawn(self, executable: str, argv: list[str], env: Mapping[str, str],
-                    cwd: str | None, channel: int, keep: int, errors: int
-                    ) -> tuple[int, int]:
-        """Start a launcher under the keeper: (pid, start ticks). Raises BackendError."""
+                    cwd: str | None, stdin: int, stdout: int, keep_in: int, keep_out: int,
+                    errors: int) -> tuple[int, int]:
+        """Start a launcher under the keeper, with ``stdin`` and ``stdout``
+        (pipe ends) as its own; the keeper keeps copies of ``keep_in`` and
+        ``keep_out``, the bridge's ends. Returns (pid, start ticks). Raises
+        BackendError."""
         answer, extra = await self.request(
             {"op": "spawn", "executable": executable, "argv": argv, "env": dict(env),
-             "cwd": cwd}, [channel, keep, errors])
+             "cwd": cwd}, [stdin, stdout, keep_in, keep_out, errors])
         for fd in extra:
             os.close(fd)
         if not answer.get("ok"):
             raise BackendError(str(answer.get("error", "the keeper refused")))
         return int(answer["pid"]), int(answer["start_ticks"])
 
-    async def attach(self, pid: int, start_ticks: int) -> int | None:
-        """A copy of the bridge's end of the launcher's channel, None when the
-        keeper (or the launcher) is gone."""
+    async def attach(self, pid: int, start_ticks: int) -> tuple[int, int] | None:
+        """Copies of the bridge's ends of the launcher's channel (to write
+        requests to, to read answers from), None when the keeper (or the
+        launcher) is gone."""
         try:
             answer, fds = await self.request({"op": "attach", "pid": pid,
                                               "start_ticks": start_ticks}, start=False)
         except (KeeperUnavailableError, BackendError):
             return None
-        if not answer.get("ok") or len(fds) != 1:
+        if not answer.get("ok") or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
             return None
-        return fds[0]
+        return fds[0], fds[1]
 
     async def status(self, pid: int) -> str:
         """How a launcher ended, for the log ("" when the keeper cannot say)."""

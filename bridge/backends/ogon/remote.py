@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import Message
 from twisted.internet.defer import Deferred, DeferredLock, succeed
-from twisted.internet.protocol import Factory
+from twisted.internet.stdio import StandardIO
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -126,20 +125,14 @@ class LauncherBackend:
         return {mp.MSG_PROPERTY_BOOL: boolean, mp.MSG_PROPERTY_NUMBER: number,
                 mp.MSG_PROPERTY_STRING: string}
 
-    def _open_channel(self, fd: int) -> None:
-        """Speak the module protocol on ``fd`` (the bridge's end of the
-        launcher's stdin/stdout; the keeper holds another copy)."""
+    def _open_channel(self, write_fd: int, read_fd: int) -> None:
+        """Speak the module protocol writing to ``write_fd`` (the launcher's
+        stdin pipe) and reading ``read_fd`` (its stdout pipe). The keeper
+        holds copies of both, so closing ours (at a stop, or when the
+        bridge dies) is never a close the launcher sees."""
         protocol = mp.ModuleProtocol(self._handlers(), clock=self.launcher.clock,
                                      call_timeout=CALL_TIMEOUT)
-        os.set_blocking(fd, False)
-        try:
-            transport = self.launcher.reactor.adoptStreamConnection(
-                fd, socket.AF_UNIX, Factory.forProtocol(lambda: protocol))
-        finally:
-            os.close(fd)
-        # Never shut the socket down: the keeper's copy must stay open, or the
-        # launcher would see its channel close and stop its module.
-        transport._shouldShutdown = False
+        StandardIO(protocol, stdin=read_fd, stdout=write_fd, reactor=self.launcher.reactor)
         self.protocol = protocol
         protocol.when_closed().addCallback(self._channel_closed, protocol)
 
@@ -180,26 +173,31 @@ class LauncherBackend:
         """Start the launcher and the module in it; fires once ModuleStart
         answered a pipe whose socket is the module's. Raises BackendError
         (the launcher is then stopped)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Pipes, as ogon's session manager makes them (CreatePipe): WinPR
+        # writes to the launcher's stdout only when it is write-only.
+        stdin_read, stdin_write = os.pipe()
+        stdout_read, stdout_write = os.pipe()
         try:
             # Its stderr (until it turns to journald or /dev/null), bounded as
             # every backend's output is.
             log_path, errors = self.launcher.logs.create(self.session_id,
                                                          f"{self.config_name}-launcher")
         except OSError as e:
-            ours.close()
-            theirs.close()
+            for fd in (stdin_read, stdin_write, stdout_read, stdout_write):
+                os.close(fd)
             raise BackendError(f"cannot create the launcher's output file: "
                                f"{e.strerror or e}") from None
         try:
-            pid, ticks = await self.keeper.spawn(executable, argv, environment, os.getcwd(),
-                                                 theirs.fileno(), ours.fileno(), errors)
+            pid, ticks = await self.keeper.spawn(
+                executable, argv, environment, os.getcwd(), stdin_read, stdout_write,
+                stdin_write, stdout_read, errors)
         except BackendError:
-            ours.close()
+            os.close(stdin_write)
+            os.close(stdout_read)
             raise
         finally:
-            theirs.close()
-            os.close(errors)
+            for fd in (stdin_read, stdout_write, errors):
+                os.close(fd)
         self.record = BackendRecord(self.config_name, pid, ticks, "", str(log_path),
                                     kind=self.kind, launcher=True)
         self._output = self.launcher.logs.attach(log_path, f"session {self.session_id} "
@@ -208,7 +206,7 @@ class LauncherBackend:
         self.log.info("session {session_id}: started {module} through ogon-backend-launcher "
                       "(pid {pid}): {command}", session_id=self.session_id,
                       module=self.config_name, pid=pid, command=" ".join(argv)[:300])
-        self._open_channel(ours.detach())
+        self._open_channel(stdin_write, stdout_read)
         if not self._watch(pid):
             self._launcher_gone()
         try:
@@ -337,9 +335,9 @@ class LauncherBackend:
         self.record = record
         if record.pid <= 0 or process_start_ticks(record.pid) != record.start_ticks:
             return False
-        fd = await self.keeper.attach(record.pid, record.start_ticks)
-        if fd is not None:
-            self._open_channel(fd)
+        fds = await self.keeper.attach(record.pid, record.start_ticks)
+        if fds is not None:
+            self._open_channel(*fds)
         else:
             self.log.warn("session {session_id}: the launcher keeper does not know "
                           "ogon-backend-launcher {pid}; it is watched without its channel",
