@@ -6,6 +6,7 @@ as the launcher: what the bridge writes on its end comes back."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -67,7 +68,10 @@ def test_a_launcher_channel_outlives_the_bridges_end(keeper: tuple[str, subproce
                                                                 "start_ticks": ticks}]
     assert exchange(path, {"op": "status", "pid": pid})[0]["running"] is True
 
+    pidfd = os.pidfd_open(pid)
     os.kill(pid, signal.SIGKILL)
+    select.select([pidfd], [], [], 10)  # asked once it has exited, as the bridge asks
+    os.close(pidfd)
     status, _ = exchange(path, {"op": "status", "pid": pid})
     assert status == {"ok": True, "running": False, "returncode": -9}
     assert os.read(fds[1], 10) == b"", "its channel closes with it"

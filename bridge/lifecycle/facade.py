@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -41,6 +41,9 @@ from bridge.sessions.model import ClientInfo, ConnectState, Session, SessionChan
 from bridge.sessions.properties import PropertyTable
 from bridge.sessions.registry import SessionRegistry
 
+#: How long a stop waits for the greeters run by ogon-backend-launcher to go.
+SHUTDOWN_WAIT = 20.0
+
 
 class SessionLifecycle:
     """Every session transition the bridge makes, on the reactor: logon
@@ -65,6 +68,7 @@ class SessionLifecycle:
         self.registry = registry
         self.launcher = launcher
         self.modules = modules
+        self.clock = clock
         self.guard = LogonGuard.around(authenticator, clock)
         self.runtime = SessionRuntime()
         self.backends = self.runtime.backends
@@ -202,9 +206,18 @@ class SessionLifecycle:
         """The bridge stops: greeter sessions end (nothing can resume them);
         user sessions and their backends stay for the next start."""
         self.runtime.shutting_down = True
+        launched: list[Deferred[str]] = []
         for session in list(self.registry):
             if not session.logged_on:
+                backend = self.backends.get(session.session_id)
                 await self.ending.end(session, "bridge stopping", tell_rdp=False)
+                if backend is not None and backend.record.launcher:
+                    # Its ModuleStop and ModuleExit go out before the bridge does:
+                    # the keeper would keep the launcher running otherwise.
+                    launched.append(backend.when_exited().addTimeout(SHUTDOWN_WAIT,
+                                                                      self.clock))
+        if launched:
+            await DeferredList(launched, consumeErrors=True)
         # User sessions' backends outlive the bridge: stop watching them.
         running: list[SessionBackend] = list(self.backends.values())
         self.backends.clear()

@@ -503,3 +503,31 @@ async def test_debians_config_ini_runs_the_greeter_and_the_x11_desktop_as_ogon(
     finally:
         await bridge.stop()
         kill_process_groups(keepers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_greeter_through_the_launcher_ends_with_the_bridge(site: OgonSite) -> None:
+    """Greeter sessions do not survive a stop: one run by ogon-backend-launcher
+    is stopped (ModuleStop, ModuleExit) before the bridge is gone, or the
+    keeper would keep it running."""
+    bridge = await ogon_bridge(site, **{"module.greeter.uselauncher": True})
+    keepers = [b.pid for b in bridge.service.launcher.running()]
+    try:
+        peer = await bridge.peer()
+        answer = await peer.logon(1, "", "")
+        sid = bridge.service.registry.by_connection(1).session_id
+        assert answer.serviceEndpoint == f"\\\\.\\pipe\\ogon_{sid}_Qt"
+        keepers = [b.pid for b in bridge.service.launcher.running()
+                   if b.name == "launcher-keeper"]
+        greeter = site.record("ogon-qt-greeter")
+        launcher = site.record("ogon-backend-launcher")
+        assert greeter["ppid"] == launcher["pid"] and greeter["uid"] == os.geteuid(), \
+            "a greeter's module runs as the launcher's user, root"
+        assert launcher["start"]["userName"] == "" and not launcher["pam_session"]
+        assert bridge.service.registry.get(sid).win_station_name == f"Qt:{greeter['pid']}"
+        await bridge.stop()
+        launcher = site.record("ogon-backend-launcher")
+        assert [m["type"] for m in launcher["messages"]] == [300, 302, 303, 301, 308]
+        assert not alive(launcher["pid"]) and not alive(greeter["pid"])
+    finally:
+        kill_process_groups(keepers)
