@@ -84,6 +84,7 @@ class World:
         self.home.mkdir()
         self.spawns = Spawns()
         self.clock = Clock()
+        (base / "logs").mkdir()
         self.launcher = BackendLauncher(reactor, self.clock, self.pipes, base / "logs",
                                         as_root=False, spawn=self.spawns,
                                         bin_dirs=(str(self.bin),))

@@ -103,7 +103,8 @@ async def test_sessions_table_and_complete_json(short_dir: Path) -> None:
         row = listed[alice.session_id]
         assert {key: row[key] for key in ("state", "user", "winstation", "client_name",
                                           "client_address")} == {
-            "state": "Active", "user": "alice", "winstation": "RDP-Tcp#1",
+            "state": "Active", "user": "alice",
+            "winstation": f"xsession:{alice.backend.pid}",  # <module name>:<pid>
             "client_name": "client1", "client_address": "192.0.2.10"}
         assert set(row) >= {"session_id", "domain", "since", "idle_seconds", "connect_time",
                             "disconnect_time", "logon_time", "last_input_time"}

@@ -111,7 +111,8 @@ async def test_the_qt_greeter_as_ogon_starts_it(site: OgonSite, local: BridgeUnd
     assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
     assert sorted(greeter["fds"]) == ["0", "1", "2"], "nothing else inherited"
     assert session.win_station_name == f"Qt:{greeter['pid']}"
-    assert any(e["what"] == "accepted the one connection" for e in greeter["events"])
+    await site.when_recorded("ogon-qt-greeter", lambda r: any(
+        e["what"] == "accepted the one connection" for e in r["events"]))
 
 
 async def greeter_login_to_x11(bridge: BridgeUnderTest, site: OgonSite) -> int:
@@ -407,8 +408,8 @@ ogon_bin_dirs = ["{site.bin}"]
 
         proc, transport = await start_twistd(base, config)
         adopted = ("adopted xsession in ogon-backend-launcher" if through_launcher
-                   else f"adopted xsession backend (pid {x['pid']})")
-        await proc.wait_for(adopted)
+                   else f"adopted xsession-x backend (pid {x['pid']})")
+        await proc.wait_for(adopted).addTimeout(60, reactor)  # a clean failure, not a hang
         certificate = base / "tls" / "ogon.crt"
         ctl = ("ctl", "--port", str(port), "--cafile", str(certificate))
         out, err, code = await cli(*ctl, "logon", account, stdin="pw\n")
@@ -416,7 +417,7 @@ ogon_bin_dirs = ["{site.bin}"]
         # --token=: a token may begin with "-" (URL-safe base64).
         out, err, code = await cli(*ctl, f"--token={out.strip()}", "logoff", "1")
         assert code == 0, err
-        await proc.wait_for("session 1 ended")
+        await proc.wait_for("session 1 ended").addTimeout(60, reactor)
         await site.when_recorded("ogon-backend-x", lambda r: "ended" in r)
         x, wm = site.record("ogon-backend-x"), site.record("ogonXsession")
         assert wm["ended"] == {"signal": "SIGTERM"} and x["ended"] == {"signal": "SIGTERM"}
