@@ -41,6 +41,7 @@ from pathlib import Path
 
 from bridge.backends.environment import STANDARD_PATH
 from bridge.backends.modules import Module
+from bridge.backends.ogon.properties import KINDS
 from bridge.config import Config, Problem, default_modules
 from bridge.config_sources import load_properties
 from bridge.endpoints import split_endpoint
@@ -117,42 +118,61 @@ class _Checker:
 
     # -- modules ------------------------------------------------------------------------
 
-    def used_modules(self) -> dict[str, list[tuple[str, str]]]:
-        """Module name -> (property, where it is set: see named_by) for each
-        property naming it."""
-        used: dict[str, list[tuple[str, str]]] = {}
+    def used_modules(self) -> dict[str, list[tuple[str, str, str]]]:
+        """Module name -> (property, where it is set: see named_by, the user
+        whose own value it is or "") for each property naming it."""
+        used: dict[str, list[tuple[str, str, str]]] = {}
         for prop, default in (("module", "xsession"), ("auth.greeter", "greeter")):
             used.setdefault(self.properties.string_or(prop, "", default), []).append(
-                (prop, self.named_by(prop)))
+                (prop, self.named_by(prop), ""))
             for user, table in self.merged.per_user.items():
                 value = table.get(prop)
                 if isinstance(value, str):
-                    used.setdefault(value, []).append((prop, self.named_by(prop, user)))
+                    used.setdefault(value, []).append((prop, self.named_by(prop, user), user))
         return used
 
+    def ogon_kind(self, name: str, prop: str, user: str) -> bool:
+        """Whether module.NAME.modulename selects one of ogon's kinds for
+        those ``prop`` names it for (a greeter has no user yet: global)."""
+        kind = self.properties.get(f"module.{name}.modulename",
+                                   user if prop == "module" else "")
+        return kind in KINDS
+
     def modules(self) -> list[Module]:
-        """Check that every module named is defined; the modules to check."""
+        """Check that every module named is defined (a [modules.NAME] command
+        module, else ogon's kind by module.NAME.modulename); the command
+        modules to check."""
         checked = []
+        served = {**self.merged.defaults, **self.merged.global_values}
+        kinds = [path.split(".")[1] for path, value in served.items()
+                 if path.startswith("module.") and path.endswith(".modulename")
+                 and path.count(".") == 2 and value in KINDS]
         for name, named_by in self.used_modules().items():
             module = self.config.modules.get(name)
             if module is not None:
                 checked.append(module)
                 continue
-            explicit = [where for _, where in named_by if where and not _is_file_line(where)]
-            in_ini = [(prop, where) for prop, where in named_by if _is_file_line(where)]
+            unresolved = [(prop, where) for prop, where, user in named_by
+                          if not self.ogon_kind(name, prop, user)]
+            if not unresolved:
+                continue
+            explicit = [where for _, where in unresolved if where and not _is_file_line(where)]
+            in_ini = [(prop, where) for prop, where in unresolved if _is_file_line(where)]
+            names = ", ".join(sorted({*self.config.modules, *kinds}))
             for where in explicit:
                 self.error(where, f"{where}: names module {name!r}, which is not defined "
-                                  f"(add [modules.{name}] or name one of: "
-                                  f"{', '.join(sorted(self.config.modules))})")
+                                  f"(add [modules.{name}] or module.{name}.modulename, or "
+                                  f"name one of: {names})")
             for prop, where in in_ini if not explicit else ():
-                self.warn(where, f"{prop}: names module {name!r}, which the bridge does not "
-                                 f"define (ogon's module configuration is not run): those "
-                                 f"logons get the greeter until [modules.{name}] is configured")
+                self.warn(where, f"{prop}: names module {name!r}, which is not defined (no "
+                                 f"[modules.{name}], no module_{name}_modulename_string naming "
+                                 f"X11, Qt or Weston): those logons get the greeter until "
+                                 f"one is configured")
             if not explicit and not in_ini:
                 self.warn("modules", f"modules.{name}: not defined, and the module property "
                                      f"names it by default: a logon with a password gets "
-                                     f"the greeter until [modules.{name}] (a desktop) is "
-                                     f"configured")
+                                     f"the greeter until [modules.{name}] or "
+                                     f"module.{name}.modulename (a desktop) is configured")
         # Modules the configuration defines are meant to be used: check them too.
         built_in = default_modules()
         checked += [m for name, m in self.config.modules.items()

@@ -210,18 +210,20 @@ def test_a_module_config_ini_names_is_a_warning_one_the_toml_names_an_error(
     config = config_with(tmp_path, ogon_config=ini)
     found = preflight(config, {"properties": "/etc/b.toml"}, as_root=False)
     assert found.errors == []
+    # xsession is ogon's X11 kind (module_xsession_modulename_string, ogon's default).
     assert [str(p) for p in found.warnings if "names module" in p.text] == [
-        f"{ini}:2: module: names module 'xsession', which the bridge does not define (ogon's "
-        f"module configuration is not run): those logons get the greeter until "
-        f"[modules.xsession] is configured",
-        f"{ini}:4: module: names module 'kde', which the bridge does not define (ogon's "
-        f"module configuration is not run): those logons get the greeter until [modules.kde] "
-        f"is configured",
+        f"{ini}:4: module: names module 'kde', which is not defined (no [modules.kde], no "
+        f"module_kde_modulename_string naming X11, Qt or Weston): those logons get the greeter "
+        f"until one is configured",
     ]
     config = config_with(tmp_path, ogon_config=ini, user_properties={"bob": {"module": "kde"}})
     assert lines(preflight(config, {"user_properties": "/etc/b.toml"}, as_root=False).errors) \
         == ["/etc/b.toml: user_properties.bob.module: names module 'kde', which is not defined "
-            "(add [modules.kde] or name one of: greeter)"]
+            "(add [modules.kde] or module.kde.modulename, or name one of: greeter, xsession)"]
+    # A user's own module.kde.modulename selects the kind for that user.
+    config = config_with(tmp_path, ogon_config=ini, user_properties={
+        "bob": {"module": "kde", "module.kde.modulename": "X11"}})
+    assert preflight(config, {"user_properties": "/etc/b.toml"}, as_root=False).errors == []
 
 
 def test_config_check_checks_config_ini_and_names_its_line(tmp_path: Path) -> None:
@@ -320,7 +322,7 @@ def test_config_check_runs_the_preflight(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stdout.splitlines()[:2] == [
         f"{path}: user_properties.bob.module: names module 'kde', which is not defined (add "
-        f"[modules.kde] or name one of: greeter, xsession)",
+        f"[modules.kde] or module.kde.modulename, or name one of: greeter, xsession)",
         f"error: {tmp_path}/users:1: the hash is not scrypt$n=..,r=..,p=..$salt$digest",
     ]
 
@@ -357,7 +359,8 @@ def test_preflight_modules_commands_and_accounts(tmp_path: Path) -> None:
                                "properties": "/etc/b.toml"}, as_root=True)
     assert lines(found.errors) == [
         "/etc/b.toml: user_properties.bob.module: names module 'gnome', which is not defined "
-        "(add [modules.gnome] or name one of: chosen, greeter, kde, xsession)"]
+        "(add [modules.gnome] or module.gnome.modulename, or name one of: chosen, greeter, kde, "
+        "xsession)"]
     assert lines(found.warnings) == [
         "/etc/b.toml: modules.xsession.command: "
         f"{script} is not an executable file; xsession backends cannot start (logons get the "
@@ -374,7 +377,10 @@ def test_preflight_modules_commands_and_accounts(tmp_path: Path) -> None:
 
 
 def test_preflight_says_when_no_desktop_module_is_configured(tmp_path: Path) -> None:
-    found = preflight(config_with(tmp_path), as_root=False)
+    assert not [p for p in preflight(config_with(tmp_path), as_root=False).warnings
+                if "not defined" in p.text]  # ogon's X11 kind by default
+    config = config_with(tmp_path, properties={"module.xsession.modulename": "KDE"})
+    found = preflight(config, as_root=False)
     assert any(p.text.startswith("modules.xsession: not defined, and the module property "
                                  "names it by default") for p in found.warnings)
     assert found.errors == []

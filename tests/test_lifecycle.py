@@ -415,6 +415,20 @@ class LifecycleTests(SynchronousTestCase):
         self.backend_of(1).exit()
         assert self.registry.get(1) is None, "the adopted backend is watched"
 
+    def test_a_backend_whose_module_is_no_longer_configured_is_adopted_as_it_runs(self) -> None:
+        self.logon(1, "alice", "pw")
+        session = self.registry.get(1)
+        self.registry.disconnect(session, "bridge restarted")
+        session.backend.module = "gone"
+        self.launcher.adoptable = {session.backend.pid: True}
+        self.lifecycle.backends.clear()
+        self.lifecycle.adopt([session], [])
+        adopted = self.backend_of(1)
+        assert (adopted.module.name, adopted.module.command, adopted.module.endpoint) == (
+            "gone", (), session.backend.endpoint)
+        adopted.exit()
+        assert self.registry.get(1) is None, "the adopted backend is watched"
+
     # -- SBP: the greeter's login -------------------------------------------------
 
     def test_greeter_login_starts_the_desktop_then_switches(self) -> None:
