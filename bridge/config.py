@@ -125,6 +125,16 @@ def backend_log_directory(config: Config) -> Path:
     return config.state_dir / "backends"
 
 
+def default_lock_dir(state_dir: Path) -> Path:
+    """Where the ICP socket's liveness lock lives, away from the socket's
+    world-writable directory: /run/icp-bridge as root, else the user's
+    runtime directory, else the state directory."""
+    if _running_as_root():
+        return Path("/run/icp-bridge")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "icp-bridge" if runtime else state_dir
+
+
 def default_modules() -> dict[str, Module]:
     """No command module is built in: the greeter and the desktop are ogon's
     module kinds by default (``module.greeter.modulename`` Qt running
@@ -157,6 +167,8 @@ class Config:
     token_dir: Path = Path("/tmp")  # noqa: S108
     # Where winpr puts named pipes: backends' endpoints live here.
     pipe_dir: Path = Path("/tmp/.pipe")  # noqa: S108
+    # The ICP socket's liveness lock; None: default_lock_dir(state_dir).
+    lock_dir: Path | None = None
     authenticator: str = "users-file"
     # ogon's own config.ini, read with ogon's rules (bridge.sessions.ogon_config);
     # the TOML file's properties override it. None: none. The configuration's
@@ -501,7 +513,7 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "icp_endpoint": _string, "thrift_endpoint": _string, "admin_endpoint": _string,
     "events_keep": _number, "events_keep_count": _integer, "dbus_address": _string,
     "state_dir": _path, "users_file": _path, "token_dir": _path, "pipe_dir": _path,
-    "authenticator": _string, "ogon_config": _optional_path,
+    "authenticator": _string, "ogon_config": _optional_path, "lock_dir": _path,
     "call_timeout": _number, "token_lifetime": _number,
     "max_icp_frame": _integer, "max_icp_send": _integer, "max_thrift_frame": _integer,
     "listen_backlog": _integer, "max_connections": _integer, "frame_timeout": _seconds,

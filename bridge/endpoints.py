@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import socket
 import stat
@@ -58,23 +59,68 @@ def unix_socket_path(description: str) -> Path | None:
     return None
 
 
-def claim_unix_socket(path: Path) -> int:
-    """Take the socket path for this process: an flock on ``<path>.lock``
-    (held until the returned descriptor closes, which the kernel does when
-    the process dies, however it dies), then remove a stale socket file or
-    refuse one that some other process still listens on.
+def lock_file_for(path: Path, lock_dir: Path) -> Path:
+    """Where the liveness lock of the socket at ``path`` lives: in
+    ``lock_dir``, named after the socket's whole path as systemd escapes
+    paths (``/tmp/.pipe/ogon_SessionManager`` ->
+    ``tmp-.pipe-ogon_SessionManager.lock``), so that sockets of the same
+    name in different directories do not share a lock."""
+    raw = os.fsencode(str(path)).strip(b"/")
+    out = []
+    for n, byte in enumerate(raw):
+        char = chr(byte)
+        if char == "/":
+            out.append("-")
+        elif (char.isascii() and char.isalnum()) or char in "_:" or (char == "." and n):
+            out.append(char)
+        else:
+            out.append(f"\\x{byte:02x}")
+    name = "".join(out) or "-"
+    if len(name) > 200:  # NAME_MAX is 255
+        name = name[:150] + "-" + hashlib.sha256(raw).hexdigest()[:16]
+    return lock_dir / f"{name}.lock"
+
+
+def check_lock_dir(lock_dir: Path) -> None:
+    """Create the lock directory (0755), or refuse one that anyone but root
+    and the bridge's user could write to: a lock there could be planted."""
+    try:
+        info = lock_dir.lstat()
+    except FileNotFoundError:
+        try:
+            lock_dir.mkdir(parents=True, mode=0o755)
+            # mkdir's mode is cut by the umask; readable by all, as /run's are.
+            os.chmod(lock_dir, 0o755)  # noqa: S103
+        except FileExistsError:
+            info = lock_dir.lstat()
+        except OSError as e:
+            raise StartupError(f"lock_dir: cannot create directory {lock_dir}: "
+                               f"{e.strerror or e}") from None
+        else:
+            return
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise StartupError(f"lock_dir: {lock_dir} is not a directory; remove it")
+    if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
+        raise StartupError(f"lock_dir: directory {lock_dir} (uid {info.st_uid}, mode "
+                           f"{stat.S_IMODE(info.st_mode):04o}) may be written by others, who "
+                           f"could plant the bridge's lock; make it root's and chmod 755")
+
+
+def claim_unix_socket(path: Path, lock_dir: Path) -> int:
+    """Take the socket path for this process: an flock on its lock file in
+    ``lock_dir`` (held until the returned descriptor closes, which the
+    kernel does when the process dies, however it dies), then clear the
+    path (see take_back_socket_path).
 
     Liveness is decided by the lock and by connecting, never by a pid: a
     pid left by a kill -9 may be unreaped, or reused by another program.
+    The lock lives apart from the socket: the socket's directory is
+    world-writable (/tmp/.pipe), and a lock another user made or holds
+    there would stop the bridge.
     """
-    log = Logger(namespace="bridge.endpoints")
-    lock_path = Path(f"{path}.lock")
-    if lock_path.is_symlink():
-        lock_path.unlink()  # Twisted's own pid lock, left by an older bridge
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise StartupError(f"cannot open lock file {lock_path}: {e.strerror}") from None
+    check_lock_dir(lock_dir)
+    lock_path = lock_file_for(path, lock_dir)
+    fd = _open_lock(lock_path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -82,7 +128,7 @@ def claim_unix_socket(path: Path) -> int:
         raise StartupError(f"another icp-bridge is listening on {path} (it holds "
                            f"{lock_path})") from None
     try:
-        _remove_stale_socket(path, log)
+        take_back_socket_path(path)
     except BaseException:
         os.close(fd)
         raise
@@ -91,12 +137,64 @@ def claim_unix_socket(path: Path) -> int:
     return fd
 
 
-def _remove_stale_socket(path: Path, log: Logger) -> None:
+def _open_lock(lock_path: Path) -> int:
+    """The lock file, opened without following links; one that root or the
+    bridge's user did not make is replaced, not deferred to."""
+    log = Logger(namespace="bridge.endpoints")
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(3):
+        try:
+            fd = os.open(lock_path, flags, 0o600)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise StartupError(f"cannot open lock file {lock_path}: {e.strerror}") from None
+            lock_path.unlink()  # a symlink: Twisted's own pid lock, or planted
+            continue
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_uid in (0, os.geteuid()):
+            return fd
+        os.close(fd)
+        log.error("lock file {lock} belongs to uid {owner_uid}, not to root or the bridge's "
+                  "user: removing it and taking the lock", lock=str(lock_path),
+                  owner_uid=info.st_uid)
+        os.unlink(lock_path)
+        flags |= os.O_EXCL
+    raise StartupError(f"cannot take lock file {lock_path}: something keeps replacing it")
+
+
+def take_back_socket_path(path: Path) -> None:
+    """Clear ``path`` for the bridge's socket.
+
+    Anything another user put there (a socket listening for the RDP
+    server's LogonUser, a plain file, a directory) is taken back: removed,
+    and logged loudly with its owner's uid. The bridge runs as root in the
+    sticky /tmp/.pipe, where only root may remove another's file. What
+    root or the bridge's own user left is a stale socket (removed) or a
+    live one: another session manager, which the bridge does not displace.
+    """
+    log = Logger(namespace="bridge.endpoints")
     try:
-        mode = path.lstat().st_mode
+        info = path.lstat()
     except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(mode):
+    if info.st_uid not in (0, os.geteuid()):
+        kind = _file_kind(info.st_mode)
+        try:
+            if stat.S_ISDIR(info.st_mode):
+                aside = path.with_name(f"{path.name}.squatted-{info.st_uid}-{os.getpid()}")
+                os.rename(path, aside)
+            else:
+                os.unlink(path)
+        except OSError as e:
+            raise StartupError(f"{path} is a {kind} of uid {info.st_uid}, which the bridge's "
+                               f"user cannot remove ({e.strerror}); remove it as root") from None
+        log.error("{path} was taken by uid {squatter_uid}: a {kind} of another user at the "
+                  "ICP socket's path (while the bridge was down the RDP server may have "
+                  "connected to it and sent it logons, passwords included); removed, the "
+                  "bridge listens there again", path=str(path), squatter_uid=info.st_uid,
+                  kind=kind)
+        return
+    if not stat.S_ISSOCK(info.st_mode):
         raise StartupError(f"{path} exists and is not a socket; remove it or choose another path")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -109,8 +207,19 @@ def _remove_stale_socket(path: Path, log: Logger) -> None:
                            f"manager?)")
     finally:
         probe.close()
-    os.unlink(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
     log.info("removed stale socket {path}", path=str(path))
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISLNK, "symlink"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISREG, "file")):
+        if test(mode):
+            return kind
+    return "special file"
 
 
 def without_twisted_lock(description: str) -> str:
@@ -259,6 +368,11 @@ def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     return endpoint
 
 
+def _address_in_use(result: Any) -> bool:
+    error = getattr(getattr(result, "value", None), "socketError", None)
+    return isinstance(result, Failure) and getattr(error, "errno", None) == errno.EADDRINUSE
+
+
 def describe_port(port: IListeningPort) -> str:
     address = port.getHost()
     name = getattr(address, "name", None)
@@ -275,11 +389,15 @@ class ListeningService(Service):
 
     log = Logger()
 
-    def __init__(self, what: str, description: str, factory: Factory, reactor: Any) -> None:
+    def __init__(self, what: str, description: str, factory: Factory, reactor: Any,
+                 lock_dir: Path | None = None) -> None:
+        """``lock_dir`` holds the liveness lock of a ``unix:`` endpoint
+        (default: the socket's own directory, for tools and tests)."""
         self.what = what
         self.description = description
         self.factory = factory
         self.reactor = reactor
+        self.lock_dir = lock_dir
         self.port: IListeningPort | None = None
         self._lock_fd: int | None = None
 
@@ -297,7 +415,7 @@ class ListeningService(Service):
         path = unix_socket_path(self.description)
         description = self.description
         if path is not None:
-            self._lock_fd = claim_unix_socket(path)
+            self._lock_fd = claim_unix_socket(path, self.lock_dir or path.parent)
             description = without_twisted_lock(description)
         # A socket systemd hands over is the socket unit's: no lock, no
         # stale-socket check, no unlink (systemd made it and keeps it).
@@ -306,11 +424,18 @@ class ListeningService(Service):
         except BaseException:
             self._unlock()
             raise
-        outcome: list[Any] = []
-        endpoint.listen(self.factory).addBoth(outcome.append)
-        if not outcome:
-            raise StartupError(f"{self.what}: listening on {self.description} did not complete")
-        result = outcome[0]
+        result = self._listen_once(endpoint)
+        # Another user may bind the path again between taking it back and
+        # the bind: take it back again, a few times, then give up loudly.
+        for _ in range(3):
+            if path is None or not _address_in_use(result):
+                break
+            try:
+                take_back_socket_path(path)
+            except BaseException:
+                self._unlock()
+                raise
+            result = self._listen_once(endpoint)
         if isinstance(result, Failure):
             self._unlock()
             raise StartupError(
@@ -326,6 +451,14 @@ class ListeningService(Service):
                           description=self.description)
             return
         self.log.info("{what} listening on {address}", what=self.what, address=address)
+
+    def _listen_once(self, endpoint: Any) -> Any:
+        outcome: list[Any] = []
+        endpoint.listen(self.factory).addBoth(outcome.append)
+        if not outcome:
+            self._unlock()
+            raise StartupError(f"{self.what}: listening on {self.description} did not complete")
+        return outcome[0]
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

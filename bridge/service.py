@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from bridge.backends.launcher import BackendLauncher
 from bridge.backends.logs import BackendLogs
 from bridge.backends.ogon.kinds import OgonModules, OgonSettings
-from bridge.config import Config, backend_log_directory
+from bridge.config import Config, backend_log_directory, default_lock_dir
 from bridge.config_sources import load_properties
 from bridge.endpoints import (
     ListeningService,
@@ -201,8 +201,9 @@ class BridgeService(MultiService):
                                     token_lifetime=config.token_lifetime,
                                     pam_levels=config.authenticator == "pam",
                                     actions=self.actions)
+        lock_dir = config.lock_dir or default_lock_dir(config.state_dir)
         self.icp_listener = ListeningService("ICP (RDP server)", config.icp_endpoint,
-                                             self.link, reactor)
+                                             self.link, reactor, lock_dir)
         self.icp_listener.setServiceParent(self)
         self.thrift_limits = ConnectionLimits(
             max_connections=config.max_connections, frame_timeout=config.frame_timeout,
@@ -214,7 +215,7 @@ class BridgeService(MultiService):
         self.thrift_factory = ThriftServerFactory(otsapi, self.otsapi, config.max_thrift_frame,
                                                   self.thrift_limits)
         self.thrift_listener = ListeningService("OTS API", self.thrift_description,
-                                                self.thrift_factory, reactor)
+                                                self.thrift_factory, reactor, lock_dir)
         self.thrift_factory.pause_accepting = lambda: self._accepting(False)
         self.thrift_factory.resume_accepting = lambda: self._accepting(True)
 
@@ -255,7 +256,7 @@ class BridgeService(MultiService):
                 reactor, SessionActionRoutes(self.tokens, self.registry, self.actions),
                 self.farm)
             self.admin_listener = ListeningService("admin (HTTP)", config.admin_endpoint, site,
-                                                   reactor)
+                                                   reactor, lock_dir)
             self.admin_listener.setServiceParent(self)
 
     def reload_properties(self) -> bool:

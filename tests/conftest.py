@@ -82,6 +82,8 @@ def make_config(base: Path, **overrides: Any) -> Config:
         "token_dir": base / "tokens",
         "pipe_dir": base / "pipes",
         "backend_log_dir": base / "logs",
+        # The ICP socket's lock: not /run/icp-bridge, which tests would litter.
+        "lock_dir": base / "run",
         "channels_deny": ["blocked"],
         "properties": {"session.timeout": 30, "ssl.enabled": True, "desktop.name": "xfce"},
         "user_properties": {"alice": {"desktop.name": "kde"}},

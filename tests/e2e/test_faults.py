@@ -37,33 +37,34 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 # -- the ICP socket's lock ------------------------------------------------------
 
 def test_a_lock_left_by_kill_9_or_a_reused_pid_does_not_block(short_dir: Path) -> None:
-    from bridge.endpoints import claim_unix_socket
+    from bridge.endpoints import claim_unix_socket, lock_file_for
 
     sock = short_dir / "icp.sock"
+    lock = lock_file_for(sock, short_dir)
     # A bridge killed with -9: its flock died with it, its socket file stays.
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, os, socket, sys, time\n"
-        f"fd = os.open({str(sock) + '.lock'!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
         f"s = socket.socket(socket.AF_UNIX); s.bind({str(sock)!r}); s.listen(1)\n"
         "print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(StartupError, match="another icp-bridge is listening"):
-        claim_unix_socket(sock)
+        claim_unix_socket(sock, short_dir)
     holder.send_signal(signal.SIGKILL)
     os.waitid(os.P_PID, holder.pid, os.WEXITED | os.WNOWAIT)  # dead, and left unreaped
     # Claimed while the dead process is still a zombie: no pid is consulted.
-    fd = claim_unix_socket(sock)
+    fd = claim_unix_socket(sock, short_dir)
     os.close(fd)
     holder.wait()
     # A pid left in the lock file that now belongs to another program (init).
-    (short_dir / "icp.sock.lock").write_text("1\n")
-    os.close(claim_unix_socket(sock))
+    lock.write_text("1\n")
+    os.close(claim_unix_socket(sock, short_dir))
     # Twisted's own pid-symlink lock from an older bridge is replaced.
-    (short_dir / "icp.sock.lock").unlink()
-    (short_dir / "icp.sock.lock").symlink_to("1")
-    os.close(claim_unix_socket(sock))
-    assert not (short_dir / "icp.sock.lock").is_symlink()
+    lock.unlink()
+    lock.symlink_to("1")
+    os.close(claim_unix_socket(sock, short_dir))
+    assert not lock.is_symlink()
 
 
 # -- the state database -----------------------------------------------------------
