@@ -200,6 +200,11 @@ class Config:
     logon_delay_max: float = 8.0
     lockout_failures: int = 10
     lockout_time: float = 900.0
+    # NIST SP 800-63B: failed logons in a row of one user from anywhere after
+    # which only sources that have not failed for it may try (lockout_time).
+    account_failure_limit: int = 100
+    # Failed-logon records kept in memory and in the state database.
+    failure_records_max: int = 10_000
     # Password checks waiting for a thread, per kind (RDP server / OTS API).
     password_check_queue: int = 32
     # Empty: any peer uid may connect (the socket mode still applies).
@@ -262,7 +267,7 @@ class Config:
                      "max_calls_per_connection", "max_output_buffer", "max_icp_pending",
                      "max_icp_queued", "logon_failures_before_delay", "lockout_failures",
                      "password_check_queue", "backend_log_max_per_session",
-                     "backend_log_max_total"):
+                     "backend_log_max_total", "account_failure_limit", "failure_records_max"):
             if getattr(self, name) <= 0:
                 found.append((name, f"{name}: must be positive"))
         if self.max_icp_send < 256:
@@ -523,6 +528,7 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "max_icp_pending": _integer, "max_icp_queued": _integer,
     "logon_failures_before_delay": _integer, "logon_delay_max": _seconds,
     "lockout_failures": _integer, "lockout_time": _seconds, "password_check_queue": _integer,
+    "account_failure_limit": _integer, "failure_records_max": _integer,
     "allowed_peer_uids": _uids,
     "channels_allow": _string_list("channel names"), "channels_deny": _string_list("channel names"),
     "properties": _property_table, "user_properties": _user_properties,

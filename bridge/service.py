@@ -76,6 +76,8 @@ CHECKPOINT_INTERVAL = 5.0
 STATE_RETRY_INTERVAL = 5.0
 # How often the event journal drops what is older than events_keep.
 PRUNE_INTERVAL = 3600.0
+# How often failed-logon records that are history are forgotten.
+FAILURE_EXPIRY_INTERVAL = 60.0
 
 
 def make_farm(config: Config, reactor: Any, clock: IReactorTime, store: StateStore,
@@ -167,8 +169,9 @@ class BridgeService(MultiService):
         self.guard = LogonGuard(self.authenticator, clock, ThrottlePolicy(
             failures_before_delay=config.logon_failures_before_delay,
             delay_max=config.logon_delay_max, lockout_failures=config.lockout_failures,
-            lockout_time=config.lockout_time, queue_limit=config.password_check_queue),
-            self.lockouts)
+            lockout_time=config.lockout_time, queue_limit=config.password_check_queue,
+            account_failure_limit=config.account_failure_limit,
+            records_max=config.failure_records_max), self.lockouts)
         # Failed logons and lockouts: journal events of session 0, and counts.
         self.logon_events = LogonEvents(self.events)
         self.guard.observers.append(self.logon_events)
@@ -225,6 +228,7 @@ class BridgeService(MultiService):
         # Real time, not ``clock``: this is disk I/O, not protocol time.
         self._every(CHECKPOINT_INTERVAL, self._checkpoint, reactor)
         self._every(PRUNE_INTERVAL, self._prune_events, clock)
+        self._every(FAILURE_EXPIRY_INTERVAL, self.guard.expire, clock)
 
         self.farm: FarmService | None = None
         if config.farm_database:

@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from protocols.localpeer import is_loopback, tcp_owner_uid
 from protocols.loglimit import LogLimiter
 from protocols.transport import is_plain_socket, write_now
 
@@ -75,8 +76,14 @@ class _BadMessageError(Exception):
 
 
 #: While a handler method runs: the client's address ("host" of TCP/TLS,
-#: "" when unknown), for per-address policies such as logon throttling.
+#: "" when unknown), for per-address policies and for saying who did what.
 current_peer: contextvars.ContextVar[str] = contextvars.ContextVar("current_peer", default="")
+#: Alongside: who the client is, for per-client policies such as logon
+#: throttling: its address, but for a client on this host's loopback
+#: ``uid:N`` of the local user who opened the connection (every local
+#: client shares the address); "" when unknown.
+current_source: contextvars.ContextVar[str] = contextvars.ContextVar("current_source",
+                                                                    default="")
 
 
 def _protocol_factory(string_limit: int = DEFAULT_STRING_LIMIT,
@@ -267,6 +274,7 @@ class ThriftServerProtocol(Protocol):
         self._clock: IReactorTime | None = None  # the factory's, once admitted
         self._paused_for: set[str] = set()
         self._host: str | None = None
+        self._source: str | None = None
         self._protocol_factory = _protocol_factory(self.limits.string_limit,
                                                    self.limits.container_limit)
         # One decoding protocol per connection, pointed at each message in
@@ -472,6 +480,22 @@ class ThriftServerProtocol(Protocol):
             self._host = host
         return host
 
+    def _peer_source(self) -> str:
+        """current_source's value for this connection (asked of the kernel
+        once, for a loopback client)."""
+        source = self._source
+        if source is None:
+            source = self._peer_host()
+            if source and is_loopback(source):
+                try:
+                    peer, local = self.transport.getPeer(), self.transport.getHost()
+                    uid = tcp_owner_uid((peer.host, peer.port), (local.host, local.port))
+                except Exception:
+                    uid = None
+                source = f"uid:{uid}" if uid is not None else ""
+            self._source = source
+        return source
+
     def _peer(self) -> str:
         try:
             address = self.transport.getPeer()
@@ -549,15 +573,18 @@ class ThriftServerProtocol(Protocol):
             )
             return
         wants_peer = self._peer_methods is None or method.name in self._peer_methods
-        token = current_peer.set(self._peer_host()) if wants_peer else None
+        if wants_peer:
+            token = current_peer.set(self._peer_host())
+            source_token = current_source.set(self._peer_source())
         try:
             result = getattr(self.handler, method.name)(*method.arguments(args))
         except Exception:
             self._failed(Failure(), method, seqid, framed)
             return
         finally:
-            if token is not None:
+            if wants_peer:
                 current_peer.reset(token)
+                current_source.reset(source_token)
         if isinstance(result, Deferred):
             self.calls_in_flight += 1
             if self.calls_in_flight >= self._max_in_flight:

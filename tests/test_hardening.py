@@ -18,7 +18,15 @@ from twisted.logger import Logger, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from bridge.security.auth import Identity, InMemoryAuthenticator
-from bridge.security.throttle import OTSAPI, RDP, LockoutStore, LogonGuard, ThrottlePolicy, user_key
+from bridge.security.throttle import (
+    OTSAPI,
+    RDP,
+    LockoutStore,
+    LogonGuard,
+    ThrottlePolicy,
+    pair_key,
+    user_key,
+)
 from bridge.security.tokens import TokenStore
 from protocols.errors import IcpBackpressureError, IcpDisconnectedError
 from protocols.generated import ICP_pb2
@@ -321,14 +329,16 @@ class ThrottleTests(SynchronousTestCase):
                            store)
         for _ in range(2):
             self.successResultOf(Deferred.fromCoroutine(
-                guard.authenticate("alice", "bad", "", "", RDP)))
+                guard.authenticate("alice", "bad", "", "198.51.100.7", RDP)))
         again = LogonGuard(self.inner, self.clock, guard.policy, LockoutStore(path /
                                                                                "state.sqlite3"))
-        assert again.locked(user_key("alice")) > 0, "kept in the state database"
-        LockoutStore(path / "state.sqlite3").delete(user_key("alice"))  # icp-bridge users unlock
-        assert again.locked(user_key("alice")) == 0
+        assert again.locked(pair_key("alice", "198.51.100.7")) > 0, "kept in the state database"
+        admin = LockoutStore(path / "state.sqlite3")  # icp-bridge users unlock
+        assert admin.unlock_user("alice") == 2, "alice from anywhere and from that source"
+        assert admin.unlock_source("198.51.100.7") == 1
+        assert again.locked(pair_key("alice", "198.51.100.7")) == 0
         assert self.successResultOf(Deferred.fromCoroutine(
-            again.authenticate("alice", "pw", "", "", RDP))) is not None
+            again.authenticate("alice", "pw", "", "198.51.100.7", RDP))) is not None
 
 
 def test_zero_disables_a_timeout() -> None:

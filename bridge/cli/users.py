@@ -27,7 +27,7 @@ def cmd_lockouts(args: argparse.Namespace) -> int:
     running bridge sees a cleared one at its next logon attempt)."""
     import time
 
-    from bridge.security.throttle import LockoutStore, source_key, user_key
+    from bridge.security.throttle import LockoutStore, describe_key
     from bridge.state.store import state_database
 
     path = state_database(Path(args.state) if args.state else service_paths(args.config)[1])
@@ -44,14 +44,16 @@ def cmd_lockouts(args: argparse.Namespace) -> int:
                 print("no lockouts")
             for key, count in rows:
                 left = max(0, count.locked_until - now)
-                print(f"{key}\t{count.failures} failures\t"
+                print(f"{describe_key(key)}\t{count.failures} failures\t"
                       f"{'locked ' + format(left, '.0f') + ' s more' if left else 'not locked'}")
             return 0
-        key = source_key(args.source) if args.source else user_key(args.name or "")
-        if store.delete(key):
-            print(f"unlocked {key}")
+        what = f"source {args.source}" if args.source else f"user {args.name}"
+        cleared = store.unlock_source(args.source) if args.source \
+            else store.unlock_user(args.name or "")
+        if cleared:
+            print(f"unlocked {what} ({cleared} records)")
             return 0
-        print(f"no lockout for {key}", file=sys.stderr)
+        print(f"no lockout for {what}", file=sys.stderr)
         return 1
     finally:
         store.close()

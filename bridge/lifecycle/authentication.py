@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from bridge.security.auth import Authenticator, Identity, is_user_name, logon_allowed
 from bridge.security.throttle import RDP, LogonGuard
@@ -55,8 +55,11 @@ class LogonAuthentication:
         identity = await self.guard.authenticate(username, password, domain, source, RDP,
                                                  **options)
         if identity is None:
-            self.log.info("logon of user {username} ({where}) not accepted", username=username,
-                          where=where)
+            # A guesser causes one per attempt: rate-limited (the guard
+            # counts them).
+            self.guard.log_limit.emit(self.log, LogLevel.info, "not accepted",
+                                      "logon of user {username} ({where}) not accepted",
+                                      username=username, where=where)
         return identity
 
     def release(self, identity: Identity) -> None:

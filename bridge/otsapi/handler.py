@@ -41,7 +41,7 @@ from protocols.generated.otsapi.ttypes import (
     TVersion,
 )
 from protocols.loglimit import LogLimiter
-from protocols.thrift_server import Outcome, current_peer, failed, refused
+from protocols.thrift_server import Outcome, current_peer, current_source, failed, refused
 
 VERSION = (1, 1)
 WTS_CURRENT_SESSION = -1
@@ -61,8 +61,9 @@ class OtsApiHandler:
     """Implements ``service otsapi``."""
 
     log = Logger()
-    # Only these read current_peer (the client's address): for throttling,
-    # and to say who ended, disconnected or messaged a session.
+    # Only these read current_peer (the client's address) and current_source
+    # (who it is): for throttling, and to say who ended, disconnected or
+    # messaged a session.
     methods_wanting_peer = frozenset({"logonConnection", "logoffSession", "disconnectSession",
                                       "sendMessage"})
 
@@ -188,7 +189,11 @@ class OtsApiHandler:
 
         def decided(identity: Identity | None) -> TReturnLogonConnection | Outcome:
             if identity is None:
-                self.log.warn("failed OTS API logon for user {username}", username=username)
+                # A guesser causes one per attempt: rate-limited (the guard
+                # counts them).
+                self.guard.log_limit.warn(self.log, "failed OTS API logon",
+                                          "failed OTS API logon for user {username}",
+                                          username=username)
                 return refusal
             if self.pam_levels:
                 level = self.properties.get_string("permission.level", identity.username)
@@ -203,14 +208,16 @@ class OtsApiHandler:
             return TReturnLogonConnection(success=True, authToken=token)
 
         if not username or not is_user_name(username):
-            self.log.warn("OTS API logon refused: no user name, or not a name")
+            self.guard.log_limit.warn(self.log, "OTS API logon not a name",
+                                      "OTS API logon refused: no user name, or not a name")
             return refusal
         if not logon_allowed(self.properties, username):
-            self.log.warn("OTS API logon of user {username} refused by "
-                          "permission.groups.whiteList/blackList", username=username)
+            self.guard.log_limit.warn(self.log, "OTS API logon groups",
+                                      "OTS API logon of user {username} refused by "
+                                      "permission.groups.whiteList/blackList", username=username)
             return refusal
         return Deferred.fromCoroutine(self.guard.authenticate(
-            username, password or "", domain, current_peer.get(), OTSAPI)).addCallback(decided)
+            username, password or "", domain, current_source.get(), OTSAPI)).addCallback(decided)
 
     def getPermissionForToken(self, authToken: str | None) -> int | Outcome:
         record = self.tokens.lookup(authToken or "")

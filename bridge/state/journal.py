@@ -221,7 +221,9 @@ class LogonEvents:
                    failures: int) -> None:
         what, _, name = key.partition(":")
         self.lockouts[what] += 1
-        locked = {"user": f"user {name}", "source": f"client address {name}"}.get(what, key)
+        address, _, user = name.partition("|")  # a pair: "ADDRESS|user"
+        locked = {"user": f"user {name}", "source": f"client {name}",
+                  "pair": f"user {user} from {address}"}.get(what, key)
         self.hub.record(LOCKED_OUT, username,
                         f"{locked} locked out for {seconds:g} s after {failures} failed logons")
 

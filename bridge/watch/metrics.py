@@ -212,7 +212,9 @@ class _BridgeCollector(Collector):
                        ["module", "reason"], getattr(parts.launcher, "exits", {}))
         events = parts.logon_events
         yield _counter("icp_bridge_lockouts", "Lockouts set after failed logons, by what was "
-                       "locked (user, source: a client address).", ["what"],
+                       "locked (pair: a user from one source; source: a client address or "
+                       "local uid, for every user; user: past account_failure_limit).",
+                       ["what"],
                        events.lockouts if events is not None else {})
         logs = parts.launcher.logs
         yield _counter("icp_bridge_backend_output_dropped_bytes", "Backend output cut off "

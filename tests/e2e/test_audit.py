@@ -111,24 +111,31 @@ async def test_failed_logons_and_lockouts_are_journal_events_of_session_0(
         token = await logon_token(bridge)
         stream = await open_events(bridge.admin_port, token)
         peer = await bridge.peer()
+        # A local OTS API client is counted by its uid (issue 18): two failures
+        # from it lock it out of bob, and out of every user.
+        local = f"uid:{os.geteuid()}"
         await peer.logon(1, "bob", "wrong")  # the RDP side: the greeter instead
+        assert not (await call(bridge, "logonConnection", "bob", "bad", "")).success
         assert not (await call(bridge, "logonConnection", "bob", "bad", "")).success
         assert not (await call(bridge, "logonConnection", "bob", "bob-pw", "")).success, \
             "locked out"
-        await stream.wait_for(lambda events: any(e.data["event"] == "locked-out"
-                                                 for e in events))
+        await stream.wait_for(lambda events: sum(e.data["event"] == "locked-out"
+                                                 for e in events) == 2)
         stream.drop()
         events = [e.data for e in stream.sessions if e.data["session_id"] == 0]
         assert [(e["event"], e["username"]) for e in events] == [
-            ("logon-failed", "bob"), ("logon-failed", "bob"), ("locked-out", "bob")]
+            ("logon-failed", "bob"), ("logon-failed", "bob"), ("logon-failed", "bob"),
+            ("locked-out", "bob"), ("locked-out", "bob")]
         assert events[0]["reason"] == \
             "failed logon from the RDP server from 192.0.2.10, 1 in a row"
         assert events[1]["reason"] == \
-            "failed logon through the OTS API from 127.0.0.1, 2 in a row"
-        assert events[2]["reason"] == "user bob locked out for 900 s after 2 failed logons"
+            f"failed logon through the OTS API from {local}, 2 in a row"
+        assert events[3]["reason"] == \
+            f"user bob from {local} locked out for 900 s after 2 failed logons"
+        assert events[4]["reason"] == f"client {local} locked out for 900 s after 2 failed logons"
         assert events[0]["old_state"] is None and events[0]["new_state_name"] is None
         stored = [e for e in journal(bridge) if e.session_id == 0]
-        assert [e.event for e in stored] == ["logon-failed", "logon-failed", "locked-out"]
+        assert [e.event for e in stored] == ["logon-failed"] * 3 + ["locked-out"] * 2
 
         # ctl events prints them without a session.
         env = {**os.environ, "PYTHONPATH": str(ROOT), "ICP_BRIDGE_TOKEN": token}
@@ -137,15 +144,17 @@ async def test_failed_logons_and_lockouts_are_journal_events_of_session_0(
                              f"127.0.0.1:{bridge.admin_port}"], env=env, path=str(ROOT))
         assert code == 0, err
         lines = [line for line in out.decode().splitlines() if " locked-out " in line]
-        assert len(lines) == 1 and "session" not in lines[0].split(" locked-out ")[0]
+        assert len(lines) == 2 and "session" not in lines[0].split(" locked-out ")[0]
         assert lines[0].endswith(
-            "locked-out bob (user bob locked out for 900 s after 2 failed logons)")
+            f"locked-out bob (user bob from {local} locked out for 900 s after 2 failed "
+            "logons)")
 
         # /sessions and the metrics are not confused by session 0.
         code, body, _ = await get(bridge.admin_port, "/sessions", token)
         assert code == 200 and 0 not in [s["session_id"] for s in json.loads(body)["sessions"]]
         metrics = samples((await get(bridge.admin_port, "/metrics"))[1].decode())
-        assert metrics["icp_bridge_lockouts_total", (("what", "user"),)] == 1
+        assert metrics["icp_bridge_lockouts_total", (("what", "pair"),)] == 1
+        assert metrics["icp_bridge_lockouts_total", (("what", "source"),)] == 1
         assert metrics["icp_bridge_logons_total", (("kind", "otsapi"), ("outcome",
                                                                         "locked_out"))] == 1
         assert metrics["icp_bridge_event_journal_last_id", ()] == journal(bridge)[-1].id

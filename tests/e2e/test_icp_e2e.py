@@ -173,7 +173,7 @@ def test_stale_socket_is_replaced_live_one_refused(short_dir: Path) -> None:
     from bridge.endpoints import claim_unix_socket
 
     def prepare_unix_socket(path: Path) -> None:
-        os.close(claim_unix_socket(path))
+        os.close(claim_unix_socket(path, short_dir / "run"))
 
     path = short_dir / "sub" / "icp.sock"
     path.parent.mkdir()
