@@ -154,6 +154,12 @@ class Config:
     # twisted.web: /metrics, /events, /sessions, /healthz and a status page.
     # "" turns it off.
     admin_endpoint: str = "tcp:9092:interface=127.0.0.1"
+    # Host names the admin endpoint answers besides the loopback names and
+    # the address it is reached at ("name" any port, "name:port" that one):
+    # against DNS rebinding, others get 421.
+    admin_allowed_hosts: list[str] = field(default_factory=list)
+    # Admin endpoint connections at once (more are closed at once).
+    admin_max_connections: int = 512
     # The session event journal keeps events_keep seconds, at most
     # events_keep_count events.
     events_keep: float = 7 * 24 * 3600.0
@@ -267,7 +273,8 @@ class Config:
                      "max_calls_per_connection", "max_output_buffer", "max_icp_pending",
                      "max_icp_queued", "logon_failures_before_delay", "lockout_failures",
                      "password_check_queue", "backend_log_max_per_session",
-                     "backend_log_max_total", "account_failure_limit", "failure_records_max"):
+                     "backend_log_max_total", "account_failure_limit", "failure_records_max",
+                     "admin_max_connections"):
             if getattr(self, name) <= 0:
                 found.append((name, f"{name}: must be positive"))
         if self.max_icp_send < 256:
@@ -374,6 +381,16 @@ def _string_list(what: str) -> Callable[[str, Any], list[str]]:
             raise ConfigError(f"{key}: expected a list of {what}")
         return value
     return check
+
+
+def _host_names(key: str, value: Any) -> list[str]:
+    names = _string_list("host names")(key, value)
+    for name in names:
+        host, _, port = name.rpartition(":") if not name.endswith("]") else (name, "", "")
+        if not (host or name) or (port and not port.isdigit()) or any(
+                c in name for c in " /@?#"):
+            raise ConfigError(f"{key}: {name!r} is not a host name (name or name:port)")
+    return names
 
 
 def _uids(key: str, value: Any) -> list[int]:
@@ -516,6 +533,7 @@ def _log_level(key: str, value: Any) -> str:
 
 _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "icp_endpoint": _string, "thrift_endpoint": _string, "admin_endpoint": _string,
+    "admin_allowed_hosts": _host_names, "admin_max_connections": _integer,
     "events_keep": _number, "events_keep_count": _integer, "dbus_address": _string,
     "state_dir": _path, "users_file": _path, "token_dir": _path, "pipe_dir": _path,
     "authenticator": _string, "ogon_config": _optional_path, "lock_dir": _path,

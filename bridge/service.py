@@ -258,9 +258,14 @@ class BridgeService(MultiService):
             site, self.admin_events = admin_site(
                 self.tokens, self.registry, self.events, self.metrics.registry, health,
                 reactor, SessionActionRoutes(self.tokens, self.registry, self.actions),
-                self.farm)
-            self.admin_listener = ListeningService("admin (HTTP)", config.admin_endpoint, site,
-                                                   reactor, lock_dir)
+                self.farm,
+                # This host's own name too (a farm's hosts are named so).
+                allowed_hosts=[*config.admin_allowed_hosts, config.host_name],
+                max_connections=config.admin_max_connections, dropped=self.metrics.admin_dropped)
+            # The OTS API's backlog too: Twisted's 50 drops a burst's SYNs.
+            self.admin_listener = ListeningService(
+                "admin (HTTP)", with_backlog(config.admin_endpoint, config.listen_backlog), site,
+                reactor, lock_dir)
             self.admin_listener.setServiceParent(self)
 
     def reload_properties(self) -> bool:

@@ -13,7 +13,8 @@ logged on, do not; the default endpoint listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,10 +26,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import pages
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from bridge.security.permissions import Permission
+from bridge.security.permissions import FULL, Permission
 from bridge.security.tokens import TokenRecord, TokenStore
 from bridge.sessions.model import state_name
 from bridge.sessions.registry import SessionRegistry
@@ -36,6 +37,8 @@ from bridge.state.journal import EventHub, Subscription, event_json
 from bridge.state.store import JournalEvent
 from bridge.watch.actions import ACTIONS, SessionActionRoutes
 from bridge.watch.metrics import disk_free
+from bridge.watch.site import AdminSite
+from protocols.loglimit import LogLimiter
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -50,8 +53,16 @@ if TYPE_CHECKING:
 KEEPALIVE_INTERVAL = 15.0
 #: A client that has not read for this long is dropped (it resumes by id).
 STALL_TIMEOUT = 60.0
-#: At most this many /events streams at once.
+#: At most this many /events streams at once; the last FULL_RESERVE of them
+#: only for FULL tokens, so that users' session tokens cannot shut the admin
+#: out. Per token at most STREAMS_PER_TOKEN (a FULL token: more, for the
+#: tabs of a status page), and per user of lesser tokens (a user may mint
+#: tokens with logonConnection) at most STREAMS_PER_USER.
 MAX_STREAMS = 256
+FULL_RESERVE = 64
+STREAMS_PER_TOKEN = 4
+STREAMS_PER_FULL_TOKEN = 32
+STREAMS_PER_USER = 8
 
 
 def _json(request: Request, value: Any, code: int = 200) -> bytes:
@@ -156,10 +167,14 @@ class EventStream:
 
     log = Logger()
 
-    def __init__(self, request: Request, token: str, once: bool) -> None:
+    def __init__(self, request: Request, token: str, once: bool,
+                 record: TokenRecord | None = None) -> None:
         self.request = request
         self.token = token
         self.once = once
+        # Whose stream it is, for the quotas.
+        self.full = record is not None and record.permission & FULL == FULL
+        self.username = record.username if record is not None else ""
         self.subscription: Subscription | None = None
         self.finished = False
 
@@ -220,6 +235,7 @@ class EventsResource(_Authorized):
                  clock: IReactorTime, farm: FarmService | None = None) -> None:
         super().__init__(tokens, registry, journal, farm)
         self.streams: set[EventStream] = set()
+        self.log_limit = LogLimiter(clock)
         self._keepalive = LoopingCall(self._tick)
         self._keepalive.clock = clock
 
@@ -250,8 +266,15 @@ class EventsResource(_Authorized):
         record = self.authorized(request)
         if record is None:
             return self.refuse(request)
-        if len(self.streams) >= MAX_STREAMS:
-            return _json(request, {"error": f"{MAX_STREAMS} event streams already"}, 503)
+        refusal = self.quota_refusal(record, _bearer(request) or "")
+        if refusal is not None:
+            code, reason = refusal
+            self.log_limit.warn(self.log, ("quota", code), "refused an /events stream of user "
+                                "{username}: {reason}", username=record.username,
+                                reason=reason)
+            if code == 429:
+                request.setHeader(b"retry-after", b"60")
+            return _json(request, {"error": reason}, code)
         query = _query(request)
         hub: Any = self.journal
         if self.farm_scope(request):
@@ -276,7 +299,7 @@ class EventsResource(_Authorized):
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
-        stream = EventStream(request, _bearer(request) or "", once)
+        stream = EventStream(request, _bearer(request) or "", once, record)
         request.registerProducer(stream, True)
         request.write(b"retry: 2000\n\n")
         self.streams.add(stream)
@@ -284,6 +307,22 @@ class EventsResource(_Authorized):
         stream.subscription = hub.subscribe(stream, max(0, after))
         stream.caught_up()
         return NOT_DONE_YET
+
+    def quota_refusal(self, record: TokenRecord, token: str) -> tuple[int, str] | None:
+        """(code, why) when ``record`` may not open another stream now."""
+        if len(self.streams) >= MAX_STREAMS:
+            return 503, f"{MAX_STREAMS} event streams already"
+        full = record.permission & FULL == FULL
+        if not full and sum(not s.full for s in self.streams) >= MAX_STREAMS - FULL_RESERVE:
+            return 503, (f"{MAX_STREAMS - FULL_RESERVE} event streams of non-FULL tokens "
+                         f"already (the other {FULL_RESERVE} are kept for FULL tokens)")
+        per_token = STREAMS_PER_FULL_TOKEN if full else STREAMS_PER_TOKEN
+        if sum(s.token == token for s in self.streams) >= per_token:
+            return 429, f"this token has {per_token} event streams open already"
+        if not full and sum(not s.full and s.username == record.username
+                            for s in self.streams) >= STREAMS_PER_USER:
+            return 429, f"this user's tokens have {STREAMS_PER_USER} event streams open already"
+        return None
 
     def _gone(self, stream: EventStream) -> None:
         stream.end()
@@ -300,6 +339,12 @@ class MetricsResource(Resource):
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(self.metrics)
+
+    def render_HEAD(self, request: Request) -> bytes:
+        """The headers only, without collecting anything: a HEAD flood
+        costs neither the metrics' work nor Twisted's per-request line."""
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return b""
 
 
 class HealthResource(Resource):
@@ -378,19 +423,17 @@ class _Root(Resource):
         return pages.notFound()
 
 
-class AdminSite(Site):
-    def log(self, request: Request) -> None:
-        """No access log: a scrape every few seconds would fill the bridge's."""
-
-
 def admin_site(tokens: TokenStore, registry: SessionRegistry, journal: EventHub,
                metrics: CollectorRegistry, health: HealthResource, clock: IReactorTime,
                actions: SessionActionRoutes | None = None,
-               farm: FarmService | None = None) -> tuple[Site, EventsResource]:
+               farm: FarmService | None = None, allowed_hosts: Iterable[str] = (),
+               max_connections: int = 512, dropped: Counter[str] | None = None
+               ) -> tuple[AdminSite, EventsResource]:
     """The admin endpoint's site and its /events resource (which the service
     starts and stops). ``clock`` (real time) paces the streams' keepalives;
     ``actions`` answers POST /sessions/<id>/<action>. With ``farm``, the
-    farm's scope and commands too (bridge.watch.farm_admin)."""
+    farm's scope and commands too (bridge.watch.farm_admin). ``allowed_hosts``,
+    ``max_connections`` and ``dropped`` are the site's (bridge/watch/site.py)."""
     root = _Root()
     events = EventsResource(tokens, registry, journal, clock, farm)
     root.putChild(b"events", events)
@@ -403,7 +446,6 @@ def admin_site(tokens: TokenStore, registry: SessionRegistry, journal: EventHub,
         root.putChild(b"farm", FarmCommandsResource(tokens, farm))
     root.putChild(b"metrics", MetricsResource(metrics))
     root.putChild(b"healthz", health)
-    site = AdminSite(root, timeout=60)
-    site.displayTracebacks = False
-    site.noisy = False
+    site = AdminSite(root, clock, allowed_hosts=allowed_hosts, max_connections=max_connections,
+                     timeout=60, dropped=dropped)
     return site, events

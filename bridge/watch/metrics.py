@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import platform
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -113,6 +114,8 @@ class Metrics:
         self.launcher = launcher
         self.dbus = dbus
         self.logon_events = logon_events
+        # The admin endpoint's refused connections, by reason (its site counts).
+        self.admin_dropped: Counter[str] = Counter()
         self.registry = CollectorRegistry(auto_describe=True)
         self.bridged_latency = Latencies(LATENCY_BUCKETS)
         self.state_write_latency = Latencies(WRITE_BUCKETS)
@@ -176,6 +179,7 @@ class _BridgeCollector(Collector):
                      len(factory.connections))
         dropped = {("otsapi", reason): n for reason, n in factory.dropped.items()}
         dropped.update({("icp", reason): n for reason, n in link.dropped.items()})
+        dropped.update({("admin", reason): n for reason, n in parts.admin_dropped.items()})
         yield _counter("icp_bridge_dropped_connections", "Connections refused or closed by "
                        "the bridge, by listener and reason.", ["listener", "reason"], dropped)
         calls = {("to_rdp_server", method, outcome): n

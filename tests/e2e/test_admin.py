@@ -99,7 +99,7 @@ async def test_a_reader_that_stops_reading_is_paused_not_buffered(short_dir: Pat
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", bridge.admin_port))
-        sock.sendall(f"GET /events?after=0 HTTP/1.1\r\nHost: x\r\n"
+        sock.sendall(f"GET /events?after=0 HTTP/1.1\r\nHost: 127.0.0.1:{bridge.admin_port}\r\n"
                      f"Authorization: Bearer {token}\r\n\r\n".encode())
         hub = bridge.service.events
         while not hub.subscriptions:  # the request reaches the bridge

@@ -156,7 +156,8 @@ async def test_a_client_that_goes_before_the_answer_does_not_stop_the_action(
         peer.hold = True  # the RDP server answers LogoffUserSession only when released
         seen = peer.requests_count
         raw = socket.create_connection(("127.0.0.1", bridge.admin_port), timeout=20)
-        raw.sendall(f"POST /sessions/{session_id}/logoff HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        raw.sendall(f"POST /sessions/{session_id}/logoff HTTP/1.1\r\n"
+                    f"Host: 127.0.0.1:{bridge.admin_port}\r\n"
                     f"Authorization: Bearer {full}\r\nContent-Length: 0\r\n\r\n".encode())
         await peer.when_requests_seen(seen + 1)
         raw.close()
