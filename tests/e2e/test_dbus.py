@@ -3,12 +3,14 @@ test starts (its own bus, not the system's), by a jeepney client of our own."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jeepney
 import pytest
 import pytest_twisted
 from jeepney import HeaderFields, MatchRule
@@ -115,3 +117,91 @@ async def test_without_a_bus_one_line_and_the_rest_works(short_dir: Path) -> Non
     lines = [e for e in events if "D-Bus" in e.get("log_format", "")]
     assert len(lines) == 1 and "keeps trying" in lines[0]["log_format"]
     assert not bridge.service.dbus.connected
+
+
+# -- the shipped policy ---------------------------------------------------------------
+
+POLICY = Path(__file__).resolve().parents[2] / "contrib" / "dbus" / "icp-bridge.conf"
+
+#: Sends a SessionNotification as if from the session manager, then asks the
+#: bus for its id (so that the signal was dealt with before this ends).
+#: Runs with Debian's python3 as the test account, with a copy of jeepney.
+FORGER = """
+import sys
+from jeepney import DBusAddress, new_signal
+from jeepney.bus_messages import message_bus
+from jeepney.io.blocking import open_dbus_connection
+connection = open_dbus_connection(sys.argv[1])
+connection.send(new_signal(DBusAddress(sys.argv[2], interface=sys.argv[3]), sys.argv[4], "uu",
+                           (5, 4242)))
+connection.send_and_get_reply(message_bus.GetId(), timeout=10)
+"""
+
+
+@pytest.fixture
+def policed_bus(short_dir: Path) -> Iterator[str]:
+    """A private bus that any local user may reach, with the shipped policy
+    included after the test bus's allow-everything default (the system
+    bus reads its system.d after its own default policy, too)."""
+    assert DBUS_DAEMON is not None
+    short_dir.chmod(0o755)
+    config = short_dir / "bus.conf"
+    config.write_text(CONFIG.read_text().replace(
+        "</busconfig>", f"  <include>{POLICY}</include>\n</busconfig>"))
+    daemon = subprocess.Popen(
+        [DBUS_DAEMON, "--config-file", str(config), "--address",
+         f"unix:path={short_dir}/bus", "--nofork", "--print-address"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert daemon.stdout is not None
+        address = daemon.stdout.readline().decode().strip()
+        assert address.startswith("unix:path="), address
+        (short_dir / "bus").chmod(0o777)
+        yield address
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+
+
+def forge_as_another_user(address: str, base: Path) -> None:
+    """Run FORGER as the unprivileged test account."""
+    import pwd
+
+    from tests.e2e.test_backends import TEST_USER, ensure_test_account
+
+    ensure_test_account()
+    account = pwd.getpwnam(TEST_USER)
+    library = base / "lib"
+    shutil.copytree(Path(jeepney.__file__).parent, library / "jeepney")
+    library.chmod(0o755)
+    done = subprocess.run(
+        ["/usr/bin/python3", "-c", FORGER, address, dbus.OBJECT_PATH, dbus.INTERFACE,
+         dbus.SIGNAL], user=account.pw_uid, group=account.pw_gid, extra_groups=[], cwd="/",
+        env={"PYTHONPATH": str(library)}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the forger runs as another user")
+@pytest_twisted.ensureDeferred
+async def test_other_users_cannot_send_ogons_notifications(short_dir: Path, policed_bus: str
+                                                           ) -> None:
+    # The review: any local process could broadcast a fake SessionNotification
+    # on ogon's interface; the shipped policy did not deny it.
+    listener = await deferToThread(Listener, policed_bus)
+    bridge = None
+    try:
+        # The bus answers a refused signal with no error (a signal expects no
+        # reply); what counts is that no listener hears it.
+        await deferToThread(forge_as_another_user, policed_bus, short_dir)
+        bridge = await start_bridge(short_dir, dbus_address=policed_bus)
+        await bridge.service.dbus.when_connected()
+        heard = deferToThread(listener.collect, 1)
+        peer = await bridge.peer()
+        await peer.logon(1, "alice", "alice-pw")
+        session_id = bridge.service.registry.by_connection(1).session_id
+        assert await heard == [(dbus.WTS_REMOTE_CONNECT, session_id)], \
+            "the bridge's own signal is the first the listener hears"
+    finally:
+        if bridge is not None:
+            await bridge.stop()
+        listener.close()
