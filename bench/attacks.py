@@ -33,6 +33,23 @@ Each attack starts its own ``twistd -n icp-bridge`` from ``--bridge-root``
   expired; greeter logons with a NUL in the name and with 200 KB of it
   (root only).
 
+Issue 18 (a local user, a guessing client; root only where another user
+is needed, who is the test suite's ``icpbtest`` or ``nobody``):
+
+- ``icp_squat``: another user listens at the ICP socket's path (1777
+  directory) before the bridge starts; then holds a lock file beside it.
+- ``lockout_weapon``: 10 guesses for alice from 10 addresses, then her
+  right password from an 11th; a lock that expired and one more guess; 12
+  junk OTS API logons of a local user, then root's own logon.
+- ``failure_flood``: 20,000 failed OTS API logons with distinct names from
+  6,667 loopback addresses, with the defaults and without lockouts: RSS,
+  state DB, rows, log.
+- ``admin_abuse``: /events streams on a USER token, a rebound Host, 3,000
+  idle connections, 2,000 HEAD /metrics, a non-ASCII request, 200
+  connections timing out (62 s).
+- ``dbus_forge``: 100 forged SessionNotification signals from another user
+  on a dbus-daemon with the checkout's shipped policy.
+
 usage: python -m bench.attacks [--bridge-root DIR] [ATTACK ...]
 """
 
@@ -43,9 +60,11 @@ import asyncio
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -128,10 +147,11 @@ class IcpPeer:
         answer = self.recv()
         assert answer.msgType == icp.HANDSHAKE_MSG_TYPE, answer
 
-    def logon(self, connection_id: int, user: str, password: str) -> RPCBase:
+    def logon(self, connection_id: int, user: str, password: str,
+              address: str = "192.0.2.7") -> RPCBase:
         """LogonUser; the answer (requests from the bridge meanwhile are
         answered NOTFOUND, as an RDP server without that handler would)."""
-        tag = self.send_logon(connection_id, user, password)
+        tag = self.send_logon(connection_id, user, password, address)
         while True:
             rpc = self.recv()
             if rpc.isResponse and rpc.tag == tag:
@@ -140,7 +160,8 @@ class IcpPeer:
                 self.send(RPCBase(tag=rpc.tag, isResponse=True, status=RPCBase.NOTFOUND,
                                   msgType=rpc.msgType))
 
-    def send_logon(self, connection_id: int, user: str, password: str) -> int:
+    def send_logon(self, connection_id: int, user: str, password: str,
+                   address: str = "192.0.2.7") -> int:
         """Send LogonUser, not waiting for its answer; returns its tag."""
         self.tag += 1
         tag = self.tag
@@ -148,7 +169,7 @@ class IcpPeer:
                           msgType=icp.MSG_LOGON_USER, payload=ICP_pb2.LogonUserRequest(
                               connectionId=connection_id, username=user, password=password,
                               domain="", width=1024, height=768, colorDepth=32,
-                              clientHostName="attack", clientAddress="192.0.2.7",
+                              clientHostName="attack", clientAddress=address,
                               clientBuildNumber=1, clientProductId=1, clientHardwareId=0,
                               clientProtocolType=2).SerializeToString()))
         return tag
@@ -176,12 +197,17 @@ class Bridge:
     def __init__(self, root: Path, users: dict[str, str] | None = None,
                  state_dir: Path | None = None, icp_path: Path | None = None,
                  scrypt_n: int | None = 1024, config: str | None = None,
-                 own_logs: bool = True) -> None:
+                 own_logs: bool = True, config_lines: str = "",
+                 levels: dict[str, int] | None = None) -> None:
         """``config``: the TOML file's text, instead of the stand-in
         backends' (the placeholder BASE is this bridge's directory).
         ``own_logs``: the backends' output under BASE, not in the default
-        directory (where a checkout knows backend_log_dir)."""
+        directory (where a checkout knows backend_log_dir). ``config_lines``:
+        top-level TOML keys added to the stand-in backends' config;
+        ``levels``: permission levels of users (default FULL)."""
         self.root = root
+        self.config_lines = config_lines
+        self.levels = levels or {}
         self.base = Path(tempfile.mkdtemp(prefix="ib-attack-", dir="/tmp"))
         self.port = free_port()
         self.icp_path = icp_path or self.base / "icp.sock"
@@ -205,10 +231,11 @@ class Bridge:
         code = ("import json, sys\nfrom pathlib import Path\n"
                 f"{import_auth('UserEntry, hash_password, write_users')}"
                 "users = json.loads(sys.argv[2]); n = json.loads(sys.argv[3])\n"
-                "write_users(Path(sys.argv[1]), [UserEntry(name, 0x1FF, hash_password(pw, "
-                "**({'n': n} if n else {}))) for name, pw in users.items()])\n")
+                "levels = json.loads(sys.argv[4])\n"
+                "write_users(Path(sys.argv[1]), [UserEntry(name, levels.get(name, 0x1FF), "
+                "hash_password(pw, **({'n': n} if n else {}))) for name, pw in users.items()])\n")
         self.python(code, str(self.users), json.dumps(users), json.dumps(scrypt_n),
-                    check=True)
+                    json.dumps(self.levels), check=True)
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
@@ -223,8 +250,17 @@ class Bridge:
             argv += ["--config", str(path)]
         elif self.current:
             # Sessions run the stand-in backend (the older bridge starts none).
-            argv += ["--config", str(bench_config(self.base, backend_logs=self.own_logs))]
+            config = bench_config(self.base, backend_logs=self.own_logs)
+            config.write_text(self.config_lines + config.read_text())  # keys before tables
+            argv += ["--config", str(config)]
         return argv
+
+    def admin_port(self) -> int:
+        """The admin endpoint's port (bench_config lets it pick one)."""
+        match = re.search(r"admin \(HTTP\) listening on tcp:[0-9.]+:(\d+)", self.log())
+        if match is None:
+            raise RuntimeError("the bridge logged no admin endpoint")
+        return int(match.group(1))
 
     def start(self, wait: bool = True, timeout: float = 30.0) -> None:
         log = open(self.log_path, "a")
@@ -1005,6 +1041,475 @@ def accounts(root: Path) -> dict[str, Any]:
         _kill_under(bridge.base)
 
 
+# -- issue 18: a local user, a guessing client ------------------------------------------
+
+#: Debian's python3: the local attacker runs as another user, who may not
+#: read this venv.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def local_attacker() -> pwd.struct_passwd:
+    """The account a local attacker runs as: the test suite's icpbtest if
+    there is one, else nobody."""
+    for name in ("icpbtest", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise RuntimeError("no unprivileged account to attack from")
+
+
+def as_attacker(code: str, *argv: str, env: dict[str, str] | None = None,
+                **kwargs: Any) -> subprocess.Popen[str]:
+    account = local_attacker()
+    return subprocess.Popen([SYSTEM_PYTHON, "-c", code, *argv], user=account.pw_uid,
+                            group=account.pw_gid, extra_groups=[], cwd="/", text=True,
+                            env=env or {}, **kwargs)
+
+
+SQUATTER = """
+import fcntl, os, socket, sys, time
+path, lock, record = sys.argv[1:4]
+if lock:
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("ready", flush=True)
+    time.sleep(600)
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+os.chmod(path, 0o777)
+s.listen(8)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.settimeout(2)
+    data = b""
+    try:
+        while True:
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    with open(record, "ab") as f:
+        f.write(data)
+    c.close()
+"""
+
+
+def rdp_server_dials(path: Path) -> str:
+    """What ogon's RDP server meets at ``path``: it sends the handshake and
+    a LogonUser with the password at once; "bridge" when the answer comes,
+    else "no answer" (a squatter, or nobody)."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(3)
+    try:
+        sock.connect(str(path))
+        handshake = RPCBase(tag=0, isResponse=False, status=RPCBase.SUCCESS,
+                            msgType=icp.HANDSHAKE_MSG_TYPE,
+                            versionInfo=pbRPC_pb2.VersionInfo(vmajor=1, vminor=1))
+        logon = RPCBase(tag=2, isResponse=False, status=RPCBase.SUCCESS,
+                        msgType=icp.MSG_LOGON_USER, payload=ICP_pb2.LogonUserRequest(
+                            connectionId=1, username="bench", password=PASSWORD, domain="",
+                            width=1024, height=768, colorDepth=32, clientHostName="attack",
+                            clientAddress="192.0.2.7", clientBuildNumber=1, clientProductId=1,
+                            clientHardwareId=0, clientProtocolType=2).SerializeToString())
+        sock.sendall(icp_frame(handshake) + icp_frame(logon))
+        return "bridge" if sock.recv(4) else "no answer"
+    except OSError:
+        return "no answer"
+    finally:
+        sock.close()
+
+
+def icp_squat(root: Path) -> dict[str, Any]:
+    """Another user's listener, then another user's held lock file, at the
+    ICP socket's path in a 1777 directory before the bridge starts."""
+    if os.geteuid() != 0:
+        return {"skipped": "needs root (the squatter is another user)"}
+    shared = Path(tempfile.mkdtemp(prefix="ib-pipe-", dir="/tmp"))
+    shared.chmod(0o1777)
+    try:
+        return {"squatter_uid": local_attacker().pw_uid,
+                **{case: _squat(root, shared, case) for case in ("listener", "lock")}}
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _squat(root: Path, shared: Path, case: str) -> dict[str, Any]:
+    path = shared / f"{case}.sock"
+    record = shared / f"{case}.got"
+    squatter = as_attacker(SQUATTER, str(path), f"{path}.lock" if case == "lock" else "",
+                           str(record), stdout=subprocess.PIPE)
+    assert squatter.stdout is not None and squatter.stdout.readline().strip() == "ready"
+    bridge = Bridge(root, icp_path=path)
+    try:
+        started = time.monotonic()
+        bridge.start(wait=False)
+        popen = bridge.popen
+        assert popen is not None
+        try:
+            wait_for(lambda: port_open(bridge.port) or popen.poll() is not None, "the bridge",
+                     20)
+        except RuntimeError:
+            pass
+        listening = port_open(bridge.port)
+        reached = rdp_server_dials(path)
+        squatter.kill()
+        squatter.wait()
+        got = record.read_bytes() if record.exists() else b""
+        lines = [line for line in bridge.log().splitlines()
+                 if "another" in line or "taken by uid" in line]
+        return {"bridge_started": listening,
+                "started_after_s": round(time.monotonic() - started, 2) if listening else None,
+                "rdp_server_reached": reached,
+                "squatter_got_password": PASSWORD.encode() in got,
+                "line": lines[-1].split("] ", 1)[-1][:150] if lines else None}
+    finally:
+        if squatter.poll() is None:
+            squatter.kill()
+            squatter.wait()
+        bridge.cleanup()
+
+
+JUNK_LOGONS = """
+import socket, struct, sys
+port, source, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[4])
+frames = bytes.fromhex(sys.argv[3])
+s = socket.socket()
+s.bind((source, 0))
+s.connect(("127.0.0.1", port))
+s.settimeout(60)
+s.sendall(frames)
+data, replies = b"", 0
+while replies < count:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+    replies, offset = 0, 0
+    while offset + 4 <= len(data):
+        (length,) = struct.unpack_from("!i", data, offset)
+        if offset + 4 + length > len(data):
+            break
+        offset += 4 + length
+        replies += 1
+print(replies)
+"""
+
+
+def logon_frames(names: list[str], password: str = "guess") -> bytes:
+    return b"".join(call_frame("logonConnection", otsapi.logonConnection_args(
+        username=name, password=password, domain=""), seqid=n + 1)
+        for n, name in enumerate(names))
+
+
+def lockout_weapon(root: Path) -> dict[str, Any]:
+    """Lockouts aimed at others: guesses for alice from 10 addresses, then
+    her right password from an 11th; a lock that expired (lockout_time 4 s
+    here) and one more guess; junk OTS API logons from a local user, then
+    root's own logon from 127.0.0.1."""
+    bridge = Bridge(root, users={"alice": "alice-pw", "bench": PASSWORD},
+                    config_lines="lockout_time = 4\n")
+    result: dict[str, Any] = {}
+    try:
+        bridge.start()
+        peer = IcpPeer(bridge.icp_path, timeout=60)
+        peer.handshake()
+        for n in range(10):
+            peer.logon(n + 1, "alice", "guess", address=f"198.51.100.{n + 1}")
+        started = time.monotonic()
+        endpoint = endpoint_of(peer.logon(11, "alice", "alice-pw", address="203.0.113.9")) or ""
+        result["alice_right_password_after_10_guesses_from_10_addresses"] = {
+            "got": "desktop" if "xsession" in endpoint else "greeter",
+            "seconds": round(time.monotonic() - started, 1)}
+        for n in range(10):
+            peer.logon(20 + n, "alice", "guess", address="198.51.100.200")
+        time.sleep(4.5)  # the lock expires
+        peer.logon(40, "alice", "guess", address="198.51.100.200")
+        started = time.monotonic()
+        endpoint = endpoint_of(peer.logon(41, "alice", "alice-pw",
+                                          address="198.51.100.200")) or ""
+        result["after_a_lock_expired_one_guess_then_the_right_password"] = {
+            "got": "desktop" if "xsession" in endpoint else "greeter",
+            "seconds": round(time.monotonic() - started, 1)}
+        peer.close()
+        if os.geteuid() == 0:
+            names = [f"junk{n}" for n in range(12)]
+            junk = as_attacker(JUNK_LOGONS, str(bridge.port), "127.0.0.1",
+                               logon_frames(names).hex(), str(len(names)),
+                               stdout=subprocess.PIPE)
+            junk.communicate(timeout=120)
+            client, transport = bridge.client()
+            ok = client.logonConnection("alice", "alice-pw", "").success
+            transport.close()
+            result["root_otsapi_logon_after_12_junk_logons_of_a_local_user"] = bool(ok)
+        return result
+    finally:
+        bridge.cleanup()
+
+
+def state_bytes(state_dir: Path) -> int:
+    return sum(p.stat().st_size for p in state_dir.glob("state.sqlite3*"))
+
+
+def lockout_rows(state_dir: Path) -> int:
+    with sqlite3.connect(state_dir / "state.sqlite3") as db:
+        return int(db.execute("SELECT COUNT(*) FROM lockouts").fetchone()[0])
+
+
+async def _logons_from(port: int, source: str, frames: bytes, calls: int) -> int:
+    """``calls`` framed calls from ``source`` (a loopback address); replies."""
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.bind((source, 0))
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(frames)
+    answered = 0
+    try:
+        while answered < calls:
+            (length,) = struct.unpack("!i", await asyncio.wait_for(reader.readexactly(4), 60))
+            await reader.readexactly(length)
+            answered += 1
+    except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+        pass
+    writer.close()
+    return answered
+
+
+def _failure_flood(root: Path, config_lines: str, rounds: int) -> dict[str, Any]:
+    """``rounds`` times 20,001 failed OTS API logons with distinct names, 3
+    from each of 6,667 loopback addresses (below a per-address lockout, as
+    the review sent them); the growth after each round."""
+    bridge = Bridge(root, config_lines=config_lines)
+    try:
+        bridge.start()
+        time.sleep(1)
+        rss_before, db_before = rss_mb(bridge.pid), state_bytes(bridge.state_dir)
+        log_before = len(bridge.log())
+        figures: dict[str, Any] = {"logons_per_round": 3 * 6667}
+        for round_ in range(rounds):
+            started = time.monotonic()
+
+            async def attack(round_: int = round_) -> int:
+                # 10 connections of 3 calls: within the password-check
+                # queue (2 running, 32 waiting), so every logon is checked.
+                semaphore = asyncio.Semaphore(10)
+
+                async def one(n: int) -> int:
+                    names = [f"r{round_}u{n}x{k}" for k in range(3)]
+                    async with semaphore:
+                        return await _logons_from(
+                            bridge.port, f"127.0.{n // 250 + 1}.{n % 250 + 1}",
+                            logon_frames(names), 3)
+
+                return sum(await asyncio.gather(*(one(n) for n in range(6667))))
+
+            answered = asyncio.run(attack())
+            seconds = round(time.monotonic() - started, 1)
+            time.sleep(2)
+            log = bridge.log()[log_before:]
+            figures[f"after_round_{round_ + 1}"] = {
+                "answered": answered, "seconds": seconds,
+                "rss_growth_mb": round(rss_mb(bridge.pid) - rss_before, 1),
+                "state_db_growth_mb": round(
+                    (state_bytes(bridge.state_dir) - db_before) / 2**20, 1),
+                "lockout_rows": lockout_rows(bridge.state_dir),
+                "log_growth_kb": round(len(log) / 1024, 1),
+                "failed_logon_lines": log.count("failed logon")}
+        return figures
+    finally:
+        bridge.cleanup()
+
+
+def failure_flood(root: Path) -> dict[str, Any]:
+    """The flood against the defaults, and twice with lockouts turned off
+    (lockout_failures 1,000,000), where only the record cap holds (the
+    second round shows whether growth goes on)."""
+    return {"defaults": _failure_flood(root, "", rounds=1),
+            "no_lockouts": _failure_flood(root, "lockout_failures = 1000000\n", rounds=2)}
+
+
+def _raw_http(port: int, request: bytes, timeout: float = 10) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return (int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0), data
+
+
+def _open_stream(port: int, token: str) -> tuple[int, socket.socket]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                 f"Authorization: Bearer {token}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return 0, sock
+        data += chunk
+    return int(data.split(b" ", 2)[1]), sock
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def admin_abuse(root: Path) -> dict[str, Any]:
+    """The admin endpoint: /events streams on a USER token, then the admin's;
+    a rebound DNS name; 3,000 idle connections; 2,000 HEAD /metrics; 200
+    idle connections timing out (62 s); a non-ASCII request."""
+    bridge = Bridge(root, users={"bench": PASSWORD, "bob": "bob-pw"}, levels={"bob": 0x49})
+    result: dict[str, Any] = {}
+    held: list[socket.socket] = []
+    try:
+        bridge.start()
+        port = bridge.admin_port()
+        client, transport = bridge.client()
+        bob = client.logonConnection("bob", "bob-pw", "").authToken
+        admin = client.logonConnection("bench", PASSWORD, "").authToken
+        transport.close()
+        statuses = []
+        for _ in range(300):
+            status, sock = _open_stream(port, bob)
+            statuses.append(status)
+            if status == 200:
+                held.append(sock)
+            else:
+                sock.close()
+        admin_status, sock = _open_stream(port, admin)
+        sock.close()
+        result["events_streams"] = {"user_token_streams_open": statuses.count(200),
+                                    "admin_stream_status": admin_status}
+        for sock in held:
+            sock.close()
+        held = []
+        status, body = _raw_http(port, f"GET /metrics HTTP/1.1\r\nHost: evil.example:{port}\r\n"
+                                   "Connection: close\r\n\r\n".encode())
+        result["dns_rebinding_metrics"] = {"status": status, "bytes": len(body)}
+        time.sleep(1)
+        before = fds(bridge.pid)
+        for _ in range(3000):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(2)
+        open_now = fds(bridge.pid) - before
+        for sock in held:
+            sock.close()
+        held = []
+        result["idle_connections"] = {"opened": 3000, "bridge_descriptors_held": open_now}
+        time.sleep(1)
+        log_before = len(bridge.log())
+        for _ in range(2000):
+            _raw_http(port, f"HEAD /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                        "Connection: close\r\n\r\n".encode())
+        time.sleep(1)
+        result["head_metrics_2000"] = {
+            "log_growth_bytes": len(bridge.log()) - log_before}
+        log_before = len(bridge.log())
+        status, _ = _raw_http(port, f"GET /\xc3\xa9 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                "Connection: close\r\n\r\n".encode("latin-1"))
+        time.sleep(0.5)
+        result["non_ascii_request"] = {"status": status,
+                                       "traceback": "Traceback" in bridge.log()[log_before:]}
+        log_before = len(bridge.log())
+        for _ in range(200):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(62)  # twisted.web's idle timeout is 60 s
+        log = bridge.log()[log_before:]
+        result["idle_timeouts_200"] = {"timing_out_lines": log.count("Timing out client"),
+                                       "log_growth_bytes": len(log)}
+        return result
+    finally:
+        for sock in held:
+            sock.close()
+        bridge.cleanup()
+
+
+DBUS_BUS = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>custom</type>
+  <listen>unix:tmpdir=/tmp</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow receive_type="signal"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"""
+
+FORGER = """
+import sys
+from jeepney import DBusAddress, new_signal
+from jeepney.bus_messages import message_bus
+from jeepney.io.blocking import open_dbus_connection
+connection = open_dbus_connection(sys.argv[1])
+for n in range(int(sys.argv[2])):
+    connection.send(new_signal(DBusAddress("/ogon/SessionManager/session/notification",
+                                           interface="ogon.SessionManager.session.notification"),
+                               "SessionNotification", "uu", (5, 4242)))
+connection.send_and_get_reply(message_bus.GetId(), timeout=10)
+"""
+
+
+def dbus_forge(root: Path) -> dict[str, Any]:
+    """An unprivileged user sends 100 forged SessionNotification signals on a
+    dbus-daemon that includes the checkout's shipped policy; how many a
+    listener hears."""
+    daemon_path = shutil.which("dbus-daemon")
+    if os.geteuid() != 0 or daemon_path is None:
+        return {"skipped": "needs root and dbus-daemon"}
+    import jeepney
+    from jeepney import MatchRule
+    from jeepney.bus_messages import message_bus
+    from jeepney.io.blocking import open_dbus_connection
+
+    base = Path(tempfile.mkdtemp(prefix="ib-dbus-", dir="/tmp"))
+    base.chmod(0o755)
+    config = base / "bus.conf"
+    config.write_text(DBUS_BUS.format(policy=root / "contrib" / "dbus" / "icp-bridge.conf"))
+    shutil.copytree(Path(jeepney.__file__).parent, base / "lib" / "jeepney")
+    daemon = subprocess.Popen([daemon_path, "--config-file", str(config), "--address",
+                               f"unix:path={base}/bus", "--nofork", "--print-address"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert daemon.stdout is not None
+        address = daemon.stdout.readline().decode().strip()
+        (base / "bus").chmod(0o777)
+        listener = open_dbus_connection(address)
+        listener.send_and_get_reply(message_bus.AddMatch(MatchRule(
+            type="signal", interface="ogon.SessionManager.session.notification")), timeout=10)
+        forger = as_attacker(FORGER, address, "100", env={"PYTHONPATH": str(base / "lib")})
+        forger.wait(60)
+        heard = 0
+        while True:
+            try:
+                message = listener.receive(timeout=1)
+            except TimeoutError:
+                break
+            heard += message.header.fields.get(jeepney.HeaderFields.member) == \
+                "SessionNotification"
+        listener.close()
+        return {"forged_signals_sent": 100, "heard_by_a_listener": heard}
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 ATTACKS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "token_bomb": token_bomb, "never_reads": never_reads,
     "rdp_stops_reading": rdp_stops_reading, "password_queue": password_queue,
@@ -1013,6 +1518,8 @@ ATTACKS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "corrupt_state": corrupt_state, "disk_full": disk_full,
     "output_flood": output_flood, "half_started_kill9": half_started_kill9,
     "accounts": accounts,
+    "icp_squat": icp_squat, "lockout_weapon": lockout_weapon, "failure_flood": failure_flood,
+    "admin_abuse": admin_abuse, "dbus_forge": dbus_forge,
 }
 
 

@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS lockouts (
 """
 
 
-@dataclass
+@dataclass(slots=True)  # up to failure_records_max of them
 class FailureCount:
     failures: int = 0
     last_failure: float = 0.0

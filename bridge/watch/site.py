@@ -126,7 +126,9 @@ class AdminRequest(Request):
         bad_input = reason.check(UnicodeError) is not None  # the request's own bytes
         code = 400 if bad_input else 500
         path = self.path[:80].decode("ascii", "replace") if self.path else "?"
-        site.log_limit.warn(site.logger, ("failed", path, reason.type),
+        # One kind per answer code: a kind per path or error would let
+        # clients grow the limiter's table.
+        site.log_limit.warn(site.logger, ("failed", code),
                             "admin request for {path} failed ({code}): {error}", path=path,
                             code=code, error=f"{reason.type.__name__}: "
                                              f"{str(reason.value)[:200]}")
