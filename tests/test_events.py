@@ -208,7 +208,8 @@ class LogonObserverTests(SynchronousTestCase):
         assert recorder.told == [
             ("logon_failed", "bob", "192.0.2.7", RDP, 1),
             ("logon_failed", "bob", "192.0.2.7", RDP, 2),
-            ("locked_out", "bob", "192.0.2.7", "user:bob", 900.0, 2),
+            # bob from that address, and that address for every user (issue 18).
+            ("locked_out", "bob", "192.0.2.7", "pair:192.0.2.7|bob", 900.0, 2),
             ("locked_out", "bob", "192.0.2.7", "source:192.0.2.7", 900.0, 2)]
         assert len(self.flushLoggedErrors(RuntimeError)) == 4
         # Locked out now: refused without a check, and no new failure told.

@@ -222,7 +222,8 @@ class LogonEvents:
         what, _, name = key.partition(":")
         self.lockouts[what] += 1
         address, _, user = name.partition("|")  # a pair: "ADDRESS|user"
-        locked = {"user": f"user {name}", "source": f"client {name}",
+        source = f"local client {name}" if name.startswith("uid:") else f"client address {name}"
+        locked = {"user": f"user {name}", "source": source,
                   "pair": f"user {user} from {address}"}.get(what, key)
         self.hub.record(LOCKED_OUT, username,
                         f"{locked} locked out for {seconds:g} s after {failures} failed logons")

@@ -132,7 +132,8 @@ async def test_failed_logons_and_lockouts_are_journal_events_of_session_0(
             f"failed logon through the OTS API from {local}, 2 in a row"
         assert events[3]["reason"] == \
             f"user bob from {local} locked out for 900 s after 2 failed logons"
-        assert events[4]["reason"] == f"client {local} locked out for 900 s after 2 failed logons"
+        assert events[4]["reason"] == \
+            f"local client {local} locked out for 900 s after 2 failed logons"
         assert events[0]["old_state"] is None and events[0]["new_state_name"] is None
         stored = [e for e in journal(bridge) if e.session_id == 0]
         assert [e.event for e in stored] == ["logon-failed"] * 3 + ["locked-out"] * 2
