@@ -1160,7 +1160,8 @@ def _squat(root: Path, shared: Path, case: str) -> dict[str, Any]:
         squatter.wait()
         got = record.read_bytes() if record.exists() else b""
         lines = [line for line in bridge.log().splitlines()
-                 if "another" in line or "taken by uid" in line]
+                 if "another icp-bridge" in line or "another process" in line
+                 or "taken by uid" in line]
         return {"bridge_started": listening,
                 "started_after_s": round(time.monotonic() - started, 2) if listening else None,
                 "rdp_server_reached": reached,
