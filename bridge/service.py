@@ -99,6 +99,16 @@ def make_farm(config: Config, reactor: Any, clock: IReactorTime, store: StateSto
                        admin_url=config.admin_endpoint)
 
 
+def throttle_policy(config: Config) -> ThrottlePolicy:
+    """The failed-logon throttle's policy from the configuration's keys."""
+    return ThrottlePolicy(
+        failures_before_delay=config.logon_failures_before_delay,
+        delay_max=config.logon_delay_max, lockout_failures=config.lockout_failures,
+        lockout_time=config.lockout_time, queue_limit=config.password_check_queue,
+        account_failure_limit=config.account_failure_limit,
+        records_max=config.failure_records_max)
+
+
 class BridgeService(MultiService):
     """icp-bridge: the ICP listener, the OTS API listener and their state.
 
@@ -166,12 +176,8 @@ class BridgeService(MultiService):
             else None)
         self._served_certificate()
         self.lockouts = LockoutStore(state_database(config.state_dir))
-        self.guard = LogonGuard(self.authenticator, clock, ThrottlePolicy(
-            failures_before_delay=config.logon_failures_before_delay,
-            delay_max=config.logon_delay_max, lockout_failures=config.lockout_failures,
-            lockout_time=config.lockout_time, queue_limit=config.password_check_queue,
-            account_failure_limit=config.account_failure_limit,
-            records_max=config.failure_records_max), self.lockouts)
+        self.guard = LogonGuard(self.authenticator, clock, throttle_policy(config),
+                                self.lockouts)
         # Failed logons and lockouts: journal events of session 0, and counts.
         self.logon_events = LogonEvents(self.events)
         self.guard.observers.append(self.logon_events)
