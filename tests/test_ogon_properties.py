@@ -105,6 +105,7 @@ class World:
     def make_socket(self, name: str) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(str(self.pipes / name))
+        s.listen(1)  # as the X server does: readiness waits for listen()
         self.listening.append(s)
 
     def start_x11(self, display: int = 12) -> tuple[X11Backend, Any]:

@@ -18,6 +18,13 @@ the backend's only when
 - it was made after the start: its ctime is not older than the moment
   before the spawn, read from the coarse clock that file times come from.
 
+The socket file appears at bind(), a moment before the backend listens;
+inotify sees it at once, so the RDP server, told then, could be refused.
+Whether it listens is read from the kernel's table of UNIX sockets
+(``/proc/net/unix``, still no connection); a socket bound under another name
+and renamed into place is not listed under its path, and is given the few
+milliseconds WinPR's own wait for a pipe file (10 ms steps) gives.
+
 Before a start whatever stands at the endpoint is removed (root may, also
 in the sticky directory); a name that cannot be cleared is replaced by
 another one the backend is told through ``{endpoint}``.
@@ -35,10 +42,20 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from bridge.backends.modules import BackendError, Module, pipe_file
+
+_log = Logger()
 #: Alternative names tried when an endpoint's name cannot be cleared.
 ALTERNATIVE_NAMES = 8
 #: What EndpointClaim.check finds.
 READY, MISSING, FOREIGN = "ready", "missing", "foreign"
+#: A socket bound but not listening yet is looked at again after this; one
+#: not listed under its name counts as ready this long after it appeared
+#: (WinPR's wait for a pipe file looks every 10 ms).
+LISTEN_RECHECK = 0.002
+UNLISTED_GRACE = 0.01
+#: The "Flags" bit of /proc/net/unix that marks a listening socket.
+_SO_ACCEPTCON = 0x10000
 #: Linux's CLOCK_REALTIME_COARSE (Python's time module does not name it).
 _CLOCK_REALTIME_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)
 
@@ -85,6 +102,41 @@ class EndpointClaim:
         return info.st_dev, info.st_ino
 
 
+def listening(path: Path, table: str = "/proc/net/unix") -> bool | None:
+    """Whether the socket bound at ``path`` listens yet, read from the
+    kernel's table of UNIX sockets (no connection is made): True, False
+    (bound, not listening yet: a backend between bind() and listen()), or
+    None when no socket bound under that name is listed (one bound under
+    another name and renamed into place, or no /proc)."""
+    wanted = str(path)
+    found = None
+    try:
+        with open(table, encoding="utf-8", errors="replace") as f:
+            next(f, None)  # the header
+            for line in f:
+                fields = line.split(None, 7)
+                if len(fields) == 8 and fields[7].rstrip("\n") == wanted:
+                    if int(fields[3], 16) & _SO_ACCEPTCON:
+                        return True
+                    found = False
+    except (OSError, ValueError):
+        return None
+    return found
+
+
+def listen_wait(path: Path, seen_at: float, now: float) -> float:
+    """Seconds to wait before the backend's socket at ``path``, there since
+    ``seen_at``, counts as ready: 0 once it listens; LISTEN_RECHECK while it
+    is bound but not listening yet; not listed under its name, what is left
+    of UNLISTED_GRACE."""
+    state = listening(path)
+    if state is True:
+        return 0.0
+    if state is False:
+        return LISTEN_RECHECK
+    return max(0.0, seen_at + UNLISTED_GRACE - now)
+
+
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISREG, "a file"),
                        (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO")):
@@ -115,6 +167,33 @@ def clear(path: Path) -> tuple[str, str | None]:
     except OSError as e:
         return found, e.strerror or str(e)
     return found, None
+
+
+def free_endpoint(pipe_dir: Path, session_id: int, module: Module, endpoint: str) -> str:
+    """Clear the endpoint's name before the start: a socket or file there
+    (left by a dead backend, or planted by another local user at the next
+    session's name) would be taken for the backend's. A name that cannot be
+    cleared is logged and another one used (the backend learns it through
+    ``{endpoint}``), so the user still gets a session. Raises BackendError
+    when no name can be had."""
+    candidates = [endpoint] + [f"{endpoint}-{n}" for n in range(2, 2 + ALTERNATIVE_NAMES)]
+    for name in candidates:
+        path = pipe_file(pipe_dir, name)
+        found, error = clear(path)
+        if error is None:
+            if found:
+                _log.info("session {session_id}: removed {found} at {module}'s endpoint {path} "
+                          "before the start", session_id=session_id, found=found,
+                          module=module.name, path=str(path))
+            if name != endpoint:
+                _log.warn("session {session_id}: {module} uses endpoint {name} instead",
+                          session_id=session_id, module=module.name, name=name)
+            return name
+        _log.error("session {session_id}: cannot clear endpoint {path} for {module} "
+                   "({found}): {error}", session_id=session_id, module=module.name,
+                   path=str(path), found=found, error=error)
+    raise BackendError(f"module {module.name}: no endpoint name of {endpoint!r} could be "
+                       f"cleared in {pipe_dir}")
 
 
 def remove_if_same(path: Path, identity: tuple[int, int] | None) -> None:

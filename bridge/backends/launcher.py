@@ -40,12 +40,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bridge.backends.endpoint import (
-    ALTERNATIVE_NAMES,
     FOREIGN,
     READY,
     EndpointClaim,
     PipeDirectoryWatch,
     clear,
+    free_endpoint,
+    listen_wait,
     remove_if_same,
     start_mark,
 )
@@ -339,7 +340,7 @@ class BackendLauncher:
     def _start(self, module: Module, context: LaunchContext) -> Backend:
         account = self.account_for(module, context)
         values = placeholders(module, context, self.pipe_dir)
-        values["endpoint"] = endpoint = self._free_endpoint(context.session_id, module,
+        values["endpoint"] = endpoint = free_endpoint(self.pipe_dir, context.session_id, module,
                                                             values["endpoint"])
         try:
             argv = [part.format(**values) for part in module.command]
@@ -423,31 +424,6 @@ class BackendLauncher:
             raise BackendError(f"{module.name} stopped at once: the spawn could not be "
                                f"recorded ({e})") from None
 
-    def _free_endpoint(self, session_id: int, module: Module, endpoint: str) -> str:
-        """Clear the endpoint's name before the start: a socket or file
-        there (left by a dead backend, or planted by another local user at
-        the next session's name) would be taken for the backend's. A name
-        that cannot be cleared is logged and another one used (the backend
-        learns it through ``{endpoint}``), so the user still gets a session."""
-        candidates = [endpoint] + [f"{endpoint}-{n}" for n in range(2, 2 + ALTERNATIVE_NAMES)]
-        for name in candidates:
-            path = pipe_file(self.pipe_dir, name)
-            found, error = clear(path)
-            if error is None:
-                if found:
-                    self.log.info("session {session_id}: removed {found} at {module}'s endpoint "
-                                  "{path} before the start", session_id=session_id,
-                                  found=found, module=module.name, path=str(path))
-                if name != endpoint:
-                    self.log.warn("session {session_id}: {module} uses endpoint {name} instead",
-                                  session_id=session_id, module=module.name, name=name)
-                return name
-            self.log.error("session {session_id}: cannot clear endpoint {path} for {module} "
-                           "({found}): {error}", session_id=session_id, module=module.name,
-                           path=str(path), found=found, error=error)
-        raise BackendError(f"module {module.name}: no endpoint name of {endpoint!r} could be "
-                           f"cleared in {self.pipe_dir}")
-
     def wait_ready(self, backend: Backend, timeout: float | None = None) -> Deferred[Backend]:
         """Fires with ``backend`` once its endpoint socket is there, made by
         it (``EndpointClaim``); looked at on every inotify event for that
@@ -462,6 +438,7 @@ class BackendLauncher:
         deadline = self.clock.seconds() + timeout
         call: list[Any] = []
         foreign_seen: list[str] = []
+        seen: list[float] = []  # when the backend's socket was first seen
 
         def done() -> None:
             self._pipes.remove(claim.path, probe)
@@ -481,10 +458,16 @@ class BackendLauncher:
                 return
             found, why_not = claim.check()
             if found == READY:
+                seen[:] = seen or [self.clock.seconds()]
+                wait = listen_wait(claim.path, seen[0], self.clock.seconds())
+                if wait and self.clock.seconds() < deadline:
+                    call[:] = [self.clock.callLater(wait, poll)]
+                    return
                 done()
                 backend.endpoint_identity = claim.identity()
                 d.callback(backend)
                 return
+            seen.clear()
             if found == FOREIGN:
                 # Made after the name was cleared, by someone else: the name
                 # is this backend's, so it is taken back (once per kind).

@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", help="write environment, ids and process group here")
     parser.add_argument("--exit-after", type=float, help="exit by itself after this many s")
     parser.add_argument("--exit-status", type=int, default=0)
+    parser.add_argument("--listen-delay", type=float, default=0.0,
+                        help="seconds between binding the socket under its name and listening")
     parser.add_argument("--delay", type=float, default=0.0,
                         help="seconds to wait before listening (a slow start)")
     parser.add_argument("--crash", action="store_true", help="fail at once, before listening")
@@ -92,10 +94,16 @@ def run(args: argparse.Namespace) -> int:
     # Listening before the name appears: whoever sees the file (the bridge
     # deciding readiness, the RDP server) can connect at once.
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    temporary = f"{args.socket}.{os.getpid()}.tmp"
-    server.bind(temporary)
-    server.listen(16)
-    os.rename(temporary, args.socket)
+    if args.listen_delay:
+        # As most servers do: bound under its name, listening a moment later.
+        server.bind(args.socket)
+        time.sleep(args.listen_delay)
+        server.listen(16)
+    else:
+        temporary = f"{args.socket}.{os.getpid()}.tmp"
+        server.bind(temporary)
+        server.listen(16)
+        os.rename(temporary, args.socket)
     say(f"listening on {args.socket}")
     deadline = time.monotonic() + args.exit_after if args.exit_after is not None else None
     clients: dict[int, tuple[socket.socket, int]] = {}

@@ -18,7 +18,18 @@ import pytest
 import pytest_twisted
 from twisted.logger import capturedLogs
 
-from bridge.backends.endpoint import FOREIGN, MISSING, READY, EndpointClaim, clear, start_mark
+from bridge.backends.endpoint import (
+    FOREIGN,
+    LISTEN_RECHECK,
+    MISSING,
+    READY,
+    UNLISTED_GRACE,
+    EndpointClaim,
+    clear,
+    listen_wait,
+    listening,
+    start_mark,
+)
 from tests.conftest import ME, BridgeUnderTest, start_bridge
 from tests.e2e.test_backends import ensure_test_account, interpreter, module, open_dir
 
@@ -219,3 +230,42 @@ def test_what_counts_as_the_backends_socket(tmp_path: Path) -> None:
     assert clear(path) == (f"a socket of uid {os.geteuid()}", None) and not path.exists()
     assert clear(path) == ("", None)
     sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_socket_bound_but_not_listening_yet_is_not_ready(bridge_with: Any,
+                                                                 open_dir: Path) -> None:
+    """The socket file appears at bind(); inotify sees it at once. The RDP
+    server must not be told before the backend listens, or it is refused
+    (ogon's Qt greeter binds, then listens)."""
+    running = await bridge_with(greeter=stand_in(open_dir, "greeter", "--listen-delay", "0.4"),
+                                xsession=stand_in(open_dir, "xsession"))
+    peer = await running.peer()
+    await peer.logon(1, "", "")
+    session = running.service.registry.by_connection(1)
+    assert peer.connections[1].backend_session == session.session_id, \
+        "the RDP server connected at the first try, after listen()"
+    assert listening(running.service.config.pipe_dir / "ogon_1_greeter") is True
+
+
+def test_listening_is_read_from_the_kernels_table(tmp_path: Path) -> None:
+    bound, listener = tmp_path / "bound", tmp_path / "listener"
+    a, b = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    a.bind(str(bound))
+    b.bind(str(listener))
+    b.listen(1)
+    try:
+        assert listening(bound) is False and listening(listener) is True
+        assert listening(tmp_path / "other") is None
+        assert listen_wait(listener, 0.0, 0.0) == 0.0
+        assert listen_wait(bound, 0.0, 0.0) == LISTEN_RECHECK
+        assert listen_wait(tmp_path / "other", 10.0, 10.004) == pytest.approx(
+            UNLISTED_GRACE - 0.004)
+        assert listen_wait(tmp_path / "other", 10.0, 11.0) == 0.0
+        table = tmp_path / "unix"
+        table.write_text("Num RefCount Protocol Flags Type St Inode Path\n"
+                         f"0: 00000002 00000000 00010000 0001 01 1 {tmp_path}/with space\n")
+        assert listening(tmp_path / "with space", str(table)) is True
+    finally:
+        a.close()
+        b.close()
