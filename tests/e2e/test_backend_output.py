@@ -60,14 +60,15 @@ def flooder(base: Path, report: Path) -> Any:
                                                 "{pipe_dir}/{endpoint}", str(report))})
 
 
-#: Looks at a file every 0.1 ms, from a process of its own (the bridge's
-#: reactor is what is measured; a busy loop would take a core from it),
+#: Looks at a file every millisecond, from a process of its own (the
+#: bridge's reactor is what is measured; a busy loop, or looking much more
+#: often, would take a core from it beside the flooder's),
 #: until stdin closes: the largest size, the most disk the file took, the
 #: median size, and how many looks.
 SAMPLER = """
 import os, select, sys
 path, sizes, blocks = sys.argv[1], [], 0
-while not select.select([sys.stdin], [], [], 0.0001)[0]:
+while not select.select([sys.stdin], [], [], 0.001)[0]:
     try:
         info = os.stat(path)
     except FileNotFoundError:
