@@ -1174,6 +1174,99 @@ def _squat(root: Path, shared: Path, case: str) -> dict[str, Any]:
         bridge.cleanup()
 
 
+ENDPOINT_SQUATTER = """
+import os, socket, sys, select
+record, paths = sys.argv[1], sys.argv[2:]
+servers = []
+for path in paths:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    s.listen(8)
+    servers.append(s)
+print("ready", flush=True)
+while True:
+    for s in select.select(servers, [], [])[0]:
+        c, _ = s.accept()
+        with open(record, "a") as f:
+            f.write("connected\\n")
+        c.close()
+"""
+
+
+def _backend_greeting(path: Path) -> str:
+    """Who answers at a backend endpoint: "backend" (the stand-in's greeting),
+    "someone else" (a connection but no greeting), "refused" (nobody)."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(2)
+    try:
+        sock.connect(str(path))
+        return "backend" if sock.recv(64).startswith(b"icp-bridge-standin") else "someone else"
+    except OSError:
+        return "refused"
+    finally:
+        sock.close()
+
+
+def endpoint_squat(root: Path) -> dict[str, Any]:
+    """Issue 18, item 1: another user listens at the next sessions' backend
+    endpoints in the 1777 pipe directory; then ogon's Qt greeter's habit
+    (one connection, then no more) against the readiness check."""
+    if os.geteuid() != 0:
+        return {"skipped": "needs root (the squatter is another user)"}
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    plain = ["/usr/bin/python3", "BASE/standin_backend.py", "--socket", "{pipe_dir}/{endpoint}"]
+    figures: dict[str, Any] = {}
+    for case, greeter_extra in (("squatters", []), ("one_connection_greeter", ["--accept-once"])):
+        admin = free_port()
+        config = _modules(plain, user=me).replace("ADMIN", str(admin)).replace(
+            '"{pipe_dir}/{endpoint}"]\nendpoint = "ogon_{session_id}_greeter"',
+            json.dumps("{pipe_dir}/{endpoint}") + "".join(f", {json.dumps(a)}"
+                                                          for a in greeter_extra)
+            + ']\nendpoint = "ogon_{session_id}_greeter"', 1)
+        bridge = Bridge(root, users={"bench": PASSWORD}, config=config)
+        _open_base(bridge)
+        pipes = bridge.base / "pipes"
+        pipes.mkdir(mode=0o1777)
+        pipes.chmod(0o1777)
+        record = bridge.base / "reports" / "squatter.log"
+        squatter = None
+        if case == "squatters":
+            squatter = as_attacker(ENDPOINT_SQUATTER, str(record),
+                                   *(str(pipes / f"ogon_{n}_{kind}") for n in (1, 2)
+                                     for kind in ("greeter", "xsession")),
+                                   stdout=subprocess.PIPE)
+            assert squatter.stdout is not None and squatter.stdout.readline().strip() == "ready"
+        try:
+            bridge.start()
+            peer = IcpPeer(bridge.icp_path)
+            peer.handshake()
+            logons = [(1, "", ""), (2, "bench", PASSWORD)] if case == "squatters" else \
+                [(1, "", "")]
+            results = []
+            for connection_id, user, password in logons:
+                started = time.monotonic()
+                endpoint = endpoint_of(peer.logon(connection_id, user, password))
+                answered = round(time.monotonic() - started, 3)
+                name = endpoint.rsplit("\\", 1)[-1] if endpoint else None
+                results.append({"logon": f"{connection_id}:{user or 'greeter'}",
+                                "endpoint": name, "answered_s": answered,
+                                "rdp_server_reached": _backend_greeting(pipes / name)
+                                if name else "no endpoint"})
+            peer.close()
+            figures[case] = {"logons": results,
+                             "squatter_connections": record.read_text().count("connected")
+                             if record.exists() else 0}
+        except Exception as e:
+            figures[case] = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            if squatter is not None:
+                squatter.kill()
+                squatter.wait()
+            bridge.cleanup()
+            _kill_under(bridge.base)
+    return figures
+
+
 JUNK_LOGONS = """
 import socket, struct, sys
 port, source, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[4])
@@ -1518,7 +1611,7 @@ ATTACKS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "planted_fifo": planted_fifo, "foreign_socket_dir": foreign_socket_dir,
     "corrupt_state": corrupt_state, "disk_full": disk_full,
     "output_flood": output_flood, "half_started_kill9": half_started_kill9,
-    "accounts": accounts,
+    "accounts": accounts, "endpoint_squat": endpoint_squat,
     "icp_squat": icp_squat, "lockout_weapon": lockout_weapon, "failure_flood": failure_flood,
     "admin_abuse": admin_abuse, "dbus_forge": dbus_forge,
 }
