@@ -6,6 +6,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import secrets
 import socket
 import stat
 from pathlib import Path
@@ -25,6 +26,29 @@ from zope.interface import implementer
 
 class StartupError(Exception):
     """The service cannot start; the text is one line for the operator."""
+
+
+def move_aside(path: Path, tries: int = 3) -> Path:
+    """Rename what stands at ``path`` (a directory someone filled, which not
+    even root may remove with one call) to a hidden name beside it that no
+    one can guess, so that it cannot be made to fail by planting at the name
+    first. Returns the new name; raises OSError when every try failed."""
+    error: OSError | None = None
+    for _ in range(tries):
+        aside = path.with_name(f".{path.name}.aside-{secrets.token_hex(8)}")
+        try:
+            os.rename(path, aside)
+        except FileExistsError as e:
+            error = e
+            continue
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                raise
+            error = e
+            continue
+        return aside
+    assert error is not None
+    raise error
 
 
 def split_endpoint(description: str) -> list[str]:
@@ -181,8 +205,7 @@ def take_back_socket_path(path: Path) -> None:
         kind = _file_kind(info.st_mode)
         try:
             if stat.S_ISDIR(info.st_mode):
-                aside = path.with_name(f"{path.name}.squatted-{info.st_uid}-{os.getpid()}")
-                os.rename(path, aside)
+                move_aside(path)
             else:
                 os.unlink(path)
         except OSError as e:

@@ -13,6 +13,7 @@ without privileges, however many sockets the host has, where reading
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
 
@@ -91,3 +92,66 @@ def tcp_owner_uid(client: tuple[str, int], server: tuple[str, int],
     if kind != _SOCK_DIAG_BY_FAMILY or len(answer) < _UID_OFFSET + _UID.size:
         return None  # NLMSG_ERROR: no such socket
     return int(_UID.unpack_from(answer, _UID_OFFSET)[0])
+
+
+# -- UNIX sockets: which ones listen, by the file they are bound to -------------------
+
+_NLM_F_DUMP = 0x300
+_NLMSG_DONE = 3
+_TCP_LISTEN = 10
+_UDIAG_SHOW_VFS = 0x2
+_UNIX_DIAG_VFS = 1
+_UNIX_REQUEST = struct.Struct("=BBHIIIII")  # struct unix_diag_req
+_UNIX_MESSAGE = struct.Struct("=BBBBIII")  # struct unix_diag_msg
+_ATTRIBUTE = struct.Struct("=HH")  # struct rtattr
+_VFS = struct.Struct("=II")  # struct unix_diag_vfs: inode, device (the kernel's dev_t)
+
+
+def _kernel_device(encoded: int) -> int:
+    """A kernel-internal dev_t (major << 20 | minor) as stat() reports one."""
+    return os.makedev(encoded >> 20, encoded & 0xFFFFF)
+
+
+def listening_unix_files(timeout: float = 1.0) -> set[tuple[int, int]] | None:
+    """(device, inode) of the file of every listening UNIX socket bound to a
+    path, as stat() gives them for that file: one netlink dump (what
+    ``ss -xl`` reads), filtered by the kernel to listening sockets. A socket
+    is matched by the very file it is bound to, not by the name it was bound
+    under (renamed into place, or another socket once bound to that name).
+    None when the kernel cannot be asked."""
+    request = _UNIX_REQUEST.pack(socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, 0, _UDIAG_SHOW_VFS,
+                                 0, 0)
+    message = _HEADER.pack(_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY,
+                           _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + request
+    found: set[tuple[int, int]] = set()
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                           _NETLINK_SOCK_DIAG) as diag:
+            diag.settimeout(timeout)
+            diag.sendto(message, (0, 0))
+            while True:
+                data = diag.recv(65536)
+                offset = 0
+                while offset + _HEADER.size <= len(data):
+                    length, kind, _, _, _ = _HEADER.unpack_from(data, offset)
+                    if kind == _NLMSG_DONE:
+                        return found
+                    if kind == _NLMSG_ERROR or length < _HEADER.size:
+                        return None
+                    _scan_unix_message(data, offset + _HEADER.size, offset + length, found)
+                    offset += (length + 3) & ~3
+    except OSError:
+        return None
+
+
+def _scan_unix_message(data: bytes, start: int, end: int,
+                       found: set[tuple[int, int]]) -> None:
+    offset = start + _UNIX_MESSAGE.size
+    while offset + _ATTRIBUTE.size <= end:
+        length, kind = _ATTRIBUTE.unpack_from(data, offset)
+        if length < _ATTRIBUTE.size:
+            return
+        if kind == _UNIX_DIAG_VFS and length >= _ATTRIBUTE.size + _VFS.size:
+            inode, device = _VFS.unpack_from(data, offset + _ATTRIBUTE.size)
+            found.add((_kernel_device(device), inode))
+        offset += (length + 3) & ~3

@@ -7,6 +7,7 @@ launcher's spawn primitive is given a recorder."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -21,7 +22,7 @@ from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from bridge.backends.environment import Account, own_account
+from bridge.backends.environment import Account, own_account, placeholders
 from bridge.backends.launcher import BackendLauncher
 from bridge.backends.modules import BackendError, LaunchContext
 from bridge.backends.ogon.commandline import command_line_to_argv
@@ -291,7 +292,9 @@ def test_qt_and_weston_cmd(world: World) -> None:
                               ModuleProperties(world.lookup, 7, "greeter"), None)
     assert qt.command == ("/usr/bin/ogon-qt-greeter", "--noeffects", "-platform", "ogon")
     assert qt.endpoint == "ogon_7_Qt" and qt.kind == "Qt" and qt.cwd == ""
-    assert dict(qt.environment) == {"OGON_PIPE_PATH": f"{world.pipes}/ogon_7_Qt"}
+    values = placeholders(qt, context(), world.pipes)
+    assert {k: v.format(**values) for k, v in qt.environment.items()} == {
+        "OGON_PIPE_PATH": f"{world.pipes}/ogon_7_Qt"}, "the endpoint's own path"
     assert (qt.ready_timeout, qt.stop_timeout) == (5.0, 2.1)
     world.set(module__weston__cmd="/usr/bin/ogon-backend-weston",
               current__connection__initialxres=1600, current__connection__initialyres=900,
@@ -369,3 +372,27 @@ def test_the_module_library_next_to_the_launcher(world: World, monkeypatch: Any)
     assert configured.module_file("Weston", launcher) == "/opt/ogon/mods/libogon-mod-weston.so"
     assert packaged_module_dir().startswith("/usr/lib/") and packaged_module_dir().endswith(
         "/ogon1/modules")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a socket owned by another user")
+def test_a_reported_display_whose_pipe_is_another_users_is_a_failed_start(
+        world: World) -> None:
+    """The second review's spoof: the user's own X server reports another
+    session's display; that session's pipe is never removed, the start
+    fails (it is not a take-back)."""
+    victim = world.pipes / "ogon_12_X11"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(victim))
+    s.listen(1)
+    world.listening.append(s)
+    os.chown(victim, 65534, 65534)
+    env = {"HOME": str(world.home), "PATH": "/usr/bin"}
+    backend = X11Backend(world.launcher, 7, "xsession", world.account, env, None,
+                         f"{world.bin}:/usr/bin")
+    started = Deferred.fromCoroutine(backend.start(world.properties()))
+    x = world.spawns.started[0]
+    x.protocol.childDataReceived(3, b"12\n")  # another session's display
+    x.end()  # stopped, as a start that failed is
+    with pytest.raises(BackendError, match="not its own"):
+        result_of(started)
+    assert victim.lstat().st_uid == 65534, "the other session's pipe is left alone"

@@ -20,10 +20,10 @@ the backend's only when
 
 The socket file appears at bind(), a moment before the backend listens;
 inotify sees it at once, so the RDP server, told then, could be refused.
-Whether it listens is read from the kernel's table of UNIX sockets
-(``/proc/net/unix``, still no connection); a socket bound under another name
-and renamed into place is not listed under its path, and is given the few
-milliseconds WinPR's own wait for a pipe file (10 ms steps) gives.
+Whether it listens is asked of the kernel (sock_diag, still no connection),
+for the socket bound to that very file; where the kernel cannot be asked,
+the file is given the few milliseconds WinPR's own wait for a pipe file
+(10 ms steps) gives.
 
 Before a start whatever stands at the endpoint is removed (root may, also
 in the sticky directory); a name that cannot be cleared is replaced by
@@ -32,7 +32,9 @@ another one the backend is told through ``{endpoint}``.
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import stat
 import time
 from collections.abc import Callable
@@ -43,19 +45,19 @@ from typing import Any
 from twisted.logger import Logger
 
 from bridge.backends.modules import BackendError, Module, pipe_file
+from bridge.endpoints import move_aside
+from protocols.localpeer import listening_unix_files
 
 _log = Logger()
-#: Alternative names tried when an endpoint's name cannot be cleared.
-ALTERNATIVE_NAMES = 8
+#: Names no one can guess tried when an endpoint's own cannot be had.
+ALTERNATIVE_NAMES = 3
 #: What EndpointClaim.check finds.
 READY, MISSING, FOREIGN = "ready", "missing", "foreign"
-#: A socket bound but not listening yet is looked at again after this; one
-#: not listed under its name counts as ready this long after it appeared
-#: (WinPR's wait for a pipe file looks every 10 ms).
+#: A socket bound but not listening yet is looked at again after this; where
+#: the kernel cannot be asked, one counts as ready this long after it
+#: appeared (WinPR's wait for a pipe file looks every 10 ms).
 LISTEN_RECHECK = 0.002
 UNLISTED_GRACE = 0.01
-#: The "Flags" bit of /proc/net/unix that marks a listening socket.
-_SO_ACCEPTCON = 0x10000
 #: Linux's CLOCK_REALTIME_COARSE (Python's time module does not name it).
 _CLOCK_REALTIME_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)
 
@@ -73,6 +75,10 @@ class EndpointClaim:
     path: Path
     uid: int
     not_before_ns: int
+    # Whether something else found there may be removed: only a name the
+    # bridge chose and cleared for this start. A name a backend reported
+    # itself (X11's display) may be another session's: never removed.
+    take_back: bool = True
 
     def check(self) -> tuple[str, str]:
         """(READY, MISSING or FOREIGN; why not): whether the backend's socket
@@ -93,6 +99,13 @@ class EndpointClaim:
             return FOREIGN, f"{self.path} is older than the backend's start"
         return READY, ""
 
+    def owner(self) -> int | None:
+        """The uid owning what stands at the path, None if nothing does."""
+        try:
+            return os.lstat(self.path).st_uid
+        except OSError:
+            return None
+
     def identity(self) -> tuple[int, int] | None:
         """(device, inode) of the socket at the path, None if there is none."""
         try:
@@ -102,32 +115,27 @@ class EndpointClaim:
         return info.st_dev, info.st_ino
 
 
-def listening(path: Path, table: str = "/proc/net/unix") -> bool | None:
-    """Whether the socket bound at ``path`` listens yet, read from the
-    kernel's table of UNIX sockets (no connection is made): True, False
-    (bound, not listening yet: a backend between bind() and listen()), or
-    None when no socket bound under that name is listed (one bound under
-    another name and renamed into place, or no /proc)."""
-    wanted = str(path)
-    found = None
+def listening(path: Path) -> bool | None:
+    """Whether the socket whose file is at ``path`` listens yet, asked of the
+    kernel (sock_diag; no connection is made): True, False (bound, not
+    listening yet: a backend between bind() and listen()), or None when the
+    kernel cannot be asked. The socket is found by its file (device and
+    inode), never by the name it was bound under: another socket once bound
+    to that name, its file since removed, may still listen."""
     try:
-        with open(table, encoding="utf-8", errors="replace") as f:
-            next(f, None)  # the header
-            for line in f:
-                fields = line.split(None, 7)
-                if len(fields) == 8 and fields[7].rstrip("\n") == wanted:
-                    if int(fields[3], 16) & _SO_ACCEPTCON:
-                        return True
-                    found = False
-    except (OSError, ValueError):
+        info = os.lstat(path)
+    except OSError:
+        return False
+    files = listening_unix_files()
+    if files is None:
         return None
-    return found
+    return (info.st_dev, info.st_ino) in files
 
 
 def listen_wait(path: Path, seen_at: float, now: float) -> float:
     """Seconds to wait before the backend's socket at ``path``, there since
     ``seen_at``, counts as ready: 0 once it listens; LISTEN_RECHECK while it
-    is bound but not listening yet; not listed under its name, what is left
+    is bound but not listening yet; when the kernel cannot say, what is left
     of UNLISTED_GRACE."""
     state = listening(path)
     if state is True:
@@ -159,7 +167,14 @@ def clear(path: Path) -> tuple[str, str | None]:
         else f"a socket of uid {info.st_uid}"
     try:
         if stat.S_ISDIR(info.st_mode):
-            os.rmdir(path)
+            try:
+                os.rmdir(path)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # Filled so that it cannot be removed: moved aside instead.
+                aside = move_aside(path)
+                found += f" (moved aside to {aside.name})"
         else:
             os.unlink(path)
     except FileNotFoundError:
@@ -169,22 +184,40 @@ def clear(path: Path) -> tuple[str, str | None]:
     return found, None
 
 
-def free_endpoint(pipe_dir: Path, session_id: int, module: Module, endpoint: str) -> str:
+def unpredictable(endpoint: str) -> str:
+    """Another name for ``endpoint`` that no other user can guess in advance."""
+    return f"{endpoint}-{secrets.token_hex(4)}"
+
+
+def free_endpoint(pipe_dir: Path, session_id: int, module: Module, endpoint: str,
+                  owners: tuple[int, ...] = (), guessable: bool = True) -> str:
     """Clear the endpoint's name before the start: a socket or file there
     (left by a dead backend, or planted by another local user at the next
-    session's name) would be taken for the backend's. A name that cannot be
-    cleared is logged and another one used (the backend learns it through
-    ``{endpoint}``), so the user still gets a session. Raises BackendError
-    when no name can be had."""
-    candidates = [endpoint] + [f"{endpoint}-{n}" for n in range(2, 2 + ALTERNATIVE_NAMES)]
+    session's name) would be taken for the backend's. Where another user
+    than ``owners`` (the bridge's, the backend's) had put something there,
+    or the name cannot be cleared, or ``guessable`` is false (a start again
+    after someone took the name during one), the backend gets a name no one
+    can guess, which it learns through ``{endpoint}``, so the user still
+    gets a session. Raises BackendError when no name can be had."""
+    candidates = [endpoint] if guessable else []
+    candidates += [unpredictable(endpoint) for _ in range(ALTERNATIVE_NAMES)]
     for name in candidates:
         path = pipe_file(pipe_dir, name)
+        try:
+            owner: int | None = os.lstat(path).st_uid
+        except OSError:
+            owner = None
         found, error = clear(path)
         if error is None:
             if found:
                 _log.info("session {session_id}: removed {found} at {module}'s endpoint {path} "
                           "before the start", session_id=session_id, found=found,
                           module=module.name, path=str(path))
+            if name == endpoint and owner is not None and owner not in owners:
+                _log.warn("session {session_id}: {module}'s endpoint {name} was taken by uid "
+                          "{owner}: using a name no one can guess", session_id=session_id,
+                          module=module.name, name=name, owner=owner)
+                continue
             if name != endpoint:
                 _log.warn("session {session_id}: {module} uses endpoint {name} instead",
                           session_id=session_id, module=module.name, name=name)

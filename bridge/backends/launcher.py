@@ -322,12 +322,25 @@ class BackendLauncher:
         """Start ``module`` for a session; fires with the Backend once its
         endpoint socket is there, made by it, or fails with BackendError
         (the process is then stopped)."""
-        try:
-            backend = self._start(module, context)
-        except BackendError as e:
-            self.starts[module.name, "failed"] += 1
-            return fail(e)
-        return self.counted(module.name, self.wait_ready(backend))
+        def once(guessable: bool) -> Deferred[Backend]:
+            try:
+                return self.wait_ready(self._start(module, context, guessable))
+            except BackendError as e:
+                return fail(e)
+
+        def again(failure: Failure) -> Any:
+            # Someone took the endpoint's name while the backend started (a
+            # backend running as its user cannot remove another user's file
+            # in the sticky directory): once more, under a name no one can
+            # guess.
+            if not failure.check(BackendError) or not failure.value.taken:
+                return failure
+            self.log.warn("session {session_id}: {module}'s endpoint was taken during its "
+                          "start; starting it again under a name no one can guess",
+                          session_id=context.session_id, module=module.name)
+            return once(guessable=False)
+
+        return self.counted(module.name, once(guessable=True).addErrback(again))
 
     def counted(self, name: str, d: Deferred[Any]) -> Deferred[Any]:
         """Count a start (for the metrics) once ``d`` says how it went."""
@@ -337,11 +350,12 @@ class BackendLauncher:
 
         return d.addBoth(counted)
 
-    def _start(self, module: Module, context: LaunchContext) -> Backend:
+    def _start(self, module: Module, context: LaunchContext, guessable: bool = True) -> Backend:
         account = self.account_for(module, context)
         values = placeholders(module, context, self.pipe_dir)
-        values["endpoint"] = endpoint = free_endpoint(self.pipe_dir, context.session_id, module,
-                                                            values["endpoint"])
+        values["endpoint"] = endpoint = free_endpoint(
+            self.pipe_dir, context.session_id, module, values["endpoint"],
+            owners=(0, os.geteuid(), account.uid), guessable=guessable)
         try:
             argv = [part.format(**values) for part in module.command]
         except (KeyError, IndexError, ValueError) as e:
@@ -451,7 +465,7 @@ class BackendLauncher:
             if not d.called:
                 done()
                 d.errback(BackendError(f"{backend.module.name} {how} before it was ready",
-                                       list(backend.last_lines)))
+                                       list(backend.last_lines), taken=bool(foreign_seen)))
 
         def probe() -> None:
             if d.called or not backend.running:
@@ -468,7 +482,13 @@ class BackendLauncher:
                 d.callback(backend)
                 return
             seen.clear()
-            if found == FOREIGN:
+            if found == FOREIGN and not claim.take_back and claim.owner() != claim.uid:
+                done()
+                backend.stop()
+                d.errback(BackendError(f"{backend.module.name}'s endpoint is not its own "
+                                       f"({why_not})", list(backend.last_lines)))
+                return
+            if found == FOREIGN and claim.take_back:
                 # Made after the name was cleared, by someone else: the name
                 # is this backend's, so it is taken back (once per kind).
                 _, error = clear(claim.path)
@@ -486,7 +506,7 @@ class BackendLauncher:
                     backend._output.read()
                 d.errback(BackendError(
                     f"{backend.module.name} not ready within {timeout:g} s "
-                    f"({why_not})", list(backend.last_lines)))
+                    f"({why_not})", list(backend.last_lines), taken=bool(foreign_seen)))
                 return
             if not call or not call[0].active():
                 call[:] = [self.clock.callLater(READY_PROBE_INTERVAL, poll)]

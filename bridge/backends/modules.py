@@ -23,9 +23,12 @@ class BackendError(Exception):
     """A backend could not be started or did not become ready; ``last_lines``
     are its last lines of output."""
 
-    def __init__(self, message: str, last_lines: list[str] | None = None) -> None:
+    def __init__(self, message: str, last_lines: list[str] | None = None,
+                 taken: bool = False) -> None:
         super().__init__(message)
         self.last_lines = last_lines or []
+        # Someone else's file stood at its endpoint while it started.
+        self.taken = taken
 
     def describe(self) -> str:
         if not self.last_lines:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import socket
 import subprocess
 import time
@@ -117,8 +118,10 @@ async def test_a_squatters_socket_is_removed_not_answered(bridge_with: Any,
             assert peer.connections[connection_id].backend_session == session.session_id, \
                 "the RDP server reached the real backend"
             kind = "greeter" if connection_id == 1 else "xsession"
-            path = pipes / f"ogon_{session.session_id}_{kind}"
-            assert path.lstat().st_uid == os.geteuid(), "the backend's own socket"
+            name = session.backend.endpoint
+            assert re.fullmatch(rf"ogon_{session.session_id}_{kind}-[0-9a-f]{{8}}", name), \
+                "a name the squatter took: the backend gets one no one can guess"
+            assert (pipes / name).lstat().st_uid == os.geteuid(), "the backend's own socket"
         assert log.read_text() == "", "the squatter got no connection"
         removed = [e["found"] for e in events if "removed {found}" in e.get("log_format", "")]
         assert removed == [f"a socket of uid {squatter.pw_uid}"] * 2, "logged, with the owner"
@@ -156,20 +159,114 @@ async def test_planted_files_do_not_keep_a_user_from_a_desktop(bridge_with: Any,
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_name_that_cannot_be_cleared_gets_another(bridge_with: Any,
-                                                          open_dir: Path) -> None:
+async def test_a_name_that_cannot_be_cleared_gets_another(bridge_with: Any, open_dir: Path,
+                                                          monkeypatch: Any) -> None:
+    """A name the bridge cannot clear (another user's file, with the bridge
+    not root) gets a name no one can guess instead, which the backend learns
+    through {endpoint}."""
+    import bridge.backends.endpoint as endpoint_module
+
     running = await bridge_with(greeter=stand_in(open_dir, "greeter"),
                                 xsession=stand_in(open_dir, "xsession"))
     pipes = running.service.config.pipe_dir
-    (pipes / "ogon_1_xsession").mkdir()
-    (pipes / "ogon_1_xsession" / "inside").write_text("a directory that is not empty")
+    real_clear = endpoint_module.clear
+
+    def refusing(path: Path) -> tuple[str, str | None]:
+        if path.name == "ogon_1_xsession":
+            return "a file of uid 65534", "Operation not permitted"
+        return real_clear(path)
+
+    monkeypatch.setattr(endpoint_module, "clear", refusing)
     peer = await running.peer()
     with capturedLogs() as events:
         answer = await peer.logon(1, "alice", "alice-pw")
-    assert answer.serviceEndpoint == "\\\\.\\pipe\\ogon_1_xsession-2"
+    name = answer.serviceEndpoint.rpartition("\\")[2]
+    assert re.fullmatch(r"ogon_1_xsession-[0-9a-f]{8}", name), name
     assert peer.connections[1].backend_session == 1, "the desktop listens at the other name"
-    assert running.service.registry.get(1).backend.endpoint == "ogon_1_xsession-2"
+    assert running.service.registry.get(1).backend.endpoint == name
+    assert (pipes / name).lstat().st_uid == os.geteuid()
     assert any("cannot clear endpoint" in str(e.get("log_format", "")) for e in events)
+
+
+@needs_root
+@pytest_twisted.ensureDeferred
+async def test_filled_directories_at_the_next_names_are_moved_aside(bridge_with: Any,
+                                                                   open_dir: Path) -> None:
+    """The second review's attack: another user plants non-empty directories
+    at the next sessions' names (and at every name the bridge used to try
+    next), which not even root can rmdir."""
+    squatter = pwd.getpwnam(ensure_test_account())
+    running = await bridge_with(greeter=stand_in(open_dir, "greeter"),
+                                xsession=stand_in(open_dir, "xsession"))
+    pipes = running.service.config.pipe_dir
+    for n in (1, 2):
+        for kind in ("greeter", "xsession"):
+            for suffix in ("", *(f"-{k}" for k in range(2, 10))):
+                planted = pipes / f"ogon_{n}_{kind}{suffix}"
+                (planted / "inside").mkdir(parents=True)
+                for path in (planted, planted / "inside"):
+                    os.chown(path, squatter.pw_uid, squatter.pw_gid)
+    peer = await running.peer()
+    with capturedLogs() as events:
+        greeter = await peer.logon(1, "", "")
+        desktop = await peer.logon(2, "alice", "alice-pw")
+    for answer, connection_id, kind in ((greeter, 1, "greeter"), (desktop, 2, "xsession")):
+        session = running.service.registry.by_connection(connection_id)
+        assert peer.connections[connection_id].backend_session == session.session_id
+        assert re.fullmatch(rf"ogon_{connection_id}_{kind}-[0-9a-f]{{8}}",
+                            answer.serviceEndpoint.rpartition("\\")[2])
+    aside = [p.name for p in pipes.iterdir() if ".aside-" in p.name]
+    assert len(aside) == 2, aside
+    assert all(re.fullmatch(r"\.ogon_[12]_(greeter|xsession)\.aside-[0-9a-f]{16}", a)
+               for a in aside)
+    assert any("moved aside" in str(e.get("found", "")) for e in events)
+
+
+@needs_root
+@pytest_twisted.ensureDeferred
+async def test_a_name_taken_during_the_start_is_started_again_unguessably(
+        bridge_with: Any, open_dir: Path, monkeypatch: Any) -> None:
+    """A squatter that binds the name again the moment the bridge clears it
+    (the second review's re-binding squatter): the desktop, running as its
+    user, cannot remove the squatter's socket and dies; it is started again
+    under a name no one can guess."""
+    import bridge.backends.launcher as launcher_module
+
+    account = ensure_test_account()
+    running = await bridge_with(
+        greeter=stand_in(open_dir, "greeter"),
+        xsession=stand_in(open_dir, "xsession", "--delay", "0.3", user=account))
+    pipes = running.service.config.pipe_dir
+    planted: list[socket.socket] = []
+
+    def plant(event: dict[str, Any]) -> None:
+        if event.get("module") == "xsession" and "started" in event.get("log_format", "") \
+                and not planted:
+            path = pipes / f"ogon_{event['session_id']}_xsession"
+            sock = socket.socket(socket.AF_UNIX)
+            sock.bind(str(path))
+            os.chown(path, 65534, 65534)  # nobody's: neither the bridge's nor the user's
+            planted.append(sock)
+
+    # The squatter wins every race for the name: the bridge's take-back fails.
+    monkeypatch.setattr(launcher_module, "clear",
+                        lambda path: ("a socket of uid 65534", "Operation not permitted"))
+    peer = await running.peer()
+    from twisted.logger import globalLogPublisher
+    globalLogPublisher.addObserver(plant)
+    try:
+        with capturedLogs() as events:
+            answer = await peer.logon(1, "alice", "alice-pw")
+    finally:
+        globalLogPublisher.removeObserver(plant)
+        for sock in planted:
+            sock.close()
+    name = answer.serviceEndpoint.rpartition("\\")[2]
+    assert re.fullmatch(r"ogon_1_xsession-[0-9a-f]{8}", name), name
+    session = running.service.registry.by_connection(1)
+    assert session.logged_on and peer.connections[1].backend_session == session.session_id
+    assert any("starting it again under a name no one can guess" in
+               str(e.get("log_format", "")) for e in events)
 
 
 @needs_root
@@ -248,24 +345,34 @@ async def test_a_socket_bound_but_not_listening_yet_is_not_ready(bridge_with: An
     assert listening(running.service.config.pipe_dir / "ogon_1_greeter") is True
 
 
-def test_listening_is_read_from_the_kernels_table(tmp_path: Path) -> None:
-    bound, listener = tmp_path / "bound", tmp_path / "listener"
-    a, b = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
-    a.bind(str(bound))
-    b.bind(str(listener))
-    b.listen(1)
+def test_listening_is_asked_of_the_kernel_for_that_very_file(tmp_path: Path) -> None:
+    bound, listener, renamed = tmp_path / "bound", tmp_path / "listener", tmp_path / "renamed"
+    a, b, c = (socket.socket(socket.AF_UNIX) for _ in range(3))
     try:
+        a.bind(str(bound))
+        b.bind(str(listener))
+        b.listen(1)
+        c.bind(str(tmp_path / "temporary"))
+        c.listen(1)
+        os.rename(tmp_path / "temporary", renamed)
         assert listening(bound) is False and listening(listener) is True
-        assert listening(tmp_path / "other") is None
-        assert listen_wait(listener, 0.0, 0.0) == 0.0
+        assert listening(renamed) is True, "found by its file, not the name it was bound under"
+        assert listening(tmp_path / "missing") is False
+        # Another socket once bound to the name listens on, its file gone; a
+        # new socket bound there does not listen yet (the review's readiness
+        # fake): the name alone would say "listening".
+        os.unlink(listener)
+        d = socket.socket(socket.AF_UNIX)
+        d.bind(str(listener))
+        assert listening(listener) is False
+        d.close()
+        assert listen_wait(renamed, 0.0, 0.0) == 0.0
         assert listen_wait(bound, 0.0, 0.0) == LISTEN_RECHECK
-        assert listen_wait(tmp_path / "other", 10.0, 10.004) == pytest.approx(
-            UNLISTED_GRACE - 0.004)
-        assert listen_wait(tmp_path / "other", 10.0, 11.0) == 0.0
-        table = tmp_path / "unix"
-        table.write_text("Num RefCount Protocol Flags Type St Inode Path\n"
-                         f"0: 00000002 00000000 00010000 0001 01 1 {tmp_path}/with space\n")
-        assert listening(tmp_path / "with space", str(table)) is True
+        with pytest.MonkeyPatch.context() as patch:  # a kernel that cannot be asked
+            patch.setattr("bridge.backends.endpoint.listening_unix_files", lambda: None)
+            assert listening(bound) is None
+            assert listen_wait(bound, 10.0, 10.004) == pytest.approx(UNLISTED_GRACE - 0.004)
+            assert listen_wait(bound, 10.0, 11.0) == 0.0
     finally:
-        a.close()
-        b.close()
+        for sock in (a, b, c):
+            sock.close()

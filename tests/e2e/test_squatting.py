@@ -197,3 +197,31 @@ def test_the_lock_lives_away_from_the_world_writable_directory(monkeypatch: pyte
     assert lock_file_for(Path("/tmp/.pipe/ogon_SessionManager"), Path("/run/icp-bridge")) == \
         Path("/run/icp-bridge/tmp-.pipe-ogon_SessionManager.lock")
     assert lock_file_for(Path("/tmp/a-b/x y"), Path("/r")).name == "tmp-a\\x2db-x\\x20y.lock"
+
+
+@needs_root
+def test_a_filled_directory_at_the_icp_path_is_moved_aside_unguessably(
+        sticky_dir: Path) -> None:
+    """The second review: a directory of another user at the ICP path was
+    renamed to a name one could guess (``.squatted-<uid>-<pid>``), where a
+    filled directory planted first made the rename fail and the bridge stop.
+    Now it goes to a name no one can guess."""
+    from bridge.endpoints import claim_unix_socket
+
+    account = pwd.getpwnam(TEST_USER)
+    path = sticky_dir / "icp.sock"
+    planted = [path, *(path.with_name(f"{path.name}.squatted-{account.pw_uid}-{pid}")
+                       for pid in (os.getpid(), *range(1, 50)))]
+    for directory in planted:
+        (directory / "inside").mkdir(parents=True)
+        for made in (directory, directory / "inside"):
+            os.chown(made, account.pw_uid, account.pw_gid)
+    with capturedLogs() as events:
+        fd = claim_unix_socket(path, sticky_dir / "run")
+    try:
+        assert not path.exists(), "the name is free for the bridge's socket"
+        aside = [p.name for p in sticky_dir.iterdir() if ".aside-" in p.name]
+        assert len(aside) == 1 and aside[0].startswith(".icp.sock.aside-")
+        assert any(e.get("squatter_uid") == account.pw_uid for e in events)
+    finally:
+        os.close(fd)

@@ -164,7 +164,8 @@ class OgonModules:
         if choice.kind == "Qt":
             argv = command_line_to_argv(f"{command} -platform ogon")
             endpoint = f"ogon_{sid}_Qt"
-            environment = {"OGON_PIPE_PATH": _braces(str(self.launcher.pipe_dir / endpoint))}
+            # The endpoint's own name, or the one it gets when that is taken.
+            environment = {"OGON_PIPE_PATH": "{pipe_dir}/{endpoint}"}
             cwd: str | None = ""
         else:
             if user is None:

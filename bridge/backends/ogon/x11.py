@@ -208,8 +208,10 @@ class X11Backend:
             raise
         endpoint = f"ogon_{self.display}_X11"
         set_variable(self.env, "DISPLAY", f":{self.display}")
+        # The display is the X server's word: its pipe's name may be another
+        # session's, which is never removed (take_back off).
         self.x.claim = EndpointClaim(pipe_file(self.launcher.pipe_dir, endpoint), self._uid(),
-                                     mark)
+                                     mark, take_back=False)
         self.x.record.endpoint = endpoint
         try:
             await self.launcher.wait_ready(self.x, PIPE_TIMEOUT)
