@@ -434,7 +434,10 @@ class UsersFileAuthenticator:
             self.log.error("{problem}", problem=problem)
 
     def health(self) -> list[str]:
-        """What /healthz calls degraded about the users file ([] when fine)."""
+        """What /healthz calls degraded about the users file ([] when fine),
+        for the file on disk now: an edit is seen at the next look, not only
+        at the next logon."""
+        self.users()
         if self.stale:
             return [f"users file {self.path} has bad entries; an older version is in use "
                     f"({self.problems[0] if self.problems else ''})"]

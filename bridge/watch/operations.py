@@ -61,6 +61,8 @@ class OperationsCollector(Collector):
     def collect(self) -> Iterator[Any]:
         state = self.state
         users = state.users
+        if users is not None:
+            users.users()  # the file on disk now (a stat; read again only when it changed)
         yield GaugeMetricFamily(
             "icp_bridge_users_file_stale",
             "1 while the users file on disk has a bad entry and the last good version is "

@@ -146,8 +146,7 @@ async def test_metrics_and_healthz_say_when_a_bad_edit_is_not_used(short_dir: Pa
         assert code == 200 and json.loads(body)["degraded"] == []
         metrics = samples((await get(port, "/metrics"))[1].decode())
         assert metrics["icp_bridge_users_file_stale", ()] == 0
-        users.write_text("alice:full:\n")
-        service.operations.users.users()  # type: ignore[union-attr]  # as the next logon does
+        users.write_text("alice:full:\n")  # no logon, no reload: the next look sees it
         code, body, _ = await get(port, "/healthz")
         health = json.loads(body)
         assert code == 200 and health["ok"], "degraded, still serving"
@@ -155,6 +154,9 @@ async def test_metrics_and_healthz_say_when_a_bad_edit_is_not_used(short_dir: Pa
         metrics = samples((await get(port, "/metrics"))[1].decode())
         assert metrics["icp_bridge_users_file_stale", ()] == 1
         assert metrics["icp_bridge_users_file_bad_entries", ()] == 1
+        write_users(users, [UserEntry("alice", FULL, hash_password("a", n=1024))])
+        metrics = samples((await get(port, "/metrics"))[1].decode())  # a scrape sees the fix
+        assert metrics["icp_bridge_users_file_stale", ()] == 0
     finally:
         await service.stopService()
 
