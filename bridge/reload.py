@@ -173,6 +173,8 @@ class Reloader:
         changes += [("ogon_config", line) for line in ogon_config_changes(
             service.served_properties.ini, properties.ini)]
         kept = dataclasses.replace(loaded.config)
+        if self.set_log_level is not None:  # first: a more verbose level shows the lines below
+            self.set_log_level(kept.log_level)
         for key, line in changes:
             if key in LIVE_KEYS:
                 self.log.info("reload: {change}", change=line)
@@ -184,9 +186,9 @@ class Reloader:
         self.apply(kept, properties)
         service.operations.reloads["applied"] += 1
         service.operations.reload_refused = ""
-        self.log.info("configuration reloaded from {sources}: {count} changes",
+        self.log.info("configuration reloaded from {sources}: {count} change{s}",
                       sources=", ".join(loaded.files) or "the defaults",
-                      count=len(changes))
+                      count=len(changes), s="" if len(changes) == 1 else "s")
         return True
 
     def _refused(self, problem: object, count: int) -> bool:
@@ -218,8 +220,6 @@ class Reloader:
         service.guard.policy = dataclasses.replace(
             service.guard.policy, **{field: getattr(new, key) for key, field in _THROTTLE.items()})
         service.otsapi.token_lifetime = new.token_lifetime
-        if self.set_log_level is not None:
-            self.set_log_level(new.log_level)
         service.config = new
         users = service.operations.users
         if isinstance(users, UsersFileAuthenticator):

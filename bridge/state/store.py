@@ -317,7 +317,7 @@ def restore(store: StateStore, registry: SessionRegistry, now: float,
     loaded = [row.session for row in rows if row.session is not None]
     for session in loaded:
         registry.restore(session)
-    kept, dropped = [], []
+    kept, dropped, unreadable = [], [], 0
     for row in rows:
         session = row.session or row.stray
         if row.note and session is not None:
@@ -332,6 +332,7 @@ def restore(store: StateStore, registry: SessionRegistry, now: float,
             registry.restore(row.stray)
             registry.end(row.stray, "its state row could not be read")
             dropped.append(row.stray)
+            unreadable += 1
     for session in loaded:
         if not session.logged_on:
             registry.end(session, "bridge restarted")
@@ -350,6 +351,8 @@ def restore(store: StateStore, registry: SessionRegistry, now: float,
             tokens.append(record)
     if kept or tokens or dropped:
         log.info("restored {sessions} sessions and {tokens} tokens from {path} "
-                 "({greeters} greeter sessions ended)", sessions=len(kept),
-                 tokens=len(tokens), greeters=len(dropped), path=str(store.path))
+                 "({greeters} greeter sessions ended{unreadable})", sessions=len(kept),
+                 tokens=len(tokens), greeters=len(dropped) - unreadable, path=str(store.path),
+                 unreadable=f", {unreadable} sessions whose rows could not be read ended"
+                 if unreadable else "")
     return kept, dropped, tokens

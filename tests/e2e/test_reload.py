@@ -93,8 +93,14 @@ async def test_a_reload_applies_what_changed_and_leaves_sessions_alone(short_dir
             environment='environment = { TOKEN = "s3cret" }\n'
                         '[user_properties.alice]\n"module" = "kde"\n'))
         with capturedLogs() as events:
+            def set_level(level: str) -> None:  # where the level changes among the lines
+                reloader.levels.append(level)  # type: ignore[attr-defined]
+                events.append({"log_format": f"(level {level})", "log_namespace": "bridge.reload"})
+            reloader.set_log_level = set_level
             assert reloader.reload()
         lines = said(events)
+        # Set before the change lines: a more verbose level shows its own change.
+        assert lines.index("(level debug)") < lines.index("reload: log_level: 'info' -> 'debug'")
         assert "reload: properties.session.timeout: 30 -> 5" in lines
         assert "reload: properties.site.secret: added" in lines, "no value of a site's own"
         assert "reload: modules.kde: added" in lines and "reload: modules.xsession: removed" \

@@ -259,6 +259,10 @@ async def test_an_unreadable_row_never_orphans_a_desktop(short_dir: Path) -> Non
         ended = [e for e in second.service.store.events_after(0)
                  if e.session_id == bob.session_id and e.event == "ended"]
         assert ended[-1].reason == "its state row could not be read"
+        summary = [e["log_format"].format(**e) for e in events
+                   if e.get("log_format", "").startswith("restored {sessions}")]
+        assert summary and summary[0].endswith(
+            "(0 greeter sessions ended, 1 sessions whose rows could not be read ended)")
     finally:
         await second.stop()
         kill_process_groups(pids)
