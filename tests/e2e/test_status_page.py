@@ -81,6 +81,9 @@ async def test_the_page_follows_a_logon_and_a_logoff_and_says_when_the_bridge_is
         # ISO dates, and how long ago.
         assert await deferToThread(browser.evaluate,
                                    f"{ISO}.test({row(alice)}.cells[4].innerText)")
+        # D-Bus is off in this configuration: no red dot for it.
+        assert await deferToThread(browser.evaluate, "!document.getElementById('health-dbus') "
+                                   "&& !!document.getElementById('health-otsapi')")
         # A USER token (bob's) sees no actions.
         assert await deferToThread(browser.evaluate,
                                    "document.getElementById('actions-head').hidden && "
