@@ -199,16 +199,16 @@ class Config:
     icp_handshake_timeout: float = 10.0
     max_icp_pending: int = 50000
     max_icp_queued: int = 16 * 1024 * 1024
-    # Failed logons: a delay after logon_failures_before_delay in a row (per
-    # user and per client address), doubling up to logon_delay_max; a lockout
-    # of lockout_time after lockout_failures.
+    # Failed logons (bridge.security.throttle): delays doubling up to
+    # logon_delay_max; OTS API sources locked out after lockout_failures.
     logon_failures_before_delay: int = 3
     logon_delay_max: float = 8.0
     lockout_failures: int = 10
     lockout_time: float = 900.0
-    # NIST SP 800-63B: failed logons in a row of one user from anywhere after
-    # which only sources that have not failed for it may try (lockout_time).
+    # NIST SP 800-63B: a user's failures in a row before a lock of that user.
     account_failure_limit: int = 100
+    # Failed RDP logons (all users) per minute before RDP checks are paced.
+    rdp_failures_per_minute: int = 60
     # Failed-logon records kept in memory and in the state database.
     failure_records_max: int = 10_000
     # Password checks waiting for a thread, per kind (RDP server / OTS API).
@@ -274,7 +274,7 @@ class Config:
                      "max_icp_queued", "logon_failures_before_delay", "lockout_failures",
                      "password_check_queue", "backend_log_max_per_session",
                      "backend_log_max_total", "account_failure_limit", "failure_records_max",
-                     "admin_max_connections"):
+                     "admin_max_connections", "rdp_failures_per_minute"):
             if getattr(self, name) <= 0:
                 found.append((name, f"{name}: must be positive"))
         if self.max_icp_send < 256:
@@ -547,7 +547,7 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "logon_failures_before_delay": _integer, "logon_delay_max": _seconds,
     "lockout_failures": _integer, "lockout_time": _seconds, "password_check_queue": _integer,
     "account_failure_limit": _integer, "failure_records_max": _integer,
-    "allowed_peer_uids": _uids,
+    "rdp_failures_per_minute": _integer, "allowed_peer_uids": _uids,
     "channels_allow": _string_list("channel names"), "channels_deny": _string_list("channel names"),
     "properties": _property_table, "user_properties": _user_properties,
     "modules": _modules, "log_level": _log_level,

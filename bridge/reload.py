@@ -48,7 +48,7 @@ LIVE_KEYS = frozenset({
     "tls_handshake_timeout", "idle_timeout", "max_calls_per_connection", "max_output_buffer",
     "logon_failures_before_delay", "logon_delay_max", "lockout_failures", "lockout_time",
     "password_check_queue", "token_lifetime", "events_keep", "events_keep_count",
-    "account_failure_limit", "failure_records_max",
+    "account_failure_limit", "failure_records_max", "rdp_failures_per_minute",
 })
 #: Config key -> the OTS API's ConnectionLimits field.
 _CONNECTION_LIMITS = {
@@ -62,7 +62,7 @@ _THROTTLE = {
     "logon_failures_before_delay": "failures_before_delay", "logon_delay_max": "delay_max",
     "lockout_failures": "lockout_failures", "lockout_time": "lockout_time",
     "password_check_queue": "queue_limit", "account_failure_limit": "account_failure_limit",
-    "failure_records_max": "records_max",
+    "failure_records_max": "records_max", "rdp_failures_per_minute": "rdp_failures_per_minute",
 }
 
 

@@ -106,7 +106,8 @@ def throttle_policy(config: Config) -> ThrottlePolicy:
         delay_max=config.logon_delay_max, lockout_failures=config.lockout_failures,
         lockout_time=config.lockout_time, queue_limit=config.password_check_queue,
         account_failure_limit=config.account_failure_limit,
-        records_max=config.failure_records_max)
+        records_max=config.failure_records_max,
+        rdp_failures_per_minute=config.rdp_failures_per_minute)
 
 
 class BridgeService(MultiService):

@@ -142,8 +142,10 @@ class BridgeUnderTest:
         return peer
 
     def backend_pids(self) -> list[int]:
-        return [b.pid for b in self.service.launcher.running()] + [
+        # A backend that already exited has no pid any more.
+        return [pid for pid in [b.pid for b in self.service.launcher.running()] + [
             s.backend.pid for s in self.service.registry if s.backend is not None]
+            if pid is not None]
 
     async def stop(self, kill_backends: bool = True) -> None:
         """Stop the service; its users' backends are killed too, unless a

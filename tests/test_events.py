@@ -12,7 +12,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from bridge.security.auth import InMemoryAuthenticator
-from bridge.security.throttle import RDP, LogonGuard, ThrottlePolicy
+from bridge.security.throttle import OTSAPI, RDP, LogonGuard, ThrottlePolicy
 from bridge.sessions.model import ClientInfo, ConnectState, SessionChange, StateWriteError
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub, LogonEvents
@@ -203,18 +203,33 @@ class LogonObserverTests(SynchronousTestCase):
         recorder = Recorder()
         guard.observers += [Broken(), recorder]
         for _ in range(2):
-            d = Deferred.fromCoroutine(guard.authenticate("bob", "no", "", "192.0.2.7", RDP))
+            d = Deferred.fromCoroutine(guard.authenticate("bob", "no", "", "192.0.2.7", OTSAPI))
             assert self.successResultOf(d) is None
         assert recorder.told == [
-            ("logon_failed", "bob", "192.0.2.7", RDP, 1),
-            ("logon_failed", "bob", "192.0.2.7", RDP, 2),
+            ("logon_failed", "bob", "192.0.2.7", OTSAPI, 1),
+            ("logon_failed", "bob", "192.0.2.7", OTSAPI, 2),
             # bob from that address, and that address for every user (issue 18).
             ("locked_out", "bob", "192.0.2.7", "pair:192.0.2.7|bob", 900.0, 2),
             ("locked_out", "bob", "192.0.2.7", "source:192.0.2.7", 900.0, 2)]
         assert len(self.flushLoggedErrors(RuntimeError)) == 4
         # Locked out now: refused without a check, and no new failure told.
-        d = Deferred.fromCoroutine(guard.authenticate("bob", "pw", "", "192.0.2.7", RDP))
+        d = Deferred.fromCoroutine(guard.authenticate("bob", "pw", "", "192.0.2.7", OTSAPI))
         assert self.successResultOf(d) is None and len(recorder.told) == 4
+
+    def test_an_rdp_logon_tells_the_address_as_the_clients_claim(self) -> None:
+        # Review finding 2: an RDP client names its own address; it is told
+        # as a claim, and only the user is ever locked (past the cap).
+        guard = LogonGuard(InMemoryAuthenticator({"bob": ("pw", 1)}), Clock(),
+                           ThrottlePolicy(failures_before_delay=5, account_failure_limit=2))
+        recorder = Recorder()
+        guard.observers.append(recorder)
+        for _ in range(2):
+            self.successResultOf(Deferred.fromCoroutine(
+                guard.authenticate("bob", "no", "", "192.0.2.7", RDP)))
+        assert recorder.told == [
+            ("logon_failed", "bob", "claimed address 192.0.2.7", RDP, 1),
+            ("logon_failed", "bob", "claimed address 192.0.2.7", RDP, 2),
+            ("locked_out", "bob", "claimed address 192.0.2.7", "user:bob", 900.0, 2)]
 
 
 def test_dbus_reasons_follow_ogons_state_transitions() -> None:

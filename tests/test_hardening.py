@@ -263,7 +263,7 @@ class ThrottleTests(SynchronousTestCase):
             failures_before_delay=3, delay_max=8, lockout_failures=10, lockout_time=900))
 
     def attempt(self, user: str, password: str, source: str = "198.51.100.7",
-                kind: str = RDP) -> Deferred[Any]:
+                kind: str = OTSAPI) -> Deferred[Any]:
         return Deferred.fromCoroutine(self.guard.authenticate(user, password, "", source, kind))
 
     def test_delay_doubles_then_lockout_then_it_lifts(self) -> None:
@@ -329,7 +329,7 @@ class ThrottleTests(SynchronousTestCase):
                            store)
         for _ in range(2):
             self.successResultOf(Deferred.fromCoroutine(
-                guard.authenticate("alice", "bad", "", "198.51.100.7", RDP)))
+                guard.authenticate("alice", "bad", "", "198.51.100.7", OTSAPI)))
         again = LogonGuard(self.inner, self.clock, guard.policy, LockoutStore(path /
                                                                                "state.sqlite3"))
         assert again.locked(pair_key("alice", "198.51.100.7")) > 0, "kept in the state database"
@@ -338,7 +338,7 @@ class ThrottleTests(SynchronousTestCase):
         assert admin.unlock_source("198.51.100.7") == 1
         assert again.locked(pair_key("alice", "198.51.100.7")) == 0
         assert self.successResultOf(Deferred.fromCoroutine(
-            again.authenticate("alice", "pw", "", "198.51.100.7", RDP))) is not None
+            again.authenticate("alice", "pw", "", "198.51.100.7", OTSAPI))) is not None
 
 
 def test_zero_disables_a_timeout() -> None:

@@ -1,8 +1,10 @@
 """Failed-logon throttling that cannot be aimed at others (issue 18, items 4
-and 5), on a Clock: guesses are counted per user and source together, a
-user's failures from anywhere only slow down, a source's may lock that
-source, loopback is not one shared source, a lock that expires starts the
-count over, and the records are bounded and expire on their own."""
+and 5), on a Clock. Through the OTS API (sources the bridge saw itself):
+guesses are counted per user and source together, a user's failures from
+anywhere only slow down, a source's may lock that source, loopback is not
+one shared source. A lock that expires starts the count over, and the
+records are bounded and expire on their own. The RDP side (the address is
+the one the client claims) is in test_throttle_rdp."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from bridge.security.auth import InMemoryAuthenticator
-from bridge.security.throttle import RDP, LockoutStore, LogonGuard, ThrottlePolicy
+from bridge.security.throttle import OTSAPI, LockoutStore, LogonGuard, ThrottlePolicy
 from tests.conftest import start_bridge
 
 #: The defaults: a delay after 3 failures in a row, 0.5 s doubling to 8 s;
@@ -43,8 +45,9 @@ class GuardTests(SynchronousTestCase):
 
     def attempt(self, user: str, password: str, source: str) -> tuple[bool, float]:
         """(accepted, seconds it waited on the clock); an attempt refused
-        without a check is (False, 0)."""
-        d = Deferred.fromCoroutine(self.guard.authenticate(user, password, "", source, RDP))
+        without a check is (False, 0). Through the OTS API, whose sources
+        are the TCP peer or the caller's uid."""
+        d = Deferred.fromCoroutine(self.guard.authenticate(user, password, "", source, OTSAPI))
         waited = 0.0
         while not d.called:
             self.clock.advance(0.25)
@@ -157,7 +160,7 @@ class RecordsTests(SynchronousTestCase):
     def fail(self, guard: LogonGuard, count: int) -> None:
         for n in range(count):
             d = Deferred.fromCoroutine(guard.authenticate(
-                f"name{n}", "guess", "", f"10.{n // 65536}.{n // 256 % 256}.{n % 256}", RDP))
+                f"name{n}", "guess", "", f"10.{n // 65536}.{n // 256 % 256}.{n % 256}", OTSAPI))
             self.successResultOf(d)
 
     def test_the_records_are_capped_in_memory_and_in_the_database(self) -> None:
@@ -178,7 +181,8 @@ async def test_the_records_expire_without_being_asked_for(short_dir: Path) -> No
     try:
         guard = bridge.service.guard
         for n in range(300):
-            await guard.authenticate(f"name{n}", "guess", "", f"10.0.{n // 256}.{n % 256}", RDP)
+            await guard.authenticate(f"name{n}", "guess", "", f"10.0.{n // 256}.{n % 256}",
+                                     OTSAPI)
         database = bridge.service.store.path
 
         def rows() -> int:

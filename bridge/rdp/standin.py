@@ -124,11 +124,14 @@ class StandInRdpServer:
 
     async def logon(self, connection_id: int, username: str, password: str, domain: str = "",
                     width: int = 1920, height: int = 1080,
-                    timeout: float | None = None) -> ICP_pb2.LogonUserResponse:
+                    timeout: float | None = None,
+                    address: str = "192.0.2.10") -> ICP_pb2.LogonUserResponse:
+        """``address``: the clientAddress the RDP client reports about itself
+        (it chooses it: any text)."""
         response = await self._call(icp.MSG_LOGON_USER, ICP_pb2.LogonUserRequest(
             connectionId=connection_id, username=username, password=password, domain=domain,
             width=width, height=height, colorDepth=32, clientHostName=f"client{connection_id}",
-            clientAddress="192.0.2.10", clientBuildNumber=19041, clientProductId=1,
+            clientAddress=address, clientBuildNumber=19041, clientProductId=1,
             clientHardwareId=0, clientProtocolType=2,
         ), timeout)
         connection = ClientConnection(connection_id, username, response.serviceEndpoint)

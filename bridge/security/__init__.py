@@ -4,6 +4,8 @@
   PAM, ogon's group rule (``permission.groups.*``), atomic file writes.
 - ``throttle``: failed-logon throttling and lockouts (where a lockout is
   decided), bounded password checks: LogonGuard in front of the authenticator.
+- ``lockouts``: the failed-logon records' keys (what counts as a source),
+  and the state database's lockouts table.
 - ``tokens``: OTS API tokens (logon and session tokens), kept as digests.
 - ``token_files``: each logged-on session's token file for WTSAPI clients.
 - ``permissions``: the permission flags and levels (WIRE.md section 3).

@@ -4,77 +4,85 @@ Every logon (ICP LogonUser, the greeter's SBP login, OTS API
 logonConnection) goes through a LogonGuard around the authenticator. The
 rules follow NIST SP 800-63B 5.2.2 (limit consecutive failures per
 account to at most 100, prefer delays, do not let an attacker lock the
-legitimate user out):
+legitimate user out).
 
-- Failures are counted three ways: per user *and* source together (a
-  "pair"), per user from any source, and per source for any user. A
-  source is the client's address (an IPv6 address counts as its /64), or
-  for a local OTS API caller its uid (``uid:N``, which the OTS API finds
-  for loopback connections); a loopback address the bridge cannot
-  attribute to a uid is no source at all, since every local client would
-  share it.
-- A pair that failed ``lockout_failures`` times in a row is locked out for
-  ``lockout_time``: that source may not try that user. So is a source that
-  failed that often for any users (it guesses, or sprays names).
-- A user's failures from anywhere only slow down: after
+On the OTS API side a source is one the bridge saw itself: the TCP peer's
+address (an IPv6 address counts as its /64), or for a local caller its uid
+(``uid:N``, which the OTS API finds for loopback connections through
+sock_diag); a loopback address it cannot attribute is no source at all,
+since every local client would share it. Failures are counted three ways:
+
+- per user *and* source together (a "pair"): after ``lockout_failures`` in
+  a row that source may not try that user for ``lockout_time``; so is a
+  source that failed that often for any users (it guesses, or sprays);
+- per user from any source: these only slow down (after
   ``failures_before_delay`` the next attempt waits 0.5 s, doubling up to
-  ``delay_max``, on the reactor's clock. They never lock out the right
-  password from a source that has not failed; only past
+  ``delay_max``, on the reactor's clock); only past
   ``account_failure_limit`` (100) failures in a row may no source that
-  failed for that user (nor an unattributable one) try it again, for
-  ``lockout_time``.
-- A lock that expires starts its count over. A success clears the user's,
-  the pair's and the source's counts. The records are capped (the least
-  recently failed go first) and expire on a timer (``expire``), in memory
-  and in the state database, where lockouts survive a restart and an
-  admin lists and clears them (``icp-bridge users lockouts`` / ``unlock``).
-- Password checks run in threads, but at most ``concurrency`` per kind
-  (the RDP server's logons, the OTS API's) at a time, with at most
-  ``queue_limit`` more waiting; beyond that a check is refused with a log
-  line. The two kinds do not share a queue, so guesses through the OTS API
-  cannot delay the RDP server's logons.
-- The log says how many failures in a row, never the password; lines an
-  attacker causes per attempt are written once per kind per 10 s, then
-  one line with the count.
+  failed for that user (nor an unattributable one) try it again.
+
+On the RDP side (LogonUser, the greeter's login) the only address is the
+one the RDP *client* claims about itself (ogon's RDP server passes
+FreeRDP's settings->ClientAddress, read from the client's own info
+packet): it is logged as the "claimed address" and never counted, so it
+can neither aim a lock at someone else's address nor let a guesser escape
+one by claiming fresh addresses (review finding 2). RDP failures count
+per user (the same record as above) and RDP-wide:
+
+- a user's RDP attempts are checked one at a time, each after the user's
+  delay: parallel guesses wait in turn (at most USER_QUEUE_MAX waiting);
+- past ``account_failure_limit`` failures in a row every RDP attempt for
+  that user is refused for ``lockout_time`` (NIST's hard cap: with no
+  source to tell the attacker apart, the account is what is protected);
+- RDP failures for all users together are a budget of
+  ``rdp_failures_per_minute``: when it is spent, RDP password checks are
+  paced to that rate (slowed, never refused beyond the queue limit), so
+  spraying one guess over many names is bounded too.
+
+Common to both: a lock that expires starts its count over; a success
+clears the counts it touched. The records are capped (the least recently
+failed go first) and expire on a timer (``expire``), in memory and in the
+state database, where lockouts survive a restart and an admin lists and
+clears them (``icp-bridge users lockouts`` / ``unlock``). Password checks
+run in threads, at most ``concurrency`` per kind (the RDP server's, the
+OTS API's) at a time with at most ``queue_limit`` more waiting; the two
+kinds do not share a queue. The log says how many failures in a row,
+never the password; lines an attacker causes per attempt are written
+once per kind per 10 s, then one line with the count.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import sqlite3
+import sys
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from bridge.security.auth import AuthenticationUnavailable, Authenticator, Identity
+from bridge.security.lockouts import (  # the throttle's names for its callers, as before
+    FailureCount,
+    LockoutStore,
+    claimed_address,
+    describe_key,
+    pair_key,
+    source_identity,
+    source_key,
+    user_key,
+)
 from protocols.loglimit import LogLimiter
 
 #: The kinds of logon that queue apart.
 RDP = "rdp"
 OTSAPI = "otsapi"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS lockouts (
-    key TEXT PRIMARY KEY,
-    failures INTEGER NOT NULL,
-    last_failure REAL NOT NULL,
-    locked_until REAL NOT NULL
-);
-"""
-
-
-@dataclass(slots=True)  # up to failure_records_max of them
-class FailureCount:
-    failures: int = 0
-    last_failure: float = 0.0
-    locked_until: float = 0.0
+#: RDP attempts of one user waiting their turn (one is checked at a time);
+#: more are refused at once, uncounted. A person has one or two at a time.
+USER_QUEUE_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,9 @@ class ThrottlePolicy:
     records_max: int = 10_000
     concurrency: int = 2
     queue_limit: int = 32
+    # Failed RDP logons for all users together: a minute's worth may come at
+    # once, then checks are paced to this rate.
+    rdp_failures_per_minute: int = 60
 
 
 class LogonObserver(Protocol):
@@ -117,119 +128,6 @@ class FailureBudget(Protocol):
         ...
 
 
-def user_key(username: str) -> str:
-    return f"user:{username}"
-
-
-def source_key(source: str) -> str:
-    return f"source:{source}"
-
-
-def pair_key(username: str, source: str) -> str:
-    # A source never holds "|" (source_identity), so the user name follows it.
-    return f"pair:{source}|{username}"
-
-
-def describe_key(key: str) -> str:
-    """A record's key as the operator reads it."""
-    kind, _, rest = key.partition(":")
-    if kind == "pair":
-        source, _, username = rest.partition("|")
-        return f"user {username} from {source}"
-    return f"{kind} {rest}"
-
-
-def source_identity(source: str) -> str:
-    """How a client's ``source`` is counted: "" when it cannot be told apart
-    from other clients (unknown, or a loopback address every local client
-    shares); ``uid:N`` as given; an IPv6 address as its /64 (one host may
-    pick any address in it); an IPv4-mapped one as its IPv4 address."""
-    if not source or source.startswith("uid:"):
-        return source
-    try:
-        address = ipaddress.ip_address(source.strip("[]"))
-    except ValueError:
-        return source[:100].replace("|", "?")  # a name, as the RDP server gave it
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if address.is_loopback:
-        return ""
-    if isinstance(address, ipaddress.IPv6Address):
-        return str(ipaddress.IPv6Network(f"{address.exploded.split('%')[0]}/64", strict=False))
-    return str(address)
-
-
-class LockoutStore:
-    """The lockouts table of the state database (its own connection: the
-    CLI reads and clears it while the bridge runs)."""
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = path
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
-                                   timeout=1.0)
-        # As the state store: a commit survives the process dying; only a
-        # power loss may take the last ones back (a lost failure count is
-        # harmless), and a failure costs no fsync under a flood of them.
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-
-    def load(self) -> dict[str, FailureCount]:
-        """Every record, the least recently failed first."""
-        return {key: FailureCount(failures, last, until) for key, failures, last, until in
-                self._db.execute("SELECT key, failures, last_failure, locked_until "
-                                 "FROM lockouts ORDER BY last_failure")}
-
-    def get(self, key: str) -> FailureCount | None:
-        row = self._db.execute("SELECT failures, last_failure, locked_until FROM lockouts "
-                               "WHERE key = ?", (key,)).fetchone()
-        return FailureCount(*row) if row else None
-
-    def put(self, key: str, count: FailureCount) -> None:
-        self.update([(key, count)], [])
-
-    def update(self, changed: Iterable[tuple[str, FailureCount]], removed: Iterable[str]
-               ) -> None:
-        """Write ``changed`` and delete ``removed`` in one transaction."""
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO lockouts VALUES (?, ?, ?, ?)",
-                                 [(key, c.failures, c.last_failure, c.locked_until)
-                                  for key, c in changed])
-            self._db.executemany("DELETE FROM lockouts WHERE key = ?",
-                                 [(key,) for key in removed])
-
-    def delete(self, key: str) -> bool:
-        return self._db.execute("DELETE FROM lockouts WHERE key = ?", (key,)).rowcount > 0
-
-    def expire(self, now: float, forget_after: float) -> int:
-        """Delete what a lock's end or ``forget_after`` made history."""
-        return self._db.execute(
-            "DELETE FROM lockouts WHERE (locked_until > 0 AND locked_until <= ?) "
-            "OR (locked_until <= ? AND last_failure < ?)",
-            (now, now, now - forget_after)).rowcount
-
-    def unlock_user(self, username: str) -> int:
-        """Clear a user's records: from anywhere and from each source."""
-        keys = [key for (key,) in self._db.execute(
-            "SELECT key FROM lockouts WHERE key = ? OR key LIKE 'pair:%'", (user_key(username),))
-            if key == user_key(username) or key.partition("|")[2] == username]
-        self.update([], keys)
-        return len(keys)
-
-    def unlock_source(self, source: str) -> int:
-        """Clear a source's records: for any user and for each user."""
-        source = source_identity(source) or source
-        keys = [key for (key,) in self._db.execute(
-            "SELECT key FROM lockouts WHERE key = ? OR substr(key, 1, ?) = ?",
-            (source_key(source), len(source) + 6, f"pair:{source}|"))]
-        self.update([], keys)
-        return len(keys)
-
-    def close(self) -> None:
-        self._db.close()
-
-
 class LogonGuard:
     """An Authenticator's front door: throttling, lockouts, bounded queues."""
 
@@ -250,14 +148,21 @@ class LogonGuard:
         self._waiting = {RDP: 0, OTSAPI: 0}
         self.refused_full = 0
         self.forgotten = 0
+        # RDP attempts are checked one at a time per user (a lane each, while
+        # any waits), and paced RDP-wide once the failure budget is spent.
+        self._user_lanes: dict[str, DeferredLock] = {}
+        self._user_waiting: Counter[str] = Counter()
+        self._rdp_budget = float(self.policy.rdp_failures_per_minute)
+        self._rdp_budget_at = clock.seconds()
+        self._rdp_pace = DeferredLock()
         # For the metrics: logons by (kind, outcome: ok, failed, locked_out,
         # queue_full, unavailable).
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.observers: list[LogonObserver] = []
         # In a farm: the other hosts' counts add to ours. They delay any key,
         # but lock out only a source (of one user, or of all): never a user
-        # for everyone, as a guesser spreading over hosts must not lock alice
-        # out of the farm.
+        # (that takes this host's own account_failure_limit failures), as a
+        # guesser spreading over hosts must not lock alice out of the farm.
         self.farm: FailureBudget | None = None
         self.expire()
         self._save([], [], self._over_cap())
@@ -391,8 +296,10 @@ class LogonGuard:
             except Exception:
                 self.log.failure("logon observer failed on {what}", what=what)
 
-    def _failed(self, username: str, origin: str, kind: str) -> None:
-        """The one place a failed logon is counted (and a lock is set)."""
+    def _failed(self, username: str, origin: str, kind: str, shown: str) -> None:
+        """The one place a failed logon is counted (and a lock is set);
+        ``shown`` is where it came from as the log and events say it ("" if
+        unknown)."""
         now = self.clock.seconds()
         changed = []
         locked: list[tuple[str, int]] = []
@@ -410,19 +317,19 @@ class LogonGuard:
         failures = changed[0][1].failures  # of the user, in a row, from anywhere
         self.log_limit.warn(self.log, "failed logon",
                             "failed logon for user {username} from {source} ({failures} in a "
-                            "row)", username=username, source=origin or "unknown",
+                            "row)", username=username, source=shown or "unknown",
                             failures=failures)
-        self._tell("logon_failed", username, origin, kind, failures)
+        self._tell("logon_failed", username, shown, kind, failures)
         for key, count_failures in locked:
-            self._tell("locked_out", username, origin, key, self.policy.lockout_time,
+            self._tell("locked_out", username, shown, key, self.policy.lockout_time,
                        count_failures)
 
     def _lock(self, key: str, count: FailureCount, now: float) -> None:
         """The one place a lock is set (observers are told by _failed)."""
         count.locked_until = now + self.policy.lockout_time
         if key.startswith("user:"):
-            what = ("{key}: {failures} failed logons in a row; for {seconds:g} s only sources "
-                    "that have not failed for it may try")
+            what = ("{key}: {failures} failed logons in a row; for {seconds:g} s its RDP "
+                    "logons are refused, its OTS API logons from sources that failed for it")
         else:
             what = "{key} locked out for {seconds:g} s after {failures} failed logons"
         self.log_limit.warn(self.log, "locked", what, key=describe_key(key),
@@ -433,9 +340,14 @@ class LogonGuard:
                    if self.counts.pop(key, None) is not None]
         self._save([], removed)
 
-    def _refusal(self, username: str, origin: str) -> tuple[str, float] | None:
+    def _refusal(self, username: str, origin: str, kind: str) -> tuple[str, float] | None:
         """(the record that refuses, seconds left) when an attempt may not
         even be checked."""
+        if kind == RDP:
+            # No source to tell a guesser apart: past account_failure_limit
+            # the account itself is closed to RDP logons (NIST's hard cap).
+            left = self.locked(user_key(username))
+            return (user_key(username), left) if left else None
         if origin:
             for key in (source_key(origin), pair_key(username, origin)):
                 left = self.locked(key)
@@ -445,6 +357,20 @@ class LogonGuard:
         if left and (not origin or self._count(pair_key(username, origin)).failures):
             return user_key(username), left  # past account_failure_limit
         return None
+
+    def _refused(self, username: str, origin: str, kind: str, shown: str) -> bool:
+        """Whether the attempt is refused unchecked (counted and logged)."""
+        refusal = self._refusal(username, origin, kind)
+        if refusal is None:
+            return False
+        key, remaining = refusal
+        self.outcomes[kind, "locked_out"] += 1
+        self.log_limit.warn(self.log, "refused locked",
+                            "logon of user {username} from {source} refused: {key} is "
+                            "locked out for {seconds:.0f} s more", username=username,
+                            source=shown or "unknown", key=describe_key(key),
+                            seconds=remaining)
+        return True
 
     # -- admin ----------------------------------------------------------------------
 
@@ -464,23 +390,58 @@ class LogonGuard:
                            kind: str, **options: Any) -> Identity | None:
         """The Identity, or None: wrong credentials, locked out, or too many
         checks waiting. ``source`` is the client's address or ``uid:N`` (""
-        if unknown)."""
+        if unknown); for RDP the address the client claims, never counted."""
+        if kind == RDP:
+            return await self._authenticate_rdp(username, password, domain, source, options)
         origin = source_identity(source)
-        refusal = self._refusal(username, origin)
-        if refusal is not None:
-            key, remaining = refusal
-            self.outcomes[kind, "locked_out"] += 1
-            self.log_limit.warn(self.log, "refused locked",
-                                "logon of user {username} from {source} refused: {key} is "
-                                "locked out for {seconds:.0f} s more", username=username,
-                                source=origin or "unknown", key=describe_key(key),
-                                seconds=remaining)
+        if self._refused(username, origin, kind, origin):
             return None
         failures = [self._count(key).failures + self._elsewhere(key)
                     for key, _ in self._limits(username, origin) if not key.startswith("source:")]
         delay = max(self.delay_for(n) for n in failures)
         if delay:
             await deferLater(self.clock, delay, lambda: None)
+        return await self._checked(username, password, domain, origin, kind, origin, options)
+
+    async def _authenticate_rdp(self, username: str, password: str, domain: str,
+                                claimed: str, options: dict[str, Any]) -> Identity | None:
+        """An RDP logon: counted for the user alone (and RDP-wide), one
+        attempt of a user at a time, each after the user's delay."""
+        shown = f"claimed address {claimed_address(claimed)}" if claimed else ""
+        if self._refused(username, "", RDP, shown):
+            return None
+        if self._user_waiting[username] >= USER_QUEUE_MAX:
+            self.outcomes[RDP, "queue_full"] += 1
+            self.log_limit.warn(self.log, "user queue full",
+                                "refusing an RDP logon of user {username} from {source}: "
+                                "{waiting} of its attempts already wait their turn",
+                                username=username, source=shown or "unknown",
+                                waiting=self._user_waiting[username])
+            return None
+        lane = self._user_lanes.setdefault(username, DeferredLock())
+        self._user_waiting[username] += 1
+        try:
+            await lane.acquire()
+            try:
+                # A lock may have been set while this attempt waited its turn.
+                if self._refused(username, "", RDP, shown):
+                    return None
+                key = user_key(username)
+                delay = self.delay_for(self._count(key).failures + self._elsewhere(key))
+                if delay:
+                    await deferLater(self.clock, delay, lambda: None)
+                return await self._checked(username, password, domain, "", RDP, shown, options)
+            finally:
+                lane.release()
+        finally:
+            self._user_waiting[username] -= 1
+            if not self._user_waiting[username]:
+                del self._user_waiting[username]
+                del self._user_lanes[username]
+
+    async def _checked(self, username: str, password: str, domain: str, origin: str,
+                       kind: str, shown: str, options: dict[str, Any]) -> Identity | None:
+        """The password check in the kind's lane, and its outcome counted."""
         if self._waiting[kind] >= self.policy.concurrency + self.policy.queue_limit:
             self.refused_full += 1
             self.outcomes[kind, "queue_full"] += 1
@@ -491,8 +452,11 @@ class LogonGuard:
             return None
         self._waiting[kind] += 1
         try:
-            identity = await self._lanes[kind].run(
-                self._check, username, password, domain, options)
+            if kind == RDP:
+                identity = await self._rdp_paced(username, password, domain, options)
+            else:
+                identity = await self._lanes[kind].run(
+                    self._check, username, password, domain, options)
         except AuthenticationUnavailable as e:
             # Not a guess of theirs: no failure is counted toward a lockout.
             self.outcomes[kind, "unavailable"] += 1
@@ -503,11 +467,54 @@ class LogonGuard:
             self._waiting[kind] -= 1
         if identity is None:
             self.outcomes[kind, "failed"] += 1
-            self._failed(username, origin, kind)
+            self._failed(username, origin, kind, shown)
         else:
             self.outcomes[kind, "ok"] += 1
             self._succeeded(username, origin)
         return identity
+
+    def _rdp_level(self) -> float:
+        """RDP failures that may come now before checks are paced (the
+        budget refills at rdp_failures_per_minute, up to a minute's worth)."""
+        now = self.clock.seconds()
+        per_minute = self.policy.rdp_failures_per_minute
+        self._rdp_budget = min(float(per_minute), self._rdp_budget
+                               + (now - self._rdp_budget_at) * per_minute / 60)
+        self._rdp_budget_at = now
+        return self._rdp_budget
+
+    async def _rdp_paced(self, username: str, password: str, domain: str,
+                         options: dict[str, Any]) -> Identity | None:
+        """The RDP password check. Each check takes one failure from the
+        RDP-wide budget while it runs (given back if it was no failure), so
+        that checks started together cannot overrun it; once it is spent,
+        checks go one at a time, each when the budget has one again."""
+        paced = self._rdp_pace.locked or self._rdp_level() < 1
+        if paced:
+            await self._rdp_pace.acquire()
+        try:
+            if paced:
+                wait = (1 - self._rdp_level()) * 60 / self.policy.rdp_failures_per_minute
+                if wait > 0:
+                    self.log_limit.warn(self.log, "rdp paced",
+                                        "failed RDP logons past rdp_failures_per_minute "
+                                        "({limit}): RDP password checks paced",
+                                        limit=self.policy.rdp_failures_per_minute)
+                    await deferLater(self.clock, wait, lambda: None)
+            self._rdp_level()
+            self._rdp_budget -= 1
+            failed = True
+            try:
+                identity = await self._lanes[RDP].run(self._check, username, password, domain,
+                                                      options)
+                failed = identity is None
+                return identity
+            finally:
+                if not failed or sys.exc_info()[0] is not None:
+                    self._rdp_budget += 1  # no failure (or no check): given back
+        finally:
+            if paced:
+                self._rdp_pace.release()
 
     def _check(self, username: str, password: str, domain: str,
                options: dict[str, Any]) -> Deferred[Identity | None]:

@@ -127,7 +127,7 @@ async def test_failed_logons_and_lockouts_are_journal_events_of_session_0(
             ("logon-failed", "bob"), ("logon-failed", "bob"), ("logon-failed", "bob"),
             ("locked-out", "bob"), ("locked-out", "bob")]
         assert events[0]["reason"] == \
-            "failed logon from the RDP server from 192.0.2.10, 1 in a row"
+            "failed logon from the RDP server from claimed address 192.0.2.10, 1 in a row"
         assert events[1]["reason"] == \
             f"failed logon through the OTS API from {local}, 2 in a row"
         assert events[3]["reason"] == \
