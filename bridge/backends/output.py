@@ -1,6 +1,11 @@
 """A backend's output, followed: new lines of its log file copied into the
 bridge's log, prefixed with the session, a burst and then a steady rate.
-(How big the file may grow is ``bridge.backends.logs``'s business.)"""
+(How big the file may grow is ``bridge.backends.logs``'s business.)
+
+A line is what ends at ``\n``; whatever else it holds (``\r``, ``\v``,
+escape sequences, U+2028) is escaped (protocols.logtext), so that a
+desktop's output never makes a log entry of its own or drives the
+operator's terminal (review finding 9)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from protocols.logtext import escaped
 
 if TYPE_CHECKING:
     from bridge.backends.launcher import Backend
@@ -60,6 +67,7 @@ class OutputFollower:
     def _line(self, text: str) -> None:
         if not text:
             return
+        text = escaped(text)
         self.backend.last_lines.append(text)
         now = self.clock.seconds()
         self._tokens = min(float(OUTPUT_BURST),

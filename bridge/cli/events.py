@@ -16,6 +16,7 @@ from urllib.parse import urlencode, urlsplit
 from bridge.cli.common import token
 from bridge.cli.decode import iso
 from bridge.cli.otsclient import CtlError, unreachable
+from protocols.logtext import escaped
 
 
 def _sse_blocks(response: Any) -> Iterator[dict[str, str]]:
@@ -44,8 +45,10 @@ def _event_line(event: dict[str, Any]) -> str:
     reason = f" ({event['reason']})" if event.get("reason") else ""
     session = f"session {event['session_id']} " if event.get("session_id") else ""
     host = f" {event['host']}#{event['local_id']}" if "host" in event else ""
-    return f"#{event['id']}{host} {iso(event['time'])} {session}{event['event']}{user}" \
-           f"{states}{reason}"
+    # A user name or a reason may hold what a client typed: one line, no
+    # escape sequence reaches the terminal (protocols.logtext).
+    return escaped(f"#{event['id']}{host} {iso(event['time'])} {session}{event['event']}{user}"
+                   f"{states}{reason}")
 
 
 def cmd_events(args: argparse.Namespace) -> int:

@@ -5,8 +5,15 @@ which level on.
   device and inode of the stream it connected; the output's own must
   match), every line starts with a ``<N>`` syslog priority taken from the
   event's level and has no timestamp of its own: journald records both.
-  A multi-line event (a traceback) gives each of its lines the priority.
+  An event is one line, one journal entry; only a traceback adds lines,
+  each with the priority and the system and marked ``| ``.
 - Elsewhere (a terminal, ``--logfile``), twistd's own format.
+- Either way an event's text is escaped (protocols.logtext): a line break,
+  ``\r``, an escape sequence or U+2028 in a field from outside (a user
+  name, a client's address, a backend's output) or in the text itself is
+  written as ``\n``, ``\r``, ``\x1b``, ``\u2028``, so that it can neither
+  make an entry of its own nor drive the operator's terminal (review
+  finding 9: forged entries).
 - ``log_level`` (debug, info, warn, error) drops lines below it; a reload
   changes it in place.
 - ``--logfile``: SIGUSR1 starts a new file when the old one was moved away
@@ -26,9 +33,12 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     eventAsText,
-    textFileLogObserver,
+    formatEvent,
+    formatEventAsClassicLogText,
 )
 from twisted.python.logfile import LogFile
+
+from protocols.logtext import escaped, has_unsafe
 
 #: syslog priorities (sd-daemon(3)'s SD_DEBUG ... SD_CRIT) of Twisted's levels.
 PRIORITIES = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.error: 3,
@@ -49,9 +59,27 @@ def is_journal_stream(stream: IO[Any], environ: dict[str, str] | None = None) ->
         return False
 
 
+def escaped_event(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` with its text escaped: formatted once (the fields
+    interpolated), escaped, and put back as a format of its own. The same
+    event when there is nothing to escape; a traceback is left to the
+    caller."""
+    text = formatEvent(event)
+    system = str(event.get("log_system") or "")
+    if not has_unsafe(text) and not has_unsafe(system):
+        return event
+    safe = {key: value for key, value in event.items() if key != "log_flattened"}
+    safe.update(log_format="{log_escaped}", log_escaped=escaped(text))
+    if system:
+        safe["log_system"] = escaped(system)
+    return safe
+
+
 def journal_line(event: dict[str, Any]) -> str | None:
-    """One event for journald: ``<N>[system] text``, no timestamp; each line
-    of a multi-line event (a traceback) carries the priority."""
+    """One event for journald: ``<N>[system] text``, no timestamp, one line
+    (its text escaped); a traceback's lines follow, each ``<N>[system] | ``
+    and escaped, so that none of them reads as an entry of its own."""
+    event = escaped_event(event)
     text = eventAsText(event, includeTimestamp=False, includeSystem=False,
                        includeTraceback=True)
     if not text:
@@ -59,8 +87,18 @@ def journal_line(event: dict[str, Any]) -> str | None:
     # The level is the priority: the system column is the namespace alone.
     system = event.get("log_system") or event.get("log_namespace") or "-"
     priority = PRIORITIES.get(event.get("log_level", LogLevel.info), 6)
-    return "".join(f"<{priority}>[{system}] {line}\n" if i == 0 else f"<{priority}>{line}\n"
-                   for i, line in enumerate(text.splitlines()))
+    # Only a traceback breaks the text into lines (the message is escaped):
+    # split at "\n" alone, never at what str.splitlines() also takes.
+    lines = text.rstrip("\n").split("\n")
+    return "".join(f"<{priority}>[{system}] {line}\n" if i == 0
+                   else f"<{priority}>[{system}] | {escaped(line)}\n"
+                   for i, line in enumerate(lines))
+
+
+def classic_line(event: dict[str, Any]) -> str | None:
+    """One event in twistd's own format (a terminal, ``--logfile``), its
+    text escaped; a traceback's lines indented by a tab, as twistd does."""
+    return formatEventAsClassicLogText(escaped_event(event))
 
 
 class LogFileReopener:
@@ -104,12 +142,11 @@ class BridgeLogging:
         if logfile and logfile != "-":
             log_file = LogFile.fromFullPath(logfile)
             self.reopen = LogFileReopener(log_file)
-            inner = textFileLogObserver(log_file)
+            inner = FileLogObserver(log_file, classic_line)
         else:
             stream = stdout or sys.stdout
             self.journal = is_journal_stream(stream, environ)
-            inner = FileLogObserver(stream, journal_line) if self.journal \
-                else textFileLogObserver(stream)
+            inner = FileLogObserver(stream, journal_line if self.journal else classic_line)
         self.observer = FilteringLogObserver(inner, [self.predicate])
 
     def set_level(self, level: str) -> None:

@@ -13,6 +13,7 @@ import secrets
 import stat
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +57,18 @@ def user_groups(username: str) -> list[str] | None:
     return names
 
 
+#: Unicode categories no user name holds: controls (C0, DEL, C1), format
+#: characters (bidi overrides, zero-width ones), line and paragraph
+#: separators. They could break a log line or hide what a name says.
+_NOT_IN_NAMES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
 def is_user_name(name: str) -> bool:
     """Whether ``name`` can be a user name at all (checked before any
-    password is): at most 256 characters, none of them a control character."""
-    return len(name) <= 256 and not any(ord(c) < 32 for c in name)
+    password is): at most 256 characters, none of them a control, format or
+    line/paragraph separator character (Unicode categories Cc, Cf, Zl, Zp)."""
+    return len(name) <= 256 and not any(
+        unicodedata.category(c) in _NOT_IN_NAMES for c in name)
 
 
 def logon_allowed(properties: PropertyTable, username: str,
