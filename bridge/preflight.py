@@ -8,7 +8,10 @@ Three kinds of finding, decided per check (README, "Operating it"):
   configuration that can never work and that the operator fixes in the
   file -- a ``module``/``auth.greeter`` property of the TOML file naming a
   module that is not defined, a ``pipe_dir`` the session users cannot
-  create their sockets in (every desktop would fail to start).
+  create their sockets in (every desktop would fail to start); a
+  configuration file, the users file or a module program run as root that
+  someone besides root and the bridge's user can change
+  (bridge.security.file_trust).
 - **alerts** are logged as errors but the bridge runs: an expired
   certificate (the RDP server reads the same pair; refusing to start would
   lock every client out instead of warning them).
@@ -35,7 +38,7 @@ import os
 import pwd
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +48,7 @@ from bridge.backends.ogon.properties import KINDS
 from bridge.config import Config, Problem, default_modules
 from bridge.config_sources import load_properties
 from bridge.endpoints import split_endpoint
+from bridge.security.file_trust import untrusted
 from bridge.security.tls import (
     certificate_not_after,
     default_pair,
@@ -255,6 +259,53 @@ class _Checker:
                       f"{module.user!r}; {module.name} backends cannot start"
                       f"{self.consequence(module)}")
 
+    def trusted_files(self, files: Iterable[str], modules: list[Module]) -> None:
+        """What the bridge runs root's commands from, or takes its users
+        from, must be changeable by root and its own user alone."""
+        ini = str(self.config.ogon_config) if self.config.ogon_config else ""
+        checked = [(name, "ogon's config.ini" if name == ini else "configuration file")
+                   for name in dict.fromkeys([*files, *([ini] if ini else [])])]
+        if self.config.authenticator == "users-file":
+            checked.append((str(self.config.users_file), "users file"))
+        for name, what in checked:
+            line = untrusted(Path(name), what)
+            if line:
+                self.findings.errors.append(Problem("", line))
+        for key, program in self.root_programs(modules):
+            line = untrusted(Path(program), "module program")
+            if line:
+                self.error(key, f"{key}: {line}")
+
+    def root_programs(self, modules: list[Module]) -> list[tuple[str, str]]:
+        """(key, program) of what runs as root: command modules running as
+        the bridge's user (root), ogon's launcher and the greeter's cmd."""
+        if not self.as_root:
+            return []
+        found = []
+        for module in modules:
+            as_bridge = module.user in ("root", _own_name()) or (
+                module.user == "session" and not self.used_as_desktop(module.name))
+            if as_bridge and "{" not in module.command[0]:
+                found.append((f"modules.{module.name}.command", module.command[0],
+                              self.search_path(module)))
+        greeter = self.properties.string_or("auth.greeter", "", "greeter")
+        for table in [{**self.merged.defaults, **self.merged.global_values},
+                      *self.merged.per_user.values()]:
+            for prop, value in table.items():
+                parts = prop.split(".")
+                if len(parts) == 3 and parts[0] == "module" and isinstance(value, str) and (
+                        parts[2] == "launcherexecutable" or (parts[1] == greeter
+                                                            and parts[2] == "cmd")):
+                    words = value.replace("'", " ").replace('"', " ").split()
+                    if words:
+                        found.append((prop, words[0], os.environ.get("PATH", STANDARD_PATH)))
+        programs = {}
+        for key, program, search in found:
+            path = program if "/" in program else shutil.which(program, path=search)
+            if path:
+                programs.setdefault(path, key)
+        return [(key, path) for path, key in programs.items()]
+
     def pipe_dir(self, modules: list[Module]) -> None:
         """The backends create their endpoint sockets in pipe_dir: every
         account they run as must be able to."""
@@ -391,11 +442,13 @@ def certificate_path(config: Config, properties: PropertyTable, as_root: bool,
 def preflight(config: Config, origins: dict[str, str] | None = None,
               as_root: bool | None = None,
               now: Callable[[], datetime.datetime] | None = None,
-              properties: MergedProperties | None = None) -> Findings:
+              properties: MergedProperties | None = None,
+              files: Iterable[str] = ()) -> Findings:
     """Check ``config`` against this machine; ``origins`` names the file
     of each top-level key (for the lines). ``properties``: what
     load_properties(config) says, when the caller has read it (else it is
-    read here; raises OgonConfigError)."""
+    read here; raises OgonConfigError). ``files``: the configuration files
+    read (LoadedConfig.files), whose owners and modes are checked."""
     checker = _Checker(config, origins or {}, os.geteuid() == 0 if as_root is None else as_root,
                        (now or (lambda: datetime.datetime.now(datetime.UTC)))(),
                        properties if properties is not None else load_properties(config))
@@ -404,6 +457,7 @@ def preflight(config: Config, origins: dict[str, str] | None = None,
         checker.command(module)
         checker.account(module)
     checker.pipe_dir(modules)
+    checker.trusted_files(files, modules)
     checker.certificate()
     checker.listeners()
     return checker.findings

@@ -161,7 +161,8 @@ class Reloader:
             properties = loaded.read_properties()  # config.ini, as ogon reads it on SIGHUP
         except ConfigError as e:
             return self._refused(e.problems[0], len(e.problems))
-        findings = self.check(loaded.config, loaded.origins, properties=properties)
+        findings = self.check(loaded.config, loaded.origins, properties=properties,
+                              files=loaded.files)
         if findings.errors:
             return self._refused(findings.errors[0], len(findings.errors))
         for problem in [*loaded.warnings, *findings.warnings]:

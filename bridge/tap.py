@@ -201,7 +201,7 @@ def makeService(options: Options) -> DaemonService:
         properties = loaded.read_properties()  # ogon's config.ini, if any
     except ConfigError as e:
         raise _exit([str(problem) for problem in e.problems]) from None
-    findings = preflight(config, loaded.origins, properties=properties)
+    findings = preflight(config, loaded.origins, properties=properties, files=loaded.files)
     if findings.errors:
         raise _exit([str(problem) for problem in findings.errors])
     logging = _logging(options, config)

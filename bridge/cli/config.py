@@ -38,7 +38,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     config = loaded.config
     properties = loaded.properties
-    findings = preflight(config, loaded.origins, properties=properties)
+    findings = preflight(config, loaded.origins, properties=properties, files=loaded.files)
     alerts = [str(p) for p in findings.alerts]
     warnings = [str(p) for p in [*loaded.warnings, *findings.warnings]]
     warnings += properties.problems if properties is not None else ()

@@ -6,6 +6,8 @@
   decided), bounded password checks: LogonGuard in front of the authenticator.
 - ``lockouts``: the failed-logon records' keys (what counts as a source),
   and the state database's lockouts table.
+- ``file_trust``: whether only root and the bridge's user can change a file
+  the bridge trusts with root's power (configuration, users file, programs).
 - ``tokens``: OTS API tokens (logon and session tokens), kept as digests.
 - ``token_files``: each logged-on session's token file for WTSAPI clients.
 - ``permissions``: the permission flags and levels (WIRE.md section 3).

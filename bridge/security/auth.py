@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from bridge.security.accounts import SHADOW, account_problem
+from bridge.security.file_trust import untrusted
 from bridge.security.permissions import USER, level_name, level_value
 
 if TYPE_CHECKING:
@@ -268,26 +269,24 @@ def read_users(path: Path) -> dict[str, UserEntry]:
 
 
 def users_file_warnings(path: Path, own_uid: int | None = None) -> list[str]:
-    """What about the users file's owner and mode an operator should hear:
-    whoever owns or may write it can add an admin."""
-    own_uid = os.geteuid() if own_uid is None else own_uid
+    """What about the users file's mode an operator should hear but that
+    does not stop the bridge: others may read the hashes. (One that others
+    can change is refused: users_file_untrusted.)"""
     try:
         info = path.stat()
     except OSError:
         return []
-    warnings = []
-    if info.st_uid not in (0, own_uid):
-        warnings.append(f"users file {path} is owned by uid {info.st_uid}, not root or the "
-                        f"bridge's user: its owner can add users (chown root it)")
     mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o022:
-        who = "others" if mode & 0o002 else "its group"
-        warnings.append(f"users file {path} is writable by {who} (mode {mode:04o}): they can "
-                        f"add users; chmod 600 it")
-    elif mode & 0o044:
-        warnings.append(f"users file {path} is readable by others (mode {mode:04o}); "
-                        f"chmod 600 it")
-    return warnings
+    if mode & 0o044 and not mode & 0o022:
+        return [f"users file {path} is readable by others (mode {mode:04o}); chmod 600 it"]
+    return []
+
+
+def users_file_untrusted(path: Path, own_uid: int | None = None) -> str | None:
+    """The line saying why the users file is not used, when someone besides
+    root and the bridge's user can change it (its owner, its group or
+    others, or a directory above it): they could add an admin."""
+    return untrusted(path, "users file", own_uid)
 
 
 def write_users(path: Path, users: Iterable[UserEntry]) -> None:
@@ -401,6 +400,12 @@ class UsersFileAuthenticator:
         except (OSError, UnicodeDecodeError) as e:
             self._refuse([f"{self.path}: cannot be read: {getattr(e, 'strerror', None) or e}"])
             return
+        distrust = users_file_untrusted(self.path) if stamp is not None else None
+        if distrust is not None:
+            # Startup and a reload refuse it too (preflight); this keeps a
+            # running bridge on the version it trusted.
+            self._refuse([distrust], "others can change it")
+            return
         parsed = parse_users(text, self.path)
         self.problems = parsed.problems
         for warning in users_file_warnings(self.path):
@@ -430,13 +435,13 @@ class UsersFileAuthenticator:
         costs = [_cost(entry.password_hash) for entry in parsed.users.values()]
         self._dummy_hash = dummy_hash(max(costs, default=SCRYPT_N))
 
-    def _refuse(self, problems: list[str]) -> None:
+    def _refuse(self, problems: list[str], why: str = "") -> None:
         """The file on disk is not used; the version read before stays."""
         self.problems = problems
         self.stale = True
-        self.log.error("users file {path} not used: it has {count} bad entries; the version "
+        self.log.error("users file {path} not used: {why}; the version "
                        "read {ago:.0f} s ago ({users} users) stays until it is fixed:",
-                       path=str(self.path), count=len(problems),
+                       path=str(self.path), why=why or f"it has {len(problems)} bad entries",
                        ago=max(0.0, time.time() - self.loaded_at) if self.loaded_at else 0.0,
                        users=len(self._current.users))
         for problem in problems:

@@ -26,6 +26,7 @@ from bridge.security.auth import (
     UsersFileAuthenticator,
     hash_password,
     parse_users,
+    users_file_untrusted,
     users_file_warnings,
     write_users,
 )
@@ -112,26 +113,51 @@ def test_a_bad_edit_keeps_the_last_good_version(tmp_path: Path) -> None:
     assert result_of(auth.authenticate("alice", "new", "")) is not None
 
 
-def test_owner_and_mode_warnings(tmp_path: Path) -> None:
+def test_owner_and_mode_warnings_and_refusals(tmp_path: Path) -> None:
+    # Readable by others: a warning. Changeable by others (review finding
+    # 14; before: only a warning): refused (users_file_untrusted, which
+    # preflight makes a startup and reload error).
     path = tmp_path / "users"
     path.write_text("")
     path.chmod(0o600)
-    assert users_file_warnings(path) == []
+    assert users_file_warnings(path) == [] and users_file_untrusted(path) is None
     path.chmod(0o644)
     assert users_file_warnings(path) == [
         f"users file {path} is readable by others (mode 0644); chmod 600 it"]
+    assert users_file_untrusted(path) is None
     path.chmod(0o666)
-    assert users_file_warnings(path) == [
-        f"users file {path} is writable by others (mode 0666): they can add users; chmod 600 it"]
+    assert users_file_untrusted(path) == (
+        f"users file {path} is writable by others (mode 0666), and it hands out logons with "
+        f"FULL rights: chmod go-w {path}")
+    path.chmod(0o620)
+    assert "is writable by its group (mode 0620)" in (users_file_untrusted(path) or "")
     path.chmod(0o600)
     if os.geteuid() == 0:
         nobody = pwd.getpwnam("nobody").pw_uid
         os.chown(path, nobody, -1)
-        assert users_file_warnings(path) == [
-            f"users file {path} is owned by uid {nobody}, not root or the bridge's user: its "
-            f"owner can add users (chown root it)"]
+        assert users_file_untrusted(path) == (
+            f"users file {path} is owned by uid {nobody} (nobody), not root or the bridge's "
+            f"user, and it hands out logons with FULL rights: chown root {path}")
     else:
-        assert users_file_warnings(path, own_uid=os.geteuid() + 1) != []
+        assert users_file_untrusted(path, own_uid=os.geteuid() + 1) is not None
+
+
+def test_a_running_bridge_keeps_its_users_when_others_can_change_the_file(
+        tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    write_users(path, [UserEntry("alice", FULL, hash_password("old", n=1024))])
+    auth = UsersFileAuthenticator(path)
+    assert set(auth.users()) == {"alice"}
+    path.chmod(0o666)  # and someone adds an admin of their own
+    path.write_text(path.read_text() + f"mallory:full:{hash_password('m', n=1024)}\n")
+    with capturedLogs() as events:
+        assert set(auth.users()) == {"alice"}, "the version it trusted stays"
+    assert auth.stale
+    assert any("others can change it" in e["log_format"].format(**e) for e in events)
+    assert result_of(auth.authenticate("mallory", "m", "")) is None
+    path.chmod(0o600)
+    path.write_text(path.read_text())  # touched again, now trusted
+    assert set(auth.users()) == {"alice", "mallory"} and not auth.stale
 
 
 @pytest_twisted.ensureDeferred
