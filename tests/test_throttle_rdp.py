@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from bridge.backends.modules import Module
-from bridge.security.auth import Identity, InMemoryAuthenticator
+from bridge.security.auth import AuthenticationUnavailable, Identity, InMemoryAuthenticator
 from bridge.security.throttle import (
     OTSAPI,
     RDP,
@@ -164,6 +164,16 @@ class RdpGuardTests(SynchronousTestCase):
         self.clock.advance(60)
         accepted, waited = self.attempt("alice", "alice-pw", "203.0.113.9")
         assert accepted and waited <= CHECK_TIME + 0.05
+
+    def test_a_check_that_could_not_run_spends_no_rdp_budget(self) -> None:
+        def unavailable(username: str, password: str, domain: str) -> Deferred[Any]:
+            return fail(AuthenticationUnavailable("users file unreadable"))
+
+        self.guard.authenticator = type("Auth", (), {"authenticate": staticmethod(unavailable)})()
+        for n in range(2 * POLICY.rdp_failures_per_minute):
+            assert self.attempt(f"name{n}", "guess", "198.51.100.1") == (False, 0.0)
+        assert self.guard.outcomes[RDP, "unavailable"] == 2 * POLICY.rdp_failures_per_minute
+        assert self.guard._rdp_level() == POLICY.rdp_failures_per_minute, "all given back"
 
     def test_the_log_names_the_claimed_address_as_a_claim(self) -> None:
         with capturedLogs() as events:

@@ -54,7 +54,6 @@ once per kind per 10 s, then one line with the count.
 from __future__ import annotations
 
 import sqlite3
-import sys
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -503,15 +502,15 @@ class LogonGuard:
                     await deferLater(self.clock, wait, lambda: None)
             self._rdp_level()
             self._rdp_budget -= 1
-            failed = True
             try:
                 identity = await self._lanes[RDP].run(self._check, username, password, domain,
                                                       options)
-                failed = identity is None
-                return identity
-            finally:
-                if not failed or sys.exc_info()[0] is not None:
-                    self._rdp_budget += 1  # no failure (or no check): given back
+            except BaseException:
+                self._rdp_budget += 1  # no guess was checked: given back
+                raise
+            if identity is not None:
+                self._rdp_budget += 1  # a success spends nothing
+            return identity
         finally:
             if paced:
                 self._rdp_pace.release()
