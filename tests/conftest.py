@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,49 @@ def _log_to_stderr(event: dict[str, Any]) -> None:
 
 
 globalLogPublisher.addObserver(_log_to_stderr)
+
+#: Where a test looks for the machine's own configuration: nowhere. A
+#: developer's ogon host has /etc/ogon/config.ini (and maybe
+#: /etc/icp-bridge/bridge.toml); the suite must give the result it gives in CI.
+NO_HOST_FILES = Path("/nonexistent/icp-bridge-tests")
+
+
+@pytest.fixture(autouse=True)
+def _not_this_machines_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process, the default files are never read (a test that
+    wants them points these at its own); children get flags instead
+    (``plugin_args``)."""
+    import bridge.config
+
+    monkeypatch.setattr(bridge.config, "DEFAULT_CONFIG_FILE", NO_HOST_FILES / "bridge.toml")
+    monkeypatch.setattr(bridge.config, "DEFAULT_OGON_CONFIG", NO_HOST_FILES / "config.ini")
+
+
+#: ``twistd`` run as a child (its own options go after it, then plugin_args).
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def no_ogon_config(config: Path) -> list[str]:
+    """``--ogon-config ""`` unless the TOML file ``config`` names a
+    config.ini: a child never reads this machine's /etc/ogon/config.ini."""
+    try:
+        with open(config, "rb") as f:
+            names_one = "ogon_config" in tomllib.load(f)
+    except tomllib.TOMLDecodeError:
+        names_one = False  # the test is about that; the flag changes nothing
+    return [] if names_one else ["--ogon-config", ""]
+
+
+def plugin_args(config: Path, *flags: str) -> list[str]:
+    """``icp-bridge --config FILE [flags]`` for a twistd child that reads
+    only what the test gave it: the TOML file always named (never
+    /etc/icp-bridge/bridge.toml; made empty when missing), and
+    /etc/ogon/config.ini never (``no_ogon_config``)."""
+    if not config.exists():
+        config.write_text("")
+    if "--ogon-config" not in flags:
+        flags = (*flags, *no_ogon_config(config))
+    return ["icp-bridge", "--config", str(config), *flags]
 
 USERS = {
     "alice": ("alice-pw", FULL),

@@ -23,6 +23,7 @@ from bridge.config_sources import ConfigSources, Flags, TomlFile, load_config
 from bridge.preflight import preflight
 from bridge.security.tls import generate_pair
 from bridge.tap import Options
+from tests.conftest import no_ogon_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -252,18 +253,40 @@ def test_config_check_without_arguments_checks_what_a_start_reads(
     monkeypatch.setattr(config_module, "DEFAULT_CONFIG_FILE", good_config(tmp_path))
     monkeypatch.setattr(config_module, "DEFAULT_OGON_CONFIG", ini)
     ini.write_text("[global]\nsession_maxXRes_number=wide\n")
-    assert cmd_check(argparse.Namespace(file=None)) == 1
+    assert cmd_check(argparse.Namespace(file=None, ogon_config=None)) == 1
     assert capsys.readouterr().out.splitlines() == [
         f"{ini}:2: session_maxXRes_number=wide: not a decimal number (ogon would log it and "
         f"ignore the line)"]
     ini.write_text("[global]\nsession_maxXRes_number=4096\n")
-    assert cmd_check(argparse.Namespace(file=None)) == 0
+    assert cmd_check(argparse.Namespace(file=None, ogon_config=None)) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith(
         f"{tmp_path}/bridge.toml, {ini}: ok")
 
 
+def test_config_check_takes_another_config_ini_or_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--ogon-config`` as twistd's: another file than /etc/ogon/config.ini
+    (checked before it is put in place), or "" for none."""
+    from bridge.cli.config import cmd_check
+
+    default, other = tmp_path / "default.ini", tmp_path / "other.ini"
+    default.write_text("[global]\nsession_maxXRes_number=wide\n")
+    other.write_text("[global]\nsession_maxXRes_number=4096\n")
+    monkeypatch.setattr(config_module, "DEFAULT_OGON_CONFIG", default)
+    toml = str(good_config(tmp_path))
+    assert cmd_check(argparse.Namespace(file=toml, ogon_config=None)) == 1
+    capsys.readouterr()
+    assert cmd_check(argparse.Namespace(file=toml, ogon_config="")) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"{toml}: ok")
+    assert cmd_check(argparse.Namespace(file=toml, ogon_config=str(other))) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"{toml}, {other}: ok")
+
+
 def run_check(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge.cli", "config", "check", *args],
+    """``config check FILE`` in a child, never reading this machine's config.ini."""
+    return subprocess.run([sys.executable, "-m", "bridge.cli", "config", "check", *args,
+                           *no_ogon_config(Path(args[0]))],
                           capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
 
 

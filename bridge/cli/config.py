@@ -25,11 +25,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from bridge.security.auth import parse_users, users_file_warnings
 
     path = Path(args.file) if args.file else DEFAULT_CONFIG_FILE
+    # As twistd's --ogon-config: another config.ini than /etc/ogon/config.ini, or "" for none.
+    flags = {"ogon_config": args.ogon_config} if args.ogon_config is not None else {}
     if not args.file and not path.exists():
         print(f"{path}: not there; the bridge uses the defaults (checked below)")
-        sources = ConfigSources([])
+        sources = ConfigSources.for_service(None, flags)
     else:
-        sources = ConfigSources.for_service(path)
+        sources = ConfigSources.for_service(path, flags)
     try:
         loaded = sources.load()
     except ConfigError as e:
@@ -78,4 +80,8 @@ def add_commands(commands: Any) -> None:
     check.add_argument("file", nargs="?",
                        help="[default: /etc/icp-bridge/bridge.toml, or the defaults; "
                             "/etc/ogon/config.ini too when it exists]")
+    check.add_argument("--ogon-config", metavar="FILE",
+                       help="ogon's config.ini, as the bridge's --ogon-config ('' for none) "
+                            "[default: the configuration's ogon_config, else "
+                            "/etc/ogon/config.ini when it exists]")
     check.set_defaults(func=cmd_check)

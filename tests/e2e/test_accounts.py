@@ -221,7 +221,9 @@ async def test_otsapi_logon_with_a_name_that_is_no_name(bridge_at: Any) -> None:
 
 # -- PAM: its account stage runs ---------------------------------------------------
 
-PAM_SERVICE = "icp-bridge-test"
+#: One per test process: several runs of the suite on one machine would
+#: otherwise remove each other's file.
+PAM_SERVICE = f"icp-bridge-test-{os.getpid()}"
 
 
 @pytest.fixture
@@ -230,7 +232,7 @@ def pam_service() -> Any:
     path = Path("/etc/pam.d") / PAM_SERVICE
     path.write_text("auth required pam_unix.so\naccount required pam_unix.so\n")
     yield PAM_SERVICE
-    path.unlink()
+    path.unlink(missing_ok=True)
 
 
 @needs_root

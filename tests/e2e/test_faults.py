@@ -23,7 +23,7 @@ from bridge.security.auth import UserEntry, UsersFileAuthenticator, hash_passwor
 from bridge.sessions.model import ConnectState
 from bridge.state.maintenance import check
 from bridge.state.store import StateStore
-from tests.conftest import make_config, start_bridge
+from tests.conftest import TWISTD, make_config, plugin_args, start_bridge
 from tests.e2e.otsapi_client import BlockingClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,9 +96,10 @@ def test_twistd_with_a_corrupt_database_prints_one_line(short_dir: Path) -> None
     state.mkdir()
     (state / "state.sqlite3").write_bytes(b"not a database" * 100)
     result = subprocess.run(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-         "--pidfile=", "icp-bridge", "--icp", f"unix:{short_dir}/icp.sock", "--thrift",
-         "tcp:0:interface=127.0.0.1", "--admin", "", "--state", str(state)],
+        [*TWISTD, "-n", "--pidfile=",
+         *plugin_args(short_dir / "bridge.toml", "--icp", f"unix:{short_dir}/icp.sock",
+                      "--thrift", "tcp:0:interface=127.0.0.1", "--admin", "", "--state",
+                      str(state))],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=60)
     assert result.returncode != 0

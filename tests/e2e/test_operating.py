@@ -26,7 +26,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
 
 from bridge.rdp.standin import StandInRdpServer
-from tests.conftest import ME, STANDIN_BACKEND, kill_process_groups
+from tests.conftest import ME, STANDIN_BACKEND, kill_process_groups, plugin_args
 from tests.e2e.test_ogon_install import ask
 from tests.e2e.test_twistd import Twistd
 
@@ -164,7 +164,7 @@ async def test_socket_activation_and_the_notify_protocol(short_dir: Path) -> Non
         "systemd-socket-activate", "-l", str(socket_path), "--fdname=icp",
         "-E", f"PYTHONPATH={ROOT}", "-E", "PYTHONUNBUFFERED=1",
         "-E", f"NOTIFY_SOCKET={short_dir}/notify", "-E", "WATCHDOG_USEC=400000",
-        *TWISTD, "icp-bridge", "--config", str(config)], env=dict(os.environ), path=str(ROOT))
+        *TWISTD, *plugin_args(config)], env=dict(os.environ), path=str(ROOT))
     RUNNING.append(transport)
     pids: list[int] = []
     try:
@@ -215,8 +215,7 @@ async def test_sighup_reloads_or_refuses_and_sigusr1_starts_a_new_logfile(
     proc = Twistd()
     done: Deferred[Any] = Deferred()
     transport = reactor.spawnProcess(
-        proc, sys.executable, [*TWISTD, f"--logfile={logfile}", "icp-bridge", "--config",
-                               str(config)],
+        proc, sys.executable, [*TWISTD, f"--logfile={logfile}", *plugin_args(config)],
         env={**os.environ, "PYTHONPATH": str(ROOT)}, path=str(ROOT))
     RUNNING.append(transport)
     proc.ended.addBoth(done.callback)
@@ -279,8 +278,7 @@ async def test_sighup_reads_ogons_config_ini_again(short_dir: Path) -> None:
     proc = Twistd()
     done: Deferred[Any] = Deferred()
     transport = reactor.spawnProcess(
-        proc, sys.executable, [*TWISTD, f"--logfile={logfile}", "icp-bridge", "--config",
-                               str(config)],
+        proc, sys.executable, [*TWISTD, f"--logfile={logfile}", *plugin_args(config)],
         env={**os.environ, "PYTHONPATH": str(ROOT)}, path=str(ROOT))
     RUNNING.append(transport)
     proc.ended.addBoth(done.callback)
@@ -328,7 +326,7 @@ async def test_journal_lines_and_the_log_level(short_dir: Path) -> None:
     proc = Twistd()
     try:
         transport = reactor.spawnProcess(
-            proc, sys.executable, [*TWISTD, "icp-bridge", "--config", str(config)],
+            proc, sys.executable, [*TWISTD, *plugin_args(config)],
             env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(short_dir / "notify"),
                  "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"},
             path=str(ROOT), childFDs={0: "w", 1: fd, 2: fd})
@@ -355,7 +353,7 @@ async def test_a_startup_error_is_one_line_naming_the_file(short_dir: Path) -> N
     config = short_dir / "bridge.toml"
     config.write_text('[properties]\n"session.timeout" = "30"\n"session.timout" = 1\n')
     out, err, code = await getProcessOutputAndValue(
-        sys.executable, [*TWISTD[1:], "icp-bridge", "--config", str(config)],
+        sys.executable, [*TWISTD[1:], *plugin_args(config)],
         env={**os.environ, "PYTHONPATH": str(ROOT)}, path=str(ROOT))
     assert code == 1 and out == b""
     assert err.decode().splitlines() == [

@@ -23,7 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
 from bridge.rdp.standin import StandInRdpServer
-from tests.conftest import ME, STANDIN_BACKEND, alive
+from tests.conftest import ME, STANDIN_BACKEND, alive, plugin_args
 from tests.e2e.sse import open_events
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,7 +118,7 @@ def _kill_leftover_twistd() -> Iterator[None]:
 async def start_twistd(base: Path, config: Path) -> tuple[Twistd, Any]:
     proc = Twistd()
     args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "icp-bridge", "--config", str(config)]
+            "-n", "--pidfile=", *plugin_args(config)]
     transport = reactor.spawnProcess(proc, sys.executable, args, env=ENV, path=str(ROOT))
     RUNNING.append(transport)
     await proc.wait_for("OTS API listening on")
@@ -245,7 +245,7 @@ async def test_bad_config_is_one_line(short_dir: Path) -> None:
     config.write_text("call_timeout = 'soon'\n")
     out, err, code = await getProcessOutputAndValue(
         sys.executable, ["-c", "from twisted.scripts.twistd import run; run()", "-n",
-                         "icp-bridge", "--config", str(config)], env=ENV, path=str(ROOT))
+                         *plugin_args(config)], env=ENV, path=str(ROOT))
     assert code != 0
     text = (out + err).decode()
     assert "call_timeout: expected a number, got str" in text
