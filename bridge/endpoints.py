@@ -144,7 +144,7 @@ def claim_unix_socket(path: Path, lock_dir: Path) -> int:
     """
     check_lock_dir(lock_dir)
     lock_path = lock_file_for(path, lock_dir)
-    fd = _open_lock(lock_path)
+    fd = open_lock_file(lock_path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -161,7 +161,7 @@ def claim_unix_socket(path: Path, lock_dir: Path) -> int:
     return fd
 
 
-def _open_lock(lock_path: Path) -> int:
+def open_lock_file(lock_path: Path) -> int:
     """The lock file, opened without following links; one that root or the
     bridge's user did not make is replaced, not deferred to."""
     log = Logger(namespace="bridge.endpoints")

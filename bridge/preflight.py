@@ -8,9 +8,10 @@ Three kinds of finding, decided per check (README, "Operating it"):
   configuration that can never work and that the operator fixes in the
   file -- a ``module``/``auth.greeter`` property of the TOML file naming a
   module that is not defined, a ``pipe_dir`` the session users cannot
-  create their sockets in (every desktop would fail to start); a
-  configuration file, the users file or a module program run as root that
-  someone besides root and the bridge's user can change
+  create their sockets in (every desktop would fail to start), an
+  ``authenticator`` this machine cannot run (PAM without python-pam or
+  libpam); a configuration file, the users file or a module program run as
+  root that someone besides root and the bridge's user can change
   (bridge.security.file_trust).
 - **alerts** are logged as errors but the bridge runs: an expired
   certificate (the RDP server reads the same pair; refusing to start would
@@ -48,6 +49,7 @@ from bridge.backends.ogon.properties import KINDS
 from bridge.config import Config, Problem, default_modules
 from bridge.config_sources import load_properties
 from bridge.endpoints import split_endpoint
+from bridge.security.auth import pam_unavailable
 from bridge.security.file_trust import untrusted
 from bridge.security.tls import (
     certificate_not_after,
@@ -337,6 +339,14 @@ class _Checker:
                                    f"so {names} backends cannot start ({fix})")
             return
 
+    def authenticator(self) -> None:
+        """PAM needs python-pam and libpam: said before a start, not by the
+        start after it made files (a TLS pair, the state directory)."""
+        if self.config.authenticator == "pam":
+            problem = pam_unavailable()
+            if problem is not None:
+                self.error("authenticator", problem)
+
     # -- TLS and listeners ------------------------------------------------------------------
 
     def certificate(self) -> None:
@@ -452,6 +462,7 @@ def preflight(config: Config, origins: dict[str, str] | None = None,
     checker = _Checker(config, origins or {}, os.geteuid() == 0 if as_root is None else as_root,
                        (now or (lambda: datetime.datetime.now(datetime.UTC)))(),
                        properties if properties is not None else load_properties(config))
+    checker.authenticator()
     modules = checker.modules()
     for module in modules:
         checker.command(module)

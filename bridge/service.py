@@ -43,11 +43,13 @@ from bridge.security.auth import (
     PamAuthenticator,
     UsersFileAuthenticator,
     ogon_pam_service,
+    pam_unavailable,
 )
 from bridge.security.permissions import ogon_level
 from bridge.security.throttle import LockoutStore, LogonGuard, ThrottlePolicy
 from bridge.security.tls import (
     certificate_not_after,
+    check_endpoint_options,
     endpoint_certificate,
     ensure_pair,
     uses_default_pair,
@@ -60,6 +62,7 @@ from bridge.sessions.ogon_config import MergedProperties, OgonConfigError
 from bridge.sessions.properties import ChannelPolicy, PropertyTable
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub, LogonEvents
+from bridge.state.lock import StateDirectoryLock
 from bridge.state.store import SpawnRecords, StateStore, restore, state_database
 from bridge.watch.actions import SessionActionRoutes
 from bridge.watch.admin import EventsResource, HealthResource, admin_site
@@ -80,15 +83,11 @@ PRUNE_INTERVAL = 3600.0
 FAILURE_EXPIRY_INTERVAL = 60.0
 
 
-def make_farm(config: Config, reactor: Any, clock: IReactorTime, store: StateStore,
-              registry: SessionRegistry, properties: PropertyTable,
+def make_farm(config: Config, password: str | None, reactor: Any, clock: IReactorTime,
+              store: StateStore, registry: SessionRegistry, properties: PropertyTable,
               actions: SessionActions) -> FarmService:
-    """The farm's part of a bridge (config.farm_database is set)."""
-    try:
-        password = read_password(config.farm_password_file)
-    except (OSError, ValueError) as e:
-        raise StartupError(f"farm_password_file: {getattr(e, 'strerror', None) or e}"
-                           ) from None
+    """The farm's part of a bridge (config.farm_database is set), with the
+    password of farm_password_file."""
     settings = FarmSettings(
         database=config.farm_database, password=password, host=config.host_name,
         heartbeat=config.farm_heartbeat, stale_after=config.farm_stale_after,
@@ -97,6 +96,50 @@ def make_farm(config: Config, reactor: Any, clock: IReactorTime, store: StateSto
     return FarmService(settings, reactor, clock, store, state_database(config.state_dir),
                        registry, properties, SharedActions(actions),
                        admin_url=config.admin_endpoint)
+
+
+def check_before_writing(config: Config, reactor: Any, pam: bool) -> None:
+    """The checks that cost nothing, made before the service writes
+    anything: a start refused by one of them has made no TLS pair and no
+    state directory. ``pam``: whether the configured authenticator is
+    used (tests hand in their own)."""
+    validate_endpoint(reactor, config.icp_endpoint, "icp_endpoint")
+    check_endpoint_options(config.thrift_endpoint, "thrift_endpoint")
+    if config.admin_endpoint:
+        validate_endpoint(reactor, config.admin_endpoint, "admin_endpoint")
+    problem = pam_unavailable() if pam and config.authenticator == "pam" else None
+    if problem is not None:
+        raise StartupError(problem)
+
+
+def read_farm_password(config: Config) -> str | None:
+    """farm_password_file's password, when the bridge is in a farm."""
+    if not config.farm_database:
+        return None
+    try:
+        return read_password(config.farm_password_file)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"farm_password_file: {getattr(e, 'strerror', None) or e}"
+                           ) from None
+
+
+def report_properties(log: Logger, merged: MergedProperties, properties: PropertyTable,
+                      authenticator: str) -> None:
+    """Where the served properties come from, and what the operator should
+    know of them (at startup and at each reload)."""
+    ini = merged.ini
+    if ini is not None:
+        log.info("ogon config {path}: {count} global properties, {users} users",
+                 path=ini.source, count=len(ini.global_values), users=len(ini.user_values))
+    for line in merged.problems:
+        log.warn("{problem}", problem=line)
+    for line in merged.overrides:
+        log.info("{override}", override=line)
+    auth_module = properties.get_string("auth.module")
+    if ini is not None and auth_module != "PAM":
+        log.warn("auth.module is {value!r}; icp-bridge authenticates with its authenticator "
+                 "({authenticator}), not an ogon auth module", value=auth_module,
+                 authenticator=authenticator)
 
 
 def throttle_policy(config: Config) -> ThrottlePolicy:
@@ -147,12 +190,14 @@ class BridgeService(MultiService):
         self.properties = merged.table()
         #: Where the served properties came from (a reload compares with it).
         self.served_properties = merged
-        self._report_properties(merged)
+        report_properties(self.log, merged, self.properties, self.config.authenticator)
         self.channels = ChannelPolicy(self.properties, config.channels_allow,
                                       config.channels_deny)
-        self.thrift_description = with_backlog(self._thrift_endpoint(), config.listen_backlog)
-        validate_endpoint(reactor, config.icp_endpoint, "icp_endpoint")
-        validate_endpoint(reactor, self.thrift_description, "thrift_endpoint")
+        check_before_writing(config, reactor, pam=authenticator is None)
+        farm_password = read_farm_password(config)
+        # One bridge per state directory (a second one would take this one's
+        # sessions for a restart's); released when the service stops.
+        self.state_lock = StateDirectoryLock.claim(config.state_dir)
 
         self.store = StateStore(state_database(config.state_dir))
         self.registry = SessionRegistry(clock, persister=self.store)
@@ -166,6 +211,8 @@ class BridgeService(MultiService):
         except StateWriteError as e:
             raise StartupError(f"state database cannot be written: {e}") from None
         self.tokens.restore(live)
+        self.thrift_description = with_backlog(self._thrift_endpoint(), config.listen_backlog)
+        validate_endpoint(reactor, self.thrift_description, "thrift_endpoint")
         # After the restore: its changes are journaled, not announced.
         self.events = EventHub(self.store, self.registry, clock)
         self.dbus = SessionNotifier(reactor, reactor, self.registry, config.dbus_address) \
@@ -239,8 +286,8 @@ class BridgeService(MultiService):
 
         self.farm: FarmService | None = None
         if config.farm_database:
-            self.farm = make_farm(config, reactor, clock, self.store, self.registry,
-                                  self.properties, self.actions)
+            self.farm = make_farm(config, farm_password, reactor, clock, self.store,
+                                  self.registry, self.properties, self.actions)
             self.farm.setServiceParent(self)
             self.lifecycle.policies.before_logon = self.farm.single_session.before_logon
             self.guard.farm = self.farm.budget
@@ -256,7 +303,6 @@ class BridgeService(MultiService):
         self.admin_listener: ListeningService | None = None
         self.admin_events: EventsResource | None = None
         if config.admin_endpoint:
-            validate_endpoint(reactor, config.admin_endpoint, "admin_endpoint")
             health = HealthResource(self.icp_listener, self.thrift_listener, self.link,
                                     self.registry, self.dbus,
                                     [config.state_dir, self.launcher.logs.directory],
@@ -298,24 +344,8 @@ class BridgeService(MultiService):
         restart changes."""
         self.properties.replace(merged.global_values, merged.per_user)
         self.served_properties = merged
-        self._report_properties(merged)
+        report_properties(self.log, merged, self.properties, self.config.authenticator)
 
-    def _report_properties(self, merged: MergedProperties) -> None:
-        """Where the properties come from, and what the operator should know."""
-        ini = merged.ini
-        if ini is not None:
-            self.log.info("ogon config {path}: {count} global properties, {users} users",
-                          path=ini.source, count=len(ini.global_values),
-                          users=len(ini.user_values))
-        for line in merged.problems:
-            self.log.warn("{problem}", problem=line)
-        for line in merged.overrides:
-            self.log.info("{override}", override=line)
-        auth_module = self.properties.get_string("auth.module")
-        if ini is not None and auth_module != "PAM":
-            self.log.warn("auth.module is {value!r}; icp-bridge authenticates with its "
-                          "authenticator ({authenticator}), not an ogon auth module",
-                          value=auth_module, authenticator=self.config.authenticator)
     def _every(self, interval: float, work: Callable[[], object], clock: IReactorTime) -> None:
         """Run ``work`` every ``interval`` seconds of ``clock`` while the
         service runs (and once when it starts, as TimerService does)."""
@@ -487,6 +517,7 @@ class BridgeService(MultiService):
                       "files in {token_dir}", pid=os.getpid(),
                       reactor=type(self.reactor).__name__,
                       state_dir=str(self.config.state_dir), token_dir=str(self.config.token_dir))
+        self.state_lock.write_pid()  # twistd may have forked (daemonized) since
         self._fd_limits()
         self._check_directories()
         super().privilegedStartService()
@@ -510,3 +541,4 @@ class BridgeService(MultiService):
         await super().stopService()
         self.store.close()
         self.lockouts.close()
+        self.state_lock.release()

@@ -20,6 +20,7 @@ from bridge import config as config_module
 from bridge.backends.modules import Module
 from bridge.config import Config, ConfigError, Problem
 from bridge.config_sources import ConfigSources, Flags, TomlFile, load_config
+from bridge.endpoints import StartupError
 from bridge.preflight import preflight
 from bridge.security.tls import generate_pair
 from bridge.tap import Options
@@ -465,3 +466,30 @@ def test_preflight_plaintext_and_off_loopback_listeners(tmp_path: Path) -> None:
     assert any(t.startswith("admin_endpoint: listens on 10.0.0.5") for t in texts)
     quiet = preflight(config_with(tmp_path), as_root=False)
     assert not any("endpoint" in p.text for p in quiet.warnings), "the defaults are local"
+
+
+def test_pam_that_cannot_run_is_said_before_anything_is_written(
+        short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """authenticator = "pam" (the default with a config.ini) without
+    python-pam: config check says so as the start does, and the start says
+    it before it has made a TLS pair or the state directory."""
+    from bridge.service import BridgeService
+
+    monkeypatch.setitem(sys.modules, "pam", None)  # import pam fails, as when not installed
+    ini = short_dir / "config.ini"
+    ini.write_text("[global]\n")
+    toml = good_config(short_dir, extra=f'ogon_config = "{ini}"')
+    loaded = ConfigSources.for_service(toml).load()
+    assert loaded.config.authenticator == "pam"
+    refused = preflight(loaded.config, loaded.origins, properties=loaded.properties)
+    assert lines(refused.errors) == [
+        "authenticator = 'pam' needs the python-pam package, a dependency of icp-bridge: "
+        "reinstall icp-bridge with pip (or set authenticator = \"users-file\")"]
+    with pytest.raises(StartupError, match="needs the python-pam package"):
+        BridgeService(loaded.config, properties=loaded.properties)
+    assert not (short_dir / "tls").exists(), "no TLS pair made by a start that is refused"
+    assert not (short_dir / "state").exists()
+    monkeypatch.setattr("ctypes.util.find_library", lambda name: None)
+    monkeypatch.delitem(sys.modules, "pam")
+    assert "needs libpam" in lines(preflight(loaded.config, properties=loaded.properties
+                                             ).errors)[0]

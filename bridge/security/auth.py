@@ -514,8 +514,27 @@ def ogon_pam_service(pam_dir: Path = PAM_DIR) -> str:
     return "ogon" if (pam_dir / "ogon").exists() else "gdm"
 
 
+def pam_unavailable() -> str | None:
+    """Why ``authenticator = "pam"`` cannot work on this machine (None: it
+    can): python-pam missing (a dependency of the package, so only after a
+    --no-deps install or its removal), or no libpam for it to load.
+    Startup, a reload and ``config check`` say it alike."""
+    try:
+        import pam  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return ("authenticator = 'pam' needs the python-pam package, a dependency of "
+                "icp-bridge: reinstall icp-bridge with pip (or set authenticator = "
+                "\"users-file\")")
+    import ctypes.util
+
+    if ctypes.util.find_library("pam") is None:
+        return ("authenticator = 'pam' needs libpam, which python-pam loads (Debian: "
+                "apt-get install libpam0g)")
+    return None
+
+
 class PamAuthenticator:
-    """Authenticates against PAM (``pip install icp-bridge[pam]``) with the
+    """Authenticates against PAM (python-pam, over libpam) with the
     service ogon's pam module uses (``service``, or else at each logon
     ``ogon`` when /etc/pam.d/ogon exists and ``gdm`` when not). The
     permission level comes from the ``permission.level`` property (per user
@@ -529,13 +548,10 @@ class PamAuthenticator:
                  run_blocking: BlockingRunner = _run_here, pam_module: Any = None,
                  pam_dir: Path = PAM_DIR) -> None:
         if pam_module is None:
-            try:
-                import pam as pam_module  # type: ignore[import-not-found]
-            except ImportError:
-                raise RuntimeError(
-                    "authenticator = 'pam' needs the python-pam package: "
-                    "pip install 'icp-bridge[pam]'"
-                ) from None
+            problem = pam_unavailable()
+            if problem is not None:
+                raise RuntimeError(problem)
+            import pam as pam_module
         self._pam = pam_module
         self._service = service
         self._pam_dir = pam_dir

@@ -161,3 +161,25 @@ def uses_default_pair(description: str) -> bool:
     names = {part.split("=", 1)[0] for part in parts[1:] if "=" in part}
     return parts[0] == "ssl" and not names & {"privateKey", "certKey"}
 
+
+
+def check_endpoint_options(description: str, option: str) -> None:
+    """Check an ``ssl:`` endpoint string that will be completed with the
+    properties' pair without loading anything (the pair may not exist yet,
+    and a start refused for a typo must not have generated it): its port
+    and its option names, as Twisted's parser takes them. Other endpoint
+    strings are checked whole when the service parses them."""
+    if not uses_default_pair(description):
+        return
+    import inspect
+
+    from twisted.internet.endpoints import _parse, _parseSSL
+
+    args, options = _parse(description[len("ssl:"):])
+    known = [name for name in inspect.signature(_parseSSL).parameters
+             if name not in ("factory", "port")]
+    unknown = sorted(set(options) - set(known))
+    if len(args) != 1 or not args[0].isdigit() or unknown:
+        what = f"unknown option {unknown[0]!r} (known: {', '.join(known)})" if unknown \
+            else "expected ssl:PORT[:option=value...]"
+        raise StartupError(f"{option}: bad endpoint {description!r}: {what}")

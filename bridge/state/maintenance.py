@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bridge.endpoints import StartupError
 from bridge.sessions.model import process_start_ticks
+from bridge.state.lock import RESTORE, StateDirectoryBusyError, StateDirectoryLock
 from bridge.state.rows import session_from_json
 from bridge.state.schema import latest, version_of
 from bridge.state.store import OPENED_BY, TABLES
@@ -234,14 +236,29 @@ def restore(backup_file: Path, live: Path) -> Path | None:
     write-ahead log, which must not be applied to the restored file) is kept
     as ``<live>.before-restore``. Returns that path (None if there was no
     database)."""
-    pid = running_bridge(live)
+    # Held while the file is replaced: a bridge starting meanwhile is refused.
+    try:
+        lock = StateDirectoryLock.claim(live.parent, RESTORE)
+    except StateDirectoryBusyError as e:
+        who = f" (pid {e.holder_pid})" if e.holder_pid is not None else ""
+        raise MaintenanceError(f"a bridge{who} has {live} open (it holds {e.lock}): stop it "
+                               f"first (systemctl stop icp-bridge)") from None
+    except StartupError as e:
+        raise MaintenanceError(str(e)) from None
+    try:
+        return _restore(backup_file, live)
+    finally:
+        lock.release()
+
+
+def _restore(backup_file: Path, live: Path) -> Path | None:
+    pid = running_bridge(live)  # a bridge of a version before the state directory's lock
     if pid is not None:
         raise MaintenanceError(f"a bridge (pid {pid}) has {live} open: stop it first "
                                f"(systemctl stop icp-bridge)")
     found = inspect(backup_file)
     if found.problems:
         raise MaintenanceError(f"{backup_file} is not sound: {found.problems[0]}")
-    live.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = _private_temp(live.parent, live.name)
     try:
         db = sqlite3.connect(f"file:{backup_file}?mode=ro", uri=True)

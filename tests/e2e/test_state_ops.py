@@ -23,11 +23,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs
 
 from bridge.endpoints import StartupError
+from bridge.security.auth import InMemoryAuthenticator
+from bridge.service import BridgeService
 from bridge.sessions.model import ConnectState
 from bridge.state import schema
+from bridge.state.lock import RESTORE, StateDirectoryBusyError, StateDirectoryLock
 from bridge.state.maintenance import MaintenanceError, backup, inspect, restore
 from bridge.state.store import StateStore
-from tests.conftest import alive, kill_process_groups, start_bridge
+from tests.conftest import alive, kill_process_groups, make_config, start_bridge
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -266,3 +269,22 @@ async def test_an_unreadable_row_never_orphans_a_desktop(short_dir: Path) -> Non
     finally:
         await second.stop()
         kill_process_groups(pids)
+
+
+def test_the_state_directory_is_held_by_one_at_a_time(short_dir: Path) -> None:
+    """A bridge made while ``state restore`` holds the directory is refused
+    before it opens the database, naming the restore; released, the
+    directory is the next one's. (Two real bridges: test_twistd.py.)"""
+    state = short_dir / "state"
+    restoring = StateDirectoryLock.claim(state, RESTORE)
+    assert (state / "state.lock").read_text() == f"{os.getpid()} {RESTORE}\n"
+    with pytest.raises(StateDirectoryBusyError) as refused:
+        BridgeService(make_config(short_dir), reactor, authenticator=InMemoryAuthenticator({}))
+    assert str(refused.value) == (
+        f"state_dir: {state} is in use by {RESTORE} (pid {os.getpid()}), which holds "
+        f"{state}/state.lock; each bridge needs a state_dir of its own")
+    assert not (state / "state.sqlite3").exists(), "refused before the database was opened"
+    restoring.release()
+    held = StateDirectoryLock.claim(state)
+    assert held.held and (state / "state.lock").read_text() == f"{os.getpid()} icp-bridge\n"
+    held.release()

@@ -23,7 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
 from bridge.rdp.standin import StandInRdpServer
-from tests.conftest import ME, STANDIN_BACKEND, alive, plugin_args
+from tests.conftest import ME, STANDIN_BACKEND, alive, kill_process_groups, plugin_args
 from tests.e2e.sse import open_events
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,10 +115,13 @@ def _kill_leftover_twistd() -> Iterator[None]:
                 pass
 
 
+#: twistd in the foreground without a pid file, as the systemd unit runs it.
+TWISTD_ARGS = ["-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+
+
 async def start_twistd(base: Path, config: Path) -> tuple[Twistd, Any]:
     proc = Twistd()
-    args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", *plugin_args(config)]
+    args = [sys.executable, *TWISTD_ARGS, *plugin_args(config)]
     transport = reactor.spawnProcess(proc, sys.executable, args, env=ENV, path=str(ROOT))
     RUNNING.append(transport)
     await proc.wait_for("OTS API listening on")
@@ -250,3 +253,70 @@ async def test_bad_config_is_one_line(short_dir: Path) -> None:
     text = (out + err).decode()
     assert "call_timeout: expected a number, got str" in text
     assert "Traceback" not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_bridge_on_the_same_state_directory_is_refused(short_dir: Path) -> None:
+    """Two real bridges, each with its own socket and ports, one state_dir:
+    the second says whose it is in one line and has written nothing (no TLS
+    pair of its own, no session of the first marked Disconnected); the
+    state tools that read go on working beside the first; once the first
+    is killed (-9: the kernel drops its lock) the second starts."""
+    _, err, code = await cli("users", "add", "alice", "--permission", "full", "--users",
+                             str(short_dir / "users"), "--scrypt-n", "1024",
+                             stdin="alice-pw\n")
+    assert code == 0, err
+    first_config = write_config(short_dir, free_port())
+    second_config = short_dir / "second.toml"
+    second_config.write_text(
+        write_config(short_dir, free_port()).read_text()
+        .replace("icp.sock", "icp2.sock").replace(f"{short_dir}/tls", f"{short_dir}/tls2")
+        .replace(f"{short_dir}/pipes", f"{short_dir}/pipes2"))
+    first_config.write_text(write_config(short_dir, free_port()).read_text())
+    first, first_transport = await start_twistd(short_dir, first_config)
+    peer = StandInRdpServer(reactor, pipe_dir=short_dir / "pipes")
+    await peer.connect(f"unix:{short_dir}/icp.sock")
+    await peer.logon(1, "alice", "alice-pw")
+    await first.wait_for("session 1: user alice logged on")
+
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, [*TWISTD_ARGS, *plugin_args(second_config)], env=ENV, path=str(ROOT))
+    state = short_dir / "state"
+    assert code == 1 and out == b""
+    assert err.decode().splitlines() == [
+        f"icp-bridge: state_dir: {state} is in use by icp-bridge (pid {first_transport.pid}), "
+        f"which holds {state}/state.lock; each bridge needs a state_dir of its own"]
+    assert not (short_dir / "tls2").exists(), "refused before it made a TLS pair"
+    assert not (short_dir / "icp2.sock").exists()
+    database = state / "state.sqlite3"
+    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        reasons = [reason for (reason,) in db.execute("SELECT reason FROM events")]
+        (data,) = db.execute("SELECT data FROM sessions WHERE session_id = 1").fetchone()
+    finally:
+        db.close()
+    assert "bridge restarted" not in reasons
+    assert json.loads(data)["state"] == 0, "alice's session is still Active"
+
+    # Readers of the database need no lock; a restore does, and names the holder.
+    _, err, code = await cli("state", "backup", str(short_dir / "b.sqlite3"), "--state",
+                             str(state))
+    assert code == 0, err
+    out, _, code = await cli("state", "check", "--state", str(state))
+    assert code == 0 and f"in use by the running bridge (pid {first_transport.pid})" in out
+    _, err, code = await cli("state", "restore", str(short_dir / "b.sqlite3"), "--state",
+                             str(state))
+    assert code == 1 and f"a bridge (pid {first_transport.pid}) has {database} open" in err
+
+    backend_pid = int(first.output.split("started xsession (pid ")[1].split(")")[0])
+    try:
+        closed = peer.protocol.when_closed()
+        first_transport.signalProcess(signal.SIGKILL)
+        await first.ended
+        await closed
+        second, second_transport = await start_twistd(short_dir, second_config)
+        await second.wait_for(f"adopted xsession backend (pid {backend_pid})")
+        second_transport.signalProcess(signal.SIGTERM)
+        await second.ended
+    finally:
+        kill_process_groups([backend_pid])
