@@ -38,10 +38,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
     source = _live_database(args)
     target = Path(args.file)
     try:
-        backup(source, target, force=args.force)
+        made = backup(source, target, force=args.force)
     except MaintenanceError as e:
         print(f"icp-bridge state backup: {e}", file=sys.stderr)
         return 1
+    if made is not None:
+        print(f"created {made} (mode 0700)")
     found = inspect(target)
     if found.problems:  # the source itself is damaged: say so now, not at restore time
         for problem in found.problems:

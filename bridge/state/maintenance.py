@@ -29,6 +29,9 @@ from bridge.state.store import OPENED_BY, TABLES
 #: meta rows a backup carries: when it was taken, and of which file.
 BACKUP_TIME = "backup_time"
 BACKUP_OF = "backup_of"
+#: meta rows a restored database carries instead: from what, and when.
+RESTORED_FROM = "restored_from"
+RESTORED_TIME = "restored_time"
 
 
 class MaintenanceError(Exception):
@@ -122,6 +125,8 @@ def _inspect(db: sqlite3.Connection, path: Path, had_wal: bool, found: Inspectio
     elif version < latest():
         found.notes.append(f"schema version {version}: the bridge migrates it to {latest()} "
                            f"when it starts")
+    else:
+        found.notes.append(f"schema version {version} (this icp-bridge's)")
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     # A database from before schema versions had its lockouts made later.
     expected = TABLES if version >= 1 else [t for t in TABLES if t != "lockouts"]
@@ -136,11 +141,13 @@ def _inspect(db: sqlite3.Connection, path: Path, had_wal: bool, found: Inspectio
                                       f"and stops its backend)")
     if "meta" not in tables:
         return
-    meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN (?, ?)",
-                           (BACKUP_TIME, BACKUP_OF)).fetchall())
+    meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN (?, ?, ?, ?)",
+                           (BACKUP_TIME, BACKUP_OF, RESTORED_FROM, RESTORED_TIME)).fetchall())
     if BACKUP_TIME in meta:
-        when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(float(meta[BACKUP_TIME])))
-        found.notes.append(f"a backup of {meta.get(BACKUP_OF, '?')} taken {when}")
+        found.notes.append(_backup_note(meta))
+    if RESTORED_FROM in meta:
+        found.notes.append(f"restored from {meta[RESTORED_FROM]} on "
+                           f"{_local_time(meta.get(RESTORED_TIME))}")
     owner = opened_by(db)
     if owner is None:
         return
@@ -155,6 +162,16 @@ def _inspect(db: sqlite3.Connection, path: Path, had_wal: bool, found: Inspectio
             f"copied while a bridge had it open (pid {owner[0]}), without its write-ahead "
             f"log: its last changes may be missing or the copy torn; take copies with "
             f"`icp-bridge state backup`")
+
+
+def _local_time(stamp: str | None) -> str:
+    if stamp is None:
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(float(stamp)))
+
+
+def _backup_note(meta: dict[str, str]) -> str:
+    return f"a backup of {meta.get(BACKUP_OF, '?')} taken {_local_time(meta.get(BACKUP_TIME))}"
 
 
 def check(path: Path) -> list[str]:
@@ -179,44 +196,48 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _copy(source: sqlite3.Connection, temp: Path) -> None:
+def _copy(source: sqlite3.Connection, temp: Path, stamp: dict[str, str]) -> None:
     """One consistent snapshot of ``source`` into the file ``temp``, made a
-    self-contained rollback-journal database."""
+    self-contained rollback-journal database whose meta rows say what it is
+    (``stamp``: a backup's, or a restored database's), not what the source
+    was."""
     target = sqlite3.connect(str(temp), isolation_level=None)
     try:
         source.backup(target)  # all pages in one step: one read transaction
         target.execute("PRAGMA journal_mode=DELETE")
-        target.execute("DELETE FROM meta WHERE key = ?", (OPENED_BY,))
+        target.execute("DELETE FROM meta WHERE key IN (?, ?, ?, ?, ?)",
+                       (OPENED_BY, BACKUP_TIME, BACKUP_OF, RESTORED_FROM, RESTORED_TIME))
+        target.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", stamp.items())
     finally:
         target.close()
 
 
-def backup(source: Path, target: Path, force: bool = False) -> None:
+def backup(source: Path, target: Path, force: bool = False) -> Path | None:
     """Copy the state database at ``source`` to ``target`` (mode 0600) with
     SQLite's online backup API, consistent while a bridge writes to it.
-    Refuses to replace an existing ``target`` unless ``force``."""
+    Refuses to replace an existing ``target`` unless ``force``. A missing
+    directory for it is made (0700, as the state directory: a backup holds
+    token digests and the journal), and returned; else None."""
     if not source.exists():
         raise MaintenanceError(f"no state database at {source}")
     if target.exists() and not force:
         raise MaintenanceError(f"{target} exists; --force replaces it")
     if target.is_dir():
         raise MaintenanceError(f"{target} is a directory; name a file")
+    made = None
     try:
+        if not target.parent.exists():
+            target.parent.mkdir(parents=True, mode=0o700)
+            made = target.parent
         temp = _private_temp(target.parent, target.name)
     except OSError as e:
         raise MaintenanceError(f"cannot write in {target.parent}: {e.strerror}") from None
     try:
         db = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
         try:
-            _copy(db, temp)
+            _copy(db, temp, {BACKUP_TIME: repr(time.time()), BACKUP_OF: str(source)})
         finally:
             db.close()
-        stamp = sqlite3.connect(str(temp), isolation_level=None)
-        try:
-            stamp.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?), (?, ?)",
-                          (BACKUP_TIME, repr(time.time()), BACKUP_OF, str(source)))
-        finally:
-            stamp.close()
         _fsync(temp)
         if force:
             os.replace(temp, target)
@@ -228,6 +249,7 @@ def backup(source: Path, target: Path, force: bool = False) -> None:
         raise MaintenanceError(f"{target} exists; --force replaces it") from None
     finally:
         temp.unlink(missing_ok=True)
+    return made
 
 
 def restore(backup_file: Path, live: Path) -> Path | None:
@@ -263,7 +285,12 @@ def _restore(backup_file: Path, live: Path) -> Path | None:
     try:
         db = sqlite3.connect(f"file:{backup_file}?mode=ro", uri=True)
         try:
-            _copy(db, temp)
+            meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN (?, ?)",
+                                   (BACKUP_TIME, BACKUP_OF)).fetchall())
+            origin = f"{backup_file} ({_backup_note(meta)})" if BACKUP_TIME in meta \
+                else str(backup_file)
+            # The live database is no backup any more: it says it was restored.
+            _copy(db, temp, {RESTORED_FROM: origin, RESTORED_TIME: repr(time.time())})
         finally:
             db.close()
         _fsync(temp)

@@ -169,9 +169,11 @@ async def test_backup_while_running_check_tells_it_from_a_cp_and_restore(
         assert copied.returncode == 1
         assert "copied while a bridge had it open" in copied.stdout
         # The right way, while the bridge keeps writing.
-        target = short_dir / "backup.sqlite3"
+        target = short_dir / "backups" / "backup.sqlite3"  # a directory made for it
         result = cli("state", "backup", str(target), "--state", str(live.parent))
         assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[0] == f"created {target.parent} (mode 0700)"
+        assert stat.S_IMODE(target.parent.stat().st_mode) == 0o700
         await peer.logon(3, "guest", "guest-pw")  # after the backup: not in it
         assert stat.S_IMODE(target.stat().st_mode) == 0o600
         checked = cli("state", "check", str(target))
@@ -197,6 +199,14 @@ async def test_backup_while_running_check_tells_it_from_a_cp_and_restore(
         await bridge.stop(kill_backends=False)
     kept = restore(short_dir / "backup2.sqlite3", live)
     assert kept == Path(f"{live}.before-restore") and not Path(f"{live}-wal").exists()
+    # The live database says it was restored (from what), not that it is a backup.
+    checked = cli("state", "check", "--state", str(live.parent))
+    assert checked.returncode == 0, checked.stdout
+    notes = checked.stdout.splitlines()
+    assert notes[0] == f"{live}: schema version {schema.latest()} (this icp-bridge's)"
+    assert notes[1].startswith(f"{live}: restored from {short_dir}/backup2.sqlite3 (a backup "
+                               f"of {live} taken ")
+    assert not any(": a backup of" in note for note in notes)
     again = await start_bridge(short_dir)
     try:
         # backup2 was taken again (--force) after guest's logon.
