@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from bridge.cli import events, farm
+from bridge.cli.addresses import bridge_addresses
 from bridge.cli.common import TOKEN_ENV, read_password, token
 from bridge.cli.decode import (
     INFO_CLASSES,
@@ -33,7 +33,7 @@ from bridge.cli.decode import (
     text,
     unix_time,
 )
-from bridge.cli.otsclient import CtlError, OtsClient, Target
+from bridge.cli.otsclient import EXIT_USAGE, CtlError, OtsClient, Target
 from bridge.security.permissions import Permission, level_name
 from bridge.sessions.model import ConnectState, state_name
 
@@ -90,26 +90,34 @@ class Ctl:
                         f"do it (the bridge's log says why)")
 
 
-def _default_certificate() -> Path:
-    """The bridge's certificate where it keeps it by default (its
-    ssl.certificate property unless set otherwise)."""
-    from bridge.config import default_state_dir
-    from bridge.security.tls import default_pair
-
-    return default_pair(os.geteuid() == 0, default_state_dir())[0]
-
-
 def _target(args: argparse.Namespace) -> Target:
-    cafile = None
-    if not args.plain and not args.insecure:
+    """Where the OTS API is and how to verify it: the flags, and for what
+    they leave open the bridge's own configuration (``--config``):
+    thrift_endpoint's port and kind, the certificate it serves."""
+    explicit = args.port is not None and (args.plain or args.insecure or args.cafile)
+    addresses = None if explicit else bridge_addresses(args.config)
+    otsapi = addresses.otsapi if addresses is not None else None
+    if addresses is not None and otsapi is None:
+        raise CtlError(f"thrift_endpoint {addresses.otsapi_endpoint!r} "
+                       f"({', '.join(addresses.files) or 'the default'}) is not a TCP or TLS "
+                       f"endpoint ctl can dial: give --port", EXIT_USAGE)
+    port = args.port if args.port is not None else otsapi.port  # type: ignore[union-attr]
+    plain = args.plain or (otsapi is not None and not otsapi.tls and not args.cafile
+                           and not args.insecure)
+    cafile, cafile_from = None, "--cafile"
+    if not plain and not args.insecure:
         # The bridge's certificate is self-signed: trust exactly it.
-        cafile = Path(args.cafile) if args.cafile else _default_certificate()
-        if not cafile.exists():
-            raise CtlError(f"no certificate at {cafile} to verify the bridge with: pass "
-                           f"--cafile (its ssl.certificate), --insecure, or --plain for a "
-                           f"tcp: endpoint")
-    return Target(args.host, args.port, args.timeout, plain=args.plain,
-                  insecure=args.insecure, cafile=cafile, cafile_given=bool(args.cafile))
+        if args.cafile:
+            cafile = Path(args.cafile)
+        elif otsapi is not None and otsapi.certificate is not None:
+            cafile, cafile_from = otsapi.certificate, otsapi.certificate_from
+        if cafile is None or not cafile.exists():
+            where = f" at {cafile} ({cafile_from})" if cafile is not None else ""
+            raise CtlError(f"no certificate{where} to verify the bridge with: pass --cafile "
+                           f"(its ssl.certificate), --insecure, or --plain for a tcp: endpoint")
+    host = args.host or (otsapi.host if otsapi is not None else "127.0.0.1")
+    return Target(host, port, args.timeout, plain=plain, insecure=args.insecure, cafile=cafile,
+                  cafile_from=cafile_from)
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -453,17 +461,27 @@ def _style(text_value: str) -> int:
 
 
 def add_commands(commands: Any) -> None:
+    from bridge.config import DEFAULT_CONFIG_FILE
+
     ctl = commands.add_parser(
         "ctl", help="call the OTS API (admin client)",
         description="An OTS API client for admins. Exit status: 0 done, 1 refused or failed "
                     "(the reason on stderr), 2 usage, 3 the bridge not reached.")
-    ctl.add_argument("--host", default="127.0.0.1")
-    ctl.add_argument("--port", type=int, default=9091)
+    ctl.add_argument("--config", help="the bridge's configuration, read as the bridge reads "
+                                      "it (with ogon's config.ini) for what the flags leave "
+                                      "open: the OTS API's port and certificate, the admin "
+                                      f"endpoint [default: {DEFAULT_CONFIG_FILE} when it "
+                                      f"exists]")
+    ctl.add_argument("--host", help="[default: the address thrift_endpoint listens on, "
+                                    "127.0.0.1 for all]")
+    ctl.add_argument("--port", type=int, help="[default: thrift_endpoint's, 9091]")
     ctl.add_argument("--plain", action="store_true",
-                     help="plain TCP instead of TLS (for a tcp: thrift_endpoint)")
+                     help="plain TCP instead of TLS [default: TLS unless thrift_endpoint is "
+                          "tcp:]")
     ctl.add_argument("--tls", action="store_true", help=argparse.SUPPRESS)  # the default now
-    ctl.add_argument("--cafile", help="certificate to verify the bridge with "
-                                      "[default: the bridge's own ssl.certificate]")
+    ctl.add_argument("--cafile", help="certificate to verify the bridge with [default: the one "
+                                      "it serves: its ssl.certificate, or the endpoint's "
+                                      "certKey]")
     ctl.add_argument("--insecure", action="store_true", help="TLS without verification")
     ctl.add_argument("--timeout", type=float, default=30.0, help="socket timeout, seconds")
     ctl.add_argument("--token", help=f"auth token [default: ${TOKEN_ENV}]")

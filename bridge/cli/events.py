@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from bridge.cli.addresses import BridgeAddresses, admin_connection, bridge_addresses
 from bridge.cli.common import token
 from bridge.cli.decode import iso
-from bridge.cli.otsclient import CtlError, unreachable
+from bridge.cli.otsclient import EXIT_USAGE, CtlError, unreachable
 from protocols.logtext import escaped
 
 
@@ -51,11 +52,31 @@ def _event_line(event: dict[str, Any]) -> str:
                    f"{states}{reason}")
 
 
+def admin_url(args: argparse.Namespace) -> tuple[str, BridgeAddresses | None]:
+    """``--admin``, else the admin endpoint of the bridge's configuration
+    (``ctl --config``); with what that configuration says (for https)."""
+    if args.admin is not None and not args.admin.startswith("https:"):
+        return args.admin, None
+    addresses = None
+    try:
+        addresses = bridge_addresses(args.config)
+    except CtlError:
+        if args.admin is None:
+            raise
+    if args.admin is not None:
+        return args.admin, addresses  # https: the certificate it names, if it does
+    url = addresses.admin_url() if addresses is not None else None
+    if url is None:
+        raise CtlError(f"the bridge's configuration has no admin endpoint ctl can reach "
+                       f"(admin_endpoint = {addresses.admin_endpoint if addresses else ''!r}"
+                       f"): give --admin URL", EXIT_USAGE)
+    return url, addresses
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     admin_token = token(args)
-    url = urlsplit(args.admin if "//" in args.admin else f"http://{args.admin}")
-    if url.scheme != "http" or not url.hostname:
-        raise CtlError(f"--admin: expected http://HOST:PORT, got {args.admin!r}")
+    address, addresses = admin_url(args)
+    url = urlsplit(address if "//" in address else f"http://{address}")
     # Without --after: everything the journal keeps, or with --follow only new ones.
     last: int | None = args.after if args.after is not None else (None if args.follow else 0)
     delay = 1.0
@@ -65,8 +86,8 @@ def cmd_events(args: argparse.Namespace) -> int:
             query["scope"] = "farm"
         if not args.follow:
             query["once"] = "1"
-        connection = http.client.HTTPConnection(url.hostname, url.port or 9092,
-                                                timeout=None if args.follow else args.timeout)
+        connection = admin_connection(address, None if args.follow else args.timeout,
+                                      addresses)
         try:
             connection.request("GET", "/events?" + urlencode(query),
                                headers={"Authorization": f"Bearer {admin_token}"})
@@ -110,8 +131,9 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def add_command(calls: Any) -> None:
     c = calls.add_parser("events", help="session events from the admin endpoint's journal")
-    c.add_argument("--admin", default="http://127.0.0.1:9092",
-                   help="the admin endpoint [default: %(default)s]")
+    c.add_argument("--admin", metavar="URL",
+                   help="the admin endpoint [default: admin_endpoint of the bridge's "
+                        "configuration (ctl --config), http://127.0.0.1:9092]")
     c.add_argument("--after", type=int,
                    help="start after this event id [default: the oldest kept; with --follow, "
                         "only new events]")

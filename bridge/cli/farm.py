@@ -12,7 +12,7 @@ import http.client
 import json
 import time
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from bridge.cli.common import token
 from bridge.sessions.model import state_name
@@ -20,10 +20,11 @@ from bridge.sessions.model import state_name
 
 def _request(args: argparse.Namespace, method: str, path: str, body: Any = None,
              timeout: float = 30.0) -> Any:
-    url = urlsplit(args.admin if "//" in args.admin else f"http://{args.admin}")
-    if url.scheme != "http" or not url.hostname:
-        raise SystemExit(f"--admin: expected http://HOST:PORT, got {args.admin!r}")
-    connection = http.client.HTTPConnection(url.hostname, url.port or 9092, timeout=timeout)
+    from bridge.cli.addresses import admin_connection
+    from bridge.cli.events import admin_url
+
+    address, addresses = admin_url(args)
+    connection = admin_connection(address, timeout, addresses)
     try:
         headers = {"Authorization": f"Bearer {token(args)}"}
         data = None
@@ -34,7 +35,7 @@ def _request(args: argparse.Namespace, method: str, path: str, body: Any = None,
         response = connection.getresponse()
         text = response.read().decode("utf-8", "replace")
     except (OSError, http.client.HTTPException) as e:
-        raise SystemExit(f"cannot reach the admin endpoint {args.admin}: {e}") from None
+        raise SystemExit(f"cannot reach the admin endpoint {address}: {e}") from None
     finally:
         connection.close()
     try:
@@ -118,8 +119,9 @@ def cmd_command(args: argparse.Namespace) -> int:
 def add_command(calls: Any) -> None:
     farm = calls.add_parser("farm", help="the whole farm, through the admin endpoint: "
                                          "sessions; logoff, disconnect, message anywhere")
-    farm.add_argument("--admin", default="http://127.0.0.1:9092",
-                      help="any host's admin endpoint [default: %(default)s]")
+    farm.add_argument("--admin", metavar="URL",
+                      help="any host's admin endpoint [default: admin_endpoint of the bridge's "
+                           "configuration (ctl --config), http://127.0.0.1:9092]")
     farm.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                       help="print JSON")
     verbs = farm.add_subparsers(dest="farm_call", required=True)

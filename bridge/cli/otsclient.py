@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: Exit statuses of ``ctl``: a call refused or failed; the bridge not reached.
+#: Exit statuses of ``ctl``: a call refused or failed; a usage error; the
+#: bridge not reached.
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 # OpenSSL's X509_V_ERR_* codes the operator needs told apart.
@@ -59,8 +61,9 @@ class Target:
     insecure: bool = False
     #: The certificate the bridge must present (its own, self-signed).
     cafile: Path | None = None
-    #: Whether ``cafile`` was given (--cafile) or is the bridge's default.
-    cafile_given: bool = False
+    #: Where ``cafile`` comes from: "--cafile", or where the bridge's
+    #: configuration names it ("ssl.certificate of /etc/ogon/config.ini:3").
+    cafile_from: str = "--cafile"
 
     @property
     def where(self) -> str:
@@ -117,8 +120,8 @@ def _verify_failed(target: Target, error: ssl.SSLCertVerificationError) -> CtlEr
                            f"(dial a name it was made for: 127.0.0.1 or localhost for a "
                            f"generated one)")
     if code in _UNTRUSTED:
-        source = "--cafile" if target.cafile_given else \
-            "the bridge's default certificate; pass --cafile with its ssl.certificate"
+        source = target.cafile_from if target.cafile_from == "--cafile" else \
+            f"{target.cafile_from}; pass --cafile with the one the bridge serves"
         return unreachable(f"TLS handshake failed: certificate does not match {target.cafile} "
                            f"({source})")
     return unreachable(f"TLS handshake failed: {error.verify_message} ({target.where})")

@@ -421,6 +421,63 @@ async def test_not_listening_tls_failures_and_timeouts_are_told_apart(short_dir:
         await bridge.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_ctl_finds_the_bridge_through_its_configuration(short_dir: Path) -> None:
+    """Without --port/--cafile ctl reads the bridge's configuration as the
+    bridge does: the port of thrift_endpoint, the certificate config.ini's
+    ssl_certificate_string names (not ogon's default), the admin endpoint
+    for ctl events; a tcp: thrift_endpoint is dialled plain. The flags
+    still win."""
+    cert, key = write_pair(short_dir, "snakeoil", 30)
+    ini = short_dir / "config.ini"
+    ini.write_text(f"[global]\nssl_certificate_string={cert}\nssl_key_string={key}\n")
+    bridge = await start_bridge(short_dir, thrift_endpoint="ssl:0:interface=127.0.0.1",
+                                ogon_config=ini)
+    try:
+        toml = short_dir / "bridge.toml"
+        toml.write_text(f'thrift_endpoint = "ssl:{bridge.thrift_port}:interface=127.0.0.1"\n'
+                        f'admin_endpoint = "tcp:{bridge.admin_port}:interface=127.0.0.1"\n'
+                        f'ogon_config = "{ini}"\n')
+        out, err, code = await cli("ctl", "--config", str(toml), "logon", "alice",
+                                   stdin="alice-pw\n")
+        assert code == 0, err
+        token = out.strip()
+        out, err, code = await cli("ctl", "--config", str(toml), "--token", token, "ping", "7")
+        assert (out, code) == ("pong 7\n", 0), err
+        out, err, code = await cli("ctl", "--config", str(toml), "--token", token, "events")
+        assert code == 0, err
+        assert "logon-failed" not in out  # (it reads the journal; nothing failed)
+
+        # What the configuration names is what is verified, and said when it does not match.
+        other, _ = write_pair(short_dir, "other", 30)
+        ini.write_text(f"[global]\nssl_certificate_string={other}\nssl_key_string={key}\n")
+        _, err, code = await cli("ctl", "--config", str(toml), "--token", token, "ping")
+        assert code == 3
+        assert err.strip().endswith(
+            f"TLS handshake failed: certificate does not match {other} (ssl.certificate of "
+            f"{ini}:2; pass --cafile with the one the bridge serves)")
+        out, err, code = await cli("ctl", "--config", str(toml), "--cafile", str(cert),
+                                   "--token", token, "ping")
+        assert code == 0, "--cafile wins"
+
+        # A tcp: endpoint: plain, without being told.
+        toml.write_text(f'thrift_endpoint = "tcp:{closed_port()}:interface=127.0.0.1"\n'
+                        f'ogon_config = ""\n'
+                        f'admin_endpoint = ""\n')
+        _, err, code = await cli("ctl", "--config", str(toml), "--token", token, "ping")
+        assert code == 3 and "bridge not listening at 127.0.0.1:" in err
+        _, err, code = await cli("ctl", "--config", str(toml), "--token", token, "events")
+        assert code == 2 and "has no admin endpoint ctl can reach (admin_endpoint = '')" in err
+        toml.write_text('thrift_endpoint = 9091\n')
+        _, err, code = await cli("ctl", "--config", str(toml), "--token", token, "ping")
+        assert code == 2 and err.strip() == (
+            f"icp-bridge ctl ping: cannot read the bridge's configuration: {toml}: "
+            f"thrift_endpoint: "
+            f"expected a string, got int (or give --port and --cafile, --plain or --insecure)")
+    finally:
+        await bridge.stop()
+
+
 # -- the stand-in RDP server -------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
