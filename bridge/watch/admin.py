@@ -8,6 +8,14 @@ ends the response once caught up (for scripts). /events and /sessions need
 ``Authorization: Bearer <token>`` of an OTS API token with
 QUERY_INFORMATION; /metrics and /healthz, which tell nothing about who is
 logged on, do not; the default endpoint listens on 127.0.0.1 only.
+
+Every desktop holds a session token (USER, which has QUERY_INFORMATION) in
+/tmp/ogon.session.<id>, so what a token below FULL sees is cut to what is
+its user's own (``sees_everything``): /events sends it only its user's
+session events (failed logons and lockouts never: they carry names as typed,
+a password typed into the name field among them, and client addresses);
+/sessions lists every session, as enumerateSessions does, but other users'
+without their client's name and address. The farm scope alike.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from bridge.security.permissions import FULL, Permission
 from bridge.security.tokens import TokenRecord, TokenStore
 from bridge.sessions.model import state_name
 from bridge.sessions.registry import SessionRegistry
-from bridge.state.journal import EventHub, Subscription, event_json
+from bridge.state.journal import LOCKED_OUT, LOGON_FAILED, EventHub, Subscription, event_json
 from bridge.state.store import JournalEvent
 from bridge.watch.actions import ACTIONS, SessionActionRoutes
 from bridge.watch.metrics import disk_free
@@ -63,6 +71,37 @@ FULL_RESERVE = 64
 STREAMS_PER_TOKEN = 4
 STREAMS_PER_FULL_TOKEN = 32
 STREAMS_PER_USER = 8
+
+
+#: Journal events of no session that only FULL tokens see (a name as typed,
+#: a client's address).
+FULL_ONLY_EVENTS = frozenset({LOGON_FAILED, LOCKED_OUT})
+#: Fields of another user's session a token below FULL does not see.
+CLIENT_FIELDS = ("client_name", "client_address")
+
+
+def sees_everything(record: TokenRecord) -> bool:
+    return record.permission & FULL == FULL
+
+
+def event_visible(record: TokenRecord, event: Any) -> bool:
+    """Whether ``record`` is sent ``event`` (a host's or the farm's journal
+    event): all for FULL, else its own user's session events."""
+    if sees_everything(record):
+        return True
+    # (A token of no user owns none: greeter sessions have no user either.)
+    return event.event not in FULL_ONLY_EVENTS and bool(record.username) \
+        and event.username == record.username
+
+
+def redact_sessions(record: TokenRecord, sessions: list[dict[str, Any]],
+                    user_key: str) -> list[dict[str, Any]]:
+    """``sessions`` as ``record`` sees them: other users' without their
+    client's name and address (None) unless it is FULL."""
+    if sees_everything(record):
+        return sessions
+    return [session if record.username and session.get(user_key) == record.username
+            else {**session, **dict.fromkeys(CLIENT_FIELDS)} for session in sessions]
 
 
 def _json(request: Request, value: Any, code: int = 200) -> bytes:
@@ -135,7 +174,8 @@ class SessionsResource(_Authorized):
                 return self.not_a_farm(request)
             from bridge.watch.farm_admin import sessions_view
 
-            return sessions_view(request, self.farm)
+            return sessions_view(request, self.farm,
+                                 lambda rows: redact_sessions(record, rows, "username"))
         if any(request.postpath):
             return _json(request, {"error": "not found"}, 404)
         sessions = []
@@ -155,8 +195,10 @@ class SessionsResource(_Authorized):
         # Who asks and what they may do (the status page shows its buttons).
         caller = {"user": record.username, "permission": record.permission,
                   "actions": [name for name, flag in ACTIONS.items()
-                              if record.permission & flag]}
-        return _json(request, {"sessions": sessions, "caller": caller,
+                              if record.permission & flag],
+                  "sees_everything": sees_everything(record)}
+        return _json(request, {"sessions": redact_sessions(record, sessions, "user"),
+                               "caller": caller,
                                "last_event_id": self.journal.last_id})
 
 
@@ -172,14 +214,19 @@ class EventStream:
         self.request = request
         self.token = token
         self.once = once
-        # Whose stream it is, for the quotas.
-        self.full = record is not None and record.permission & FULL == FULL
+        # Whose stream it is, for the quotas and for what it is sent.
+        self.record = record
+        self.full = record is not None and sees_everything(record)
         self.username = record.username if record is not None else ""
         self.subscription: Subscription | None = None
         self.finished = False
 
     # Subscriber
     def send(self, event: JournalEvent) -> None:
+        if self.record is not None and not event_visible(self.record, event):
+            if self.once:
+                self.caught_up()
+            return
         data = json.dumps(event_json(event), separators=(",", ":"))
         self.request.write(f"id: {event.id}\nevent: session\ndata: {data}\n\n".encode())
         if self.once:

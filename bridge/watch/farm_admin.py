@@ -16,6 +16,7 @@ command: its host, session, state (done, pending, expired) and result.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -61,9 +62,15 @@ def answer_later(request: Request, work: Deferred[Any], log: Logger) -> int:
     return NOT_DONE_YET
 
 
-def sessions_view(request: Request, farm: FarmService) -> int:
-    return answer_later(request, Deferred.fromCoroutine(
-        farm_sessions(farm.store, farm.settings.stale_after)), FarmCommandsResource.log)
+def sessions_view(request: Request, farm: FarmService,
+                  redact: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> int:
+    """The farm view, its sessions passed through ``redact`` (what the
+    caller's token may see of them)."""
+    async def view() -> dict[str, Any]:
+        value = await farm_sessions(farm.store, farm.settings.stale_after)
+        return {**value, "sessions": redact(value["sessions"])}
+
+    return answer_later(request, Deferred.fromCoroutine(view()), FarmCommandsResource.log)
 
 
 def command_json(command: FarmCommand) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
 from bridge.security.auth import Identity
-from bridge.security.permissions import FULL, GUEST
+from bridge.security.permissions import FULL, GUEST, USER
 from bridge.sessions.model import ClientInfo
 from tests.conftest import BridgeUnderTest, start_bridge
 from tests.e2e.otsapi_client import BlockingClient
@@ -156,6 +156,89 @@ async def test_events_and_sessions_need_a_query_information_token(short_dir: Pat
         code, body, headers = await get(bridge.admin_port, "/")
         assert code == 200 and b"<title>icp-bridge</title>" in body
         assert b"default-src 'none'" in headers.getRawHeaders(b"content-security-policy")[0]
+    finally:
+        await bridge.stop()
+
+
+def sse_data(body: bytes) -> list[dict[str, object]]:
+    """The session events of a finished (``?once=1``) /events answer."""
+    return [json.loads(line[len("data: "):]) for line in body.decode().splitlines()
+            if line.startswith("data: ")]
+
+
+def user_lives(bridge: BridgeUnderTest, *users: tuple[int, str, str]) -> dict[str, int]:
+    """A live session per (connection, user, client address), through the registry."""
+    registry = bridge.service.registry
+    ids = {}
+    for connection_id, user, address in users:
+        session = registry.create(connection_id, ClientInfo(f"{user}-pc", address), user, "", 1)
+        registry.connected(session)
+        registry.log_on(session, user, "", 1)
+        ids[user] = session.session_id
+    return ids
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_below_full_sees_only_its_users_events_and_clients(
+        short_dir: Path) -> None:
+    """Every desktop holds a USER token (/tmp/ogon.session.<id>): with it,
+    /events has only that user's session events (no failed logon, whose
+    name may be a password typed into the name field), /sessions every
+    session but other users' without client name and address. FULL: all."""
+    bridge = await start_bridge(short_dir)
+    try:
+        client = BlockingClient(bridge.thrift_port)
+        try:
+            failed = await client.call("logonConnection", "Sup3r-Secret!", "nope", "")
+        finally:
+            client.close()
+        assert not failed.success
+        user_lives(bridge, (1, "alice", "203.0.113.50"), (2, "bob", "198.51.100.7"))
+        bob = bridge.service.tokens.issue(Identity("bob", "", USER))
+        full = bridge.service.tokens.issue(Identity("root", "", FULL))
+
+        code, body, _ = await get(bridge.admin_port, "/events?after=0&once=1", full)
+        everything = sse_data(body)
+        assert code == 200
+        assert {e["username"] for e in everything} == {"Sup3r-Secret!", "alice", "bob"}
+        code, body, _ = await get(bridge.admin_port, "/events?after=0&once=1", bob)
+        bobs = sse_data(body)
+        assert code == 200
+        assert bobs == [e for e in everything if e["username"] == "bob"]
+        assert len(bobs) == 3 and not any(e["event"] == "logon-failed" for e in bobs)
+
+        code, body, _ = await get(bridge.admin_port, "/sessions", bob)
+        view = json.loads(body)
+        clients = {s["user"]: (s["client_name"], s["client_address"]) for s in view["sessions"]}
+        assert clients == {"alice": (None, None), "bob": ("bob-pc", "198.51.100.7")}
+        assert view["caller"]["sees_everything"] is False
+        code, body, _ = await get(bridge.admin_port, "/sessions", full)
+        clients = {s["user"]: (s["client_name"], s["client_address"])
+                   for s in json.loads(body)["sessions"]}
+        assert clients == {"alice": ("alice-pc", "203.0.113.50"),
+                           "bob": ("bob-pc", "198.51.100.7")}
+
+        # A token of no user owns nothing, greeter sessions (no user either) included.
+        greeter = bridge.service.registry.create(3, ClientInfo("kiosk", "192.0.2.99"))
+        bridge.service.registry.connected(greeter)
+        nobody = bridge.service.tokens.issue(Identity("", "", USER))
+        code, body, _ = await get(bridge.admin_port, "/events?after=0&once=1", nobody)
+        assert (code, sse_data(body)) == (200, [])
+        code, body, _ = await get(bridge.admin_port, "/sessions", nobody)
+        assert {(s["client_name"], s["client_address"])
+                for s in json.loads(body)["sessions"]} == {(None, None)}
+
+        # A live stream: what happens to alice never reaches bob's.
+        stream = await open_events(bridge.admin_port, bob)
+        registry = bridge.service.registry
+        registry.disconnect(registry.by_connection(1))
+        registry.disconnect(registry.by_connection(2))
+        await stream.wait_for(lambda events: any(e.data["event"] == "disconnected"
+                                                 for e in events))
+        assert [(e.data["username"], e.data["event"]) for e in stream.sessions] == [
+            ("bob", "disconnected")]
+        stream.drop()
+        await stream.closed
     finally:
         await bridge.stop()
 

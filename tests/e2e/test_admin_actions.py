@@ -67,7 +67,7 @@ async def test_full_tokens_log_off_disconnect_and_message_and_the_journal_says_w
         code, sessions, _ = await get(port, "/sessions", full)
         assert json.loads(sessions)["caller"] == {
             "user": "alice", "permission": 0x1FF,
-            "actions": ["logoff", "disconnect", "message"]}
+            "actions": ["logoff", "disconnect", "message"], "sees_everything": True}
 
         peer.message_result = 7
         code, answer = await post(port, f"/sessions/{bob}/message", full,

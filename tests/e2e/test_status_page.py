@@ -89,7 +89,27 @@ async def test_the_page_follows_a_logon_and_a_logoff_and_says_when_the_bridge_is
                                    "document.getElementById('actions-head').hidden && "
                                    "!document.querySelector('td.actions')")
 
-        # A failed logon shows under Failed logons.
+        bob = bridge.service.registry.sessions_of("bob", "")[0].session_id
+        # Bob's session token (USER, as every desktop has one) sees no failed logons (the
+        # page says why) and not alice's client; his own client it does.
+        assert "Only a FULL token sees them" in text
+        assert await deferToThread(browser.evaluate,
+                                   f"{row(alice)}.cells[3].innerText.trim() === '' && "
+                                   f"{row(bob)}.cells[3].innerText.includes('client2')")
+
+        # The admin's FULL token (pasted in the form): failed logons show under Failed logons.
+        admin = (await client.call("logonConnection", "alice", "alice-pw", "")).authToken
+        await deferToThread(browser.evaluate, "sessionStorage.clear(), 1")
+        await deferToThread(browser.navigate, f"http://127.0.0.1:{bridge.admin_port}/")
+        await deferToThread(browser.wait_until, "!document.getElementById('login').hidden")
+        await deferToThread(browser.evaluate,
+                            f"document.getElementById('token').value = {admin!r}; "
+                            "document.getElementById('login').requestSubmit(), 1")
+        await deferToThread(browser.wait_until,
+                            f"{row(alice)} && {row(alice)}.innerText.includes('alice') && "
+                            "document.getElementById('stream').textContent === 'live' && "
+                            "document.getElementById('no-failures').textContent === "
+                            "'None seen.'")
         assert not (await client.call("logonConnection", "carol", "nope", "")).success
         text = await deferToThread(
             browser.wait_until,
@@ -100,7 +120,6 @@ async def test_the_page_follows_a_logon_and_a_logoff_and_says_when_the_bridge_is
         assert f"logon-failed carol (failed logon through the OTS API from uid:{os.geteuid()}, " \
             "1 in a row)" in failures and "session 0" not in failures
 
-        admin = (await client.call("logonConnection", "alice", "alice-pw", "")).authToken
         assert await client.call("logoffSession", admin, alice, True)
         client.close()
         text = await deferToThread(

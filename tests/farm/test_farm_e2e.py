@@ -22,7 +22,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from bridge.rdp.standin import StandInRdpServer
 from bridge.security.auth import Identity
-from bridge.security.permissions import FULL
+from bridge.security.permissions import FULL, USER
 from tests.conftest import BridgeUnderTest
 from tests.e2e.sse import SseReader, get, open_events
 from tests.e2e.test_twistd import RUNNING, free_port, start_twistd, write_config
@@ -84,6 +84,21 @@ async def test_logons_on_a_and_b_in_cs_farm_view_and_stream_and_logoff_from_c(
             ("host-a", False, 2), ("host-b", False, 1), ("host-c", False, 0)}
         assert [(s["host"], s["username"], s["state"]) for s in view["sessions"]] == [
             ("host-a", "alice", 0), ("host-a", "guest", 0), ("host-b", "bob", 0)]
+
+        # bob's session token (USER) on C: his own events and client only.
+        bobs = c.service.tokens.issue(Identity("bob", "", USER))
+        code, body, _ = await get(c.admin_port, "/sessions?scope=farm", bobs)
+        assert code == 200
+        assert [(s["username"], s["client_address"]) for s in json.loads(body)["sessions"]] \
+            == [("alice", None), ("guest", None),
+                ("bob", view["sessions"][2]["client_address"])]
+        code, body, _ = await get(c.admin_port, "/events?scope=farm&after=0&once=1", bobs)
+        seen = [json.loads(line[6:]) for line in body.decode().splitlines()
+                if line.startswith("data: ")]
+        assert code == 200 and seen
+        assert [(e["host"], e["local_id"]) for e in seen] == [
+            (e.data["host"], e.data["local_id"]) for e in stream.sessions
+            if e.data["username"] == "bob"]
 
         alice = a.service.registry.sessions_of("alice", "")[0].session_id
         guest = a.service.registry.sessions_of("guest", "")[0].session_id
