@@ -61,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_token_value_attached(
         list(sys.argv[1:] if argv is None else argv)))
     where = " ".join(filter(None, ("icp-bridge", args.command, getattr(args, "call", None))))
+    if getattr(args, "token", None):
+        from bridge.cli.common import warn_token_on_command_line
+
+        warn_token_on_command_line()
     try:
         return int(args.func(args))
     except CtlError as e:

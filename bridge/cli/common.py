@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -22,12 +23,62 @@ def read_password(prompt: str) -> str:
     return sys.stdin.readline().rstrip("\n")
 
 
+#: Mode bits of a token file that let others read or write it.
+_SHARED_BITS = stat.S_IRWXG | stat.S_IRWXO
+
+
 def token(args: argparse.Namespace) -> str:
-    token = args.token or os.environ.get(TOKEN_ENV, "")
-    if not token:
-        raise SystemExit(f"this command needs a token: --token or ${TOKEN_ENV} "
-                         f"(get one with `icp-bridge ctl logon USER`)")
-    return token
+    """The admin token: ``--token-file`` (``-``: stdin), else ``--token``,
+    else ``$ICP_BRIDGE_TOKEN``; read once per command (stdin can be read
+    only once)."""
+    cached = getattr(args, "resolved_token", None)
+    if cached is not None:
+        return str(cached)
+    path = getattr(args, "token_file", None)
+    if path is not None:
+        value = read_token_file(path)
+    else:
+        value = getattr(args, "token", None) or os.environ.get(TOKEN_ENV, "")
+    if not value:
+        raise SystemExit(f"this command needs a token: --token-file FILE, --token-file - "
+                         f"(stdin) or ${TOKEN_ENV} (get one with `icp-bridge ctl logon USER`)")
+    args.resolved_token = value
+    return value
+
+
+def read_token_file(path: str) -> str:
+    """The first line of ``path`` (``-``: stdin). A file that others may
+    read or write is refused: its token would be theirs too."""
+    from bridge.cli.otsclient import EXIT_USAGE, CtlError
+
+    if path == "-":
+        value = sys.stdin.readline().strip()
+        if not value:
+            raise CtlError("--token-file -: no token on stdin", EXIT_USAGE)
+        return value
+    try:
+        # O_NOFOLLOW|O_NONBLOCK: the file itself, and a FIFO does not hang the check.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise CtlError(f"--token-file {path}: cannot read it: {e.strerror}", EXIT_USAGE) from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CtlError(f"--token-file {path}: not a regular file", EXIT_USAGE)
+        if info.st_mode & _SHARED_BITS:
+            raise CtlError(f"--token-file {path}: refused: others may read or write it (mode "
+                           f"{stat.S_IMODE(info.st_mode):04o}); `chmod 600 {path}` and use a "
+                           f"new token if others could read this one", EXIT_USAGE)
+        value = f.readline(4096).decode("utf-8", "replace").strip()
+    if not value:
+        raise CtlError(f"--token-file {path}: empty", EXIT_USAGE)
+    return value
+
+
+def warn_token_on_command_line() -> None:
+    print("icp-bridge: warning: --token puts the token on the command line, which every "
+          "local user can read (/proc/PID/cmdline) while this runs; use --token-file FILE "
+          f"(mode 600), --token-file - (stdin) or ${TOKEN_ENV}", file=sys.stderr)
 
 
 def config_file(named: str | None) -> Path | None:

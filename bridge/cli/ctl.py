@@ -484,7 +484,13 @@ def add_commands(commands: Any) -> None:
                                       "certKey]")
     ctl.add_argument("--insecure", action="store_true", help="TLS without verification")
     ctl.add_argument("--timeout", type=float, default=30.0, help="socket timeout, seconds")
-    ctl.add_argument("--token", help=f"auth token [default: ${TOKEN_ENV}]")
+    tokens = ctl.add_mutually_exclusive_group()
+    tokens.add_argument("--token-file", metavar="PATH",
+                        help="read the auth token from this file (mode 600: one others may "
+                             "read or write is refused), or from stdin with '-' "
+                             f"[default: ${TOKEN_ENV}]")
+    tokens.add_argument("--token", help="the auth token itself (warns: every local user can "
+                                        "read a command line)")
     ctl.add_argument("--json", action="store_true", help="print JSON (every field)")
     ctl.set_defaults(func=cmd_ctl)
     calls = ctl.add_subparsers(dest="call", required=True)

@@ -42,9 +42,12 @@ async def cli(*args: str, stdin: str = "") -> tuple[str, str, int]:
 
 
 async def ctl(bridge: BridgeUnderTest, token: str | None, *args: str) -> tuple[str, str, int]:
-    """``icp-bridge ctl --plain`` on the bridge's (tcp:) OTS API port."""
-    auth = ("--token", token) if token else ()
-    return await cli("ctl", "--plain", "--port", str(bridge.thrift_port), *auth, *args)
+    """``icp-bridge ctl --plain`` on the bridge's (tcp:) OTS API port, the
+    token on stdin (``--token-file -``), as an admin's script passes it."""
+    if token is None:
+        return await cli("ctl", "--plain", "--port", str(bridge.thrift_port), *args)
+    return await cli("ctl", "--plain", "--port", str(bridge.thrift_port), "--token-file", "-",
+                     *args, stdin=f"{token}\n")
 
 
 async def token_of(bridge: BridgeUnderTest, user: str, password: str) -> str:
@@ -376,8 +379,7 @@ async def test_not_listening_tls_failures_and_timeouts_are_told_apart(short_dir:
     silent.listen(4)
     try:
         async def ping(port: int, *options: str) -> tuple[str, int]:
-            _, err, code = await cli("ctl", "--port", str(port), *options, "--token", "t",
-                                     "ping")
+            _, err, code = await cli("ctl", "--port", str(port), *options, "ping")
             assert "Traceback" not in err
             return err.strip(), code
 
@@ -442,38 +444,96 @@ async def test_ctl_finds_the_bridge_through_its_configuration(short_dir: Path) -
                                    stdin="alice-pw\n")
         assert code == 0, err
         token = out.strip()
-        out, err, code = await cli("ctl", "--config", str(toml), "--token", token, "ping", "7")
+        tokens = short_dir / "token"
+        tokens.write_text(token)
+        tokens.chmod(0o600)
+        auth = ("--token-file", str(tokens))
+        out, err, code = await cli("ctl", "--config", str(toml), *auth, "ping", "7")
         assert (out, code) == ("pong 7\n", 0), err
-        out, err, code = await cli("ctl", "--config", str(toml), "--token", token, "events")
+        out, err, code = await cli("ctl", "--config", str(toml), *auth, "events")
         assert code == 0, err
         assert "logon-failed" not in out  # (it reads the journal; nothing failed)
 
         # What the configuration names is what is verified, and said when it does not match.
         other, _ = write_pair(short_dir, "other", 30)
         ini.write_text(f"[global]\nssl_certificate_string={other}\nssl_key_string={key}\n")
-        _, err, code = await cli("ctl", "--config", str(toml), "--token", token, "ping")
+        _, err, code = await cli("ctl", "--config", str(toml), *auth, "ping")
         assert code == 3
         assert err.strip().endswith(
             f"TLS handshake failed: certificate does not match {other} (ssl.certificate of "
             f"{ini}:2; pass --cafile with the one the bridge serves)")
-        out, err, code = await cli("ctl", "--config", str(toml), "--cafile", str(cert),
-                                   "--token", token, "ping")
+        out, err, code = await cli("ctl", "--config", str(toml), "--cafile", str(cert), *auth,
+                                   "ping")
         assert code == 0, "--cafile wins"
 
         # A tcp: endpoint: plain, without being told.
         toml.write_text(f'thrift_endpoint = "tcp:{closed_port()}:interface=127.0.0.1"\n'
                         f'ogon_config = ""\n'
                         f'admin_endpoint = ""\n')
-        _, err, code = await cli("ctl", "--config", str(toml), "--token", token, "ping")
+        _, err, code = await cli("ctl", "--config", str(toml), *auth, "ping")
         assert code == 3 and "bridge not listening at 127.0.0.1:" in err
-        _, err, code = await cli("ctl", "--config", str(toml), "--token", token, "events")
+        _, err, code = await cli("ctl", "--config", str(toml), *auth, "events")
         assert code == 2 and "has no admin endpoint ctl can reach (admin_endpoint = '')" in err
         toml.write_text('thrift_endpoint = 9091\n')
-        _, err, code = await cli("ctl", "--config", str(toml), "--token", token, "ping")
+        _, err, code = await cli("ctl", "--config", str(toml), *auth, "ping")
         assert code == 2 and err.strip() == (
             f"icp-bridge ctl ping: cannot read the bridge's configuration: {toml}: "
             f"thrift_endpoint: "
             f"expected a string, got int (or give --port and --cafile, --plain or --insecure)")
+    finally:
+        await bridge.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_token_from_a_private_file_stdin_or_the_environment(short_dir: Path) -> None:
+    """A token on a command line is every local user's (/proc/PID/cmdline):
+    --token-file (mode 600; a file others may read or write is refused),
+    --token-file - (stdin) and $ICP_BRIDGE_TOKEN take it silently; --token
+    still works, with a warning."""
+    bridge = await start_bridge(short_dir)
+    try:
+        token = await token_of(bridge, "alice", "alice-pw")
+        base = ("ctl", "--plain", "--port", str(bridge.thrift_port))
+        path = short_dir / "token"
+        path.write_text(token + "\n")
+        path.chmod(0o600)
+        out, err, code = await cli(*base, "--token-file", str(path), "permission")
+        assert (code, err) == (0, "") and out.startswith("0x1ff (full)"), err
+        out, err, code = await cli(*base, "--token-file", "-", "permission",
+                                   stdin=token + "\n")
+        assert (code, err) == (0, "") and out.startswith("0x1ff (full)"), err
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ("-m", "bridge.cli", *base, "permission"),
+            env={**ENV, "ICP_BRIDGE_TOKEN": token}, path=str(ROOT))
+        assert (code, err) == (0, b"") and out.startswith(b"0x1ff (full)"), err
+
+        out, err, code = await cli(*base, "--token", token, "permission")
+        assert code == 0 and out.startswith("0x1ff (full)")
+        assert "warning: --token puts the token on the command line, which every local " \
+               "user can read" in err and "--token-file" in err and token not in err
+
+        for mode in (0o644, 0o620, 0o604):
+            path.chmod(mode)
+            _, err, code = await cli(*base, "--token-file", str(path), "permission")
+            assert code == 2 and err.strip().endswith(
+                f"--token-file {path}: refused: others may read or write it (mode "
+                f"{mode:04o}); `chmod 600 {path}` and use a new token if others could read "
+                f"this one"), err
+        path.chmod(0o600)
+        link = short_dir / "link"
+        link.symlink_to(path)
+        _, err, code = await cli(*base, "--token-file", str(link), "permission")
+        assert code == 2 and f"--token-file {link}: cannot read it" in err
+        _, err, code = await cli(*base, "--token-file", str(short_dir / "none"), "permission")
+        assert code == 2 and "cannot read it: No such file or directory" in err
+        (short_dir / "empty").touch(mode=0o600)
+        _, err, code = await cli(*base, "--token-file", str(short_dir / "empty"), "permission")
+        assert code == 2 and err.strip().endswith("empty")
+        _, err, code = await cli(*base, "--token-file", "-", "permission", stdin="\n")
+        assert code == 2 and "no token on stdin" in err
+        _, err, code = await cli(*base, "--token-file", str(path), "--token", token,
+                                 "permission")
+        assert code == 2 and "not allowed with argument" in err
     finally:
         await bridge.stop()
 
