@@ -195,16 +195,16 @@ def _query(client: OtsClient, auth: str, session_id: int, name: str) -> Any:
 
 def session_rows(ctl: Ctl) -> list[dict[str, Any]]:
     """Every session as enumerateSessions and querySessionInformation
-    (WTSSessionInfo, WTSClientName, WTSClientAddress, WTSIdleTime) give it;
-    None where the bridge does not answer."""
+    (WTSSessionInfo, WTSClientName, WTSClientAddress) give it; None where
+    the bridge does not answer. WTSIdleTime is not asked: the bridge, like
+    ogon, knows no input times and would log a refusal for each session;
+    the idle time comes from WTSSessionInfo's LastInputTime when a server
+    fills it in."""
     client, auth = ctl.client, ctl.token()
     r = client.enumerateSessions(auth, 1)
     if not r.returnValue:
         raise ctl.why_refused("enumerateSessions", flag=Permission.QUERY_INFORMATION)
     rows = []
-    # Asked until the bridge says it does not answer it (each refusal is a
-    # line in its log): icp-bridge, like ogon, knows no input times.
-    idle_answered = True
     for entry in sorted(r.sessionInfoList, key=lambda s: s.sessionId):
         session_id = entry.sessionId
         answer = client.querySessionInformation(auth, session_id, INFO_CLASSES["SessionInfo"])
@@ -213,11 +213,7 @@ def session_rows(ctl: Ctl) -> list[dict[str, Any]]:
         state = state_name(entry.connectState)
         since = info.get("DisconnectTime") if state == "Disconnected" else \
             info.get("ConnectTime") or info.get("LogonTime")
-        idle = None
-        if idle_answered:
-            idle_answered, idle = _idle_time(client, auth, session_id)
-        if idle is None:
-            idle = _idle_from_input_time(raw)
+        idle = _idle_from_input_time(raw)
         # A Disconnected session has no client to ask about.
         client_attached = state != "Disconnected"
         rows.append({
@@ -234,16 +230,6 @@ def session_rows(ctl: Ctl) -> list[dict[str, Any]]:
             "last_input_time": info.get("LastInputTime"),
         })
     return rows
-
-
-def _idle_time(client: OtsClient, auth: str, session_id: int) -> tuple[bool, float | None]:
-    """WTSIdleTime (milliseconds): (answered, seconds)."""
-    r = client.querySessionInformation(auth, session_id, INFO_CLASSES["IdleTime"])
-    if not r.returnValue:
-        return False, None
-    value = r.infoValue.int64Value if r.infoValue.int64Value is not None \
-        else r.infoValue.int32Value
-    return True, None if value is None else value / 1000
 
 
 def _idle_from_input_time(wtsinfo: Any) -> float | None:
@@ -295,6 +281,8 @@ def _ctl_query(ctl: Ctl, args: argparse.Namespace) -> tuple[Any, str, int]:
             lines.append(f"{name}: {text(value)}")
     not_answered = f"not answered for session {args.session}: {', '.join(missing)} (no " \
                    f"client attached, or a class the bridge does not answer)"
+    if missing == ["IdleTime"]:
+        not_answered = "IdleTime is never answered: the bridge, like ogon, knows no input times"
     if len(missing) == len(classes):
         raise ctl.why_refused("querySessionInformation", args.session,
                               Permission.QUERY_INFORMATION, otherwise=not_answered)
