@@ -339,8 +339,9 @@ def _end_users_sessions(ctl: Ctl, args: argparse.Namespace, action: str
     the user (a Disconnected one is not disconnected again), waiting for
     the RDP server as ogon does."""
     method, flag, done = _ENDINGS[action]
-    sessions = [row for row in session_rows(ctl) if row["user"] == args.user
-                and not (action == "disconnect" and row["state"] == "Disconnected")]
+    users = [row for row in session_rows(ctl) if row["user"] == args.user]
+    sessions = [row for row in users
+                if not (action == "disconnect" and row["state"] == "Disconnected")]
     results, lines = [], []
     for row in sessions:
         session_id = row["session_id"]
@@ -348,10 +349,15 @@ def _end_users_sessions(ctl: Ctl, args: argparse.Namespace, action: str
         error = None if ok else str(ctl.why_refused(method, session_id, flag))
         results.append({"session_id": session_id, "ok": ok, "error": error})
         lines.append(f"session {session_id} {done}" if ok else f"session {session_id}: {error}")
-    if not sessions:
-        lines.append(f"no sessions of user {args.user} to {action}")
+    if not users:
+        lines.append(f"user {args.user} has no session")
+    for row in users:
+        if row not in sessions:
+            lines.append(f"session {row['session_id']} is Disconnected already")
     failed = sum(not r["ok"] for r in results)
-    return ({"user": args.user, "action": action, "sessions": results, "failed": failed},
+    return ({"user": args.user, "action": action, "sessions": results, "failed": failed,
+             "disconnected_already": [row["session_id"] for row in users
+                                      if row not in sessions]},
             "\n".join(lines), 1 if failed else 0)
 
 
