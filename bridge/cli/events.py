@@ -107,8 +107,8 @@ def cmd_events(args: argparse.Namespace) -> int:
                     continue
                 event = json.loads(block["data"])
                 last = event["id"]
-                print(json.dumps(event, sort_keys=True) if args.json else _event_line(event),
-                      flush=True)
+                print(json.dumps({**event, "time": iso(event["time"])}, sort_keys=True)
+                      if args.json else _event_line(event), flush=True)
         except (OSError, http.client.HTTPException) as e:
             if not args.follow:
                 where = f"{url.hostname}:{url.port or 9092}"

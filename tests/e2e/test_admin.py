@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest_twisted
@@ -344,6 +345,10 @@ async def test_ctl_events_prints_the_journal(short_dir: Path) -> None:
         events = [json.loads(line) for line in out.decode().splitlines()]
         assert [e["id"] for e in events] == journal_ids(bridge) == list(range(1, 11))
         assert events[2]["new_state_name"] == "Active" and events[2]["username"] == "carol"
+        # Times as ISO strings, as everything ctl --json prints.
+        stored = bridge.service.store.events_after(0, 1)[0].time
+        assert events[0]["time"] == datetime.fromtimestamp(stored).astimezone().isoformat(
+            timespec="seconds")
         out, err, code = await getProcessOutputAndValue(sys.executable, [*argv, "--after", "8"],
                                                         env=env, path=str(ROOT))
         lines = out.decode().splitlines()
