@@ -70,6 +70,18 @@ class JournalEvent:
         return dataclasses.asdict(self)
 
 
+def _private(path: Path) -> None:
+    """The database mode 0600 before SQLite opens it, so that the -wal and
+    -shm files it makes beside it get that mode too (SQLite gives them the
+    database's); those of an older run are made 0600 as well."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.chmod(f"{path}{suffix}", 0o600, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+
+
 def _describe(error: sqlite3.Error) -> str:
     return str(error) or type(error).__name__
 
@@ -89,6 +101,7 @@ class StateStore:
         try:
             if not memory:
                 Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                _private(Path(path))
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")

@@ -70,8 +70,10 @@ async def test_lost_token_file_is_rewritten_on_restart(short_dir: Path) -> None:
 def test_state_store_round_trip(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "s" / "state.sqlite3")
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert (tmp_path / "s" / "state.sqlite3").stat().st_mode & 0o777 == 0o600
     assert store.load_sessions() == [] and store.next_session_id() == 1
+    # The write-ahead log and its index hold the latest sessions and tokens too.
+    for name in ("state.sqlite3", "state.sqlite3-wal", "state.sqlite3-shm"):
+        assert (tmp_path / "s" / name).stat().st_mode & 0o777 == 0o600, name
     store.close()
 
 
