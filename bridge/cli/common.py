@@ -111,6 +111,31 @@ def service_paths(named_config: str | None) -> tuple[Path, Path]:
             parsed.get("state_dir", default_state_dir()))
 
 
+def service_authenticator(named_config: str | None) -> tuple[str, str]:
+    """(authenticator, why) as the service would choose it: the TOML file's
+    ``authenticator``, else PAM when ogon's config.ini is read (as ogon
+    authenticates), else the users file. Only those keys are read."""
+    from bridge.config import ConfigError, with_ogon_defaults
+    from bridge.config_sources import TomlFile
+
+    path = config_file(named_config)
+    values = {}
+    if path is not None:
+        try:
+            values = TomlFile(path).read()
+        except ConfigError:
+            return "users-file", ""  # the users file is the question here; config check says
+    wanted = {key: values[key] for key in ("authenticator", "ogon_config") if key in values}
+    merged = with_ogon_defaults(wanted)
+    authenticator = str(merged.get("authenticator", "users-file"))
+    if "authenticator" in wanted:
+        return authenticator, f"authenticator = {authenticator!r} in {path}"
+    if authenticator == "pam":
+        return authenticator, f"ogon's {merged['ogon_config']} is read, so it authenticates as " \
+                              f"ogon does"
+    return authenticator, ""
+
+
 def add_config_option(parser: argparse.ArgumentParser) -> None:
     from bridge.config import DEFAULT_CONFIG_FILE
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bridge.cli.common import add_config_option, read_password, service_paths
+from bridge.cli.common import add_config_option, read_password, service_authenticator, service_paths
 from bridge.security.auth import (
     UserEntry,
     UsersFile,
@@ -74,10 +74,23 @@ def list_users(path: Path) -> int:
     return 1 if parsed.problems else 0
 
 
+def _say_if_unused(named_config: str | None, path: Path) -> None:
+    """A users file the service does not read (PAM, on an ogon host) is
+    said so: a user added there would not log on, and a password kept there
+    for nothing is one more to leak."""
+    authenticator, why = service_authenticator(named_config)
+    if authenticator == "pam":
+        print(f"note: the service authenticates with PAM ({why}): it does not read {path}; "
+              f"users log on with their system password at the permission.level property "
+              f"(USER by default)", file=sys.stderr)
+
+
 def cmd_users(args: argparse.Namespace) -> int:
     if args.action in ("lockouts", "unlock"):
         return cmd_lockouts(args)
     path = Path(args.users) if args.users else service_paths(args.config)[0]
+    if not args.users:
+        _say_if_unused(args.config, path)
     if args.action == "list":
         return list_users(path)
     try:

@@ -210,6 +210,31 @@ def test_users_tool_reads_the_configuration(tmp_path: Path) -> None:
     assert "no users in" in result.stdout, "--users wins over the configuration"
 
 
+def test_users_tool_says_when_the_service_does_not_read_the_users_file(tmp_path: Path
+                                                                      ) -> None:
+    """On an ogon host (config.ini read) the service authenticates with PAM
+    as ogon does: a user added to the users file would never log on."""
+    ini = ROOT / "tests" / "data" / "ogon-config.ini.debian"
+    config = tmp_path / "bridge.toml"
+    base = f'users_file = "{tmp_path}/users"\n'
+    add = ("users", "add", "alice", "--permission", "full", "--scrypt-n", "1024",
+           "--config", str(config))
+    config.write_text(base + f'ogon_config = "{ini}"\n')
+    result = cli(*add, stdin="pw\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        f"note: the service authenticates with PAM (ogon's {ini} is read, so it "
+        f"authenticates as ogon does): it does not read {tmp_path}/users; users log on with "
+        f"their system password at the permission.level property (USER by default)\n")
+    config.write_text(base + f'ogon_config = "{ini}"\nauthenticator = "users-file"\n')
+    assert cli(*add, stdin="pw\n").stderr == ""
+    config.write_text(base + 'ogon_config = ""\n')
+    assert cli(*add, stdin="pw\n").stderr == ""
+    config.write_text(base + 'ogon_config = ""\nauthenticator = "pam"\n')
+    assert f"(authenticator = 'pam' in {config})" in cli("users", "list", "--config",
+                                                          str(config)).stderr
+
+
 @pytest.mark.parametrize("action", ["add", "list", "remove", "lockouts", "unlock"])
 def test_users_actions_take_config(action: str) -> None:
     result = cli("users", action, "--help")
