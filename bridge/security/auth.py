@@ -515,18 +515,17 @@ def ogon_pam_service(pam_dir: Path = PAM_DIR) -> str:
 
 
 def pam_unavailable() -> str | None:
-    """Why ``authenticator = "pam"`` cannot work on this machine (None: it
-    can): python-pam missing (a dependency of the package, so only after a
-    --no-deps install or its removal), or no libpam for it to load.
-    Startup, a reload and ``config check`` say it alike."""
+    """Why ``authenticator = "pam"`` cannot work here (None: it can): no
+    python-pam (a dependency: only after a --no-deps install or its removal)
+    or no libpam to load. Startup, a reload and ``config check`` say alike."""
+    import ctypes.util
+
     try:
         import pam  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
         return ("authenticator = 'pam' needs the python-pam package, a dependency of "
                 "icp-bridge: reinstall icp-bridge with pip (or set authenticator = "
                 "\"users-file\")")
-    import ctypes.util
-
     if ctypes.util.find_library("pam") is None:
         return ("authenticator = 'pam' needs libpam, which python-pam loads (Debian: "
                 "apt-get install libpam0g)")
