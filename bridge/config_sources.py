@@ -60,6 +60,10 @@ from bridge.sessions.properties import (
 _MERGED_TABLES = ("properties", "modules")
 
 
+#: The top-level options (Config's fields), for a key that strayed into a table.
+_OPTIONS = frozenset(field.name for field in dataclasses.fields(Config))
+
+
 def _unknown_property(path: str, known: list[str]) -> str | None:
     """What to say about a property path ogon does not read (None when it
     reads it): a warning, not an error, since sites add their own and they
@@ -86,6 +90,11 @@ def property_warnings(values: Mapping[str, Any], module_names: Iterable[str]) ->
             if not isinstance(path, str):
                 continue
             unknown = _unknown_property(path, known)
+            if unknown is not None and path in _OPTIONS:
+                # A TOML table takes every key after its header: an option
+                # written below [properties] lands here, and silently.
+                unknown += (f"; {path} is a top-level option: write it above the first "
+                            f"[table] of the file")
             if unknown is not None:
                 lines.append(f"{key}.{path}: {unknown}")
     return lines

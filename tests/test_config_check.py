@@ -84,6 +84,12 @@ def test_an_unknown_property_is_a_warning_with_a_suggestion(tmp_path: Path) -> N
     ]
     assert all(w.warning for w in loaded.warnings)
     assert loaded.config.properties["session.timout"] == 5, "a site's own property is kept"
+    # An option appended below [properties] is a property: said, with where it belongs.
+    path.write_text('[properties]\n"session.timeout" = 5\ncall_timeout = 3\n')
+    assert [str(w) for w in ConfigSources.for_service(path).load().warnings] == [
+        f"{path}: properties.call_timeout: not a property ogon reads; kept, and answered over "
+        f"ICP; call_timeout is a top-level option: write it above the first [table] of the "
+        f"file"]
     assert loaded.config.properties["module.xsession.displayoffset"] == 100
 
 
