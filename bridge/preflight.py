@@ -49,8 +49,8 @@ from bridge.backends.ogon.properties import KINDS
 from bridge.config import Config, Problem, default_modules
 from bridge.config_sources import load_properties
 from bridge.endpoints import split_endpoint
-from bridge.security.auth import pam_unavailable
 from bridge.security.file_trust import untrusted
+from bridge.security.pam_auth import pam_unavailable
 from bridge.security.tls import (
     certificate_not_after,
     default_pair,

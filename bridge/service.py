@@ -37,14 +37,8 @@ from bridge.otsapi.actions import SessionActions
 from bridge.otsapi.handler import OtsApiHandler
 from bridge.rdp.handlers import RdpRequestHandlers
 from bridge.rdp.link import RdpServerLink
-from bridge.security.auth import (
-    PAM_DIR,
-    Authenticator,
-    PamAuthenticator,
-    UsersFileAuthenticator,
-    ogon_pam_service,
-    pam_unavailable,
-)
+from bridge.security.auth import Authenticator, UsersFileAuthenticator
+from bridge.security.pam_auth import PAM_DIR, PamAuthenticator, ogon_pam_service, pam_unavailable
 from bridge.security.permissions import ogon_level
 from bridge.security.throttle import LockoutStore, LogonGuard, ThrottlePolicy
 from bridge.security.tls import (

@@ -699,7 +699,7 @@ class PamSessionTests(SynchronousTestCase):
     """With PAM, a desktop runs inside a PAM session (service ogon)."""
 
     def setUp(self) -> None:
-        from bridge.security.auth import PamAuthenticator
+        from bridge.security.pam_auth import PamAuthenticator
 
         self.pam_log: list[str] = []
         fake = type("pam", (), {"pam": lambda _=None: FakePamHandle(self.pam_log)})

@@ -16,7 +16,7 @@ import pytest
 
 from bridge import config as config_module
 from bridge.config_sources import load_config
-from bridge.security.auth import PamAuthenticator, ogon_pam_service
+from bridge.security.pam_auth import PamAuthenticator, ogon_pam_service
 from bridge.security.permissions import FULL, GUEST, USER, ogon_level
 from bridge.sessions.ogon_config import (
     OgonConfig,

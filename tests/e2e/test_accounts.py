@@ -241,7 +241,7 @@ async def test_pam_refuses_an_expired_account(pam_service: str) -> None:
     """pam_acct_mgmt runs after pam_authenticate: the right password of an
     expired account is not enough."""
     pytest.importorskip("pam")
-    from bridge.security.auth import PamAuthenticator
+    from bridge.security.pam_auth import PamAuthenticator
 
     expired = ensure_account(EXPIRED, "-e", "1")
     usable = ensure_account("icpbpamok")
