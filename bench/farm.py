@@ -97,7 +97,8 @@ class Farm:
                 admin_endpoint="tcp:0:interface=127.0.0.1", dbus_address="",
                 state_dir=root / "state", users_file=root / "users", token_dir=root / "tokens",
                 pipe_dir=root / "pipes", farm_database=db.conninfo,
-                farm_password_file=db.password_file, host_name=host, farm_heartbeat=1.0,
+                farm_password_file=db.password_file,
+                farm_command_key_file=db.command_key_file, host_name=host, farm_heartbeat=1.0,
                 farm_stale_after=5.0)
             service = BridgeService(config, reactor,
                                     authenticator=InMemoryAuthenticator({}))

@@ -241,6 +241,8 @@ class Config:
     # libpq's PGPASSWORD / PGPASSFILE / ~/.pgpass; TLS through its sslmode.
     farm_database: str = ""
     farm_password_file: Path | None = None
+    # Farm commands are signed with this key (none: this host neither issues nor runs them).
+    farm_command_key_file: Path | None = None
     # This host's name in the farm (HAProxy's backend for it has this name).
     host_name: str = field(default_factory=socket.gethostname)
     # Seconds between heartbeats; a host not heard of for farm_stale_after is stale.
@@ -556,7 +558,7 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "min_free_disk": _integer,
     "farm_database": _string, "farm_password_file": _path, "host_name": _string,
     "farm_heartbeat": _number, "farm_stale_after": _number, "haproxy_socket": _string,
-    "haproxy_map": _path,
+    "haproxy_map": _path, "farm_command_key_file": _path,
     "ogon_bin_dirs": _string_list("directories"), "ogon_module_dir": _string,
     "ogon_keeper_socket": _path,
 }

@@ -31,6 +31,7 @@ from bridge.endpoints import (
 )
 from bridge.farm.commands import SharedActions
 from bridge.farm.service import FarmService, FarmSettings, read_password
+from bridge.farm.signing import read_command_key
 from bridge.lifecycle.facade import SessionLifecycle
 from bridge.lifecycle.runtime import RdpPeer
 from bridge.otsapi.actions import SessionActions
@@ -77,16 +78,18 @@ PRUNE_INTERVAL = 3600.0
 FAILURE_EXPIRY_INTERVAL = 60.0
 
 
-def make_farm(config: Config, password: str | None, reactor: Any, clock: IReactorTime,
-              store: StateStore, registry: SessionRegistry, properties: PropertyTable,
-              actions: SessionActions) -> FarmService:
+def make_farm(config: Config, secrets: tuple[str | None, bytes | None], reactor: Any,
+              clock: IReactorTime, store: StateStore, registry: SessionRegistry,
+              properties: PropertyTable, actions: SessionActions) -> FarmService:
     """The farm's part of a bridge (config.farm_database is set), with the
-    password of farm_password_file."""
+    secrets read_farm_secrets read."""
+    password, command_key = secrets
     settings = FarmSettings(
         database=config.farm_database, password=password, host=config.host_name,
         heartbeat=config.farm_heartbeat, stale_after=config.farm_stale_after,
         command_timeout=config.call_timeout, events_keep=config.events_keep,
-        haproxy_socket=config.haproxy_socket, haproxy_map=config.haproxy_map)
+        haproxy_socket=config.haproxy_socket, haproxy_map=config.haproxy_map,
+        command_key=command_key)
     return FarmService(settings, reactor, clock, store, state_database(config.state_dir),
                        registry, properties, SharedActions(actions),
                        admin_url=config.admin_endpoint)
@@ -106,15 +109,19 @@ def check_before_writing(config: Config, reactor: Any, pam: bool) -> None:
         raise StartupError(problem)
 
 
-def read_farm_password(config: Config) -> str | None:
-    """farm_password_file's password, when the bridge is in a farm."""
+def read_farm_secrets(config: Config) -> tuple[str | None, bytes | None]:
+    """farm_password_file's password and farm_command_key_file's key, when
+    the bridge is in a farm."""
     if not config.farm_database:
-        return None
-    try:
-        return read_password(config.farm_password_file)
-    except (OSError, ValueError) as e:
-        raise StartupError(f"farm_password_file: {getattr(e, 'strerror', None) or e}"
-                           ) from None
+        return None, None
+    secrets: list[Any] = []
+    for key, read in (("farm_password_file", read_password),
+                      ("farm_command_key_file", read_command_key)):
+        try:
+            secrets.append(read(getattr(config, key)))
+        except (OSError, ValueError) as e:
+            raise StartupError(f"{key}: {getattr(e, 'strerror', None) or e}") from None
+    return secrets[0], secrets[1]
 
 
 def report_properties(log: Logger, merged: MergedProperties, properties: PropertyTable,
@@ -188,7 +195,7 @@ class BridgeService(MultiService):
         self.channels = ChannelPolicy(self.properties, config.channels_allow,
                                       config.channels_deny)
         check_before_writing(config, reactor, pam=authenticator is None)
-        farm_password = read_farm_password(config)
+        farm_secrets = read_farm_secrets(config)
         # One bridge per state directory (a second one would take this one's
         # sessions for a restart's); released when the service stops.
         self.state_lock = StateDirectoryLock.claim(config.state_dir)
@@ -280,7 +287,7 @@ class BridgeService(MultiService):
 
         self.farm: FarmService | None = None
         if config.farm_database:
-            self.farm = make_farm(config, farm_password, reactor, clock, self.store,
+            self.farm = make_farm(config, farm_secrets, reactor, clock, self.store,
                                   self.registry, self.properties, self.actions)
             self.farm.setServiceParent(self)
             self.lifecycle.policies.before_logon = self.farm.single_session.before_logon

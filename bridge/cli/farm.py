@@ -108,6 +108,9 @@ def cmd_command(args: argparse.Namespace) -> int:
             ok = False
             detail = (f"pending: {command['host']} has not answered within {args.within:g} s; "
                       f"it runs if {command['host']} answers within {args.expires:g} s")
+        elif command["state"] == "refused":
+            ok = False
+            detail = f"refused: {result.get('refused', '')}"
         else:
             ok = False
             detail = f"{command['state']}: {command['host']} did not run it in time"

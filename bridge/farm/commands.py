@@ -13,6 +13,13 @@ Nothing is run twice: before a command runs, the host records it in its
 own state database (``farm_commands_run``); a command recorded there is
 never started again, also when its result never reached the farm. One
 that was running when the host died is answered "interrupted".
+
+Commands are signed (``bridge.farm.signing``): the issuing host signs each
+row with the farm's command key, the host that runs it checks the
+signature before anything else. A command unsigned, with a signature that
+does not verify, or on a host without the key is not run: it is answered
+state "refused" with the reason, and logged (one line now and then, with
+how many, so rows written in bulk do not flood the log).
 """
 
 from __future__ import annotations
@@ -24,14 +31,19 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from bridge.farm.signing import CommandKey
 from bridge.otsapi.actions import Actor, NoClientError, SessionActions
 from bridge.sessions.model import Session
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.engines import DatabaseUnavailableError
-from bridge.state.farm_store import FarmCommand, FarmStore
+from bridge.state.farm_store import FarmCommand, FarmStore, check_host, check_text
 from bridge.state.outbox import FarmOutbox
 
 ACTIONS = ("logoff", "disconnect", "message")
+#: Without a command key a host neither issues nor runs farm commands.
+NO_KEY = "this host has no farm_command_key_file: farm commands are off"
+#: Refused commands are logged at most once per this many seconds.
+REFUSAL_LOG_EVERY = 10.0
 
 
 class Actions(Protocol):
@@ -81,14 +93,19 @@ class CommandRunner:
     log = Logger()
 
     def __init__(self, farm: FarmStore, outbox: FarmOutbox, registry: SessionRegistry,
-                 actions: Actions, clock: IReactorTime, host: str) -> None:
+                 actions: Actions, clock: IReactorTime, host: str,
+                 key: CommandKey | None) -> None:
         self.farm = farm
         self.outbox = outbox
         self.registry = registry
         self.actions = actions
         self.clock = clock
         self.host = host
+        self.key = key
         self.ran = 0
+        self.refused = 0
+        self._refusals_unlogged = 0
+        self._refusal_logged_at: float | None = None
         self._fetching = False
         self._again = False
         # Told when a result is owed to the farm (the shipper ships it).
@@ -125,13 +142,45 @@ class CommandRunner:
             while True:
                 self._again = False
                 for command in await self.farm.pending_commands(self.host):
-                    if self.outbox.start_command(command.id, self.clock.seconds()):
-                        Deferred.fromCoroutine(self._run(command)).addErrback(
-                            lambda f, c=command: self._crashed(f, c))
+                    if not self.outbox.start_command(command.id, self.clock.seconds()):
+                        continue
+                    refusal = self.refusal(command)
+                    if refusal is not None:
+                        self._refuse(command, refusal)
+                        continue
+                    Deferred.fromCoroutine(self._run(command)).addErrback(
+                        lambda f, c=command: self._crashed(f, c))
                 if not self._again:
                     return
         finally:
             self._fetching = False
+
+    def refusal(self, command: FarmCommand) -> str | None:
+        """Why ``command`` may not run here, or None: signed with the
+        farm's command key, for this host, with a requested_by fit to log."""
+        if self.key is None:
+            return NO_KEY
+        if not command.signature:
+            return "unsigned: not queued by a host with the farm's command key"
+        if not self.key.verify(command):
+            return "bad signature: not queued by a host with the farm's command key"
+        if command.host != self.host or check_text(command.requested_by) is not None:
+            return "malformed"
+        return None
+
+    def _refuse(self, command: FarmCommand, refusal: str) -> None:
+        self.refused += 1
+        self._refusals_unlogged += 1
+        now = self.clock.seconds()
+        if self._refusal_logged_at is None or now - self._refusal_logged_at >= REFUSAL_LOG_EVERY:
+            self._refusal_logged_at = now
+            self.log.warn("farm: refused {count} command(s), the last {command_id} ({action} "
+                          "of session {session_id}, requested_by {requested_by!r}): {refusal}",
+                          count=self._refusals_unlogged, command_id=command.id,
+                          action=command.action[:40], session_id=command.session_id,
+                          requested_by=command.requested_by[:80], refusal=refusal)
+            self._refusals_unlogged = 0
+        self._finish(command.id, {"ok": False, "refused": refusal})
 
     async def _run(self, command: FarmCommand) -> None:
         self.ran += 1
@@ -177,9 +226,10 @@ class CommandWaiter:
 
     log = Logger()
 
-    def __init__(self, farm: FarmStore, clock: IReactorTime) -> None:
+    def __init__(self, farm: FarmStore, clock: IReactorTime, key: CommandKey | None) -> None:
         self.farm = farm
         self.clock = clock
+        self.key = key
         self._waiting: dict[int, Deferred[None]] = {}
 
     def notified(self, payload: str) -> None:
@@ -200,15 +250,31 @@ class CommandWaiter:
     async def run(self, targets: Iterable[tuple[str, int]], action: str,
                   args: dict[str, Any], requested_by: str, timeout: float,
                   expires_in: float) -> list[FarmCommand]:
-        """Queue ``action`` for each (host, session id) and wait up to
-        ``timeout`` seconds for their results; returns the commands as they
-        are then (state "done" with a result, "pending" or "expired").
+        """Queue ``action`` for each (host, session id), signed, and wait
+        up to ``timeout`` seconds for their results; returns the commands
+        as they are then (state "done" with a result, "pending", "expired"
+        or "refused"). Without the command key, or for a target that is not
+        a host name, nothing is queued: the command comes back refused.
         Raises DatabaseUnavailableError when the farm is away."""
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}")
+        targets = list(targets)
+        refused = [FarmCommand(0, host, session_id, action, args, requested_by, "refused",
+                               {"ok": False, "refused": NO_KEY if self.key is None
+                                else f"{host!r} is not a host name"})
+                   for host, session_id in targets
+                   if self.key is None or check_host(host) is not None]
+        if refused:
+            self.log.warn("farm: {action} not queued: {refusal}", action=action,
+                          refusal=refused[0].result["refused"])  # type: ignore[index]
+            targets = [(host, session_id) for host, session_id in targets
+                       if self.key is not None and check_host(host) is None]
+            if not targets:
+                return refused
+        assert self.key is not None
         ids = await self.farm.add_commands(
             [(host, session_id, action, args) for host, session_id in targets],
-            requested_by, max(expires_in, timeout))
+            requested_by, max(expires_in, timeout), self.key.sign)
         deadline = self.clock.seconds() + timeout
         open_ids = set(ids)
         while open_ids:
@@ -236,5 +302,5 @@ class CommandWaiter:
                 self._waiting.pop(command_id, None)
         for command_id in ids:
             self._waiting.pop(command_id, None)
-        return await self.farm.commands(ids)
+        return refused + await self.farm.commands(ids)
 

@@ -15,7 +15,14 @@ for names longer than nine characters, under the first nine as well: what
 mstsc sends (MS-RDPBCGR: "the login name of the user truncated to nine
 characters"); a truncated key two users share with different hosts is
 left out (they go by the balance). Names HAProxy's runtime API cannot
-carry (spaces, ``;``, ``\\``, ``#``, quotes) are left out, logged once.
+carry (spaces, ``;``, ``\\``, ``#``, quotes, control characters) are left
+out, logged once; so is a host that is not a host name (the farm store
+skips such rows already: every farm member can write them).
+
+No text reaches HAProxy unchecked: every runtime API line and every map
+file line is built by ``_line``, which refuses ``;``, whitespace inside a
+word, ``\\``, ``#``, quotes and control characters (``;`` would start an
+admin command of the writer's choice, a newline another map entry).
 
 Changes are pushed over HAProxy's runtime API on its stats socket (``set
 map`` / ``add map`` / ``del map``; a full replacement as one version with
@@ -43,12 +50,30 @@ from twisted.python.failure import Failure
 
 from bridge.sessions.model import ConnectState
 from bridge.state.engines import DatabaseUnavailableError
-from bridge.state.farm_store import FarmStore
+from bridge.state.farm_store import HOST_NAME, FarmStore
 
 #: mstsc sends the login name truncated to this many characters.
 MSTSHASH_LENGTH = 9
-#: Characters a map key may not hold (the runtime API splits and escapes on them).
-_UNSAFE = re.compile(r"[\s;\\#\"']")
+#: Characters no word of a runtime API line or map file line may hold: the
+#: runtime API splits commands on ';' and words on whitespace and escapes
+#: with '\\'; '#' starts a comment in the map file; quotes; control
+#: characters (a newline ends a line).
+_UNSAFE = re.compile(r"[\s;\\#\"'\x00-\x1f\x7f-\x9f]")
+
+
+class UnsafeLineError(ValueError):
+    """A word for HAProxy holds what its runtime API or map file obeys."""
+
+
+def _line(*words: str) -> str:
+    """The one place lines for HAProxy (runtime API commands, map file
+    entries) are built: each word checked, joined by single spaces."""
+    for word in words:
+        if not word or _UNSAFE.search(word):
+            raise UnsafeLineError(f"not sent to HAProxy: {word[:80]!r}")
+    return " ".join(words)
+
+
 #: Runtime API commands per line (one connection each); HAProxy's buffer is 16 KiB.
 _LINE_LIMIT = 8000
 
@@ -70,7 +95,7 @@ def route_map(sessions: Iterable[dict[str, Any]], fresh_hosts: set[str]
     truncated: dict[str, set[str]] = {}
     unsafe = []
     for user, (_, host) in best.items():
-        if not user or _UNSAFE.search(user):
+        if not user or _UNSAFE.search(user) or not HOST_NAME.fullmatch(host):
             unsafe.append(user)
             continue
         routes[user] = host
@@ -87,7 +112,7 @@ def route_map(sessions: Iterable[dict[str, Any]], fresh_hosts: set[str]
 def write_map_file(path: Path, routes: dict[str, str], who: str) -> None:
     """The map file, replaced atomically (temp file, fsync, rename, dir fsync)."""
     lines = [f"# user -> host of the user's session, written by icp-bridge ({who})\n"]
-    lines += [f"{key} {host}\n" for key, host in sorted(routes.items())]
+    lines += [_line(key, host) + "\n" for key, host in sorted(routes.items())]
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -134,7 +159,7 @@ class RuntimeApi:
         """Run ``commands`` (several per line, ``;``-separated); returns
         HAProxy's answers. Raises on a connection failure."""
         answers = []
-        for line in _lines(commands):
+        for line in _lines([_line(*command.split(" ")) for command in commands]):
             answer = _Answer(line.encode() + b"\n")
             await connectProtocol(clientFromString(self.reactor, self.endpoint), answer)
             answers.append(await answer.done.addTimeout(10, self.reactor))
@@ -142,6 +167,7 @@ class RuntimeApi:
 
 
 def _lines(commands: list[str]) -> Iterable[str]:
+    """Commands (each from ``_line``) joined by ';' into lines HAProxy takes."""
     line: list[str] = []
     size = 0
     for command in commands:
@@ -220,9 +246,12 @@ class HaproxyMapFeeder:
         routes, unsafe = route_map(await self.farm.sessions(), fresh)
         for user in unsafe:
             if user not in self._unsafe_logged:
+                if len(self._unsafe_logged) > 1000:  # names a farm member chose: bounded
+                    self._unsafe_logged.clear()
                 self._unsafe_logged.add(user)
-                self.log.warn("farm: user {username!r} is not routed by HAProxy (the name "
-                              "holds characters its map cannot)", username=user)
+                self.log.warn("farm: user {username!r} is not routed by HAProxy (the name, "
+                              "or its host's, holds characters its map cannot)",
+                              username=user[:80])
         if routes != self.written:
             write_map_file(self.map_path, routes, self.who)
             self.written = routes

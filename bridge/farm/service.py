@@ -4,7 +4,7 @@ and stopped with the bridge (a child of its service tree)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,13 @@ from bridge.farm.commands import Actions, CommandRunner, CommandWaiter
 from bridge.farm.haproxy import HaproxyMapFeeder
 from bridge.farm.policies import FarmFailureBudget, FarmSingleSession
 from bridge.farm.shipper import FarmShipper
+from bridge.farm.signing import CommandKey
 from bridge.farm.view import FarmEventHub
 from bridge.sessions.properties import PropertyTable
 from bridge.sessions.registry import SessionRegistry
 from bridge.state import farm_store
 from bridge.state.engines import Engine, PostgresEngine
-from bridge.state.farm_store import FarmStore
+from bridge.state.farm_store import FarmStore, SkippedRows
 from bridge.state.outbox import FarmOutbox
 from bridge.state.store import StateStore
 
@@ -48,6 +49,8 @@ class FarmSettings:
     events_keep: float = 7 * 24 * 3600.0
     haproxy_socket: str = ""
     haproxy_map: Path | None = None
+    # The farm's command key (bridge.farm.signing); None: commands are off.
+    command_key: bytes | None = field(default=None, repr=False)
 
 
 def read_password(path: Path | None) -> str | None:
@@ -76,13 +79,15 @@ class FarmService(Service):
         self.clock = clock
         self.engine = engine or PostgresEngine(reactor, settings.database, settings.password,
                                                application_name=f"icp-bridge {settings.host}")
-        self.store = FarmStore(self.engine)
+        self.store = FarmStore(self.engine, SkippedRows(clock.seconds))
+        key = CommandKey(settings.command_key) if settings.command_key is not None else None
         self.outbox = FarmOutbox(state_path)
         host = settings.host
         self.shipper = FarmShipper(self.store, self.outbox, state, registry, clock, host,
                                    admin_url, settings.heartbeat)
-        self.runner = CommandRunner(self.store, self.outbox, registry, actions, clock, host)
-        self.waiter = CommandWaiter(self.store, clock)
+        self.runner = CommandRunner(self.store, self.outbox, registry, actions, clock, host,
+                                    key)
+        self.waiter = CommandWaiter(self.store, clock, key)
         self.events = FarmEventHub(self.store, clock)
         self.budget = FarmFailureBudget(self.store, self.outbox, clock, host)
         self.single_session = FarmSingleSession(self.store, self.waiter, properties, host,
@@ -117,6 +122,9 @@ class FarmService(Service):
         self._readers_started = False
         self.log.info("farm: host {host}, database {database}", host=self.settings.host,
                       database=_describe(self.settings.database))
+        if self.settings.command_key is None:
+            self.log.warn("farm: no farm_command_key_file: this host neither issues nor runs "
+                          "farm commands (ctl farm logoff, session.farm.singleSession)")
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -15,8 +15,15 @@ starting at once do not race):
   has seen id N has seen every id below it (a bare sequence would let a
   later id commit first, and a resuming reader skip the earlier one).
 - ``farm_sessions``: each host's sessions, upserted as they change.
-- ``farm_commands``: admin commands for a host's sessions, and results.
+- ``farm_commands``: admin commands for a host's sessions, and results;
+  each signed by the host that queued it (``signature``, see
+  ``bridge.farm.signing``), refused by the host it names if not.
 - ``farm_failures``: each host's failed-logon counts, per key.
+
+What is read back is checked row by row (``check_host``, ``check_text``):
+every member of the farm can write these tables, so a host name or a user
+name is never passed on unchecked. A row that fails is skipped, with one
+log line per table now and then (``SkippedRows``), never passed on.
 
 Triggers NOTIFY on insert: ``icp_farm_events``, ``icp_farm_sessions``,
 ``icp_farm_commands`` (payload: the host), ``icp_farm_results`` (payload:
@@ -28,11 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
+import re
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from bridge.state.engines import Engine
 from bridge.state.store import JournalEvent
@@ -105,6 +115,8 @@ CREATE TABLE IF NOT EXISTS farm_commands (
     result jsonb,
     finished_at timestamptz
 );
+-- Added after version 1 (no version change: a host without it ignores it).
+ALTER TABLE farm_commands ADD COLUMN IF NOT EXISTS signature text NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS farm_commands_pending ON farm_commands (host) WHERE state = 'pending';
 CREATE TABLE IF NOT EXISTS farm_failures (
     host text NOT NULL,
@@ -141,6 +153,71 @@ CREATE OR REPLACE TRIGGER farm_commands_wake AFTER INSERT OR UPDATE ON farm_comm
 
 class FarmSchemaError(Exception):
     """The farm database was made by a newer icp-bridge."""
+
+
+#: A host's name: what HAProxy backend and server names and map values
+#: carry safely (and what config's host_name accepts).
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+#: Control characters (C0, DEL, C1): never in a name or key read from the farm.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: The longest user name, failed-logon key or requested_by read from the farm.
+MAX_TEXT = 512
+
+
+def check_host(value: object) -> str | None:
+    """Why ``value`` is not a host name, or None."""
+    if not isinstance(value, str) or not HOST_NAME.fullmatch(value):
+        return "not a host name"
+    return None
+
+
+def check_text(value: object, empty: bool = True) -> str | None:
+    """Why ``value`` is no user name / key (control characters, too long,
+    empty where it may not be), or None."""
+    if not isinstance(value, str):
+        return "not text"
+    if not value and not empty:
+        return "empty"
+    if len(value) > MAX_TEXT or _CONTROL.search(value):
+        return "too long or with control characters"
+    return None
+
+
+class SkippedRows:
+    """Rows of the farm that failed the checks: each is skipped; one log
+    line per table at most every ``every`` seconds (a flood of bad rows is
+    not a flood of log lines), naming the last row and how many."""
+
+    log = Logger()
+
+    def __init__(self, now: Callable[[], float] = time.monotonic, every: float = 60.0) -> None:
+        self.now = now
+        self.every = every
+        self.total = 0
+        self._last_logged: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def report(self, skipped: list[tuple[str, str, str]]) -> None:
+        """``skipped``: (table, row id, why) of one read; on the reactor."""
+        last: dict[str, tuple[str, str]] = {}
+        for table, row, why in skipped:
+            self.total += 1
+            self._unlogged[table] = self._unlogged.get(table, 0) + 1
+            last[table] = (row, why)
+        now = self.now()
+        for table, (row, why) in last.items():
+            logged = self._last_logged.get(table)
+            if logged is not None and now - logged < self.every:
+                continue
+            self._last_logged[table] = now
+            self.log.warn("farm: skipped {count} row(s) of {table} that fail the checks, the "
+                          "last {row} ({why}); a farm member wrote them (see README, A farm)",
+                          count=self._unlogged.pop(table), table=table, row=row, why=why)
+
+
+def _row_id(*parts: object) -> str:
+    """A row's id for the log: repr() escapes what a terminal would obey."""
+    return "/".join(repr(part[:60] if isinstance(part, str) else part) for part in parts)
 
 
 @dataclass(frozen=True)
@@ -182,6 +259,16 @@ class FarmCommand:
     requested_by: str
     state: str = "pending"
     result: dict[str, Any] | None = None
+    # Signed with the id, these make a command: expires_at in µs since
+    # the epoch (PostgreSQL's clock), and the issuer's signature.
+    expires_us: int = 0
+    signature: str = ""
+
+
+#: A signer: the signature of a command (bridge.farm.signing).
+Signer = Callable[[FarmCommand], str]
+_COMMAND_COLUMNS = "id, host, session_id, action, args, requested_by"
+_EXPIRES_US = "(extract(epoch FROM expires_at) * 1000000)::bigint"
 
 
 SESSION_COLUMNS = ("session_id", "username", "domain", "state", "logged_on", "connection_id",
@@ -210,8 +297,20 @@ class FarmStore:
     """The farm's tables, each method one transaction off the reactor
     (a Deferred; DatabaseUnavailableError while PostgreSQL is away)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, skipped: SkippedRows | None = None) -> None:
         self.engine = engine
+        self.skipped = skipped or SkippedRows()
+
+    def _checked(self, work: Callable[[Any, list[tuple[str, str, str]]], Any]) -> Deferred[Any]:
+        """``work`` off the reactor, told where to note rows it skipped;
+        they are logged on the reactor when it is done."""
+        skipped: list[tuple[str, str, str]] = []
+
+        def report(result: Any) -> Any:
+            if skipped:
+                self.skipped.report(skipped)
+            return result
+        return self.engine.run(lambda connection: work(connection, skipped)).addCallback(report)
 
     # -- schema ---------------------------------------------------------------------
 
@@ -270,31 +369,47 @@ class FarmStore:
     def failures_elsewhere(self, host: str, since: float) -> Deferred[dict[str, int]]:
         """Failed logons per key counted by the other hosts, each counting
         failures after ``since`` (unix time)."""
-        def work(connection: Any) -> dict[str, int]:
+        def work(connection: Any, skipped: list[tuple[str, str, str]]) -> dict[str, int]:
             rows = connection.execute(
-                "SELECT key, sum(failures) FROM farm_failures WHERE host <> %s "
-                "AND last_failure > %s GROUP BY key", (host, since)).fetchall()
-            return {key: int(total) for key, total in rows}
-        return self.engine.run(work)
+                "SELECT host, key, failures FROM farm_failures WHERE host <> %s "
+                "AND last_failure > %s", (host, since)).fetchall()
+            counts: dict[str, int] = {}
+            for other, key, failures in rows:
+                why = check_host(other) or check_text(key, empty=False)
+                if why is not None:
+                    skipped.append(("farm_failures", _row_id(other, key), why))
+                    continue
+                counts[key] = counts.get(key, 0) + max(0, int(failures))
+            return counts
+        return self._checked(work)
 
     def pending_commands(self, host: str) -> Deferred[list[FarmCommand]]:
         """The host's commands still pending and not expired, oldest first."""
-        def work(connection: Any) -> list[FarmCommand]:
+        def work(connection: Any, skipped: list[tuple[str, str, str]]) -> list[FarmCommand]:
             rows = connection.execute(
-                "SELECT id, host, session_id, action, args, requested_by FROM farm_commands "
-                "WHERE host = %s AND state = 'pending' AND expires_at > now() ORDER BY id",
-                (host,)).fetchall()
-            return [FarmCommand(*row) for row in rows]
-        return self.engine.run(work)
+                f"SELECT {_COMMAND_COLUMNS}, {_EXPIRES_US}, signature "  # noqa: S608
+                "FROM farm_commands WHERE host = %s AND state = 'pending' "
+                "AND expires_at > now() ORDER BY id", (host,)).fetchall()
+            commands = []
+            for (command_id, on, session_id, action, args, requested_by, expires_us,
+                 signature) in rows:
+                # Not skipped: a command that fails is refused (answered), by the runner.
+                commands.append(FarmCommand(
+                    command_id, on, session_id, action, args if isinstance(args, dict) else {},
+                    requested_by, expires_us=int(expires_us), signature=signature))
+            return commands
+        return self._checked(work)
 
     def finish_commands(self, results: dict[int, dict[str, Any]]) -> Deferred[None]:
         def work(connection: Any) -> None:
             with connection.cursor() as cursor:
+                # A result with "refused" (the command failed the host's
+                # checks: unsigned, forged) is state 'refused', not 'done'.
                 cursor.executemany(
-                    "UPDATE farm_commands SET state = 'done', result = %s, finished_at = now() "
-                    "WHERE id = %s AND state <> 'done'",
-                    [(json.dumps(result), command_id) for command_id, result in
-                     sorted(results.items())])
+                    "UPDATE farm_commands SET state = %s, result = %s, finished_at = now() "
+                    "WHERE id = %s AND state NOT IN ('done', 'refused')",
+                    [("refused" if "refused" in result else "done", json.dumps(result),
+                      command_id) for command_id, result in sorted(results.items())])
         return self.engine.run(work)
 
     def prune_events(self, older_than: float) -> Deferred[int]:
@@ -309,12 +424,19 @@ class FarmStore:
     # -- the farm's view ---------------------------------------------------------------
 
     def events_after(self, after: int, limit: int = 500) -> Deferred[list[FarmEvent]]:
-        def work(connection: Any) -> list[FarmEvent]:
+        def work(connection: Any, skipped: list[tuple[str, str, str]]) -> list[FarmEvent]:
             rows = connection.execute(
                 f"SELECT {_EVENT_COLUMNS} FROM farm_events WHERE id > %s ORDER BY id "  # noqa: S608
                 "LIMIT %s", (after, limit)).fetchall()
-            return [FarmEvent(*row) for row in rows]
-        return self.engine.run(work)
+            events = []
+            for row in rows:
+                why = check_host(row[1]) or check_text(row[5])
+                if why is not None:
+                    skipped.append(("farm_events", _row_id(row[0]), why))
+                    continue
+                events.append(FarmEvent(*row))
+            return events
+        return self._checked(work)
 
     def event_bounds(self) -> Deferred[tuple[int, int]]:
         """(oldest id - 1, newest id) of the farm journal; (0, 0) if empty."""
@@ -325,18 +447,25 @@ class FarmStore:
         return self.engine.run(work)
 
     def hosts(self) -> Deferred[list[FarmHost]]:
-        def work(connection: Any) -> list[FarmHost]:
+        def work(connection: Any, skipped: list[tuple[str, str, str]]) -> list[FarmHost]:
             rows = connection.execute(
                 "SELECT host, extract(epoch FROM now() - last_seen), shipped_event_id, "
                 "admin_url, extract(epoch FROM started_at) FROM farm_hosts ORDER BY host"
             ).fetchall()
-            return [FarmHost(host, float(age), int(shipped), url, float(started))
-                    for host, age, shipped, url, started in rows]
-        return self.engine.run(work)
+            hosts = []
+            for host, age, shipped, url, started in rows:
+                why = check_host(host) or check_text(url)
+                if why is not None:
+                    skipped.append(("farm_hosts", _row_id(host), why))
+                    continue
+                hosts.append(FarmHost(host, float(age), int(shipped), url, float(started)))
+            return hosts
+        return self._checked(work)
 
     def sessions(self, username: str | None = None) -> Deferred[list[dict[str, Any]]]:
         """Every host's sessions (or one user's logged-on ones), by host."""
-        def work(connection: Any) -> list[dict[str, Any]]:
+        def work(connection: Any, skipped: list[tuple[str, str, str]]
+                 ) -> list[dict[str, Any]]:
             columns = ", ".join(("host", *SESSION_COLUMNS))
             if username is None:
                 rows = connection.execute(
@@ -346,34 +475,56 @@ class FarmStore:
                 rows = connection.execute(
                     f"SELECT {columns} FROM farm_sessions WHERE username = %s "  # noqa: S608
                     "AND logged_on ORDER BY host, session_id", (username,)).fetchall()
-            return [dict(zip(("host", *SESSION_COLUMNS), row, strict=True)) for row in rows]
-        return self.engine.run(work)
+            sessions = []
+            for row in rows:
+                why = check_host(row[0]) or check_text(row[2]) or check_text(row[3])
+                if why is not None:
+                    skipped.append(("farm_sessions", _row_id(row[0], row[1]), why))
+                    continue
+                sessions.append(dict(zip(("host", *SESSION_COLUMNS), row, strict=True)))
+            return sessions
+        return self._checked(work)
 
     def add_commands(self, commands: Iterable[tuple[str, int, str, dict[str, Any]]],
-                     requested_by: str, expires_in: float) -> Deferred[list[int]]:
-        """Queue (host, session id, action, args) commands; fires with their ids."""
+                     requested_by: str, expires_in: float, sign: Signer) -> Deferred[list[int]]:
+        """Queue (host, session id, action, args) commands, each signed by
+        ``sign`` (over its id and expiry too, known once inserted: in the
+        same transaction, so its host never sees it unsigned); fires with
+        their ids."""
         def work(connection: Any) -> list[int]:
             ids = []
             for host, session_id, action, args in commands:
                 row = connection.execute(
-                    "INSERT INTO farm_commands (host, session_id, action, args, requested_by, "
+                    "INSERT INTO farm_commands (host, session_id, action, args, requested_by, "  # noqa: S608
                     "expires_at) VALUES (%s, %s, %s, %s, %s, now() + make_interval(secs => %s))"
-                    " RETURNING id",
+                    f" RETURNING id, args, {_EXPIRES_US}",
                     (host, session_id, action, json.dumps(args), requested_by, expires_in)
                 ).fetchone()
-                ids.append(int(row[0]))
+                command = FarmCommand(int(row[0]), host, session_id, action, row[1],
+                                      requested_by, expires_us=int(row[2]))
+                connection.execute("UPDATE farm_commands SET signature = %s WHERE id = %s",
+                                   (sign(command), command.id))
+                ids.append(command.id)
             return ids
         return self.engine.run(work)
 
     def commands(self, ids: list[int]) -> Deferred[list[FarmCommand]]:
-        def work(connection: Any) -> list[FarmCommand]:
+        def work(connection: Any, skipped: list[tuple[str, str, str]]) -> list[FarmCommand]:
             rows = connection.execute(
-                "SELECT id, host, session_id, action, args, requested_by, "
+                f"SELECT {_COMMAND_COLUMNS}, "  # noqa: S608
                 "CASE WHEN state = 'pending' AND expires_at <= now() THEN 'expired' "
                 "ELSE state END, result FROM farm_commands WHERE id = ANY(%s) ORDER BY id",
                 (ids,)).fetchall()
-            return [FarmCommand(*row) for row in rows]
-        return self.engine.run(work)
+            commands = []
+            for row in rows:
+                why = check_host(row[1]) or check_text(row[5])
+                if why is not None:
+                    skipped.append(("farm_commands", _row_id(row[0]), why))
+                    continue
+                result = row[7] if isinstance(row[7], dict) or row[7] is None else None
+                commands.append(FarmCommand(*row[:7], result))
+            return commands
+        return self._checked(work)
 
 
 def _prepare(connection: Any) -> None:

@@ -25,6 +25,7 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 ACCOUNT = "icpbtest"
 ROLE = "farm"
 PASSWORD = "farm-test-password"  # a throwaway cluster's
+COMMAND_KEY = "0123456789abcdef0123456789abcdef-farm-test-key"  # not a secret: a test's
 
 
 def available() -> bool:
@@ -61,6 +62,10 @@ class Cluster:
         self.password_file = self.base / "password"
         self.password_file.write_text(PASSWORD + "\n")
         self.password_file.chmod(0o600)
+        # The farm's command key (bridge.farm.signing): the same on every host.
+        self.command_key_file = self.base / "command-key"
+        self.command_key_file.write_text(COMMAND_KEY + "\n")
+        self.command_key_file.chmod(0o600)
         self._databases = 0
         if self.account is not None:
             entry = pwd.getpwnam(self.account)
@@ -151,6 +156,7 @@ class FarmDatabase:
         self.name = name
         self.conninfo = cluster.conninfo(name)
         self.password_file = cluster.password_file
+        self.command_key_file = cluster.command_key_file
 
     def query_blocking(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self.cluster.connect(self.name) as connection:

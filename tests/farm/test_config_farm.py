@@ -49,3 +49,42 @@ def test_the_password_file_is_read_only_when_private(tmp_path: Path) -> None:
     path.chmod(0o600)
     assert read_password(path) == "s3cret"
     assert read_password(None) is None
+
+
+def test_the_command_key_file_is_read_only_when_private_and_long_enough(tmp_path: Path
+                                                                        ) -> None:
+    from bridge.farm.signing import read_command_key
+
+    path = tmp_path / "command-key"
+    assert config_from_mapping({"farm_command_key_file": str(path)}).farm_command_key_file \
+        == path
+    path.write_text("a" * 64 + "\n")
+    path.chmod(0o640)
+    with pytest.raises(ValueError, match="chmod 600"):
+        read_command_key(path)
+    path.chmod(0o600)
+    assert read_command_key(path) == b"a" * 64
+    path.write_text("short\n")
+    with pytest.raises(ValueError, match="shorter than 32"):
+        read_command_key(path)
+    assert read_command_key(None) is None
+
+
+def test_a_signature_covers_every_field_of_a_command() -> None:
+    from dataclasses import replace
+
+    from bridge.farm.signing import CommandKey
+    from bridge.state.farm_store import FarmCommand
+
+    key = CommandKey(b"k" * 32)
+    command = FarmCommand(7, "host-a", 3, "message", {"title": "t", "text": "x"}, "root on c",
+                          expires_us=1_700_000_000_000_000)
+    signed = replace(command, signature=key.sign(command))
+    assert key.verify(signed)
+    assert not CommandKey(b"j" * 32).verify(signed), "another key"
+    for change in ({"id": 8}, {"host": "host-b"}, {"session_id": 4}, {"action": "logoff"},
+                   {"args": {"title": "t", "text": "y"}}, {"requested_by": "root on d"},
+                   {"expires_us": 1_700_000_000_000_001}, {"signature": ""},
+                   {"signature": "\u00e9" * 64}):
+        assert not key.verify(replace(signed, **change)), change
+    assert "k" not in repr(key)

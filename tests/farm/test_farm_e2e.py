@@ -175,6 +175,7 @@ def farm_config(base: Path, db: FarmDatabase, host: str) -> Path:
     config = write_config(base, free_port())
     config.write_text(f"""farm_database = "{db.conninfo}"
 farm_password_file = "{db.password_file}"
+farm_command_key_file = "{db.command_key_file}"
 host_name = "{host}"
 farm_heartbeat = 0.2
 farm_stale_after = 1.5

@@ -81,7 +81,9 @@ def haproxy_config(base: Path, frontend: int, ports: dict[str, int], map_path: P
     """contrib/haproxy/haproxy.cfg with this test's addresses and paths."""
     text = (ROOT / "contrib" / "haproxy" / "haproxy.cfg").read_text()
     text = text.replace("    log /dev/log local0\n", "").replace("    user haproxy\n", "") \
-        .replace("    group haproxy\n", "").replace("/run/haproxy/admin.sock", str(socket)) \
+        .replace("    group haproxy\n", "") \
+        .replace("/run/haproxy/icp-bridge.sock", str(socket)) \
+        .replace("/run/haproxy/admin.sock", str(admin_socket(socket))) \
         .replace("/etc/haproxy/icp-bridge-users.map", str(map_path)) \
         .replace("bind :3389", f"bind 127.0.0.1:{frontend}") \
         .replace("192.0.2.11:3389", f"127.0.0.1:{ports['host-a']}") \
@@ -89,6 +91,11 @@ def haproxy_config(base: Path, frontend: int, ports: dict[str, int], map_path: P
     path = base / "haproxy.cfg"
     path.write_text(text)
     return path
+
+
+def admin_socket(socket: Path) -> Path:
+    """The administrators' socket (level admin), next to the bridge's."""
+    return socket.with_name("admin.sock")
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from tests.farm.pg import FarmDatabase
 
 def farm_overrides(db: FarmDatabase, host: str, **extra: Any) -> dict[str, Any]:
     return {"farm_database": db.conninfo, "farm_password_file": db.password_file,
-            "host_name": host, "farm_heartbeat": 0.2, "farm_stale_after": 1.5, **extra}
+            "farm_command_key_file": db.command_key_file, "host_name": host,
+            "farm_heartbeat": 0.2, "farm_stale_after": 1.5, **extra}
 
 
 async def farm_bridge(base: Path, db: FarmDatabase, host: str, **extra: Any
