@@ -47,7 +47,9 @@ from twisted.logger import Logger
 from bridge.state.engines import Engine
 from bridge.state.store import JournalEvent
 
-SCHEMA_VERSION = 1
+#: 2: farm_commands.signature (bridge.farm.signing); a host of version 1
+#: would run commands unsigned, so it may not start on a farm of version 2.
+SCHEMA_VERSION = 2
 #: pg_advisory_xact_lock keys: creating the schema; inserting farm events.
 SCHEMA_LOCK = 0x1CB0_0001
 ORDER_LOCK = 0x1CB0_0002
@@ -115,7 +117,7 @@ CREATE TABLE IF NOT EXISTS farm_commands (
     result jsonb,
     finished_at timestamptz
 );
--- Added after version 1 (no version change: a host without it ignores it).
+-- Version 2.
 ALTER TABLE farm_commands ADD COLUMN IF NOT EXISTS signature text NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS farm_commands_pending ON farm_commands (host) WHERE state = 'pending';
 CREATE TABLE IF NOT EXISTS farm_failures (
@@ -488,22 +490,26 @@ class FarmStore:
     def add_commands(self, commands: Iterable[tuple[str, int, str, dict[str, Any]]],
                      requested_by: str, expires_in: float, sign: Signer) -> Deferred[list[int]]:
         """Queue (host, session id, action, args) commands, each signed by
-        ``sign`` (over its id and expiry too, known once inserted: in the
-        same transaction, so its host never sees it unsigned); fires with
-        their ids."""
+        ``sign`` over its id and expiry too: both are taken from PostgreSQL
+        first (and args as jsonb gives them back), so that the row goes in
+        whole, signed (an issuer never updates a row of another host's:
+        with per-host roles it may not, see contrib/postgresql/); fires
+        with their ids."""
         def work(connection: Any) -> list[int]:
             ids = []
             for host, session_id, action, args in commands:
-                row = connection.execute(
-                    "INSERT INTO farm_commands (host, session_id, action, args, requested_by, "  # noqa: S608
-                    "expires_at) VALUES (%s, %s, %s, %s, %s, now() + make_interval(secs => %s))"
-                    f" RETURNING id, args, {_EXPIRES_US}",
-                    (host, session_id, action, json.dumps(args), requested_by, expires_in)
-                ).fetchone()
-                command = FarmCommand(int(row[0]), host, session_id, action, row[1],
-                                      requested_by, expires_us=int(row[2]))
-                connection.execute("UPDATE farm_commands SET signature = %s WHERE id = %s",
-                                   (sign(command), command.id))
+                command_id, expires_at, expires_us, stored_args = connection.execute(
+                    "SELECT nextval(pg_get_serial_sequence('farm_commands', 'id')), e, "
+                    "(extract(epoch FROM e) * 1000000)::bigint, %s::jsonb FROM "
+                    "(SELECT now() + make_interval(secs => %s) AS e) AS expiry",
+                    (json.dumps(args), expires_in)).fetchone()
+                command = FarmCommand(int(command_id), host, session_id, action, stored_args,
+                                      requested_by, expires_us=int(expires_us))
+                connection.execute(
+                    "INSERT INTO farm_commands (id, host, session_id, action, args, "
+                    "requested_by, expires_at, signature) VALUES (%s, %s, %s, %s, %s, %s, %s, "
+                    "%s)", (command.id, host, session_id, action, json.dumps(stored_args),
+                            requested_by, expires_at, sign(command)))
                 ids.append(command.id)
             return ids
         return self.engine.run(work)
@@ -536,9 +542,13 @@ def _prepare(connection: Any) -> None:
         if row is not None and int(row[0]) > SCHEMA_VERSION:
             raise FarmSchemaError(f"the farm database has schema version {row[0]}; this "
                                   f"icp-bridge knows {SCHEMA_VERSION}: upgrade it")
+        if row is not None and int(row[0]) == SCHEMA_VERSION:
+            # Nothing to make: also what lets a host with a role of its own
+            # (not the tables' owner: contrib/postgresql/) start.
+            return
     connection.execute(SCHEMA)
-    connection.execute("INSERT INTO farm_meta VALUES ('schema_version', %s) "
-                       "ON CONFLICT (key) DO NOTHING", (str(SCHEMA_VERSION),))
+    connection.execute("INSERT INTO farm_meta VALUES ('schema_version', %s) ON CONFLICT (key) "
+                       "DO UPDATE SET value = EXCLUDED.value", (str(SCHEMA_VERSION),))
 
 
 def _ship(connection: Any, shipment: Shipment) -> None:
