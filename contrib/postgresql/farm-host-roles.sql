@@ -9,12 +9,13 @@
 -- command for any host (signed: bridge/farm/signing.py; a row it writes
 -- is never run unless signed with the farm's command key).
 --
--- Run it as the owner of the farm's tables (the role that created them:
--- the first start of a host with that role), in the farm's database, once,
--- and again after an icp-bridge upgrade that changes the farm's schema:
---     psql -v ON_ERROR_STOP=1 -d icpfarm -f farm-host-roles.sql
+-- Run it as a superuser (or the tables' owner, with CREATEROLE) in the
+-- farm's database once the tables exist (the first start of a host with
+-- the owner's role makes them), and again after an icp-bridge upgrade that
+-- changes the farm's schema:
+--     sudo -u postgres psql -v ON_ERROR_STOP=1 -d icpfarm -f farm-host-roles.sql
 -- Then one login role per host, member of icpbridge_hosts:
---     CREATE ROLE "host-a" LOGIN PASSWORD '...' IN ROLE icpbridge_hosts;
+--     sudo -u postgres createuser --pwprompt --role=icpbridge_hosts host-a
 -- and in each host's farm_database: user=host-a (its own password file).
 -- The owner must not be a host's role (an owner is not held by policies),
 -- and no host's role a superuser or with BYPASSRLS.
