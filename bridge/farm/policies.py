@@ -138,7 +138,13 @@ class FarmSingleSession:
             commands = await self.waiter.run(
                 others, "logoff", {"wait": False}, f"session.farm.singleSession at {self.host}",
                 wait, SINGLE_SESSION_EXPIRY)
-            pending = [f"{c.host}/{c.session_id}" for c in commands if c.state != "done"]
+            for command in commands:
+                if command.state == "refused":
+                    self.log.warn("user {username}: the logoff of {host}/{session_id} was "
+                                  "refused: {refusal}", username=user, host=command.host,
+                                  session_id=command.session_id,
+                                  refusal=(command.result or {}).get("refused", ""))
+            pending = [f"{c.host}/{c.session_id}" for c in commands if c.state == "pending"]
             if pending:
                 self.log.warn("user {username}: the logoff of {sessions} is still pending "
                               "(runs when the host answers)", username=user,

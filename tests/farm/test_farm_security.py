@@ -282,8 +282,10 @@ async def test_forged_and_unsigned_commands_are_refused_and_the_session_survives
 @pytest_twisted.ensureDeferred
 async def test_without_the_command_key_a_host_neither_issues_nor_runs_commands(
         short_dir: Path, farm_db: FarmDatabase) -> None:
-    a = await farm_bridge(short_dir / "a", farm_db, "host-a", farm_command_key_file=None)
-    c = await farm_bridge(short_dir / "c", farm_db, "host-c")
+    single = {"session.timeout": 30, "session.farm.singleSession": True}
+    a = await farm_bridge(short_dir / "a", farm_db, "host-a", farm_command_key_file=None,
+                          properties=single)
+    c = await farm_bridge(short_dir / "c", farm_db, "host-c", properties=single)
     try:
         alice = await logged_on(a, farm_db, 1, "alice")
         assert a.service.farm is not None and c.service.farm is not None
@@ -300,6 +302,14 @@ async def test_without_the_command_key_a_host_neither_issues_nor_runs_commands(
         [bad] = await c.service.farm.waiter.run([("host-a;x", 1)], "logoff", {}, "x", 1, 60)
         assert bad.state == "refused" and "not a host name" in bad.result["refused"]  # type: ignore
         assert (await farm_db.query("SELECT count(*) FROM farm_commands"))[0][0] == 1
+        # session.farm.singleSession at a host without the key: the logon goes
+        # on, the other session stays, and the log says why.
+        await logged_on(c, farm_db, 1, "bob")
+        with LogLines() as log:
+            await logged_on(a, farm_db, 2, "bob")
+        assert len(c.service.registry.sessions_of("bob", "")) == 1
+        [line] = log.starting("user {username}: the logoff of")
+        assert line["refusal"] == NO_KEY
     finally:
         await a.stop()
         await c.stop()
