@@ -186,8 +186,8 @@ async def logged_on(bridge: BridgeUnderTest, db: FarmDatabase, connection: int, 
     peer = bridge.peers[0] if bridge.peers else await bridge.peer()
     await peer.logon(connection, user, f"{user}-pw")
     session_id = bridge.service.registry.by_connection(connection).session_id
-    await db.until("SELECT count(*) FROM farm_sessions WHERE session_id = %s AND username = %s",
-                   (session_id, user), lambda rows: rows[0][0] == 1)
+    await db.until("SELECT count(*) FROM farm_sessions WHERE session_id = %s AND username = %s "
+                   "AND logged_on", (session_id, user), lambda rows: rows[0][0] == 1)
     return session_id
 
 
