@@ -8,6 +8,7 @@ import hashlib
 import os
 import secrets
 import socket
+import ssl
 import stat
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from protocols.listening import StreamListenSpec, bind_listening_socket, listen_stream
 
 
 class StartupError(Exception):
@@ -413,15 +416,20 @@ class ListeningService(Service):
     log = Logger()
 
     def __init__(self, what: str, description: str, factory: Factory, reactor: Any,
-                 lock_dir: Path | None = None) -> None:
+                 lock_dir: Path | None = None, stream: StreamListenSpec | None = None) -> None:
         """``lock_dir`` holds the liveness lock of a ``unix:`` endpoint
-        (default: the socket's own directory, for tools and tests)."""
+        (default: the socket's own directory, for tools and tests).
+        ``stream``: serve this tcp:/ssl: endpoint on protocols.listening's
+        StreamPort (TLS by the ssl module) instead of Twisted's endpoint."""
         self.what = what
         self.description = description
         self.factory = factory
         self.reactor = reactor
         self.lock_dir = lock_dir
+        self.stream = stream
         self.port: IListeningPort | None = None
+        # The bound socket of a stream listener (shared with worker processes).
+        self.socket: socket.socket | None = None
         self._lock_fd: int | None = None
 
     def privilegedStartService(self) -> None:
@@ -435,6 +443,9 @@ class ListeningService(Service):
         super().startService()
 
     def _listen(self) -> None:
+        if self.stream is not None:
+            self._listen_stream(self.stream)
+            return
         path = unix_socket_path(self.description)
         description = self.description
         if path is not None:
@@ -483,6 +494,22 @@ class ListeningService(Service):
             raise StartupError(f"{self.what}: listening on {self.description} did not complete")
         return outcome[0]
 
+    def _listen_stream(self, spec: StreamListenSpec) -> None:
+        try:
+            context = spec.context()
+        except (OSError, ssl.SSLError) as e:
+            raise StartupError(f"{self.what}: cannot use the TLS certificate and key of "
+                               f"{self.description}: {e}") from None
+        try:
+            self.socket = bind_listening_socket(spec)
+        except OSError as e:
+            raise StartupError(f"{self.what}: cannot listen on {self.description}: "
+                               f"{e.strerror or e}") from None
+        self.port = listen_stream(self.reactor, self.socket, self.factory, context)
+        host = self.socket.getsockname()
+        self.log.info("{what} listening on {address}", what=self.what,
+                      address=f"{'tls' if spec.tls else 'tcp'}:{host[0]}:{host[1]}")
+
     def _unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -498,4 +525,7 @@ class ListeningService(Service):
 
     def _after_stop(self, result: Any) -> Any:
         self._unlock()
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
         return result

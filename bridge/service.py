@@ -25,6 +25,7 @@ from bridge.endpoints import (
     StartupError,
     check_directory,
     raise_fd_limit,
+    split_endpoint,
     unix_socket_path,
     validate_endpoint,
     with_backlog,
@@ -65,6 +66,7 @@ from bridge.watch.dbus import SessionNotifier
 from bridge.watch.metrics import Metrics
 from bridge.watch.operations import OperationsCollector, OperationsState
 from protocols.generated.otsapi import otsapi
+from protocols.listening import parse_stream_endpoint
 from protocols.thrift_server import ConnectionLimits, ThriftServerFactory
 
 TOKEN_SWEEP_INTERVAL = 60.0
@@ -213,7 +215,11 @@ class BridgeService(MultiService):
             raise StartupError(f"state database cannot be written: {e}") from None
         self.tokens.restore(live)
         self.thrift_description = with_backlog(self._thrift_endpoint(), config.listen_backlog)
-        validate_endpoint(reactor, self.thrift_description, "thrift_endpoint")
+        # tcp: and ssl: are served by protocols.listening (TLS by the ssl
+        # module); other endpoint types by Twisted's endpoints.
+        self.thrift_stream = parse_stream_endpoint(split_endpoint(self.thrift_description))
+        if self.thrift_stream is None:
+            validate_endpoint(reactor, self.thrift_description, "thrift_endpoint")
         # After the restore: its changes are journaled, not announced.
         self.events = EventHub(self.store, self.registry, clock)
         self.dbus = SessionNotifier(reactor, reactor, self.registry, config.dbus_address) \
@@ -273,7 +279,8 @@ class BridgeService(MultiService):
         self.thrift_factory = ThriftServerFactory(otsapi, self.otsapi, config.max_thrift_frame,
                                                   self.thrift_limits)
         self.thrift_listener = ListeningService("OTS API", self.thrift_description,
-                                                self.thrift_factory, reactor, lock_dir)
+                                                self.thrift_factory, reactor, lock_dir,
+                                                stream=self.thrift_stream)
         self.thrift_factory.pause_accepting = lambda: self._accepting(False)
         self.thrift_factory.resume_accepting = lambda: self._accepting(True)
 

@@ -1,0 +1,311 @@
+"""Listening for stream clients on TCP, in the clear or with TLS done by the
+standard library's ``ssl`` module, and the listening socket shared by
+several processes.
+
+Twisted serves TLS through a protocol wrapper (``twisted.protocols.tls``)
+that moves every record between pyOpenSSL memory BIOs in Python: per
+request and reply, a read into the BIO, ``SSL_read`` through cffi with
+its errors raised as exceptions, a write aggregated until the next
+reactor turn, ``SSL_write``, a read out of the BIO, a socket write and
+two ``epoll_ctl`` calls. Here the socket itself is an ``ssl.SSLSocket``
+in non-blocking mode: one ``recv`` and one ``send`` per request, each a
+single call into C that reads or writes the socket and does the crypto.
+Everything else a connection does is Twisted's own TCP transport
+(buffering, producers, closing), which this module only subclasses.
+
+TLS is set up as Twisted's default ``ssl:`` endpoints set it up
+(``CertificateOptions``): TLS 1.2 or 1.3, the same cipher preference, no
+compression, the server's cipher order, single-use (EC)DH keys, no
+session tickets.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import main, tcp
+from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory
+
+# Twisted's defaultCiphers (twisted.internet._sslverify) for TLS 1.2; TLS 1.3
+# suites are OpenSSL's defaults, the three Twisted lists.
+TWISTED_CIPHERS = ("ECDH+AESGCM:ECDH+CHACHA20:DH+AESGCM:DH+CHACHA20:ECDH+AES256:DH+AES256:"
+                   "ECDH+AES128:DH+AES:RSA+AESGCM:RSA+AES:!aNULL:!MD5:!DSS")
+
+
+def server_context(certificate: str, key: str, extra_chain: str | None = None,
+                   dh_parameters: str | None = None) -> ssl.SSLContext:
+    """A server TLS context with the certificate (and any intermediate
+    certificates of ``extra_chain``, PEM) and its key, set up as Twisted's
+    ``ssl:`` endpoints are. Raises OSError or ssl.SSLError for files that
+    cannot be read or do not match."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+                        | ssl.OP_SINGLE_DH_USE | ssl.OP_SINGLE_ECDH_USE | ssl.OP_NO_TICKET)
+    # Twisted turns sessions off; TLS 1.3 tickets are what would resume them.
+    context.num_tickets = 0
+    context.set_ciphers(TWISTED_CIPHERS)
+    if extra_chain:
+        # ssl takes the chain from the certificate file: certificate first.
+        with open(certificate, "rb") as f:
+            leaf = f.read()
+        with open(extra_chain, "rb") as f:
+            chain = f.read()
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".pem") as combined:
+            combined.write(leaf.rstrip(b"\n") + b"\n" + chain)
+            combined.flush()
+            context.load_cert_chain(combined.name, key)
+    else:
+        context.load_cert_chain(certificate, key)
+    if dh_parameters:
+        context.load_dh_params(dh_parameters)
+    return context
+
+
+@dataclass(frozen=True)
+class StreamListenSpec:
+    """What a ``tcp:``/``ssl:`` server endpoint string asks for."""
+
+    port: int
+    interface: str = ""
+    backlog: int = 50
+    # ssl: only; None for tcp:
+    certificate: str | None = None
+    key: str | None = None
+    extra_chain: str | None = None
+    dh_parameters: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.key is not None
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self.interface else socket.AF_INET
+
+    def context(self) -> ssl.SSLContext | None:
+        if self.key is None:
+            return None
+        return server_context(self.certificate or self.key, self.key, self.extra_chain,
+                              self.dh_parameters)
+
+
+_TCP_KEYS = {"port", "interface", "backlog"}
+_SSL_KEYS = _TCP_KEYS | {"privateKey", "certKey", "extraCertChain", "dhParameters"}
+
+
+def parse_stream_endpoint(parts: list[str]) -> StreamListenSpec | None:
+    """A ``tcp:`` or ``ssl:`` endpoint string, already split on its
+    unescaped colons, as a StreamListenSpec; None for anything else (other
+    endpoint types, options this module does not serve, such as
+    ``sslmethod``), which is then left to Twisted's own endpoints."""
+    kind, args = parts[0], parts[1:]
+    if kind not in ("tcp", "ssl", "tcp6"):
+        return None
+    allowed = _TCP_KEYS if kind != "ssl" else _SSL_KEYS
+    values: dict[str, str] = {}
+    positional = ["port", "backlog", "interface"] if kind != "ssl" else \
+        ["port", "privateKey", "certKey", "backlog", "interface"]
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        if not sep:
+            if not positional:
+                return None
+            name, value = positional.pop(0), arg
+        if name not in allowed or name in values:
+            return None
+        values[name] = value
+    try:
+        port = int(values["port"])
+        backlog = int(values.get("backlog", "50"))
+    except (KeyError, ValueError):
+        return None
+    interface = values.get("interface", "" if kind != "tcp6" else "::")
+    if kind == "ssl":
+        key = values.get("privateKey")
+        if key is None:
+            return None
+        return StreamListenSpec(port, interface, backlog, values.get("certKey", key), key,
+                                values.get("extraCertChain"), values.get("dhParameters"))
+    return StreamListenSpec(port, interface, backlog)
+
+
+def bind_listening_socket(spec: StreamListenSpec) -> socket.socket:
+    """The bound, listening, non-blocking socket for ``spec`` (as Twisted
+    binds one: SO_REUSEADDR). Raises OSError."""
+    family = spec.family
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            address: Any = socket.getaddrinfo(spec.interface, spec.port, family,
+                                              socket.SOCK_STREAM)[0][4]
+        else:
+            address = (spec.interface, spec.port)
+        sock.bind(address)
+        sock.listen(spec.backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class TLSServer(tcp.Server):
+    """A server connection whose socket is a non-blocking ``ssl.SSLSocket``.
+
+    Reads and writes go straight through the SSLSocket; the TLS handshake
+    is driven from ``doRead``/``doWrite`` until it is done, then the
+    protocol hears ``handshakeCompleted`` (IHandshakeListener) and only
+    then any data. ``_handshakeDone`` mirrors Twisted's TLS wrapper, which
+    callers use to tell a TLS connection that has not finished its
+    handshake.
+    """
+
+    # Not Twisted's startTLS TLS: a send on ``socket`` encrypts.
+    TLS = False
+    direct_tls = True
+
+    def __init__(self, sock: socket.socket, protocol: Any, client: tuple[Any, ...],
+                 server: StreamPort, sessionno: int, reactor: Any) -> None:
+        self._handshakeDone = False
+        # The handshake (or a renegotiation) waits for the socket to take data.
+        self._ssl_wants_write = False
+        context = server.ssl_context
+        assert context is not None
+        wrapped = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        super().__init__(wrapped, protocol, client, server, sessionno, reactor)
+
+    def doRead(self) -> Any:
+        if not self._handshakeDone:
+            return self._handshake()
+        try:
+            data = self.socket.recv(self.bufferSize)
+        except ssl.SSLWantReadError:
+            return None
+        except ssl.SSLWantWriteError:
+            self._ssl_wants_write = True
+            self.startWriting()
+            return None
+        except OSError as e:
+            if e.args and e.args[0] == errno.EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        return self._dataReceived(data)
+
+    def doWrite(self) -> Any:
+        if not self._handshakeDone:
+            return self._handshake()
+        if self._ssl_wants_write:
+            self._ssl_wants_write = False
+            if not self.dataBuffer and not self._tempDataBuffer:
+                self.stopWriting()
+            result = self.doRead()
+            if result is not None:
+                return result
+        return super().doWrite()
+
+    def _handshake(self) -> Any:
+        try:
+            self.socket.do_handshake()
+        except ssl.SSLWantReadError:
+            if self._ssl_wants_write:
+                self._ssl_wants_write = False
+                if not self.dataBuffer and not self._tempDataBuffer:
+                    self.stopWriting()
+            return None
+        except ssl.SSLWantWriteError:
+            self._ssl_wants_write = True
+            self.startWriting()
+            return None
+        except (ssl.SSLError, OSError):
+            return main.CONNECTION_LOST
+        self._handshakeDone = True
+        if self._ssl_wants_write:
+            self._ssl_wants_write = False
+            if not self.dataBuffer and not self._tempDataBuffer:
+                self.stopWriting()
+        protocol = self.protocol
+        if IHandshakeListener.providedBy(protocol):
+            protocol.handshakeCompleted()
+        if self.dataBuffer or self._tempDataBuffer:
+            self.startWriting()
+        if self.disconnected:
+            return None
+        # The client's first request may have come with its last handshake
+        # flight, already read from the socket into the TLS connection.
+        if self.socket.pending():
+            return self.doRead()
+        return None
+
+    def writeSomeData(self, data: Any) -> Any:
+        if not self._handshakeDone:
+            return 0
+        try:
+            return self.socket.send(memoryview(data)[: self.SEND_LIMIT])
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0
+        except OSError as e:
+            if e.args and e.args[0] in (errno.EWOULDBLOCK, errno.ENOBUFS):
+                return 0
+            return main.CONNECTION_LOST
+
+    def _closeSocket(self, orderly: bool) -> None:
+        # A finished session says so (close_notify) before the socket goes;
+        # whether the client answers is not waited for.
+        if orderly and self._handshakeDone:
+            try:
+                self.socket.unwrap()
+            except (OSError, ValueError):
+                pass
+        super()._closeSocket(orderly)
+
+    def _closeWriteConnection(self) -> None:
+        # TLS has no half-close: the whole connection closes.
+        self.loseConnection()
+
+
+class StreamPort(tcp.Port):
+    """A TCP listening port whose connections are plain ``tcp.Server`` or,
+    with ``ssl_context``, TLSServer transports. ``accepts_per_read`` caps the
+    connections taken per readable event (processes sharing one listening
+    socket each take their part instead of one taking a whole burst)."""
+
+    ssl_context: ssl.SSLContext | None = None
+
+    @classmethod
+    def from_socket(cls, reactor: Any, sock: socket.socket, factory: IProtocolFactory,
+                    context: ssl.SSLContext | None, accepts_per_read: int | None = None
+                    ) -> StreamPort:
+        port = cls._fromListeningDescriptor(reactor, sock.fileno(), sock.family, factory)
+        port.ssl_context = context
+        if context is not None:
+            port.transport = TLSServer  # type: ignore[assignment]
+            port._type = "TLS"
+        port._accepts_cap = accepts_per_read
+        return port
+
+    _accepts_cap: int | None = None
+
+    def doRead(self) -> None:
+        if self._accepts_cap is not None:
+            self.numberAccepts = min(self.numberAccepts, self._accepts_cap)
+        super().doRead()
+        if self._accepts_cap is not None:
+            self.numberAccepts = min(self.numberAccepts, self._accepts_cap)
+
+
+def listen_stream(reactor: Any, sock: socket.socket, factory: IProtocolFactory,
+                  context: ssl.SSLContext | None, accepts_per_read: int | None = None
+                  ) -> StreamPort:
+    """Listen on an already bound socket (which stays the caller's; the port
+    works on a duplicate of it)."""
+    port = StreamPort.from_socket(reactor, sock, factory, context, accepts_per_read)
+    port.startListening()
+    return port
