@@ -428,8 +428,10 @@ class ListeningService(Service):
         self.lock_dir = lock_dir
         self.stream = stream
         self.port: IListeningPort | None = None
-        # The bound socket of a stream listener (shared with worker processes).
+        # The bound socket of a stream listener (shared with worker processes)
+        # and its TLS context.
         self.socket: socket.socket | None = None
+        self.context: ssl.SSLContext | None = None
         self._lock_fd: int | None = None
 
     def privilegedStartService(self) -> None:
@@ -505,6 +507,7 @@ class ListeningService(Service):
         except OSError as e:
             raise StartupError(f"{self.what}: cannot listen on {self.description}: "
                                f"{e.strerror or e}") from None
+        self.context = context
         self.port = listen_stream(self.reactor, self.socket, self.factory, context)
         host = self.socket.getsockname()
         self.log.info("{what} listening on {address}", what=self.what,

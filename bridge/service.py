@@ -37,6 +37,7 @@ from bridge.lifecycle.facade import SessionLifecycle
 from bridge.lifecycle.runtime import RdpPeer
 from bridge.otsapi.actions import SessionActions
 from bridge.otsapi.handler import OtsApiHandler
+from bridge.otsapi.workers import Accepting, worker_pool
 from bridge.rdp.handlers import RdpRequestHandlers
 from bridge.rdp.link import RdpServerLink
 from bridge.security.auth import Authenticator, UsersFileAuthenticator
@@ -281,11 +282,18 @@ class BridgeService(MultiService):
         self.thrift_listener = ListeningService("OTS API", self.thrift_description,
                                                 self.thrift_factory, reactor, lock_dir,
                                                 stream=self.thrift_stream)
-        self.thrift_factory.pause_accepting = lambda: self._accepting(False)
-        self.thrift_factory.resume_accepting = lambda: self._accepting(True)
+        self.accepting = Accepting(self.thrift_listener)
+        self.thrift_factory.pause_accepting = lambda: self.accepting.handshakes_allow(False)
+        self.thrift_factory.resume_accepting = lambda: self.accepting.handshakes_allow(True)
 
         self.thrift_listener.setServiceParent(self)
-        self._every(TOKEN_SWEEP_INTERVAL, self.tokens.expire, clock)
+        self.workers = worker_pool(
+            config.otsapi_workers, self.thrift_stream is not None, self.thrift_listener,
+            self.thrift_factory, self.registry, self.tokens, self.store.token_changed, reactor,
+            otsapi, keep=self, accepting=self.accepting)
+        if self.workers is not None:
+            self.workers.setServiceParent(self)
+        self._every(TOKEN_SWEEP_INTERVAL, self._expire_tokens, clock)
         self._every(STATE_RETRY_INTERVAL, self._retry_writes, reactor)
         # Real time, not ``clock``: this is disk I/O, not protocol time.
         self._every(CHECKPOINT_INTERVAL, self._checkpoint, reactor)
@@ -302,7 +310,7 @@ class BridgeService(MultiService):
 
         self.metrics = Metrics(self.registry, self.link, self.thrift_factory, self.store,
                                self.events, self.guard, self.launcher, self.dbus,
-                               self.logon_events)
+                               self.logon_events, self.workers)
         self.metrics.registry.register(OperationsCollector(self.operations))
         if self.farm is not None:
             from bridge.watch.farm_metrics import FarmCollector
@@ -322,7 +330,8 @@ class BridgeService(MultiService):
                 self.farm,
                 # This host's own name too (a farm's hosts are named so).
                 allowed_hosts=[*config.admin_allowed_hosts, config.host_name],
-                max_connections=config.admin_max_connections, dropped=self.metrics.admin_dropped)
+                max_connections=config.admin_max_connections, dropped=self.metrics.admin_dropped,
+                refresh_metrics=self.workers.sync if self.workers is not None else None)
             # The OTS API's backlog too: Twisted's 50 drops a burst's SYNs.
             self.admin_listener = ListeningService(
                 "admin (HTTP)", with_backlog(config.admin_endpoint, config.listen_backlog), site,
@@ -380,14 +389,12 @@ class BridgeService(MultiService):
             self.operations.certificate_path = str(path)
             self.operations.certificate_not_after = not_after.timestamp()
 
-    def _accepting(self, on: bool) -> None:
-        """Under a storm of TLS handshakes: stop accepting while enough wait."""
-        port = self.thrift_listener.port
-        if port is not None and hasattr(port, "startReading"):
-            if on:
-                port.startReading()
-            else:
-                port.stopReading()
+    def _expire_tokens(self) -> Deferred[None] | None:
+        """Drop expired tokens, once the workers have said which they used."""
+        if self.workers is None:
+            self.tokens.expire()
+            return None
+        return self.workers.sync().addCallback(lambda _: self.tokens.expire() and None)
 
     def _rdp_peer(self) -> RdpPeer:
         creds = self.link.credentials

@@ -22,8 +22,14 @@ session tickets.
 from __future__ import annotations
 
 import errno
+import fcntl
+import mmap
+import os
 import socket
 import ssl
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -309,3 +315,77 @@ def listen_stream(reactor: Any, sock: socket.socket, factory: IProtocolFactory,
     port = StreamPort.from_socket(reactor, sock, factory, context, accepts_per_read)
     port.startListening()
     return port
+
+
+class SharedConnectionCount:
+    """The connections open in several processes that share one listening
+    socket, counted against one limit (ConnectionCount for each process).
+
+    One slot per process in a shared memory page (a memfd mapped shared,
+    inherited across fork), changed under a POSIX record lock on it: such
+    locks belong to a process (a forked child does not share its parent's)
+    and are released when the process dies, however it dies.
+
+    Invariant: slot ``i`` holds the connections process ``i`` has open; only
+    process ``i`` changes it, except ``reset`` for a process that is gone.
+    """
+
+    _SLOT = struct.Struct("=q")
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._fd = os.memfd_create("icp-bridge-connections", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, slots * self._SLOT.size)
+        self._map = mmap.mmap(self._fd, slots * self._SLOT.size)
+
+    def for_slot(self, slot: int) -> SlotCount:
+        return SlotCount(self, slot)
+
+    def total(self) -> int:
+        with self._locked():
+            return self._sum()
+
+    def reset(self, slot: int) -> None:
+        """Process ``slot`` is gone: its connections with it."""
+        with self._locked():
+            self._SLOT.pack_into(self._map, slot * self._SLOT.size, 0)
+
+    def _sum(self) -> int:
+        size = self._SLOT.size
+        return sum(self._SLOT.unpack_from(self._map, i * size)[0] for i in range(self.slots))
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def _add(self, slot: int, limit: int | None, step: int) -> bool:
+        offset = slot * self._SLOT.size
+        with self._locked():
+            if limit is not None and self._sum() >= limit:
+                return False
+            (mine,) = self._SLOT.unpack_from(self._map, offset)
+            self._SLOT.pack_into(self._map, offset, max(0, mine + step))
+        return True
+
+    @property
+    def fd(self) -> int:
+        """The memfd (a forked process keeps it open)."""
+        return self._fd
+
+
+class SlotCount:
+    """One process's view of a SharedConnectionCount (a ConnectionCount)."""
+
+    def __init__(self, shared: SharedConnectionCount, slot: int) -> None:
+        self.shared = shared
+        self.slot = slot
+
+    def take(self, limit: int) -> bool:
+        return self.shared._add(self.slot, limit, 1)
+
+    def give(self) -> None:
+        self.shared._add(self.slot, None, -1)

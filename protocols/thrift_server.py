@@ -31,6 +31,7 @@ from io import BytesIO
 from operator import attrgetter
 from types import ModuleType
 from typing import Any
+from typing import Protocol as Protocol_
 
 from thrift.protocol import TBinaryProtocol
 from thrift.protocol.TProtocol import TProtocolException
@@ -73,6 +74,45 @@ _BYTE = struct.Struct("!b")
 
 class _BadMessageError(Exception):
     """A message header that does not decode."""
+
+
+class ForwardCall(Exception):  # noqa: N818 - a request, not an error
+    """Raised by a handler method of a process that forwards calls: this
+    call is to be answered by the process the calls are forwarded to (the
+    handler would refuse it, or does not know enough to answer it)."""
+
+
+class CallForwarder(Protocol_):
+    """Where a connection of a worker process sends the calls it does not
+    answer itself (see ThriftServerFactory.forwarder)."""
+
+    #: Methods answered in this process; every other one is forwarded.
+    local: frozenset[str]
+
+    def forward(self, proto: ThriftServerProtocol, message: bytes, host: str) -> None:
+        """Send ``message`` (one whole Thrift message) on; its reply comes
+        back through ``proto.forwarded_reply``."""
+
+
+class ReplyGate(Protocol_):
+    """What replies wait for before they leave (see ThriftServerFactory.gate)."""
+
+    #: False while replies must wait; then ``hold`` them.
+    open: bool
+
+    def hold(self, send: Callable[[], None]) -> None:
+        """Call ``send`` once replies may leave again, in the order held."""
+
+
+class ConnectionCount(Protocol_):
+    """The count of open connections against ``max_connections``, kept
+    across processes when several share a listening socket."""
+
+    def take(self, limit: int) -> bool:
+        """Count one more connection if fewer than ``limit`` are open."""
+
+    def give(self) -> None:
+        """One connection closed."""
 
 
 #: While a handler method runs: the client's address ("host" of TCP/TLS,
@@ -286,6 +326,14 @@ class ThriftServerProtocol(Protocol):
         self._peer_methods: frozenset[str] | None = getattr(handler, "methods_wanting_peer",
                                                             None)
         self._max_in_flight = self.limits.max_calls_in_flight
+        # Set by the factory: where calls not answered here go, and what
+        # replies wait for (see ThriftServerFactory).
+        self.forwarder: CallForwarder | None = None
+        self.gate: ReplyGate | None = None
+        # Forwarded calls not answered yet: while there are any, later calls
+        # are forwarded too, so that they are answered in the order of the
+        # connection, as by a single process.
+        self.forwarded_in_flight = 0
 
     def connectionMade(self) -> None:
         self._plain = is_plain_socket(self.transport)
@@ -428,7 +476,7 @@ class ThriftServerProtocol(Protocol):
             end = offset + 4 + length
             if end > size:
                 break
-            self._message(bytes(buffer[offset + 4 : end]), framed=True)
+            self._message(bytes(buffer[offset + 4 : end]), True)
             offset = end
         return size if self._closing else offset
 
@@ -451,7 +499,7 @@ class ThriftServerProtocol(Protocol):
                 return
             end = transport._buffer.tell()
             del self._buffer[:end]
-            self._message(data[:end], framed=False)
+            self._message(data[:end], False)
 
     def _warn(self, kind: str, format: str, **kwargs: Any) -> None:
         if self.log_limit is None:
@@ -530,7 +578,7 @@ class ThriftServerProtocol(Protocol):
         except struct.error:
             raise _BadMessageError("truncated message header") from None
 
-    def _message(self, data: bytes, framed: bool) -> None:
+    def _message(self, data: bytes, route: Any) -> None:
         try:
             name, message_type, seqid, offset = self._header(data)
         except _BadMessageError as e:
@@ -544,10 +592,15 @@ class ThriftServerProtocol(Protocol):
             self._warn("unknown method", "OTS API client {peer} called unknown method {method}",
                        peer=self._peer(), method=text)
             self._send_exception(
-                text, seqid, framed,
+                text, seqid, route,
                 TApplicationException(TApplicationException.UNKNOWN_METHOD,
                                       f"unknown method {text}"),
             )
+            return
+        forwarder = self.forwarder
+        if forwarder is not None and (self.forwarded_in_flight
+                                      or method.name not in forwarder.local):
+            self._forward(data, method)
             return
         args = method.args_type()
         stream = BytesIO(data)
@@ -567,7 +620,7 @@ class ThriftServerProtocol(Protocol):
                        "bad arguments to {method} from {peer}: {error}",
                        method=method.name, peer=self._peer(), error=shown(str(e), 200))
             self._send_exception(
-                method.name, seqid, framed,
+                method.name, seqid, route,
                 TApplicationException(TApplicationException.PROTOCOL_ERROR,
                                       f"bad arguments to {method.name}"),
             )
@@ -578,8 +631,11 @@ class ThriftServerProtocol(Protocol):
             source_token = current_source.set(self._peer_source())
         try:
             result = getattr(self.handler, method.name)(*method.arguments(args))
+        except ForwardCall:
+            self._forward(data, method)
+            return
         except Exception:
-            self._failed(Failure(), method, seqid, framed)
+            self._failed(Failure(), method, seqid, route)
             return
         finally:
             if wants_peer:
@@ -592,24 +648,47 @@ class ThriftServerProtocol(Protocol):
             # One callback pair (each one more costs a bridged call ~1 us).
             result.addCallbacks(
                 self._reply_later, self._failed_later,
-                callbackArgs=(method, seqid, framed), errbackArgs=(method, seqid, framed),
+                callbackArgs=(method, seqid, route), errbackArgs=(method, seqid, route),
             )
         else:
-            self._reply(result, method, seqid, framed)
+            self._reply(result, method, seqid, route)
 
-    def _reply_later(self, value: Any, method: ThriftMethod, seqid: int, framed: bool) -> None:
+    def _forward(self, data: bytes, method: ThriftMethod) -> None:
+        """Hand the call to the forwarder; its reply comes back through
+        forwarded_reply (in the order forwarded)."""
+        assert self.forwarder is not None
+        if not method.oneway:
+            self.forwarded_in_flight += 1
+            self.calls_in_flight += 1
+            if self.calls_in_flight >= self._max_in_flight:
+                self.pause("calls in flight")
+        wants_peer = self._peer_methods is None or method.name in self._peer_methods
+        self.forwarder.forward(self, data, self._peer_host() if wants_peer else "")
+
+    def forwarded_reply(self, payload: bytes) -> None:
+        """The reply (a whole Thrift message) to the oldest forwarded call."""
+        self.forwarded_in_flight -= 1
+        self.calls_in_flight -= 1
+        if self._clock is not None:
+            self.last_activity = self._clock.seconds()
+        if self._paused_for:
+            self.resume("calls in flight")
+        if self.connected:
+            self._write(payload, self._mode == "framed")
+
+    def _reply_later(self, value: Any, method: ThriftMethod, seqid: int, route: Any) -> None:
         # _call_done, inline: this runs once per bridged call.
         self.calls_in_flight -= 1
         if self._clock is not None:
             self.last_activity = self._clock.seconds()
         if self._paused_for:
             self.resume("calls in flight")
-        self._reply(value, method, seqid, framed)
+        self._reply(value, method, seqid, route)
 
     def _failed_later(self, failure: Failure, method: ThriftMethod, seqid: int,
-                      framed: bool) -> None:
+                      route: Any) -> None:
         self._call_done()
-        self._failed(failure, method, seqid, framed)
+        self._failed(failure, method, seqid, route)
 
     def _call_done(self) -> None:
         self.calls_in_flight -= 1
@@ -620,7 +699,7 @@ class ThriftServerProtocol(Protocol):
 
     # -- bytes out ------------------------------------------------------------
 
-    def _reply(self, value: Any, method: ThriftMethod, seqid: int, framed: bool) -> None:
+    def _reply(self, value: Any, method: ThriftMethod, seqid: int, route: Any) -> None:
         if type(value) is Outcome:
             self.call_counts[method.name, value.outcome] += 1
             value = value.value
@@ -637,11 +716,11 @@ class ThriftServerProtocol(Protocol):
             else:
                 payload = self._encode(method.name, TMessageType.REPLY, seqid, result)
         except Exception:
-            self._failed(Failure(), method, seqid, framed)
+            self._failed(Failure(), method, seqid, route)
             return
-        self._write(payload, framed)
+        self._write(payload, route)
 
-    def _failed(self, failure: Failure, method: ThriftMethod, seqid: int, framed: bool) -> None:
+    def _failed(self, failure: Failure, method: ThriftMethod, seqid: int, route: Any) -> None:
         self.call_counts[method.name, "error"] += 1
         if failure.check(TApplicationException):
             error = failure.value
@@ -650,11 +729,11 @@ class ThriftServerProtocol(Protocol):
             error = TApplicationException(TApplicationException.INTERNAL_ERROR,
                                           f"internal error in {method.name}")
         if not method.oneway and self.connected:
-            self._send_exception(method.name, seqid, framed, error)
+            self._send_exception(method.name, seqid, route, error)
 
-    def _send_exception(self, name: str, seqid: int, framed: bool,
+    def _send_exception(self, name: str, seqid: int, route: Any,
                         error: TApplicationException) -> None:
-        self._write(self._encode(name, TMessageType.EXCEPTION, seqid, error), framed)
+        self._write(self._encode(name, TMessageType.EXCEPTION, seqid, error), route)
 
     def _encode(self, name: str, message_type: int, seqid: int, body: Any) -> bytes:
         buffer = TMemoryBuffer()
@@ -664,10 +743,14 @@ class ThriftServerProtocol(Protocol):
         oprot.writeMessageEnd()
         return buffer.getvalue()
 
-    def _write(self, payload: bytes, framed: bool) -> None:
+    def _write(self, payload: bytes, route: Any) -> None:
+        gate = self.gate
+        if gate is not None and not gate.open:
+            gate.hold(lambda: self._write(payload, route))
+            return
         if self._closing:
             return
-        if framed:
+        if route:
             payload = _HEADER.pack(len(payload)) + payload
         # Twisted pauses our reading (the output backlog) before much is
         # queued; only then can the backlog grow toward the cap.
@@ -732,6 +815,13 @@ class ThriftServerFactory(Factory):
         self.refused = 0
         self._refused_logged_at = -1e9
         self._sweep_call: IDelayedCall | None = None
+        # Several processes serving one listening socket: the connections
+        # all of them hold count against max_connections here (None: only
+        # this factory's); calls this process does not answer go to the
+        # forwarder; replies wait while the gate is closed.
+        self.count: ConnectionCount | None = None
+        self.forwarder: CallForwarder | None = None
+        self.gate: ReplyGate | None = None
 
     def buildProtocol(self, addr: IAddress) -> ThriftServerProtocol:
         proto = ThriftServerProtocol(self.methods, self.handler, self.max_frame_size,
@@ -740,6 +830,8 @@ class ThriftServerFactory(Factory):
         proto.log_limit = self.log_limit
         proto.call_counts = self.call_counts
         proto.dropped = self.dropped
+        proto.forwarder = self.forwarder
+        proto.gate = self.gate
         return proto
 
     # -- the cap and the reserve -------------------------------------------------
@@ -748,7 +840,8 @@ class ThriftServerFactory(Factory):
         limits = self.limits
         reason = None
         kind = "max_connections"
-        if len(self.connections) >= limits.max_connections:
+        if len(self.connections) >= limits.max_connections or (
+                self.count is not None and not self.count.take(limits.max_connections)):
             reason = f"{limits.max_connections} connections already (max_connections)"
         elif limits.fd_limit is not None:
             fd = _descriptor(proto.transport)
@@ -759,6 +852,8 @@ class ThriftServerFactory(Factory):
                           f"(limit {limits.fd_limit})")
                 kind = "fd_reserve"
         if reason is not None:
+            if kind == "fd_reserve" and self.count is not None:
+                self.count.give()
             self.refused += 1
             self.dropped[kind] += 1
             now = self.clock.seconds()
@@ -776,7 +871,10 @@ class ThriftServerFactory(Factory):
         return True
 
     def forget(self, proto: ThriftServerProtocol) -> None:
-        self.connections.discard(proto)
+        if proto in self.connections:
+            self.connections.remove(proto)
+            if self.count is not None:
+                self.count.give()
 
     def handshake_started(self, proto: ThriftServerProtocol) -> None:
         if len(self.handshakes) < self.limits.max_handshakes:

@@ -129,6 +129,9 @@ def make_config(base: Path, **overrides: Any) -> Config:
         # The ICP socket's lock: not /run/icp-bridge, which tests would litter.
         "lock_dir": base / "run",
         "channels_deny": ["blocked"],
+        # The main process serves the OTS API alone, unless a test asks for
+        # worker processes (tests/e2e/test_workers.py).
+        "otsapi_workers": 0,
         "properties": {"session.timeout": 30, "ssl.enabled": True, "desktop.name": "xfce"},
         "user_properties": {"alice": {"desktop.name": "kde"}},
         "modules": {"greeter": standin_module("greeter", ready_timeout=20),

@@ -183,3 +183,23 @@ def test_twistd_options(tmp_path: Path) -> None:
     with pytest.raises(usage.UsageError):
         Options().parseOptions(["--no-such-flag"])
     assert os.path.exists(tmp_path)
+
+
+def test_a_use_another_process_saw_slides_the_expiry_as_a_lookup_would() -> None:
+    clock = Clock()
+    tokens = TokenStore(clock)
+    written: list[tuple[str, float | None]] = []
+    tokens.listener = lambda digest, record: written.append(
+        (digest, record.expires_at if record else None))
+    token = tokens.issue(Identity("alice", "", 1), lifetime=100.0)
+    digest = token_digest(token)
+    clock.advance(90)
+    tokens.touch(digest, 80.0)
+    assert tokens.lookup(token) is not None  # 90 < 180: slid by the touch
+    clock.advance(95)  # 185: a lookup at 90 slid it to 190
+    tokens.touch(digest, 50.0)  # older than what is known: no effect
+    assert tokens.lookup(token) is not None
+    clock.advance(101)
+    tokens.touch(digest, clock.seconds())  # at or after its expiry: stays expired
+    assert tokens.lookup(token) is None
+    tokens.touch("no such digest", 1.0)

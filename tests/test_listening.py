@@ -3,6 +3,7 @@ whose socket is an ssl.SSLSocket, against real clients on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from zope.interface import implementer
 
 from bridge.security.tls import ensure_pair
 from protocols.listening import (
+    SharedConnectionCount,
     StreamListenSpec,
     bind_listening_socket,
     listen_stream,
@@ -210,3 +212,20 @@ async def test_a_client_without_tls_is_dropped_and_the_port_serves_on(
     await factory.lost_count(1)
     assert not factory.connections[0].handshake_seen
     assert await deferToThread(talk, port, tls_client(pair[0]), b"still") == [b"still"]
+
+
+def test_the_shared_count_holds_one_limit_across_processes() -> None:
+    shared = SharedConnectionCount(3)
+    main, worker = shared.for_slot(0), shared.for_slot(1)
+    assert main.take(3) and worker.take(3)
+    child = os.fork()
+    if child == 0:  # another process takes the last one
+        os._exit(0 if shared.for_slot(2).take(3) and not shared.for_slot(2).take(3) else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert shared.total() == 3 and not main.take(3)
+    shared.reset(2)  # that process is gone
+    assert main.take(3) and shared.total() == 3
+    worker.give()
+    worker.give()  # never below zero
+    assert shared.total() == 2

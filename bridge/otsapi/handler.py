@@ -15,13 +15,13 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bridge.lifecycle.facade import SessionLifecycle
 from bridge.lifecycle.runtime import RdpCaller
 from bridge.otsapi.actions import Actor, NoClientError, SessionActions
-from bridge.otsapi.session_info import session_info, signed
+from bridge.otsapi.readonly import WTS_CURRENT_SESSION, ReadOnlyCalls
+from bridge.otsapi.session_info import signed
 from bridge.security.auth import Authenticator, Identity, is_user_name, logon_allowed
 from bridge.security.permissions import Permission, ogon_level
 from bridge.security.throttle import OTSAPI, LogonGuard
@@ -33,18 +33,12 @@ from protocols import icp
 from protocols.errors import IcpError
 from protocols.generated import ICP_pb2
 from protocols.generated.otsapi.ttypes import (
-    TReturnEnumerateSession,
     TReturnLogonConnection,
-    TReturnQuerySessionInformation,
     TReturnVirtualChannelOpen,
-    TSessionInfo,
-    TVersion,
 )
 from protocols.loglimit import LogLimiter
 from protocols.thrift_server import Outcome, current_peer, current_source, failed, refused
 
-VERSION = (1, 1)
-WTS_CURRENT_SESSION = -1
 WTS_CHANNEL_OPTION_DYNAMIC = 0x1
 #: The way in, as the journal's reasons name it.
 VIA = "the OTS API"
@@ -57,10 +51,9 @@ def _vc_open_failed() -> TReturnVirtualChannelOpen:
 T = TypeVar("T")
 
 
-class OtsApiHandler:
+class OtsApiHandler(ReadOnlyCalls):
     """Implements ``service otsapi``."""
 
-    log = Logger()
     # Only these read current_peer (the client's address) and current_source
     # (who it is): for throttling, and to say who ended, disconnected or
     # messaged a session.
@@ -76,8 +69,8 @@ class OtsApiHandler:
         ``pam_levels``: users authenticate through PAM, so a user's level is
         the ``permission.level`` property. ``actions``: logoff, disconnect
         and message, shared with the admin endpoint (default: its own)."""
-        self.registry = registry
-        self.tokens = tokens
+        super().__init__(registry, tokens)
+        self.registry: SessionRegistry = registry
         self.rdp = rdp
         self.guard = LogonGuard.around(authenticator, registry.clock)
         self.token_lifetime = token_lifetime
@@ -91,42 +84,6 @@ class OtsApiHandler:
         self.actions = actions or SessionActions(lifecycle, rdp, registry.clock)
 
     # -- helpers --------------------------------------------------------------
-
-    def _refuse(self, method: str, session_id: int | None, reason: str) -> None:
-        self.log.info("{method} for session {session_id} refused: {reason}",
-                      method=method, session_id=session_id, reason=reason)
-
-    @staticmethod
-    def _owns(record: TokenRecord, session: Session) -> bool:
-        if record.session_id is not None:
-            return record.session_id == session.session_id
-        return (session.logged_on and session.username == record.username
-                and session.domain.lower() == record.domain.lower())
-
-    def _authorize(self, method: str, token: str | None, session_id: int | None,
-                   flag: Permission) -> tuple[TokenRecord, Session] | None:
-        """The token's record and the session it may act on with ``flag``,
-        or None (logged) when it may not (ogon's getSessionAndCheckForPerm:
-        a token may do anything to its own session, needs the flag for
-        another's)."""
-        record = self.tokens.lookup(token or "")
-        if record is None:
-            self._refuse(method, session_id, "unknown or expired token")
-            return None
-        if session_id is None or session_id == WTS_CURRENT_SESSION:
-            if record.session_id is None:
-                self._refuse(method, session_id,
-                             "WTS_CURRENT_SESSION needs a session token")
-                return None
-            session_id = record.session_id
-        session = self.registry.get(session_id)
-        if session is None:
-            self._refuse(method, session_id, "no such session")
-            return None
-        if not self._owns(record, session) and (record.permission & flag) != flag:
-            self._refuse(method, session_id, f"token lacks {flag.name}")
-            return None
-        return record, session
 
     def _bridged(self, method: str, session: Session, msg_type: int, request: Message,
                  on_answer: Callable[[Any], T], failure_value: Callable[[], T] | T,
@@ -176,12 +133,6 @@ class OtsApiHandler:
 
     # -- local methods --------------------------------------------------------
 
-    def getVersionInfo(self, versionInfo: TVersion | None) -> TVersion:
-        return TVersion(VersionMajor=VERSION[0], VersionMinor=VERSION[1])
-
-    def ping(self, input: int | None) -> int:
-        return input or 0
-
     def logonConnection(self, username: str | None, password: str | None, domain: str | None
                         ) -> TReturnLogonConnection | Outcome | Deferred[Any]:
         username, domain = username or "", domain or ""
@@ -219,47 +170,12 @@ class OtsApiHandler:
         return Deferred.fromCoroutine(self.guard.authenticate(
             username, password or "", domain, current_source.get(), OTSAPI)).addCallback(decided)
 
-    def getPermissionForToken(self, authToken: str | None) -> int | Outcome:
-        record = self.tokens.lookup(authToken or "")
-        return record.permission if record is not None else refused(0)
-
     def logoffConnection(self, authToken: str | None) -> bool | Outcome:
         try:
             return self.tokens.revoke(authToken or "") or refused(False)
         except StateWriteError as e:
             self.log.error("logoffConnection failed: {error}", error=str(e))
             return failed(False)
-
-    def enumerateSessions(self, authToken: str | None, Version: int | None
-                          ) -> TReturnEnumerateSession | Outcome:
-        record = self.tokens.lookup(authToken or "")
-        if record is None:
-            self._refuse("enumerateSessions", None, "unknown or expired token")
-            return refused(TReturnEnumerateSession(returnValue=False, sessionInfoList=[]))
-        if not record.permission & Permission.QUERY_INFORMATION:
-            self._refuse("enumerateSessions", None, "token lacks QUERY_INFORMATION")
-            return refused(TReturnEnumerateSession(returnValue=False, sessionInfoList=[]))
-        sessions = [
-            TSessionInfo(sessionId=s.session_id, winStationName=s.win_station_name,
-                         connectState=int(s.state))
-            for s in self.registry
-        ]
-        return TReturnEnumerateSession(returnValue=True, sessionInfoList=sessions)
-
-    def querySessionInformation(self, authToken: str | None, sessionId: int | None,
-                                infoClass: int | None
-                                ) -> TReturnQuerySessionInformation | Outcome:
-        refusal = refused(TReturnQuerySessionInformation(returnValue=False))
-        auth = self._authorize("querySessionInformation", authToken, sessionId,
-                               Permission.QUERY_INFORMATION)
-        if auth is None:
-            return refusal
-        value = session_info(auth[1], infoClass, self.registry.clock)
-        if value is None:
-            self._refuse("querySessionInformation", sessionId,
-                         f"info class {infoClass} not available")
-            return refusal
-        return TReturnQuerySessionInformation(returnValue=True, infoValue=value)
 
     # -- bridged methods -------------------------------------------------------
 

@@ -158,6 +158,21 @@ class TokenStore:
                 self._slid(record)
         return record
 
+    def touch(self, digest: str, when: float) -> None:
+        """A use of the token with ``digest`` at ``when`` that another
+        process answered (an OTS API worker): its expiry slides as if this
+        process had looked it up then. A token already expired at ``when``
+        stays expired."""
+        record = self._records.get(digest)
+        if record is None or record.expires_at is None or record.lifetime is None:
+            return
+        if when >= record.expires_at or when + record.lifetime <= record.expires_at:
+            return
+        record.expires_at = when + record.lifetime
+        persisted = self._persisted_expiry.get(digest)
+        if persisted is None or record.expires_at - persisted >= self.PERSIST_SLIDE:
+            self._slid(record)
+
     def revoke(self, token: str) -> bool:
         """Forget a token; False if it was not known. Raises StateWriteError
         (keeping the token) when its removal cannot be stored."""
@@ -188,6 +203,10 @@ class TokenStore:
             del self._records[digest]
             self._removed(digest)
         return len(dead)
+
+    def snapshot(self) -> dict[str, TokenRecord]:
+        """The live records by digest (a copy of the mapping)."""
+        return dict(self._records)
 
     def __len__(self) -> int:
         return len(self._records)

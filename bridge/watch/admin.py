@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -379,13 +380,26 @@ class EventsResource(_Authorized):
 class MetricsResource(Resource):
     isLeaf = True
 
-    def __init__(self, metrics: CollectorRegistry) -> None:
+    def __init__(self, metrics: CollectorRegistry,
+                 refresh: Callable[[], Deferred[None]] | None = None) -> None:
+        """``refresh``: fetch what other processes count (the OTS API
+        workers) before the metrics are read."""
         super().__init__()
         self.metrics = metrics
+        self.refresh = refresh
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.metrics)
+        if self.refresh is None:
+            return generate_latest(self.metrics)
+
+        def render(_: object) -> None:
+            if not request.finished and not request._disconnected:
+                request.write(generate_latest(self.metrics))
+                request.finish()
+
+        self.refresh().addBoth(render)
+        return NOT_DONE_YET
 
     def render_HEAD(self, request: Request) -> bytes:
         """The headers only, without collecting anything: a HEAD flood
@@ -474,13 +488,16 @@ def admin_site(tokens: TokenStore, registry: SessionRegistry, journal: EventHub,
                metrics: CollectorRegistry, health: HealthResource, clock: IReactorTime,
                actions: SessionActionRoutes | None = None,
                farm: FarmService | None = None, allowed_hosts: Iterable[str] = (),
-               max_connections: int = 512, dropped: Counter[str] | None = None
+               max_connections: int = 512, dropped: Counter[str] | None = None,
+               refresh_metrics: Callable[[], Deferred[None]] | None = None
                ) -> tuple[AdminSite, EventsResource]:
     """The admin endpoint's site and its /events resource (which the service
     starts and stops). ``clock`` (real time) paces the streams' keepalives;
     ``actions`` answers POST /sessions/<id>/<action>. With ``farm``, the
     farm's scope and commands too (bridge.watch.farm_admin). ``allowed_hosts``,
-    ``max_connections`` and ``dropped`` are the site's (bridge/watch/site.py)."""
+    ``max_connections`` and ``dropped`` are the site's (bridge/watch/site.py);
+    ``refresh_metrics`` fetches what other processes count before /metrics
+    is read."""
     root = _Root()
     events = EventsResource(tokens, registry, journal, clock, farm)
     root.putChild(b"events", events)
@@ -491,7 +508,7 @@ def admin_site(tokens: TokenStore, registry: SessionRegistry, journal: EventHub,
         from bridge.watch.farm_admin import FarmCommandsResource
 
         root.putChild(b"farm", FarmCommandsResource(tokens, farm))
-    root.putChild(b"metrics", MetricsResource(metrics))
+    root.putChild(b"metrics", MetricsResource(metrics, refresh_metrics))
     root.putChild(b"healthz", health)
     site = AdminSite(root, clock, allowed_hosts=allowed_hosts, max_connections=max_connections,
                      timeout=60, dropped=dropped)

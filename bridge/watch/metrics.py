@@ -37,6 +37,7 @@ from bridge.sessions.model import ConnectState
 
 if TYPE_CHECKING:
     from bridge.backends.launcher import BackendLauncher
+    from bridge.otsapi.workers import WorkerPool
     from bridge.rdp.link import RdpServerLink
     from bridge.security.throttle import LogonGuard
     from bridge.sessions.registry import SessionRegistry
@@ -101,8 +102,8 @@ class Metrics:
     def __init__(self, sessions: SessionRegistry, link: RdpServerLink,
                  otsapi: ThriftServerFactory, store: StateStore, journal: EventHub,
                  guard: LogonGuard, launcher: BackendLauncher,
-                 dbus: SessionNotifier | None, logon_events: LogonEvents | None = None
-                 ) -> None:
+                 dbus: SessionNotifier | None, logon_events: LogonEvents | None = None,
+                 workers: WorkerPool | None = None) -> None:
         """The parts whose counts and state are exported; the link and the
         store are given observers for the latency histograms."""
         self.sessions = sessions
@@ -116,6 +117,9 @@ class Metrics:
         self.logon_events = logon_events
         # The admin endpoint's refused connections, by reason (its site counts).
         self.admin_dropped: Counter[str] = Counter()
+        # OTS API worker processes: their calls are counted into the
+        # factory's counts; their connections are theirs.
+        self.workers = workers
         self.registry = CollectorRegistry(auto_describe=True)
         self.bridged_latency = Latencies(LATENCY_BUCKETS)
         self.state_write_latency = Latencies(WRITE_BUCKETS)
@@ -172,11 +176,14 @@ class _BridgeCollector(Collector):
                        "not be stored; error: a bug in the handler; bad_request: unknown "
                        "method or undecodable arguments).", ["method", "outcome"],
                        factory.call_counts)
+        workers = parts.workers
         yield _gauge("icp_bridge_otsapi_calls_in_flight",
                      "OTS API calls waiting for an answer (mostly from the RDP server).",
-                     sum(proto.calls_in_flight for proto in factory.connections))
+                     sum(proto.calls_in_flight for proto in factory.connections)
+                     + (workers.calls_in_flight if workers is not None else 0))
         yield _gauge("icp_bridge_otsapi_connections", "Open OTS API connections.",
-                     len(factory.connections))
+                     len(factory.connections)
+                     + (workers.connections if workers is not None else 0))
         dropped = {("otsapi", reason): n for reason, n in factory.dropped.items()}
         dropped.update({("icp", reason): n for reason, n in link.dropped.items()})
         dropped.update({("admin", reason): n for reason, n in parts.admin_dropped.items()})

@@ -1,0 +1,173 @@
+"""The channel between the main process and one OTS API worker process: a
+UNIX stream socketpair carrying length-prefixed messages, each a one-byte
+kind and its body. Both ends are ``Channel`` protocols.
+
+Main process to worker:
+
+- ``SESSION``: a session as it is now, or that it ended; ``TOKEN``: a token
+  record as it is now, or that it is gone. Each carries a *position* that
+  grows by one per change; the worker applies them in order and says up to
+  which it has (``ACK``). Nothing is sent twice and nothing skipped: the
+  worker starts from a copy of the state at a known position (it is
+  forked) and hears every change after it on this one ordered stream.
+- ``REPLY``: the answer to a forwarded call, for one of the worker's
+  connections.
+- ``SYNC``: send what is kept for later (token uses, counts) now, then
+  ``SYNCED`` with the same number.
+
+Worker to main process: ``HELLO`` (serving), ``CALL`` (a call forwarded,
+with the client's address when the method needs it), ``ACK``, ``TOUCH``
+(tokens used, for their sliding lifetime), ``COUNTS`` (the metrics it
+counts), ``SYNCED`` and ``LOG`` (its log events, written by the main
+process's log).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from bridge.security.tokens import TokenRecord
+from bridge.sessions.model import BackendRecord, ClientInfo, ConnectState, Session
+from protocols.transport import TurnBatchedWriter
+
+# main -> worker
+SESSION = b"s"
+TOKEN = b"t"
+REPLY = b"r"
+SYNC = b"y"
+# worker -> main
+HELLO = b"h"
+CALL = b"c"
+ACK = b"a"
+TOUCH = b"u"
+COUNTS = b"n"
+SYNCED = b"z"
+LOG = b"l"
+
+_HEADER = struct.Struct("!IB")  # length of kind and body; kind
+_CONNECTION = struct.Struct("!I")
+_CALL = struct.Struct("!IH")  # connection id, length of the client's address
+_NUMBER = struct.Struct("!Q")
+# Far above any Thrift frame (max_thrift_frame) plus its header.
+MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def session_to_json(session: Session) -> dict[str, Any]:
+    return dataclasses.asdict(session)
+
+
+def session_from_json(data: dict[str, Any]) -> Session:
+    values = dict(data)
+    values["state"] = ConnectState(values["state"])
+    values["client"] = ClientInfo(**values["client"])
+    if values.get("backend") is not None:
+        values["backend"] = BackendRecord(**values["backend"])
+    return Session(**values)
+
+
+def token_to_json(record: TokenRecord) -> dict[str, Any]:
+    return dataclasses.asdict(record)
+
+
+def token_from_json(data: dict[str, Any]) -> TokenRecord:
+    return TokenRecord(**data)
+
+
+def encode_json(kind: bytes, value: Any) -> bytes:
+    body = json.dumps(value, separators=(",", ":")).encode()
+    return _HEADER.pack(len(body) + 1, kind[0]) + body
+
+
+def encode_number(kind: bytes, number: int) -> bytes:
+    return _HEADER.pack(_NUMBER.size + 1, kind[0]) + _NUMBER.pack(number)
+
+
+def encode_reply(connection_id: int, message: bytes) -> bytes:
+    return (_HEADER.pack(_CONNECTION.size + len(message) + 1, REPLY[0])
+            + _CONNECTION.pack(connection_id) + message)
+
+
+def encode_call(connection_id: int, host: str, message: bytes) -> bytes:
+    address = host.encode()
+    return (_HEADER.pack(_CALL.size + len(address) + len(message) + 1, CALL[0])
+            + _CALL.pack(connection_id, len(address)) + address + message)
+
+
+def decode_number(body: bytes) -> int:
+    return _NUMBER.unpack_from(body)[0]
+
+
+def decode_reply(body: bytes) -> tuple[int, bytes]:
+    return _CONNECTION.unpack_from(body)[0], body[_CONNECTION.size:]
+
+
+def decode_call(body: bytes) -> tuple[int, str, bytes]:
+    connection_id, length = _CALL.unpack_from(body)
+    start = _CALL.size + length
+    return connection_id, body[_CALL.size:start].decode(), body[start:]
+
+
+class Channel(Protocol):
+    """One end of the channel: frames messages out (coalesced per reactor
+    turn) and hands each message in to ``handlers[kind](body)``. A
+    message of an unknown kind or a length past MAX_MESSAGE is a bug in
+    the other process: the channel closes (and with it the worker)."""
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, handlers: dict[bytes, Callable[[bytes], None]],
+                 on_lost: Callable[[Failure], None] | None = None) -> None:
+        self.clock = clock
+        self.handlers = {kind[0]: handler for kind, handler in handlers.items()}
+        self.on_lost = on_lost
+        self._buffer = b""
+        self._writer: TurnBatchedWriter | None = None
+        self.open = False
+
+    def connectionMade(self) -> None:
+        self.open = True
+        self._writer = TurnBatchedWriter(self.transport, self.clock)
+
+    def send(self, message: bytes) -> None:
+        """Queue an encoded message; it leaves at the end of this turn."""
+        if self._writer is not None and self.open:
+            self._writer.write(message)
+
+    def flush(self) -> None:
+        if self._writer is not None and self.open:
+            self._writer.flush()
+
+    def dataReceived(self, data: bytes) -> None:
+        buffer = self._buffer + data if self._buffer else data
+        offset, size = 0, len(buffer)
+        handlers = self.handlers
+        while size - offset >= _HEADER.size and self.open:
+            length, kind = _HEADER.unpack_from(buffer, offset)
+            if not 1 <= length <= MAX_MESSAGE or kind not in handlers:
+                self.log.error("worker channel: bad message (kind {kind}, {length} bytes); "
+                               "closing it", kind=kind, length=length)
+                self.transport.loseConnection()
+                self.open = False
+                break
+            end = offset + 4 + length
+            if end > size:
+                break
+            handlers[kind](buffer[offset + _HEADER.size:end])
+            offset = end
+        self._buffer = buffer[offset:] if offset < size else b""
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.open = False
+        if self._writer is not None:
+            self._writer.discard()
+        if self.on_lost is not None:
+            self.on_lost(reason or Failure(ConnectionError("worker channel closed")))

@@ -1,0 +1,320 @@
+"""OTS API worker processes (bridge.otsapi.workers): what a client sees is
+what one process would answer: the same answers, a token issued or revoked
+taking effect at once on every connection, a connection's calls answered in
+order; limits still hold across processes; a worker that dies or hangs is
+survived."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from thrift.protocol import TBinaryProtocol
+from thrift.transport import TTransport
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+
+from bridge.otsapi import workers as workers_module
+from bridge.otsapi.workers import WorkerPool
+from bridge.rdp.standin import StandInRdpServer
+from bridge.security.permissions import FULL
+from protocols.generated.otsapi_blocking import otsapi as blocking
+from protocols.thrift_server import Outcome
+from tests.conftest import BridgeUnderTest, start_bridge
+from tests.e2e.otsapi_client import twisted_client
+from tests.e2e.sse import get
+from tests.e2e.test_admin import samples
+
+WORKERS = 2
+
+
+class Cluster:
+    bridge: BridgeUnderTest
+    pool: WorkerPool
+    peer: StandInRdpServer
+    alice: int
+    bob: int
+
+    def session_token(self, session_id: int) -> str:
+        path = self.bridge.base / "tokens" / f"ogon.session.{session_id}"
+        return path.read_text().splitlines()[0]
+
+    async def connections_on_every_worker(self, at_least: int = 2) -> list[Any]:
+        """Client connections (thrift's Twisted client) until every worker
+        holds one, and at least ``at_least``."""
+        clients: list[Any] = []
+        for _ in range(60):
+            clients.append(await twisted_client(self.bridge.thrift_port))
+            await clients[-1].client.ping(0)
+            await self.pool.sync()
+            holders = [w for w in self.pool.workers.values() if w.alive and w.connections]
+            if len(holders) == len(self.pool.workers) and len(clients) >= at_least:
+                return clients
+        raise AssertionError("the connections all went to one worker")
+
+
+@pytest_twisted.async_yield_fixture
+async def cluster(short_dir: Path) -> AsyncIterator[Cluster]:
+    c = Cluster()
+    c.bridge = await start_bridge(short_dir, otsapi_workers=WORKERS)
+    pool = c.bridge.service.workers
+    assert pool is not None
+    c.pool = pool
+    await pool.when_serving()
+    c.peer = await c.bridge.peer()
+    await c.peer.logon(1, "alice", "alice-pw")
+    await c.peer.logon(2, "bob", "bob-pw")
+    registry = c.bridge.service.registry
+    c.alice = registry.by_connection(1).session_id
+    c.bob = registry.by_connection(2).session_id
+    yield c
+    c.peer.release()
+    await c.bridge.stop()
+    for worker in pool.workers.values():
+        assert not worker.alive
+
+
+def workers_pids(pool: WorkerPool) -> list[int]:
+    return [w.pid for w in pool.workers.values() if w.alive]
+
+
+def without_current_time(value: Any) -> Any:
+    """querySessionInformation(WTSSessionInfo) carries the time of the call."""
+    info = getattr(value, "infoValue", None)
+    if info is not None and info.WTSINFO is not None:
+        info.WTSINFO.CurrentTime = 0
+    return value
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_answer_what_the_main_process_answers(cluster: Cluster) -> None:
+    """Every read-only call, with good and bad tokens, sessions and info
+    classes: the answer through a worker equals the main process's own.
+    Answers a worker can give it gives itself; refusals come from the main
+    process (which logs them)."""
+    [client] = [await twisted_client(cluster.bridge.thrift_port)]
+    api = client.client
+    handler = cluster.bridge.service.otsapi
+    full = (await api.logonConnection("alice", "alice-pw", "")).authToken
+    user = (await api.logonConnection("bob", "bob-pw", "")).authToken
+    guest = (await api.logonConnection("guest", "guest-pw", "")).authToken
+    tokens = [full, user, guest, cluster.session_token(cluster.alice), "x" * 43, "bogus", ""]
+    calls: list[tuple[str, tuple[Any, ...]]] = [("ping", (7,)), ("getVersionInfo", (None,))]
+    for token in tokens:
+        calls.append(("getPermissionForToken", (token,)))
+        calls.append(("enumerateSessions", (token, 1)))
+        for session_id in (cluster.alice, cluster.bob, -1, 999):
+            for info_class in range(0, 30):
+                calls.append(("querySessionInformation", (token, session_id, info_class)))
+    local = forwarded = 0
+    for name, args in calls:
+        before = cluster.pool.forwarded
+        answer = await getattr(api, name)(*args)
+        expected = getattr(handler, name)(*args)
+        if isinstance(expected, Outcome):  # a refusal, as the call counts see it
+            expected = expected.value
+        assert without_current_time(answer) == without_current_time(expected), (name, args)
+        if cluster.pool.forwarded == before:
+            local += 1
+            assert not _is_refusal(name, answer), (name, args, answer)
+        else:
+            forwarded += 1
+            assert _is_refusal(name, answer), (name, args, answer)
+    assert local > 100 and forwarded > 100, (local, forwarded)
+    client.transport.loseConnection()
+
+
+def _is_refusal(name: str, answer: Any) -> bool:
+    if name == "getPermissionForToken":
+        return answer == 0
+    if name in ("enumerateSessions", "querySessionInformation"):
+        return not answer.returnValue
+    return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_is_honoured_at_once_and_never_after_its_revocation(
+        cluster: Cluster) -> None:
+    """logonConnection's token works at once on every connection (whichever
+    process holds it); after logoffConnection has answered, no connection
+    is answered for it any more, over and over."""
+    clients = await cluster.connections_on_every_worker(at_least=4)
+    apis = [c.client for c in clients]
+    for round_ in range(25):
+        issuer, revoker = apis[round_ % len(apis)], apis[(round_ * 3 + 1) % len(apis)]
+        token = (await issuer.logonConnection("alice", "alice-pw", "")).authToken
+        for api in apis:
+            assert await api.getPermissionForToken(token) == FULL
+            assert (await api.enumerateSessions(token, 1)).returnValue
+        assert await revoker.logoffConnection(token) is True
+        for api in apis:
+            assert await api.getPermissionForToken(token) == 0
+            assert not (await api.enumerateSessions(token, 1)).returnValue
+    for c in clients:
+        c.transport.loseConnection()
+
+
+def _frames(*calls: tuple[str, tuple[Any, ...]]) -> bytes:
+    out = b""
+    for seqid, (name, args) in enumerate(calls, 1):
+        buffer = TTransport.TMemoryBuffer()
+        client = blocking.Client(TBinaryProtocol.TBinaryProtocol(buffer))
+        client._seqid = seqid
+        getattr(client, f"send_{name}")(*args)
+        out += struct.pack("!I", len(buffer.getvalue())) + buffer.getvalue()
+    return out
+
+
+def _pipelined(port: int, data: bytes, names: list[str]) -> list[Any]:
+    """One connection, every call sent at once; the replies in order."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(data)
+        stream = sock.makefile("rb")
+        answers = []
+        for name in names:
+            (length,) = struct.unpack("!I", stream.read(4))
+            buffer = TTransport.TMemoryBuffer(stream.read(length))
+            client = blocking.Client(TBinaryProtocol.TBinaryProtocol(buffer))
+            answers.append(getattr(client, f"recv_{name}")())
+        return answers
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connections_calls_see_each_others_changes_in_order(cluster: Cluster) -> None:
+    """Sent together on one connection: the revocation is answered, then the
+    read-only call after it refused, as one process would."""
+    port = cluster.bridge.thrift_port
+    for _ in range(10):
+        client = await twisted_client(port)
+        token = (await client.client.logonConnection("alice", "alice-pw", "")).authToken
+        client.transport.loseConnection()
+        answers = await deferToThread(_pipelined, port, _frames(
+            ("getPermissionForToken", (token,)), ("logoffConnection", (token,)),
+            ("getPermissionForToken", (token,)), ("ping", (5,))),
+            ["getPermissionForToken", "logoffConnection", "getPermissionForToken", "ping"])
+        assert answers == [FULL, True, 0, 5]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_worker_is_survived_and_forked_again(cluster: Cluster) -> None:
+    pool = cluster.pool
+    clients = await cluster.connections_on_every_worker(at_least=4)
+    victim = next(w for w in pool.workers.values() if w.connections)
+    os.kill(victim.pid, signal.SIGKILL)
+    await victim.gone
+    survivors = []
+    for c in clients:
+        try:
+            assert await c.client.ping(3) == 3
+            survivors.append(c)
+        except Exception:  # this client's connection was the dead worker's
+            continue
+    assert survivors, "the other worker's clients are still served"
+    # A state change with a worker gone is answered (not held for it).
+    token = (await survivors[0].client.logonConnection("alice", "alice-pw", "")).authToken
+    assert await survivors[0].client.logoffConnection(token) is True
+    await pool.when_serving(WORKERS)
+    assert len(workers_pids(pool)) == WORKERS and victim.pid not in workers_pids(pool)
+    fresh = await twisted_client(cluster.bridge.thrift_port)
+    assert await fresh.client.getPermissionForToken(token) == 0
+    for c in [*survivors, fresh]:
+        c.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_worker_is_killed_so_answers_do_not_wait_for_it(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers_module, "ACK_TIMEOUT", 0.5)
+    pool = cluster.pool
+    clients = await cluster.connections_on_every_worker()
+    stopped = next(w for w in pool.workers.values() if w.connections)
+    os.kill(stopped.pid, signal.SIGSTOP)
+    other = None
+    for c in clients:
+        await pool.sync()
+        # A client of a running worker (a stopped one's clients would hang).
+        if await _answers_within(c.client.ping(1), 0.3):
+            other = c
+            break
+    assert other is not None
+    token = (await other.client.logonConnection("alice", "alice-pw", "")).authToken
+    assert token  # answered: the stopped worker was killed, not waited for
+    await stopped.gone
+    assert await other.client.getPermissionForToken(token) == FULL
+    for c in clients:
+        c.transport.loseConnection()
+
+
+async def _answers_within(d: Deferred[Any], seconds: float) -> bool:
+    done: Deferred[bool] = Deferred()
+    d.addCallbacks(lambda _: done.called or done.callback(True),
+                   lambda _: done.called or done.callback(False))
+    timer = reactor.callLater(seconds, lambda: done.called or done.callback(False))
+    result = await done
+    if timer.active():
+        timer.cancel()
+    return result
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections_counts_every_process(short_dir: Path) -> None:
+    bridge = await start_bridge(short_dir, otsapi_workers=WORKERS, max_connections=3)
+    pool = bridge.service.workers
+    assert pool is not None
+    await pool.when_serving()
+    port = bridge.thrift_port
+
+    def storm() -> list[bool]:
+        socks, answered = [], []
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", port), timeout=20)
+            socks.append(s)
+        data = _frames(("ping", (9,)))
+        for s in socks:
+            try:
+                s.sendall(data)
+                answered.append(len(s.recv(100)) > 0)
+            except OSError:
+                answered.append(False)
+        for s in socks:
+            s.close()
+        return answered
+
+    answered = await deferToThread(storm)
+    assert answered.count(True) == 3, answered
+    await bridge.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_answered_by_workers_are_in_the_metrics_at_once(cluster: Cluster) -> None:
+    client = await twisted_client(cluster.bridge.thrift_port)
+    for i in range(25):
+        assert await client.client.ping(i) == i
+    _, text, _ = await get(cluster.bridge.admin_port, "/metrics")
+    counts = samples(text.decode())
+    assert counts["icp_bridge_otsapi_calls_total", (("method", "ping"), ("outcome", "answered"))] \
+        >= 25
+    assert counts["icp_bridge_otsapi_connections", ()] >= 1
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_no_worker_left_the_main_process_serves(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers_module, "RESTART_DELAY", 3600.0)
+    pool = cluster.pool
+    for worker in list(pool.workers.values()):
+        os.kill(worker.pid, signal.SIGKILL)
+        await worker.gone
+    client = await twisted_client(cluster.bridge.thrift_port)
+    token = (await client.client.logonConnection("alice", "alice-pw", "")).authToken
+    assert await client.client.getPermissionForToken(token) == FULL
+    client.transport.loseConnection()
