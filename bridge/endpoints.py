@@ -10,6 +10,7 @@ import secrets
 import socket
 import ssl
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from protocols.listening import StreamListenSpec, bind_listening_socket, listen_stream
+from protocols.endpoint_strings import StreamListenSpec, split_endpoint
+from protocols.listening import bind_listening_socket, listen_stream
+
+__all__ = ["split_endpoint"]  # re-exported: callers have always found it here
 
 
 class StartupError(Exception):
@@ -52,24 +56,6 @@ def move_aside(path: Path, tries: int = 3) -> Path:
         return aside
     assert error is not None
     raise error
-
-
-def split_endpoint(description: str) -> list[str]:
-    """Split an endpoint string on unescaped colons (``\\:`` escapes one)."""
-    parts, current, escaped = [], [], False
-    for char in description:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
 
 
 def unix_socket_path(description: str) -> Path | None:
@@ -397,6 +383,35 @@ def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
 def _address_in_use(result: Any) -> bool:
     error = getattr(getattr(result, "value", None), "socketError", None)
     return isinstance(result, Failure) and getattr(error, "errno", None) == errno.EADDRINUSE
+
+
+class LazyFactory(Factory):
+    """A factory that builds the real one (``build()``) for its first
+    connection: what it needs is imported then, not at startup."""
+
+    noisy = False
+
+    def __init__(self, build: Callable[[], Factory]) -> None:
+        self.build = build
+        self.factory: Factory | None = None
+        self._started = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.factory is None:
+            self.factory = self.build()
+            if self._started:
+                self.factory.doStart()
+        return self.factory.buildProtocol(addr)
+
+    def startFactory(self) -> None:
+        self._started = True
+        if self.factory is not None:
+            self.factory.doStart()
+
+    def stopFactory(self) -> None:
+        self._started = False
+        if self.factory is not None:
+            self.factory.doStop()
 
 
 def describe_port(port: IListeningPort) -> str:

@@ -6,12 +6,13 @@ import gc
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -21,6 +22,7 @@ from bridge.backends.ogon.kinds import OgonModules, OgonSettings
 from bridge.config import Config, backend_log_directory, default_lock_dir
 from bridge.config_sources import load_properties
 from bridge.endpoints import (
+    LazyFactory,
     ListeningService,
     StartupError,
     check_directory,
@@ -61,14 +63,15 @@ from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub, LogonEvents
 from bridge.state.lock import StateDirectoryLock
 from bridge.state.store import SpawnRecords, StateStore, restore, state_database
-from bridge.watch.actions import SessionActionRoutes
-from bridge.watch.admin import EventsResource, HealthResource, admin_site
 from bridge.watch.dbus import SessionNotifier
 from bridge.watch.metrics import Metrics
-from bridge.watch.operations import OperationsCollector, OperationsState
-from protocols.generated.otsapi import otsapi
-from protocols.listening import parse_stream_endpoint
+from bridge.watch.operations import OperationsState
+from protocols.endpoint_strings import parse_stream_endpoint
+from protocols.generated.otsapi_blocking import otsapi
 from protocols.thrift_server import ConnectionLimits, ThriftServerFactory
+
+if TYPE_CHECKING:
+    from bridge.watch.admin import EventsResource
 
 TOKEN_SWEEP_INTERVAL = 60.0
 # How often the state database's write-ahead log is checkpointed (off the reactor).
@@ -155,6 +158,42 @@ def throttle_policy(config: Config) -> ThrottlePolicy:
         account_failure_limit=config.account_failure_limit,
         records_max=config.failure_records_max,
         rdp_failures_per_minute=config.rdp_failures_per_minute)
+
+
+class _Every(Service):
+    """Runs ``work`` every ``interval`` seconds of ``clock`` while running,
+    and once at the start; a failure is logged and the next run comes as
+    planned. (Twisted's TimerService does the same, but importing it
+    brings twisted.application.internet and automat into every start.)"""
+
+    log = Logger()
+
+    def __init__(self, interval: float, work: Callable[[], object], clock: IReactorTime) -> None:
+        self.interval = interval
+        self.work = work
+        self.clock = clock
+        self._loop: LoopingCall | None = None
+        self._done: Deferred[Any] | None = None
+
+    def _run(self) -> Any:
+        d = maybeDeferred(self.work)
+        d.addErrback(lambda failure: self.log.failure("{work} failed", failure,
+                                                      work=getattr(self.work, "__name__", "")))
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self._run)
+        self._loop.clock = self.clock
+        self._done = self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        loop, done = self._loop, self._done
+        self._loop = self._done = None
+        if loop is not None and loop.running:
+            loop.stop()
+        return done if done is not None else succeed(None)
 
 
 class BridgeService(MultiService):
@@ -311,31 +350,18 @@ class BridgeService(MultiService):
         self.metrics = Metrics(self.registry, self.link, self.thrift_factory, self.store,
                                self.events, self.guard, self.launcher, self.dbus,
                                self.logon_events, self.workers)
-        self.metrics.registry.register(OperationsCollector(self.operations))
+        self.metrics.collectors.append(lambda: _operations_collector(self))
         if self.farm is not None:
-            from bridge.watch.farm_metrics import FarmCollector
-
-            self.metrics.registry.register(FarmCollector(self.farm))
+            self.metrics.collectors.append(lambda: _farm_collector(self))
         self.admin_listener: ListeningService | None = None
         self.admin_events: EventsResource | None = None
         if config.admin_endpoint:
-            health = HealthResource(self.icp_listener, self.thrift_listener, self.link,
-                                    self.registry, self.dbus,
-                                    [config.state_dir, self.launcher.logs.directory],
-                                    config.min_free_disk, self.operations.degraded)
-            # Real time, not ``clock``: keepalives and stalls are the network's.
-            site, self.admin_events = admin_site(
-                self.tokens, self.registry, self.events, self.metrics.registry, health,
-                reactor, SessionActionRoutes(self.tokens, self.registry, self.actions),
-                self.farm,
-                # This host's own name too (a farm's hosts are named so).
-                allowed_hosts=[*config.admin_allowed_hosts, config.host_name],
-                max_connections=config.admin_max_connections, dropped=self.metrics.admin_dropped,
-                refresh_metrics=self.workers.sync if self.workers is not None else None)
+            # The site (twisted.web, prometheus-client) is built for the first
+            # client: a start does not need it.
             # The OTS API's backlog too: Twisted's 50 drops a burst's SYNs.
             self.admin_listener = ListeningService(
-                "admin (HTTP)", with_backlog(config.admin_endpoint, config.listen_backlog), site,
-                reactor, lock_dir)
+                "admin (HTTP)", with_backlog(config.admin_endpoint, config.listen_backlog),
+                LazyFactory(lambda: _admin_site(self)), reactor, lock_dir)
             self.admin_listener.setServiceParent(self)
 
     def reload_properties(self) -> bool:
@@ -366,9 +392,7 @@ class BridgeService(MultiService):
     def _every(self, interval: float, work: Callable[[], object], clock: IReactorTime) -> None:
         """Run ``work`` every ``interval`` seconds of ``clock`` while the
         service runs (and once when it starts, as TimerService does)."""
-        timer = TimerService(interval, work)
-        timer.clock = clock
-        timer.setServiceParent(self)
+        _Every(interval, work, clock).setServiceParent(self)
 
     def _thrift_endpoint(self) -> str:
         """The OTS API endpoint, completed with the ssl.certificate/ssl.key
@@ -557,3 +581,42 @@ class BridgeService(MultiService):
         self.store.close()
         self.lockouts.close()
         self.state_lock.release()
+
+
+def _operations_collector(service: BridgeService) -> Any:
+    """/metrics of an operator's day (made with the first scrape)."""
+    from bridge.watch.exposition import OperationsCollector
+
+    return OperationsCollector(service.operations)
+
+
+def _farm_collector(service: BridgeService) -> Any:
+    """/metrics of the farm (made with the first scrape)."""
+    from bridge.watch.farm_metrics import FarmCollector
+
+    return FarmCollector(service.farm)
+
+
+def _admin_site(service: BridgeService) -> Factory:
+    """The admin endpoint's site, built for its first client: twisted.web and
+    prometheus-client are imported then, not at startup."""
+    from bridge.watch.actions import SessionActionRoutes
+    from bridge.watch.admin import HealthResource, admin_site
+
+    config = service.config
+    health = HealthResource(service.icp_listener, service.thrift_listener, service.link,
+                            service.registry, service.dbus,
+                            [config.state_dir, service.launcher.logs.directory],
+                            config.min_free_disk, service.operations.degraded)
+    # Real time, not ``clock``: keepalives and stalls are the network's.
+    site, service.admin_events = admin_site(
+        service.tokens, service.registry, service.events, service.metrics.registry, health,
+        service.reactor, SessionActionRoutes(service.tokens, service.registry, service.actions),
+        service.farm,
+        # This host's own name too (a farm's hosts are named so).
+        allowed_hosts=[*config.admin_allowed_hosts, config.host_name],
+        max_connections=config.admin_max_connections, dropped=service.metrics.admin_dropped,
+        refresh_metrics=service.workers.sync if service.workers is not None else None)
+    if service.running:
+        service.admin_events.start()
+    return site

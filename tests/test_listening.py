@@ -21,13 +21,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from bridge.security.tls import ensure_pair
-from protocols.listening import (
-    SharedConnectionCount,
-    StreamListenSpec,
-    bind_listening_socket,
-    listen_stream,
-    parse_stream_endpoint,
-)
+from protocols.endpoint_strings import StreamListenSpec, parse_stream_endpoint, split_endpoint
+from protocols.listening import SharedConnectionCount, bind_listening_socket, listen_stream
 from protocols.transport import is_plain_socket, write_now
 
 
@@ -43,8 +38,6 @@ from protocols.transport import is_plain_socket, write_now
      StreamListenSpec(9091, "", 7, "/c", "/k", "/x", "/d")),
 ])
 def test_tcp_and_ssl_endpoint_strings(description: str, expected: StreamListenSpec) -> None:
-    from bridge.endpoints import split_endpoint
-
     assert parse_stream_endpoint(split_endpoint(description)) == expected
 
 
@@ -54,8 +47,6 @@ def test_tcp_and_ssl_endpoint_strings(description: str, expected: StreamListenSp
     "tcp:port", "tcp:9091:interface=a:interface=b", "tcp:1:2:3:4",
 ])
 def test_other_endpoints_are_left_to_twisted(description: str) -> None:
-    from bridge.endpoints import split_endpoint
-
     assert parse_stream_endpoint(split_endpoint(description)) is None
 
 

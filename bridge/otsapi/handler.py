@@ -32,7 +32,7 @@ from bridge.sessions.registry import SessionRegistry
 from protocols import icp
 from protocols.errors import IcpError
 from protocols.generated import ICP_pb2
-from protocols.generated.otsapi.ttypes import (
+from protocols.generated.otsapi_blocking.ttypes import (
     TReturnLogonConnection,
     TReturnVirtualChannelOpen,
 )

@@ -21,7 +21,7 @@ from bridge.otsapi.session_info import session_info
 from bridge.security.permissions import Permission
 from bridge.security.tokens import TokenRecord
 from bridge.sessions.model import Session
-from protocols.generated.otsapi.ttypes import (
+from protocols.generated.otsapi_blocking.ttypes import (
     TReturnEnumerateSession,
     TReturnQuerySessionInformation,
     TSessionInfo,

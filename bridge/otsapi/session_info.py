@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 
 from bridge.sessions.model import ConnectState, Session
-from protocols.generated.otsapi.ttypes import TWTSINFO, TClientDisplay, TSessionInfoValue
+from protocols.generated.otsapi_blocking.ttypes import TWTSINFO, TClientDisplay, TSessionInfoValue
 
 _FILETIME_UNIX_EPOCH = 116444736000000000  # 1970-01-01 in 100 ns ticks since 1601
 

@@ -45,7 +45,7 @@ from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import LOCKED_OUT, LOGON_FAILED, EventHub, Subscription, event_json
 from bridge.state.store import JournalEvent
 from bridge.watch.actions import ACTIONS, SessionActionRoutes
-from bridge.watch.metrics import disk_free
+from bridge.watch.operations import disk_free
 from bridge.watch.site import AdminSite
 from protocols.loglimit import LogLimiter
 

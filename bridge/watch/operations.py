@@ -4,20 +4,19 @@ configuration reloads (applied or refused, and whether the file on disk is
 the one running).
 
 ``OperationsState`` is what the parts update (the service, the reload);
-``OperationsCollector`` reads it when Prometheus scrapes; ``degraded``
-is the list /healthz shows.
+``OperationsCollector`` (in ``bridge.watch.exposition``, imported with the
+first scrape) reads it when Prometheus scrapes; ``degraded`` is the list
+/healthz shows.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from pathlib import Path
 
 from bridge.security.auth import UsersFileAuthenticator
 
@@ -54,35 +53,14 @@ class OperationsState:
         return reasons
 
 
-class OperationsCollector(Collector):
-    def __init__(self, state: OperationsState) -> None:
-        self.state = state
-
-    def collect(self) -> Iterator[Any]:
-        state = self.state
-        users = state.users
-        if users is not None:
-            users.users()  # the file on disk now (a stat; read again only when it changed)
-        yield GaugeMetricFamily(
-            "icp_bridge_users_file_stale",
-            "1 while the users file on disk has a bad entry and the last good version is "
-            "used instead.", value=1 if users is not None and users.stale else 0)
-        yield GaugeMetricFamily(
-            "icp_bridge_users_file_bad_entries",
-            "Bad entries in the users file on disk (their users cannot log on).",
-            value=len(users.problems) if users is not None else 0)
-        if state.certificate_not_after is not None:
-            yield GaugeMetricFamily(
-                "icp_bridge_tls_certificate_expiry_timestamp_seconds",
-                "When the OTS API's certificate (ssl.certificate) expires, as a unix time.",
-                value=state.certificate_not_after)
-        reloads = CounterMetricFamily("icp_bridge_config_reloads",
-                                      "Configuration reloads (SIGHUP) by outcome.",
-                                      labels=["outcome"])
-        for outcome in ("applied", "refused"):
-            reloads.add_metric([outcome], state.reloads[outcome])
-        yield reloads
-        yield GaugeMetricFamily(
-            "icp_bridge_config_reload_refused",
-            "1 while the configuration on disk was refused at the last reload (the one "
-            "before it runs).", value=1 if state.reload_refused else 0)
+def disk_free(paths: Iterable[Path]) -> dict[str, int]:
+    """Bytes free for unprivileged writers on the filesystem of each path
+    (one that cannot be looked at counts as 0: nothing can be written)."""
+    free = {}
+    for path in paths:
+        try:
+            info = os.statvfs(path)
+            free[str(path)] = info.f_bavail * info.f_frsize
+        except OSError:
+            free[str(path)] = 0
+    return free

@@ -129,7 +129,7 @@ async def test_the_page_follows_a_logon_and_a_logoff_and_says_when_the_bridge_is
         assert "logged off through the OTS API by alice from 127.0.0.1" in text
 
         # The bridge goes away: the page says since when, and keeps what it had.
-        site = bridge.service.admin_listener.factory
+        site = bridge.service.admin_listener.factory.factory  # the site the LazyFactory built
         await bridge.stop()
         stopped = True
         drop_connections(site)  # as the process's exit would
