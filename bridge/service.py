@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from bridge.backends.launcher import BackendLauncher
 from bridge.backends.logs import BackendLogs
@@ -512,6 +514,7 @@ class BridgeService(MultiService):
                     self.log.error("session {session_id}: token not stored: {error}",
                                    session_id=session.session_id, error=str(e))
         self._kept, self._dropped = [], []
+        self.reactor.callWhenRunning(_warm_up, self)
         # What startup built lives as long as the process: out of the
         # collector's way, so that collections during calls scan less.
         gc.freeze()
@@ -620,3 +623,26 @@ def _admin_site(service: BridgeService) -> Factory:
     if service.running:
         service.admin_events.start()
     return site
+
+
+def _warm_up(service: BridgeService) -> Deferred[None]:
+    """Load, off the reactor thread and after the start, what the first
+    logon and the first admin request would load on their way (the reactor
+    would stand still meanwhile): libpam (python-pam finds it with
+    ldconfig), inotify for backends' endpoints (ctypes finds libc the same
+    way), the admin endpoint's twisted.web and prometheus-client."""
+    def warm() -> None:
+        names = ["twisted.internet.inotify"]
+        if service.config.admin_endpoint:
+            names += ["bridge.watch.admin", "bridge.watch.exposition", "bridge.watch.actions"]
+        for name in names:
+            importlib.import_module(name)
+        warm_authenticator = getattr(service.authenticator, "warm", None)
+        if warm_authenticator is not None:
+            warm_authenticator()
+
+    def failed(failure: Failure) -> None:
+        service.log.info("not loaded ahead of the first logon: {error}",
+                         error=failure.getErrorMessage())
+
+    return service._run_blocking(warm).addErrback(failed)

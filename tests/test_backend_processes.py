@@ -6,6 +6,7 @@ check of a command line before exec, and where the output goes by default."""
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import sqlite3
 import stat
@@ -17,6 +18,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
@@ -25,6 +29,7 @@ from bridge.backends.environment import MAX_ARG_STRLEN, exec_problem
 from bridge.backends.ledger import MemoryLedger
 from bridge.backends.logs import POLL_INTERVAL, BackendLogs
 from bridge.backends.orphans import Orphans, process_start_ticks, same_process
+from bridge.backends.spawning import SpawnedProcess, start_process
 from bridge.config import Config, ConfigError, backend_log_directory, config_from_mapping
 from bridge.endpoints import StartupError
 from bridge.sessions.model import BackendRecord
@@ -225,3 +230,84 @@ async def test_an_orphan_is_stopped_and_forgotten(tmp_path: Path) -> None:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
         logs.close()
+
+
+class _Ended(ProcessProtocol):
+    """Collects what a started process tells its protocol."""
+
+    def __init__(self) -> None:
+        self.ended: Deferred[Any] = Deferred()
+        self.data: dict[int, bytes] = {}
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self.data[fd] = self.data.get(fd, b"") + data
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(reason.value)
+
+
+def _start(tmp_path: Path, code: str, uid: int | None = None, gid: int | None = None,
+           **fds: Any) -> tuple[Any, _Ended, Path]:
+    out = tmp_path / "out"
+    out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    protocol = _Ended()
+    try:
+        # Another account cannot run the venv's python (it may live under /root).
+        python = "/usr/bin/python3" if uid is not None else sys.executable
+        child = start_process(reactor, protocol, python, ["backend-x", "-c", code],
+                              {"PATH": "/usr/bin:/bin"}, "/", uid, gid,
+                              {0: null_fd, 1: out_fd, 2: out_fd,
+                               **{int(k[2:]): v for k, v in fds.items()}})
+    finally:
+        os.close(out_fd)
+        os.close(null_fd)
+    return child, protocol, out
+
+
+WHO = ("import os, sys; print(os.getsid(0) == os.getpid(), sys.argv[0], os.getuid(), "
+       "os.getgid(), sorted(os.getgroups())); sys.exit({code})")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_process_runs_in_its_own_session_and_its_end_is_told(
+        tmp_path: Path) -> None:
+    child, protocol, out = _start(tmp_path, WHO.format(code=3))
+    assert isinstance(child, SpawnedProcess), "0, 1 and 2 only: started by subprocess"
+    ended = await protocol.ended
+    assert isinstance(ended, ProcessTerminated) and (ended.exitCode, ended.signal) == (3, None)
+    own_session, argv0, *_ = out.read_text().split(" ", 2)
+    assert (own_session, argv0) == ("True", "-c")  # python's argv[0] for -c
+    child, protocol, _ = _start(tmp_path, "import time; time.sleep(60)")
+    os.killpg(child.pid, signal.SIGTERM)  # its process group is its own
+    ended = await protocol.ended
+    assert (ended.exitCode, ended.signal) == (None, signal.SIGTERM)
+    _, protocol, _ = _start(tmp_path, "pass")
+    assert isinstance(await protocol.ended, ProcessDone)
+    with pytest.raises(OSError):
+        start_process(reactor, _Ended(), "/nonexistent/backend", ["backend"], {}, "/", None,
+                      None, {0: 0, 1: 1, 2: 2})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching accounts needs root (CI is root)")
+@pytest_twisted.ensureDeferred
+async def test_a_backend_process_runs_as_its_account_with_the_accounts_groups(
+        tmp_path: Path) -> None:
+    from tests.e2e.test_backends import ensure_test_account
+
+    account = pwd.getpwnam(ensure_test_account())
+    tmp_path.chmod(0o777)
+    _, protocol, out = _start(tmp_path, WHO.format(code=0), account.pw_uid, account.pw_gid)
+    assert isinstance(await protocol.ended, ProcessDone)
+    words = out.read_text().split(" ", 4)
+    assert (int(words[2]), int(words[3])) == (account.pw_uid, account.pw_gid)
+    assert eval(words[4]) == sorted(set(os.getgrouplist(account.pw_name, account.pw_gid)))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_process_with_a_pipe_to_read_goes_through_twisted(
+        tmp_path: Path) -> None:
+    child, protocol, _ = _start(tmp_path, "import os; os.write(3, b'12\\n')", fd3="r")
+    assert not isinstance(child, SpawnedProcess)
+    assert isinstance(await protocol.ended, ProcessDone)
+    assert protocol.data[3] == b"12\n"

@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import process
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol
@@ -64,6 +63,7 @@ from bridge.backends.logs import BackendLogs, LogFile
 from bridge.backends.modules import BackendError, LaunchContext, Module, pipe_file
 from bridge.backends.orphans import Orphans, PidfdReader, same_process
 from bridge.backends.output import OutputFollower
+from bridge.backends.spawning import SpawnedProcess, start_process
 from bridge.sessions.model import BackendRecord, StateWriteError, process_start_ticks
 
 __all__ = ["Backend", "BackendLauncher", "process_start_ticks"]
@@ -73,20 +73,6 @@ __all__ = ["Backend", "BackendLauncher", "process_start_ticks"]
 READY_PROBE_INTERVAL = 0.1
 #: Lines kept for the log line of a failed start.
 LAST_LINES = 5
-
-
-class _GroupLeaderProcess(process.Process):
-    """A child in its own session and process group, so that stopping a
-    backend reaches everything it started. Twisted's own PTY processes call
-    setsid() at this point of the fork; the posix_spawn fast path has no
-    hook for it, so it is not used."""
-
-    def _trySpawnInsteadOfFork(self, *args: Any, **kwargs: Any) -> bool:
-        return False
-
-    def _setupChild(self, *args: Any, **kwargs: Any) -> None:
-        os.setsid()
-        super()._setupChild(*args, **kwargs)
 
 
 class _Watcher(ProcessProtocol):
@@ -313,10 +299,14 @@ class BackendLauncher:
         return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
 
     def _spawn_process(self, protocol: ProcessProtocol, executable: str, args: list[str],
-                       env: dict[str, str], path: str, uid: int | None, gid: int | None,
-                       child_fds: dict[int, int]) -> Any:
-        return _GroupLeaderProcess(self.reactor, executable, args, env, path, protocol,
-                                   uid, gid, child_fds)
+                       env: dict[str, str], path: str | None, uid: int | None,
+                       gid: int | None, child_fds: dict[int, int | str]) -> Any:
+        """Start a process as Twisted's spawnProcess maps ``child_fds``:
+        by subprocess when it needs descriptors 0, 1 and 2 only (every
+        command module: the logon's path), else by Twisted (the pipes ogon's
+        X11 and launcher modules read)."""
+        return start_process(self.reactor, protocol, executable, args, env, path, uid, gid,
+                             child_fds)
 
     def start(self, module: Module, context: LaunchContext) -> Deferred[Backend]:
         """Start ``module`` for a session; fires with the Backend once its
@@ -587,6 +577,8 @@ class BackendLauncher:
         self._pipes.close()
         self.orphans.close()
         for backend in list(self._backends.values()):
+            if isinstance(backend._process, SpawnedProcess):
+                backend._process.unwatch()
             if backend._pidfd is not None:
                 self.reactor.removeReader(backend._pidfd)
                 os.close(backend._pidfd.fd)

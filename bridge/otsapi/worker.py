@@ -308,9 +308,9 @@ def _fresh_reactor() -> Any:
     from bridge.reactor import BridgeReactor
 
     _inherited.append(sys.modules.pop("twisted.internet.reactor", None))
-    from twisted.internet import process
-
-    process.reapProcessHandlers.clear()  # the main process's children
+    process = sys.modules.get("twisted.internet.process")
+    if process is not None:
+        process.reapProcessHandlers.clear()  # the main process's children
     reactor = BridgeReactor()
     internet_main.installReactor(reactor)
     return reactor

@@ -67,6 +67,12 @@ class PamAuthenticator:
         self._level_of = level_of
         self._run_blocking = run_blocking
 
+    def warm(self) -> None:
+        """Load libpam now (blocking: off the reactor). python-pam loads it
+        with its first handle, finding the libraries with ldconfig: tens
+        of milliseconds the first logon would otherwise wait."""
+        self._pam.pam()
+
     def _check(self, username: str, password: str, keep: bool) -> Any:
         handle = self._pam.pam()
         service = self._service or ogon_pam_service(self._pam_dir)
