@@ -218,6 +218,8 @@ class Reloader:
         if limits.fd_limit is not None:  # below the descriptor limit, as at startup
             limits.max_connections = min(new.max_connections,
                                          max(16, limits.fd_limit - limits.fd_reserve))
+        if service.workers is not None:  # the OTS API worker processes enforce them too
+            service.workers.limits_changed(limits)
         service.guard.policy = dataclasses.replace(
             service.guard.policy, **{field: getattr(new, key) for key, field in _THROTTLE.items()})
         service.otsapi.token_lifetime = new.token_lifetime

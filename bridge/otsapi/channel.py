@@ -14,6 +14,7 @@ Main process to worker:
   connections.
 - ``SYNC``: send what is kept for later (token uses, counts) now, then
   ``SYNCED`` with the same number.
+- ``LIMITS``: the OTS API's connection limits as a reload changed them.
 
 Worker to main process: ``HELLO`` (serving), ``CALL`` (a call forwarded,
 with the client's address when the method needs it), ``ACK``, ``TOUCH``
@@ -44,6 +45,7 @@ SESSION = b"s"
 TOKEN = b"t"
 REPLY = b"r"
 SYNC = b"y"
+LIMITS = b"m"
 # worker -> main
 HELLO = b"h"
 CALL = b"c"

@@ -151,7 +151,7 @@ class Worker:
         self.position = position
         self.channel = wire.Channel(reactor, {
             wire.SESSION: self._session, wire.TOKEN: self._token, wire.REPLY: self._reply,
-            wire.SYNC: self._sync}, on_lost=self._lost)
+            wire.SYNC: self._sync, wire.LIMITS: self._limits}, on_lost=self._lost)
         # Connections with forwarded calls out: id -> protocol.
         self._connections: dict[int, ThriftServerProtocol] = {}
         self._ids: dict[int, int] = {}  # id(protocol) -> connection id
@@ -215,6 +215,12 @@ class Worker:
         self._applied = False
         self.channel.send(wire.encode_number(wire.ACK, self.position))
         self.channel.flush()
+
+    def _limits(self, body: bytes) -> None:
+        """A reload changed the connection limits: new connections get
+        them, and the sweeps apply them (as in the main process)."""
+        for name, value in json.loads(body).items():
+            setattr(self.factory.limits, name, value)
 
     # -- what the main process counts and keeps --------------------------------
 
@@ -334,8 +340,10 @@ def serve(index: int, listening: socket.socket, channel_socket: socket.socket,
         gc.freeze()  # what was inherited is never scanned (nor collected)
         _inherited.append(keep)
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
+        for signum in (signal.SIGHUP, signal.SIGUSR1):  # a reload, a log reopen: not ours
+            signal.signal(signum, signal.SIG_IGN)
         _only_these_descriptors({listening.fileno(), channel_socket.fileno(), count.fd})
         for observer in list(globalLogPublisher._observers):
             globalLogPublisher.removeObserver(observer)

@@ -30,6 +30,7 @@ Keeping the copies current, and never wrong:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -52,7 +53,7 @@ from bridge.security.tokens import TokenListener, TokenRecord, TokenStore
 from bridge.sessions.model import SessionChange, SessionEvent
 from bridge.sessions.registry import SessionRegistry
 from protocols.listening import SharedConnectionCount
-from protocols.thrift_server import ThriftServerFactory, ThriftServerProtocol
+from protocols.thrift_server import ConnectionLimits, ThriftServerFactory, ThriftServerProtocol
 
 #: Seconds a worker has to acknowledge a change (or answer a SYNC) before
 #: it is taken for hung and killed.
@@ -295,6 +296,16 @@ class WorkerPool(Service):
             self._broadcast(wire.SESSION, {"ended": change.session.session_id})
         else:
             self._broadcast(wire.SESSION, {"session": wire.session_to_json(change.session)})
+
+    def limits_changed(self, limits: ConnectionLimits) -> None:
+        """A reload changed the OTS API's connection limits: the workers
+        enforce them too."""
+        values = {f.name: getattr(limits, f.name) for f in dataclasses.fields(limits)
+                  if f.name != "clock"}
+        message = wire.encode_json(wire.LIMITS, values)
+        for worker in self.workers.values():
+            if worker.alive:
+                worker.channel.send(message)
 
     def token_listener(self, store: TokenListener) -> TokenListener:
         """The TokenStore listener that tells the workers too: a removal

@@ -145,7 +145,21 @@ def endpoint_certificate(description: str) -> Path | None:
 
 def certificate_not_after(path: Path) -> datetime.datetime | None:
     """When the (first) certificate in a PEM file expires; None when the
-    file cannot be read or holds no certificate."""
+    file cannot be read or holds no certificate.
+
+    Read with the ssl module's own certificate decoder (what
+    ``SSLSocket.getpeercert`` answers with) where Python has it: importing
+    ``cryptography`` for one date costs the bridge 12 MB for its life."""
+    import ssl
+
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is not None:
+        try:
+            not_after = decode(str(path))["notAfter"]
+            return datetime.datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after),
+                                                   datetime.UTC)
+        except (OSError, ssl.SSLError, KeyError, ValueError):
+            return None
     from cryptography import x509
 
     try:

@@ -18,8 +18,7 @@ import pytest
 import pytest_twisted
 from thrift.protocol import TBinaryProtocol
 from thrift.transport import TTransport
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import DeferredList
 from twisted.internet.threads import deferToThread
 
 from bridge.otsapi import workers as workers_module
@@ -238,36 +237,25 @@ async def test_a_dead_worker_is_survived_and_forked_again(cluster: Cluster) -> N
 @pytest_twisted.ensureDeferred
 async def test_a_hung_worker_is_killed_so_answers_do_not_wait_for_it(
         cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that stops taking state changes is killed after ACK_TIMEOUT,
+    and the answers held for it go out."""
     monkeypatch.setattr(workers_module, "ACK_TIMEOUT", 0.5)
     pool = cluster.pool
     clients = await cluster.connections_on_every_worker()
     stopped = next(w for w in pool.workers.values() if w.connections)
     os.kill(stopped.pid, signal.SIGSTOP)
-    other = None
-    for c in clients:
-        await pool.sync()
-        # A client of a running worker (a stopped one's clients would hang).
-        if await _answers_within(c.client.ping(1), 0.3):
-            other = c
-            break
-    assert other is not None
-    token = (await other.client.logonConnection("alice", "alice-pw", "")).authToken
-    assert token  # answered: the stopped worker was killed, not waited for
+    # Every client asks for a token (a state change the stopped worker does
+    # not acknowledge); the other worker's clients are answered once the
+    # stopped one is killed, the stopped one's lose their connection.
+    calls = [c.client.logonConnection("alice", "alice-pw", "") for c in clients]
+    answered = await DeferredList(calls, fireOnOneCallback=True, consumeErrors=True)
+    token, index = answered[0].authToken, answered[1]
     await stopped.gone
-    assert await other.client.getPermissionForToken(token) == FULL
+    assert await clients[index].client.getPermissionForToken(token) == FULL
+    for call in calls:
+        await DeferredList([call], consumeErrors=True)
     for c in clients:
         c.transport.loseConnection()
-
-
-async def _answers_within(d: Deferred[Any], seconds: float) -> bool:
-    done: Deferred[bool] = Deferred()
-    d.addCallbacks(lambda _: done.called or done.callback(True),
-                   lambda _: done.called or done.callback(False))
-    timer = reactor.callLater(seconds, lambda: done.called or done.callback(False))
-    result = await done
-    if timer.active():
-        timer.cancel()
-    return result
 
 
 @pytest_twisted.ensureDeferred
@@ -281,8 +269,10 @@ async def test_max_connections_counts_every_process(short_dir: Path) -> None:
     def storm() -> list[bool]:
         socks, answered = [], []
         for _ in range(8):
-            s = socket.create_connection(("127.0.0.1", port), timeout=20)
-            socks.append(s)
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=20))
+            except OSError:  # refused (reset) before the connect returned
+                answered.append(False)
         data = _frames(("ping", (9,)))
         for s in socks:
             try:
@@ -324,3 +314,45 @@ async def test_with_no_worker_left_the_main_process_serves(
     token = (await client.client.logonConnection("alice", "alice-pw", "")).authToken
     assert await client.client.getPermissionForToken(token) == FULL
     client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_gives_the_workers_the_new_connection_limits(short_dir: Path) -> None:
+    from tests.e2e.test_reload import start, toml
+
+    bridge, reloader, path = await start(short_dir, toml(short_dir, otsapi_workers=WORKERS))
+    try:
+        pool = bridge.service.workers
+        assert pool is not None
+        await pool.when_serving()
+        port = bridge.thrift_port
+
+        def connect_and_ping(count: int) -> list[bool]:
+            """``count`` connections open at once, a ping on each: answered?"""
+            socks, answered = [], []
+            for _ in range(count):
+                try:
+                    socks.append(socket.create_connection(("127.0.0.1", port), timeout=20))
+                except OSError:  # refused (reset) before the handshake's end was seen
+                    answered.append(False)
+            for s in socks:
+                try:
+                    s.sendall(_frames(("ping", (9,))))
+                    answered.append(len(s.recv(100)) > 0)
+                except OSError:
+                    answered.append(False)
+            for s in socks:
+                s.close()
+            return answered
+
+        first = await deferToThread(connect_and_ping, 5)
+        assert all(first), first
+        path.write_text(toml(short_dir, otsapi_workers=WORKERS, max_connections=2))
+        assert reloader.reload()
+        # The workers have the new limits a channel round trip later (the
+        # reload itself does not wait): after a SYNC, which comes after them.
+        await pool.sync()
+        answered = await deferToThread(connect_and_ping, 5)
+        assert answered.count(True) == 2, answered
+    finally:
+        await bridge.stop()
