@@ -1,15 +1,23 @@
-"""The bridge's own Python cost per bridged call, without sockets.
+"""The bridge's own Python cost per call, without sockets.
 
 Builds the real service objects (OTS API handler, Thrift server protocol,
-ICP protocol) on in-memory transports and a Clock, then drives
-``virtualChannelOpen`` through them: Thrift bytes in, the ICP request out,
-its answer in, the Thrift reply out. No reactor, no syscalls, no other
-process: what is left is exactly the Python work a bridged call costs,
-measured steadily (the socket benchmark on a shared VM moves by ±15% run to
-run). Use it to compare hot-path changes; ``--profile`` prints where the
-time goes.
+ICP protocol) on in-memory transports and a Clock, then drives calls
+through them. No reactor, no syscalls, no other process: what is left is
+exactly the Python work a call costs, in CPU time of this thread, steady
+to about a microsecond where the socket benchmarks on a shared VM move by
+±15% run to run. Use it to compare hot-path changes; ``--profile`` prints
+where the time goes. Paths:
 
-usage: python -m bench.hotpath [--calls N] [--profile]
+- ``bridged`` (the default): ``virtualChannelOpen`` on a connection of the
+  main process: Thrift bytes in, the ICP request out, its answer in, the
+  Thrift reply out;
+- ``forwarded``: the same call as an OTS API worker forwards it: the
+  channel's CALL message in, the ICP request out, its answer in, the
+  channel's REPLY out (the worker's side is ``local``'s plus a frame);
+- ``local``: ``ping`` answered by a worker's connection (what a worker
+  does for a read-only call): Thrift bytes in, the reply out.
+
+usage: python -m bench.hotpath [--path bridged|forwarded|local] [--calls N] [--profile]
 """
 
 from __future__ import annotations
@@ -111,17 +119,67 @@ class HotPath:
             for i in range(count)]
 
     def run(self, answers: list[bytes]) -> float:
-        """Run one bridged call per answer; seconds per call."""
+        """Run one bridged call per answer; CPU seconds per call."""
         thrift, icp_proto = self.thrift, self.icp
         thrift_transport, icp_transport = self.thrift_transport, self.icp_transport
         request = self.request
-        started = time.perf_counter()
+        started = time.thread_time()
         for answer in answers:
             thrift.dataReceived(request)
             icp_proto.dataReceived(answer)
             thrift_transport.clear()
             icp_transport.clear()
-        return (time.perf_counter() - started) / len(answers)
+        return (time.thread_time() - started) / len(answers)
+
+    def forwarded(self) -> tuple[Any, StringTransport, bytes]:
+        """The main process's side of a worker: its channel (on a
+        StringTransport) and the CALL message a worker sends for
+        ``self.request``."""
+        from bridge.otsapi import channel as wire
+        from bridge.otsapi.workers import ForwardedCalls, WorkerProcess
+
+        factory = self.service.thrift_factory
+        worker = WorkerProcess(1, 0, None, 0, 0.0)  # type: ignore[arg-type]
+        worker.channel = wire.Channel(Clock(), {wire.CALL: lambda body: worker.calls.call(
+            *wire.decode_call(body))})
+        transport = StringTransport()
+        worker.channel.makeConnection(transport)
+        worker.calls = ForwardedCalls(factory, worker, _AlwaysOpen())
+        return worker.channel, transport, wire.encode_call(7, "", self.request[4:])
+
+    def run_forwarded(self, answers: list[bytes]) -> float:
+        channel, channel_transport, call = self.forwarded()
+        icp_proto, icp_transport = self.icp, self.icp_transport
+        started = time.thread_time()
+        for answer in answers:
+            channel.dataReceived(call)
+            icp_proto.dataReceived(answer)
+            channel.flush()
+            channel_transport.clear()
+            icp_transport.clear()
+        return (time.thread_time() - started) / len(answers)
+
+    def local(self) -> tuple[Any, StringTransport, bytes]:
+        """A worker's connection (its read-only handler, a forwarder) and a ping."""
+        from bridge.otsapi.worker import LOCAL_METHODS, ReplicaSessions, ReplicaTokens, WorkerCalls
+
+        clock = Clock()
+        calls = WorkerCalls(ReplicaSessions({}, clock), ReplicaTokens({}, clock))
+        factory = ThriftServerFactory(twisted_otsapi, calls)
+        factory.forwarder = _NoForwarding()
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        assert LOCAL_METHODS
+        return proto, transport, thrift_call("ping", input=7)
+
+    def run_local(self, count: int) -> float:
+        proto, transport, ping = self.local()
+        started = time.thread_time()
+        for _ in range(count):
+            proto.dataReceived(ping)
+            transport.clear()
+        return (time.thread_time() - started) / count
 
     def check(self) -> None:
         """One call, checked: the ICP request and the Thrift reply."""
@@ -141,8 +199,32 @@ class HotPath:
         self.icp_transport.clear()
 
 
+class _AlwaysOpen:
+    """A ReplyGate with no worker to wait for."""
+
+    open = True
+
+    def hold(self, send: Any) -> None:
+        send()
+
+
+class _NoForwarding:
+    """A CallForwarder for the local path (ping is never forwarded)."""
+
+    local = __import__("bridge.otsapi.worker", fromlist=["LOCAL_METHODS"]).LOCAL_METHODS
+
+    def forward(self, proto: Any, message: bytes, host: str) -> None:
+        raise AssertionError("a local call was forwarded")
+
+
+WHAT = {"bridged": "bridged virtualChannelOpen on a main-process connection",
+        "forwarded": "bridged virtualChannelOpen forwarded by a worker (main's side)",
+        "local": "ping answered by a worker's connection"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--path", choices=sorted(WHAT), default="bridged")
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one round")
@@ -150,18 +232,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ib-hot-") as base:
         path = HotPath(Path(base))
         path.check()
-        if args.profile:
+
+        def one_round() -> float:
+            if args.path == "local":
+                return path.run_local(args.calls)
             answers = path.answers(args.calls)
+            return path.run_forwarded(answers) if args.path == "forwarded" \
+                else path.run(answers)
+
+        if args.profile:
             profiler = cProfile.Profile()
-            profiler.runcall(path.run, answers)
+            profiler.runcall(one_round)
             stats = pstats.Stats(profiler)
             stats.sort_stats("tottime").print_stats(30)
             return
-        times = []
-        for _ in range(args.rounds):
-            times.append(path.run(path.answers(args.calls)) * 1e6)
-        print(f"bridged virtualChannelOpen, Python only: median {statistics.median(times):.2f} "
-              f"us per call (rounds: {', '.join(f'{t:.2f}' for t in times)})")
+        times = [one_round() * 1e6 for _ in range(args.rounds)]
+        print(f"{WHAT[args.path]}, Python only: median {statistics.median(times):.2f} us CPU "
+              f"per call (rounds: {', '.join(f'{t:.2f}' for t in times)})")
 
 
 if __name__ == "__main__":

@@ -120,23 +120,34 @@ class TLSServer(tcp.Server):
         assert context is not None
         wrapped = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         super().__init__(wrapped, protocol, client, server, sessionno, reactor)
+        # The C object behind the SSLSocket: its read and write are what
+        # SSLSocket.recv and .send call after two Python frames of checks
+        # that do not apply here (the socket is connected, no flags).
+        sslobj = getattr(wrapped, "_sslobj", None)
+        self._tls_read = sslobj.read if sslobj is not None else wrapped.recv
+        self.send_now = sslobj.write if sslobj is not None else wrapped.send
 
     def doRead(self) -> Any:
         if not self._handshakeDone:
             return self._handshake()
         try:
-            data = self.socket.recv(self.bufferSize)
+            data = self._tls_read(self.bufferSize)
         except ssl.SSLWantReadError:
             return None
         except ssl.SSLWantWriteError:
             self._ssl_wants_write = True
             self.startWriting()
             return None
+        except ssl.SSLEOFError:  # closed without close_notify
+            return main.CONNECTION_DONE
         except OSError as e:
             if e.args and e.args[0] == errno.EWOULDBLOCK:
                 return None
             return main.CONNECTION_LOST
-        return self._dataReceived(data)
+        if data:
+            self.protocol.dataReceived(data)
+            return None
+        return main.CONNECTION_DONE
 
     def doWrite(self) -> Any:
         if not self._handshakeDone:
@@ -187,7 +198,7 @@ class TLSServer(tcp.Server):
         if not self._handshakeDone:
             return 0
         try:
-            return self.socket.send(memoryview(data)[: self.SEND_LIMIT])
+            return self.send_now(memoryview(data)[: self.SEND_LIMIT])
         except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return 0
         except OSError as e:

@@ -36,7 +36,8 @@ def read_with_recv(transport: Any) -> None:
         transport.doRead = MethodType(Connection.doRead, transport)
 
 
-def write_now(transport: Any, data: bytes, plain: bool | None = None) -> bool:
+def write_now(transport: Any, data: bytes, plain: bool | None = None,
+              send: Any = None) -> bool:
     """Write ``data``, sending at once when nothing is queued.
 
     ``transport.write`` only queues: the bytes leave on the next reactor turn,
@@ -50,6 +51,8 @@ def write_now(transport: Any, data: bytes, plain: bool | None = None) -> bool:
     streaming producer (the protocol's own backpressure) is no reason to
     queue: what the socket takes leaves no buffer to pause for, and the
     rest goes through ``transport.write``, which pauses it as usual.
+    ``send`` is how bytes go out at once (default ``transport.socket.send``;
+    a TLS transport of protocols.listening encrypts in its ``send_now``).
     Returns True when everything was sent.
     """
     if plain is None:
@@ -64,8 +67,8 @@ def write_now(transport: Any, data: bytes, plain: bool | None = None) -> bool:
         transport.write(data)
         return False
     try:
-        sent = transport.socket.send(data)
-    except OSError:  # EAGAIN, ENOBUFS, a reset: Twisted's write path copes
+        sent = (send or transport.socket.send)(data)
+    except OSError:  # EAGAIN, ENOBUFS, a reset, TLS wanting I/O: Twisted's write path copes
         transport.write(data)
         return False
     if sent < len(data):

@@ -139,10 +139,14 @@ class Channel(Protocol):
         self.open = True
         self._writer = TurnBatchedWriter(self.transport, self.clock)
 
-    def send(self, message: bytes) -> None:
-        """Queue an encoded message; it leaves at the end of this turn."""
+    def send(self, message: bytes, now: bool = False) -> None:
+        """Queue an encoded message; it leaves at the end of this turn, or
+        with ``now`` at once unless others are queued (their order kept).
+        Like Nagle's rule: a lone call or answer goes at once; while others
+        are out their answers wake the other side anyway, so messages are
+        coalesced into one send per turn."""
         if self._writer is not None and self.open:
-            self._writer.write(message)
+            self._writer.write(message, batch=not now)
 
     def flush(self) -> None:
         if self._writer is not None and self.open:

@@ -156,6 +156,8 @@ class Worker:
         self._connections: dict[int, ThriftServerProtocol] = {}
         self._ids: dict[int, int] = {}  # id(protocol) -> connection id
         self._next_id = 1
+        # Calls forwarded and not answered yet (whatever their connection).
+        self._calls_out = 0
         self._counts_sent: tuple[Any, ...] = ()
         self._applied = False
 
@@ -169,7 +171,9 @@ class Worker:
             self._next_id += 1
             self._connections[connection_id] = proto
         self._flush_touches()  # uses before this call count before it
-        self.channel.send(wire.encode_call(connection_id, host, message))
+        self._calls_out += 1
+        self.channel.send(wire.encode_call(connection_id, host, message),
+                          now=self._calls_out == 1)
 
     def forget(self, proto: ThriftServerProtocol) -> None:
         connection_id = self._ids.pop(id(proto), None)
@@ -177,6 +181,7 @@ class Worker:
             del self._connections[connection_id]
 
     def _reply(self, body: bytes) -> None:
+        self._calls_out -= 1
         connection_id, message = wire.decode_reply(body)
         proto = self._connections.get(connection_id)
         if proto is not None:

@@ -142,6 +142,7 @@ class ForwardedCalls(ThriftServerProtocol):
 
     def call(self, connection_id: int, host: str, message: bytes) -> None:
         self._host = host
+        self.worker.calls_here += 1
         self._message(message, connection_id)
 
     def _write(self, payload: bytes, route: Any) -> None:
@@ -149,7 +150,10 @@ class ForwardedCalls(ThriftServerProtocol):
         if gate is not None and not gate.open:
             gate.hold(lambda: self._write(payload, route))
             return
-        self.worker.channel.send(wire.encode_reply(route, payload))
+        worker = self.worker
+        worker.calls_here -= 1
+        # The last answer the worker waits for goes at once (see Channel.send).
+        worker.channel.send(wire.encode_reply(route, payload), now=worker.calls_here == 0)
 
     def _peer(self) -> str:
         return f"{self._host or 'a client'} (OTS API worker {self.worker.index})"
@@ -184,6 +188,8 @@ class WorkerProcess:
     reported_dropped: dict[str, int] = field(default_factory=dict)
     connections: int = 0
     in_flight: int = 0
+    # Its calls being served here (not answered yet).
+    calls_here: int = 0
     pidfd: Any = None
     ack_deadline: Any = None
     kill_call: Any = None
