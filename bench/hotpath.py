@@ -136,7 +136,8 @@ class HotPath:
         StringTransport) and the CALL message a worker sends for
         ``self.request``."""
         from bridge.otsapi import channel as wire
-        from bridge.otsapi.workers import ForwardedCalls, WorkerProcess
+        from bridge.otsapi.forwarding import ForwardedCalls
+        from bridge.otsapi.workers import WorkerProcess
 
         factory = self.service.thrift_factory
         worker = WorkerProcess(1, 0, None, 0, 0.0)  # type: ignore[arg-type]

@@ -207,6 +207,8 @@ class Reloader:
         service = self.service
         service.serve_properties(properties)
         service.channels.reconfigure(new.channels_allow, new.channels_deny)
+        if service.workers is not None:
+            service.workers.policy_changed(channels=(new.channels_allow, new.channels_deny))
         # The lifecycle's flows hold this very dict: the next logon sees it.
         service.config.modules.clear()
         service.config.modules.update(new.modules)

@@ -331,7 +331,7 @@ class BridgeService(MultiService):
         self.workers = worker_pool(
             config.otsapi_workers, self.thrift_stream is not None, self.thrift_listener,
             self.thrift_factory, self.registry, self.tokens, self.store.token_changed, reactor,
-            otsapi, keep=self, accepting=self.accepting)
+            otsapi, keep=self, accepting=self.accepting, rdp=self.link, channels=self.channels)
         if self.workers is not None:
             self.workers.setServiceParent(self)
         self._every(TOKEN_SWEEP_INTERVAL, self._expire_tokens, clock)
@@ -388,6 +388,8 @@ class BridgeService(MultiService):
         follow state_dir and the user the bridge runs as, which only a
         restart changes."""
         self.properties.replace(merged.global_values, merged.per_user)
+        if self.workers is not None:  # their virtual channel checks read them too
+            self.workers.policy_changed(properties=(merged.global_values, merged.per_user))
         self.served_properties = merged
         report_properties(self.log, merged, self.properties, self.config.authenticator)
 

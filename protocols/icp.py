@@ -268,16 +268,18 @@ class _ReadPauser:
 class _Outstanding:
     """One outbound call waiting for its answer, until ``deadline``."""
 
-    __slots__ = ("deadline", "deferred", "method", "started", "timeout")
+    __slots__ = ("deadline", "deferred", "method", "raw", "started", "timeout")
 
     def __init__(
         self, deferred: Deferred[Any], method: IcpMethod, timeout: float, deadline: float,
-        started: float,
+        started: float, raw: bool = False,
     ) -> None:
         self.deferred = deferred
         self.method = method
         self.timeout = timeout
         self.started = started
+        # The answer is handed on as its payload bytes, not parsed.
+        self.raw = raw
         self.deadline = deadline
 
 
@@ -627,12 +629,7 @@ class IcpProtocol(Protocol):
         """
         method = self.methods[msg_type]
         if self.state is not IcpState.READY:
-            if self.state is IcpState.CLOSED:
-                assert self._closed_reason is not None
-                self.call_counts[method.name, "disconnected"] += 1
-                return fail(self._closed_reason)
-            self.call_counts[method.name, "not_connected"] += 1
-            return fail(IcpNotConnectedError(f"ICP connection is {self.state.value}"))
+            return self._not_ready(method)
         if not isinstance(request, method.request):
             raise TypeError(f"{method.name} needs a {method.request.__name__}")
         try:
@@ -640,6 +637,29 @@ class IcpProtocol(Protocol):
         except EncodeError as e:
             self.call_counts[method.name, "error"] += 1
             return fail(e)
+        return self._call(method, payload, timeout, False)
+
+    def call_payload(self, msg_type: int, payload: bytes, timeout: float | None = None
+                     ) -> Deferred[bytes]:
+        """``call`` for a request serialized elsewhere (an OTS API worker's):
+        fires with the answer's payload bytes, unparsed (the caller parses
+        it), and fails as ``call`` does."""
+        method = ICP_METHODS[msg_type]
+        if self.state is not IcpState.READY:
+            return self._not_ready(method)
+        return self._call(method, payload, timeout, True)
+
+    def _not_ready(self, method: IcpMethod) -> Deferred[Any]:
+        if self.state is IcpState.CLOSED:
+            assert self._closed_reason is not None
+            self.call_counts[method.name, "disconnected"] += 1
+            return fail(self._closed_reason)
+        self.call_counts[method.name, "not_connected"] += 1
+        return fail(IcpNotConnectedError(f"ICP connection is {self.state.value}"))
+
+    def _call(self, method: IcpMethod, payload: bytes, timeout: float | None, raw: bool
+              ) -> Deferred[Any]:
+        msg_type = method.msg_type
         if len(payload) + _ENVELOPE_ALLOWANCE > self.max_send_frame:
             self.call_counts[method.name, "too_large"] += 1
             self.log.error(
@@ -671,7 +691,7 @@ class IcpProtocol(Protocol):
             timeout = self.call_timeout
         now = self.clock.seconds()
         deadline = now + timeout
-        self._pending[tag] = _Outstanding(d, method, timeout, deadline, now)
+        self._pending[tag] = _Outstanding(d, method, timeout, deadline, now, raw)
         self._deadline_sequence += 1
         heapq.heappush(self._deadlines, (deadline, self._deadline_sequence, tag))
         if deadline < self._sweep_at:
@@ -763,7 +783,7 @@ class IcpProtocol(Protocol):
             )
         elif rpc.status == SUCCESS:
             try:
-                response = parse(method.response, rpc.payload)
+                response = rpc.payload if outstanding.raw else parse(method.response, rpc.payload)
             except DecodeError as e:
                 self._finished(outstanding, "protocol_error")
                 d.errback(IcpProtocolError(f"undecodable {method.name} answer: {e}"))

@@ -28,7 +28,7 @@ import os
 import socket
 import ssl
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -242,13 +242,37 @@ class StreamPort(tcp.Port):
         return port
 
     _accepts_cap: int | None = None
+    # With several processes on one socket: whether this one should take the
+    # next connection (it is not ahead of the others), and how long it stays
+    # away when it should not (the others are woken by the same event).
+    accept_now: Callable[[], bool] | None = None
+    ACCEPT_BACKOFF = 0.002
+
+    # Deferred turns in a row: a process that is not ahead only waits so
+    # often for the others (one of them may not be accepting at all).
+    ACCEPT_DEFERRALS = 2
+    _deferrals = 0
+    # Set while the factory paused accepting (a storm of TLS handshakes):
+    # the backoff must not undo that.
+    accepting_paused = False
 
     def doRead(self) -> None:
+        if self.accept_now is not None and self._deferrals < self.ACCEPT_DEFERRALS \
+                and not self.accept_now():
+            self._deferrals += 1
+            self.stopReading()
+            self.reactor.callLater(self.ACCEPT_BACKOFF, self._read_again)
+            return
+        self._deferrals = 0
         if self._accepts_cap is not None:
             self.numberAccepts = min(self.numberAccepts, self._accepts_cap)
         super().doRead()
         if self._accepts_cap is not None:
             self.numberAccepts = min(self.numberAccepts, self._accepts_cap)
+
+    def _read_again(self) -> None:
+        if self.connected and not self.disconnecting and self.accepting_paused is False:
+            self.startReading()
 
 
 def listen_stream(reactor: Any, sock: socket.socket, factory: IProtocolFactory,
@@ -270,8 +294,9 @@ class SharedConnectionCount:
     locks belong to a process (a forked child does not share its parent's)
     and are released when the process dies, however it dies.
 
-    Invariant: slot ``i`` holds the connections process ``i`` has open; only
-    process ``i`` changes it, except ``reset`` for a process that is gone.
+    Invariant: slot ``i`` holds the connections process ``i`` has open, or
+    -1 while no process ``i`` serves; only process ``i`` changes it, but for
+    ``reset`` and ``absent`` by the process that starts and ends them.
     """
 
     _SLOT = struct.Struct("=q")
@@ -294,9 +319,21 @@ class SharedConnectionCount:
         with self._locked():
             self._SLOT.pack_into(self._map, slot * self._SLOT.size, 0)
 
+    def absent(self, slot: int) -> None:
+        """No process ``slot`` serves (not yet, or no longer)."""
+        with self._locked():
+            self._SLOT.pack_into(self._map, slot * self._SLOT.size, -1)
+
+    def counts(self) -> list[int]:
+        """Each slot's connections (-1: absent); read without the lock, so a
+        moment's picture, for balancing (never for the limit)."""
+        size = self._SLOT.size
+        return [self._SLOT.unpack_from(self._map, i * size)[0] for i in range(self.slots)]
+
     def _sum(self) -> int:
         size = self._SLOT.size
-        return sum(self._SLOT.unpack_from(self._map, i * size)[0] for i in range(self.slots))
+        return sum(max(0, self._SLOT.unpack_from(self._map, i * size)[0])
+                   for i in range(self.slots))
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -330,6 +367,13 @@ class SlotCount:
 
     def take(self, limit: int) -> bool:
         return self.shared._add(self.slot, limit, 1)
+
+    def fair_share(self, peers: range, slack: int = 1) -> bool:
+        """Whether this process holds no more than ``slack`` connections
+        above the least loaded present process among ``peers`` (slots)."""
+        counts = self.shared.counts()
+        others = [counts[i] for i in peers if i != self.slot and counts[i] >= 0]
+        return not others or counts[self.slot] <= min(others) + slack
 
     def give(self) -> None:
         self.shared._add(self.slot, None, -1)

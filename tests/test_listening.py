@@ -220,3 +220,16 @@ def test_the_shared_count_holds_one_limit_across_processes() -> None:
     worker.give()
     worker.give()  # never below zero
     assert shared.total() == 2
+
+
+def test_an_absent_slot_counts_nothing_and_balancing_looks_at_present_ones() -> None:
+    shared = SharedConnectionCount(3)
+    main, first, second = (shared.for_slot(i) for i in range(3))
+    shared.absent(2)  # no process 2 yet
+    assert first.take(5) and first.take(5)
+    assert shared.total() == 2 and shared.counts() == [0, 2, -1]
+    assert first.fair_share(range(1, 3)), "alone among the workers: always its turn"
+    shared.reset(2)  # process 2 starts
+    assert not first.fair_share(range(1, 3)) and second.fair_share(range(1, 3))
+    assert first.fair_share(range(1, 3), slack=2)
+    assert second.take(5) and main.take(5) and not main.take(4)

@@ -14,10 +14,15 @@ Main process to worker:
   connections.
 - ``SYNC``: send what is kept for later (token uses, counts) now, then
   ``SYNCED`` with the same number.
-- ``LIMITS``: the OTS API's connection limits as a reload changed them.
+- ``LIMITS``: the OTS API's connection limits as a reload changed them;
+  ``POLICY``: the properties and channel lists as a reload changed them.
+- ``ICP_ANSWER``: the RDP server's answer to an ``ICP_CALL`` (its payload,
+  or how the call failed).
 
 Worker to main process: ``HELLO`` (serving), ``CALL`` (a call forwarded,
-with the client's address when the method needs it), ``ACK``, ``TOUCH``
+with the client's address when the method needs it), ``ICP_CALL`` (an ICP
+request for the RDP server, serialized: the main process relays it on its
+connection and the answer back), ``ACK``, ``TOUCH``
 (tokens used, for their sliding lifetime), ``COUNTS`` (the metrics it
 counts), ``SYNCED`` and ``LOG`` (its log events, written by the main
 process's log).
@@ -38,6 +43,17 @@ from twisted.python.failure import Failure
 
 from bridge.security.tokens import TokenRecord
 from bridge.sessions.model import BackendRecord, ClientInfo, ConnectState, Session
+from protocols.errors import (
+    IcpBackpressureError,
+    IcpDisconnectedError,
+    IcpFrameTooLargeError,
+    IcpHandshakeTimeoutError,
+    IcpNotConnectedError,
+    IcpNotFoundError,
+    IcpProtocolError,
+    IcpRemoteError,
+    IcpTimeoutError,
+)
 from protocols.transport import TurnBatchedWriter
 
 # main -> worker
@@ -46,9 +62,12 @@ TOKEN = b"t"
 REPLY = b"r"
 SYNC = b"y"
 LIMITS = b"m"
+POLICY = b"p"
+ICP_ANSWER = b"o"
 # worker -> main
 HELLO = b"h"
 CALL = b"c"
+ICP_CALL = b"i"
 ACK = b"a"
 TOUCH = b"u"
 COUNTS = b"n"
@@ -59,6 +78,8 @@ _HEADER = struct.Struct("!IB")  # length of kind and body; kind
 _CONNECTION = struct.Struct("!I")
 _CALL = struct.Struct("!IH")  # connection id, length of the client's address
 _NUMBER = struct.Struct("!Q")
+_ICP_CALL = struct.Struct("!IId")  # call id, ICP msgType, timeout (< 0: the default)
+_ICP_ANSWER = struct.Struct("!IB")  # call id, 1: the payload follows, 0: a failure (JSON)
 # Far above any Thrift frame (max_thrift_frame) plus its header.
 MAX_MESSAGE = 64 * 1024 * 1024
 
@@ -102,6 +123,61 @@ def encode_call(connection_id: int, host: str, message: bytes) -> bytes:
     address = host.encode()
     return (_HEADER.pack(_CALL.size + len(address) + len(message) + 1, CALL[0])
             + _CALL.pack(connection_id, len(address)) + address + message)
+
+
+def encode_icp_call(call_id: int, msg_type: int, timeout: float | None,
+                    payload: bytes) -> bytes:
+    return (_HEADER.pack(_ICP_CALL.size + len(payload) + 1, ICP_CALL[0])
+            + _ICP_CALL.pack(call_id, msg_type, -1.0 if timeout is None else timeout) + payload)
+
+
+def decode_icp_call(body: bytes) -> tuple[int, int, float | None, bytes]:
+    call_id, msg_type, timeout = _ICP_CALL.unpack_from(body)
+    return call_id, msg_type, None if timeout < 0 else timeout, body[_ICP_CALL.size:]
+
+
+def encode_icp_answer(call_id: int, payload: bytes) -> bytes:
+    return (_HEADER.pack(_ICP_ANSWER.size + len(payload) + 1, ICP_ANSWER[0])
+            + _ICP_ANSWER.pack(call_id, 1) + payload)
+
+
+def encode_icp_failure(call_id: int, failure: dict[str, Any]) -> bytes:
+    body = json.dumps(failure, separators=(",", ":")).encode()
+    return (_HEADER.pack(_ICP_ANSWER.size + len(body) + 1, ICP_ANSWER[0])
+            + _ICP_ANSWER.pack(call_id, 0) + body)
+
+
+def decode_icp_answer(body: bytes) -> tuple[int, bool, bytes]:
+    call_id, ok = _ICP_ANSWER.unpack_from(body)
+    return call_id, bool(ok), body[_ICP_ANSWER.size:]
+
+
+_ICP_ERRORS: dict[str, type[Exception]] = {cls.__name__: cls for cls in (
+    IcpBackpressureError, IcpDisconnectedError, IcpFrameTooLargeError, IcpHandshakeTimeoutError,
+    IcpNotConnectedError, IcpNotFoundError, IcpProtocolError, IcpRemoteError, IcpTimeoutError)}
+
+
+def icp_failure(error: BaseException) -> dict[str, Any]:
+    """How a relayed ICP call failed, for ``icp_error`` on the other side."""
+    name = type(error).__name__
+    return {"error": name if name in _ICP_ERRORS else "", "text": str(error),
+            "msg_type": getattr(error, "msg_type", 0), "timeout": getattr(error, "timeout", 0.0),
+            "description": getattr(error, "description", "")}
+
+
+def icp_error(failure: dict[str, Any]) -> Exception:
+    """The exception ``icp_failure`` described: the same class and text as
+    the main process's call failed with (anything but an ICP failure is a
+    bug there, and one here: a RuntimeError)."""
+    name = failure.get("error", "")
+    if name == "IcpTimeoutError":
+        return IcpTimeoutError(failure["msg_type"], failure["timeout"])
+    if name == "IcpRemoteError":
+        return IcpRemoteError(failure["msg_type"], failure["description"])
+    if name == "IcpNotFoundError":
+        return IcpNotFoundError(failure["msg_type"])
+    cls = _ICP_ERRORS.get(name)
+    return cls(failure["text"]) if cls is not None else RuntimeError(failure["text"])
 
 
 def decode_number(body: bytes) -> int:

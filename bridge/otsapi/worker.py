@@ -33,15 +33,21 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, NoReturn
 
+from google.protobuf.message import DecodeError, EncodeError, Message
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from bridge.otsapi import channel as wire
-from bridge.otsapi.readonly import ReadOnlyCalls
+from bridge.otsapi.handler import OtsApiHandler
+from bridge.otsapi.virtual_channels import VirtualChannelCalls
 from bridge.security.tokens import _DIGEST_CACHE_SIZE, TokenRecord, token_digest, well_formed
 from bridge.sessions.model import Session
+from bridge.sessions.properties import ChannelPolicy
+from protocols import icp
+from protocols.errors import IcpProtocolError
 from protocols.listening import SharedConnectionCount, listen_stream
 from protocols.thrift_server import (
     ConnectionLimits,
@@ -51,9 +57,11 @@ from protocols.thrift_server import (
     ThriftServerProtocol,
 )
 
-#: The methods a worker answers itself.
+#: The methods a worker answers itself (the last two asking the RDP server
+#: through the main process).
 LOCAL_METHODS = frozenset({"ping", "getVersionInfo", "getPermissionForToken",
-                           "enumerateSessions", "querySessionInformation"})
+                           "enumerateSessions", "querySessionInformation",
+                           "virtualChannelOpen", "virtualChannelClose"})
 #: A logon token this close to its expiry (as the main process last said)
 #: is left to the main process, which slides or ends it. The worker tells
 #: the main process of every use within TOUCH_DELAY, far inside this.
@@ -110,10 +118,14 @@ class ReplicaTokens:
         return record
 
 
-class WorkerCalls(ReadOnlyCalls):
-    """The read-only methods on the worker's copy; whatever would be
-    refused (an Outcome) goes to the main process instead, which decides,
-    logs and counts it."""
+class WorkerCalls(VirtualChannelCalls):
+    """The read-only methods and the two that only ask the RDP server, on the
+    worker's copy; whatever would be refused (an Outcome answered at once)
+    goes to the main process instead, which decides, logs and counts it."""
+
+    # Forwarded calls of these carry the client's address (the main process
+    # reads it as current_peer); the worker's own calls read none.
+    methods_wanting_peer = OtsApiHandler.methods_wanting_peer
 
     def _refuse(self, method: str, session_id: int | None, reason: str) -> None:
         pass  # the main process says it, if it refuses too
@@ -127,6 +139,60 @@ class WorkerCalls(ReadOnlyCalls):
     def querySessionInformation(self, authToken: str | None, sessionId: int | None,
                                 infoClass: int | None) -> Any:
         return _answered(super().querySessionInformation(authToken, sessionId, infoClass))
+
+    def virtualChannelOpen(self, authToken: str | None, sessionId: int | None,
+                           virtualName: str | None, isDynChannel: bool | None,
+                           flags: int | None) -> Any:
+        return _answered(super().virtualChannelOpen(authToken, sessionId, virtualName,
+                                                    isDynChannel, flags))
+
+    def virtualChannelClose(self, authToken: str | None, sessionId: int | None,
+                            virtualName: str | None, instance: int | None) -> Any:
+        return _answered(super().virtualChannelClose(authToken, sessionId, virtualName,
+                                                     instance))
+
+
+class WorkerRdp:
+    """The RDP server as a worker's calls reach it (an RdpCaller): each ICP
+    request goes to the main process, which sends it on its connection and
+    relays the answer (or how the call failed) back."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._calls: dict[int, tuple[Deferred[Any], int]] = {}
+        self._next_id = 1
+
+    def call(self, msg_type: int, request: Message, timeout: float | None = None
+             ) -> Deferred[Any]:
+        try:
+            payload = request.SerializeToString()
+        except EncodeError as e:
+            return fail(e)
+        call_id, self._next_id = self._next_id, self._next_id + 1
+        d: Deferred[Any] = Deferred()
+        self._calls[call_id] = (d, msg_type)
+        self.worker.send_call(wire.encode_icp_call(call_id, msg_type, timeout, payload))
+        return d
+
+    def answered(self, body: bytes) -> None:
+        self.worker.answered()
+        call_id, ok, rest = wire.decode_icp_answer(body)
+        entry = self._calls.pop(call_id, None)
+        if entry is None:
+            return
+        d, msg_type = entry
+        if d.called:
+            return
+        if not ok:
+            d.errback(wire.icp_error(json.loads(rest)))
+            return
+        method = icp.ICP_METHODS[msg_type]
+        try:
+            response = icp.parse(method.response, rest)
+        except DecodeError as e:  # as the main process's ICP engine says it
+            d.errback(IcpProtocolError(f"undecodable {method.name} answer: {e}"))
+            return
+        d.callback(response)
 
 
 def _answered(value: Any) -> Any:
@@ -151,7 +217,9 @@ class Worker:
         self.position = position
         self.channel = wire.Channel(reactor, {
             wire.SESSION: self._session, wire.TOKEN: self._token, wire.REPLY: self._reply,
-            wire.SYNC: self._sync, wire.LIMITS: self._limits}, on_lost=self._lost)
+            wire.SYNC: self._sync, wire.LIMITS: self._limits, wire.POLICY: self._policy,
+            wire.ICP_ANSWER: self._icp_answer}, on_lost=self._lost)
+        self.rdp = WorkerRdp(self)
         # Connections with forwarded calls out: id -> protocol.
         self._connections: dict[int, ThriftServerProtocol] = {}
         self._ids: dict[int, int] = {}  # id(protocol) -> connection id
@@ -170,10 +238,19 @@ class Worker:
             connection_id = self._ids[key] = self._next_id
             self._next_id += 1
             self._connections[connection_id] = proto
+        self.send_call(wire.encode_call(connection_id, host, message))
+
+    def send_call(self, message: bytes) -> None:
+        """A CALL or ICP_CALL: the main process answers each."""
         self._flush_touches()  # uses before this call count before it
         self._calls_out += 1
-        self.channel.send(wire.encode_call(connection_id, host, message),
-                          now=self._calls_out == 1)
+        self.channel.send(message, now=self._calls_out == 1)
+
+    def answered(self) -> None:
+        self._calls_out -= 1
+
+    def _icp_answer(self, body: bytes) -> None:
+        self.rdp.answered(body)
 
     def forget(self, proto: ThriftServerProtocol) -> None:
         connection_id = self._ids.pop(id(proto), None)
@@ -181,7 +258,7 @@ class Worker:
             del self._connections[connection_id]
 
     def _reply(self, body: bytes) -> None:
-        self._calls_out -= 1
+        self.answered()
         connection_id, message = wire.decode_reply(body)
         proto = self._connections.get(connection_id)
         if proto is not None:
@@ -226,6 +303,17 @@ class Worker:
         them, and the sweeps apply them (as in the main process)."""
         for name, value in json.loads(body).items():
             setattr(self.factory.limits, name, value)
+
+    def _policy(self, body: bytes) -> None:
+        """A reload changed the properties or the channel lists."""
+        change = json.loads(body)
+        calls = self.factory.handler
+        if "properties" in change:
+            global_values, per_user = change["properties"]
+            calls.channels.properties.replace(global_values, per_user)
+        if "channels" in change:
+            allow, deny = change["channels"]
+            calls.channels.reconfigure(allow, deny)
 
     # -- what the main process counts and keeps --------------------------------
 
@@ -336,7 +424,7 @@ def serve(index: int, listening: socket.socket, channel_socket: socket.socket,
           context: ssl.SSLContext | None, count: SharedConnectionCount,
           limits: ConnectionLimits, max_frame: int, service_module: Any,
           sessions: dict[int, Session], tokens: dict[str, TokenRecord], position: int,
-          keep: Any) -> NoReturn:
+          channels: ChannelPolicy, keep: Any) -> NoReturn:
     """Run worker ``index`` in this (just forked) process until its channel
     closes; never returns. ``keep`` is everything the main process had
     (kept referenced, see ``_inherited``)."""
@@ -355,19 +443,34 @@ def serve(index: int, listening: socket.socket, channel_socket: socket.socket,
         reactor = _fresh_reactor()
         replica_sessions = ReplicaSessions(dict(sessions), reactor)
         replica_tokens = ReplicaTokens(dict(tokens), reactor)
-        factory = _WorkerFactory(service_module, WorkerCalls(replica_sessions, replica_tokens),
-                                 max_frame, replace(limits, clock=reactor))
+        factory = _WorkerFactory(service_module, None, max_frame, replace(limits, clock=reactor))
         worker = Worker(index, reactor, replica_sessions, replica_tokens, factory, position)
+        factory.handler = WorkerCalls(replica_sessions, replica_tokens, worker.rdp, channels)
         factory.worker = worker
         factory.forwarder = worker
         factory.count = count.for_slot(index)
+        count.reset(index)  # present, with no connection yet
         globalLogPublisher.addObserver(worker.log_event)
         reactor.adoptStreamConnection(channel_socket.fileno(), socket.AF_UNIX,
                                       Factory.forProtocol(lambda: worker.channel))
         channel_socket.close()
         port = listen_stream(reactor, listening, factory, context, ACCEPTS_PER_READ)
-        factory.pause_accepting = port.stopReading
-        factory.resume_accepting = port.startReading
+        slot = factory.count
+        # Each worker takes its part of the connections: the kernel wakes
+        # every process waiting on the socket, and the one already running
+        # would otherwise take most of them.
+        port.accept_now = lambda: slot.fair_share(range(1, count.slots))
+
+        def pause() -> None:
+            port.accepting_paused = True
+            port.stopReading()
+
+        def resume() -> None:
+            port.accepting_paused = False
+            port.startReading()
+
+        factory.pause_accepting = pause
+        factory.resume_accepting = resume
         worker.hello()
         reactor.run()
         status = 0

@@ -44,19 +44,22 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from bridge.otsapi import channel as wire
+from bridge.otsapi.forwarding import ForwardedCalls, IcpRelay
 from bridge.otsapi.worker import serve
 from bridge.security.tokens import TokenListener, TokenRecord, TokenStore
 from bridge.sessions.model import SessionChange, SessionEvent
+from bridge.sessions.properties import ChannelPolicy
 from bridge.sessions.registry import SessionRegistry
 from protocols.listening import SharedConnectionCount
-from protocols.thrift_server import ConnectionLimits, ThriftServerFactory, ThriftServerProtocol
+from protocols.thrift_server import ConnectionLimits, ThriftServerFactory
 
-#: Seconds a worker has to acknowledge a change (or answer a SYNC) before
-#: it is taken for hung and killed.
+#: Seconds a worker has to acknowledge a change (or answer a SYNC, sent as
+#: a heartbeat this often) before it is taken for hung and killed.
 ACK_TIMEOUT = 5.0
 #: Seconds before a dead worker is forked again; doubles up to the maximum
 #: while workers die within RESTART_RESET of their start.
@@ -105,7 +108,8 @@ class Accepting:
 def worker_pool(wanted: int, stream_listener: bool, listener: Any,
                 factory: ThriftServerFactory, registry: SessionRegistry, tokens: TokenStore,
                 store_tokens: TokenListener, reactor: Any, service_module: Any, keep: Any,
-                accepting: Accepting) -> WorkerPool | None:
+                accepting: Accepting, rdp: Any = None,
+                channels: ChannelPolicy | None = None) -> WorkerPool | None:
     """The worker processes ``otsapi_workers`` (``wanted``) asks for, None
     when the main process serves alone (0 asked or one core; or an endpoint
     other than tcp:/ssl:, logged). Their tokens' changes are wired in."""
@@ -117,57 +121,10 @@ def worker_pool(wanted: int, stream_listener: bool, listener: Any,
                             "main process serves it alone")
         return None
     pool = WorkerPool(count, listener, factory, registry, tokens, reactor, service_module,
-                      keep=keep, main_accepts=lambda on: accepting.workers_serve(not on))
+                      keep=keep, main_accepts=lambda on: accepting.workers_serve(not on),
+                      rdp=rdp, channels=channels)
     tokens.listener = pool.token_listener(store_tokens)
     return pool
-
-
-class ForwardedCalls(ThriftServerProtocol):
-    """Calls a worker forwarded, served by this process's handler as any
-    connection's are; the reply goes back over the worker's channel for
-    the worker's connection (the ``route`` of ThriftServerProtocol)."""
-
-    def __init__(self, factory: ThriftServerFactory, worker: WorkerProcess,
-                 pool: WorkerPool) -> None:
-        super().__init__(factory.methods, factory.handler, factory.max_frame_size,
-                         factory.limits)
-        self.call_counts = factory.call_counts
-        self.log_limit = factory.log_limit
-        self.gate = pool
-        self.worker = worker
-        # No transport of its own: always "connected", never paused.
-        self.connected = True
-        self._max_in_flight = sys.maxsize
-        self._host = ""
-
-    def call(self, connection_id: int, host: str, message: bytes) -> None:
-        self._host = host
-        self.worker.calls_here += 1
-        self._message(message, connection_id)
-
-    def _write(self, payload: bytes, route: Any) -> None:
-        gate = self.gate
-        if gate is not None and not gate.open:
-            gate.hold(lambda: self._write(payload, route))
-            return
-        worker = self.worker
-        worker.calls_here -= 1
-        # The last answer the worker waits for goes at once (see Channel.send).
-        worker.channel.send(wire.encode_reply(route, payload), now=worker.calls_here == 0)
-
-    def _peer(self) -> str:
-        return f"{self._host or 'a client'} (OTS API worker {self.worker.index})"
-
-    def _reject(self, reason: str, kind: str = "bad_data") -> None:
-        # The worker checked the message before it forwarded it.
-        self.log.error("OTS API worker {index} forwarded a call that does not decode: "
-                       "{reason}", index=self.worker.index, reason=reason)
-
-    def pause(self, why: str) -> None:
-        pass
-
-    def resume(self, why: str) -> None:
-        pass
 
 
 @dataclass(eq=False)
@@ -193,6 +150,8 @@ class WorkerProcess:
     pidfd: Any = None
     ack_deadline: Any = None
     kill_call: Any = None
+    # The heartbeat SYNC it has not answered yet.
+    heartbeat_sent: int | None = None
     # Fires once it answers nothing more (dead, or cut off and killed).
     gone: Deferred[None] = field(default_factory=Deferred)
 
@@ -217,6 +176,37 @@ class _PidfdReader:
         return "otsapi-worker"
 
 
+def _merge_counts(factory: ThriftServerFactory, worker: WorkerProcess, body: bytes) -> None:
+    """A worker's COUNTS: its cumulative call and drop counters (added to
+    the main process's by their growth since its last report), connections
+    and calls in flight."""
+    counts = json.loads(body)
+    calls = {(method, outcome): n for method, outcome, n in counts["calls"]}
+    for key, n in calls.items():
+        delta = n - worker.reported_calls.get(key, 0)
+        if delta > 0:
+            factory.call_counts[key] += delta
+    for reason, n in counts["dropped"].items():
+        delta = n - worker.reported_dropped.get(reason, 0)
+        if delta > 0:
+            factory.dropped[reason] += delta
+    worker.reported_calls = calls
+    worker.reported_dropped = dict(counts["dropped"])
+    worker.connections = counts["connections"]
+    worker.in_flight = counts["in_flight"]
+
+
+def _log_worker_event(worker: WorkerProcess, body: bytes) -> None:
+    """A worker's log event (its only log observer sends them here),
+    emitted under its namespace in the main process's log."""
+    event = json.loads(body)
+    level = LogLevel.levelWithName(event["level"]) \
+        if event["level"] in ("debug", "info", "warn", "error", "critical") else LogLevel.info
+    Logger(namespace=event["namespace"]).emit(
+        level, "{text}", text=event["text"],
+        log_system=f"{event['namespace']}#{level.name} worker {worker.index}")
+
+
 class WorkerPool(Service):
     """Forks ``count`` OTS API workers on the OTS API listener's socket and
     keeps them current, alive and counted (see the module docstring)."""
@@ -226,12 +216,17 @@ class WorkerPool(Service):
     def __init__(self, count: int, listener: Any, factory: ThriftServerFactory,
                  registry: SessionRegistry, tokens: TokenStore, reactor: Any,
                  service_module: Any, keep: Any,
-                 main_accepts: Callable[[bool], None]) -> None:
+                 main_accepts: Callable[[bool], None], rdp: Any = None,
+                 channels: ChannelPolicy | None = None) -> None:
         """``listener``: the OTS API ListeningService (its ``socket`` and
         ``context``); ``keep``: what the main process holds (a worker keeps
         it referenced, see bridge.otsapi.worker); ``main_accepts(on)``:
-        start or stop this process's accepting."""
+        start or stop this process's accepting; ``rdp``: the RDP server
+        link the workers' ICP requests are relayed on (``call_payload``);
+        ``channels``: the channel policy the workers start with."""
         self.count = count
+        self.relay = IcpRelay(rdp)
+        self.channels = channels
         self.listener = listener
         self.factory = factory
         self.registry = registry
@@ -243,6 +238,8 @@ class WorkerPool(Service):
         self.position = 0
         self.workers: dict[int, WorkerProcess] = {}
         self.shared = SharedConnectionCount(count + 1)
+        for index in range(1, count + 1):
+            self.shared.absent(index)
         self._held: deque[tuple[int, Callable[[], None]]] = deque()
         self._releasing = False
         self._syncs: dict[int, tuple[Deferred[None], set[int]]] = {}
@@ -250,6 +247,7 @@ class WorkerPool(Service):
         self._restart_delay: dict[int, float] = {}
         self._restarts: dict[int, Any] = {}
         self._stopping = False
+        self._heartbeat: LoopingCall | None = None
         self._serving_waiters: list[tuple[int, Deferred[None]]] = []
         # Calls the workers forwarded here (for tests and the curious).
         self.forwarded = 0
@@ -303,12 +301,27 @@ class WorkerPool(Service):
         else:
             self._broadcast(wire.SESSION, {"session": wire.session_to_json(change.session)})
 
+    def policy_changed(self, properties: tuple[Any, Any] | None = None,
+                       channels: tuple[list[str], list[str]] | None = None) -> None:
+        """A reload changed the properties (global values, per user) or the
+        channel lists: the workers check virtual channels with the new ones."""
+        change: dict[str, Any] = {}
+        if properties is not None:
+            global_values, per_user = properties
+            change["properties"] = [dict(global_values),
+                                    {user: dict(values) for user, values in per_user.items()}]
+        if channels is not None:
+            change["channels"] = list(channels)
+        self._tell_all(wire.encode_json(wire.POLICY, change))
+
     def limits_changed(self, limits: ConnectionLimits) -> None:
         """A reload changed the OTS API's connection limits: the workers
         enforce them too."""
         values = {f.name: getattr(limits, f.name) for f in dataclasses.fields(limits)
                   if f.name != "clock"}
-        message = wire.encode_json(wire.LIMITS, values)
+        self._tell_all(wire.encode_json(wire.LIMITS, values))
+
+    def _tell_all(self, message: bytes) -> None:
         for worker in self.workers.values():
             if worker.alive:
                 worker.channel.send(message)
@@ -334,11 +347,12 @@ class WorkerPool(Service):
         return {
             wire.HELLO: lambda body: self._hello(worker, body),
             wire.CALL: lambda body: self._call(worker, body),
+            wire.ICP_CALL: lambda body: self.relay.call(worker, body),
             wire.ACK: lambda body: self._ack(worker, wire.decode_number(body)),
             wire.TOUCH: self._touch,
-            wire.COUNTS: lambda body: self._counts(worker, body),
+            wire.COUNTS: lambda body: _merge_counts(self.factory, worker, body),
             wire.SYNCED: lambda body: self._synced(worker, wire.decode_number(body)),
-            wire.LOG: lambda body: self._log(worker, body),
+            wire.LOG: lambda body: _log_worker_event(worker, body),
         }
 
     def _hello(self, worker: WorkerProcess, body: bytes) -> None:
@@ -386,23 +400,10 @@ class WorkerPool(Service):
         for digest, when in json.loads(body).items():
             self.tokens.touch(digest, float(when))
 
-    def _counts(self, worker: WorkerProcess, body: bytes) -> None:
-        counts = json.loads(body)
-        calls = {(method, outcome): n for method, outcome, n in counts["calls"]}
-        for key, n in calls.items():
-            delta = n - worker.reported_calls.get(key, 0)
-            if delta > 0:
-                self.factory.call_counts[key] += delta
-        for reason, n in counts["dropped"].items():
-            delta = n - worker.reported_dropped.get(reason, 0)
-            if delta > 0:
-                self.factory.dropped[reason] += delta
-        worker.reported_calls = calls
-        worker.reported_dropped = dict(counts["dropped"])
-        worker.connections = counts["connections"]
-        worker.in_flight = counts["in_flight"]
-
     def _synced(self, worker: WorkerProcess, number: int) -> None:
+        if number == worker.heartbeat_sent:
+            worker.heartbeat_sent = None
+            return
         entry = self._syncs.get(number)
         if entry is None:
             return
@@ -410,14 +411,6 @@ class WorkerPool(Service):
         if not entry[1]:
             del self._syncs[number]
             entry[0].callback(None)
-
-    def _log(self, worker: WorkerProcess, body: bytes) -> None:
-        event = json.loads(body)
-        level = LogLevel.levelWithName(event["level"]) \
-            if event["level"] in ("debug", "info", "warn", "error", "critical") else LogLevel.info
-        Logger(namespace=event["namespace"]).emit(
-            level, "{text}", text=event["text"],
-            log_system=f"{event['namespace']}#{level.name} worker {worker.index}")
 
     # -- what the metrics and the token sweep ask -----------------------------------
 
@@ -457,6 +450,25 @@ class WorkerPool(Service):
         self._stopping = False
         for index in range(1, self.count + 1):
             self._start(index)
+        self._heartbeat = LoopingCall(self._check_alive)
+        self._heartbeat.clock = self.reactor
+        self._heartbeat.start(ACK_TIMEOUT, now=False)
+
+    def _check_alive(self) -> None:
+        """A worker that did not answer the last heartbeat (a SYNC) within
+        ACK_TIMEOUT is hung: killed, as one that does not take a change."""
+        for worker in list(self.workers.values()):
+            if not (worker.alive and worker.serving):
+                continue
+            if worker.heartbeat_sent is not None:
+                self.log.error("OTS API worker {index} (pid {pid}) did not answer within "
+                               "{timeout:g} s; killing it", index=worker.index, pid=worker.pid,
+                               timeout=ACK_TIMEOUT)
+                self._kill(worker, signal.SIGKILL)
+                continue
+            number, self._next_sync = self._next_sync, self._next_sync + 1
+            worker.heartbeat_sent = number
+            worker.channel.send(wire.encode_number(wire.SYNC, number))
 
     def _start(self, index: int) -> None:
         self._restarts.pop(index, None)
@@ -472,7 +484,7 @@ class WorkerPool(Service):
             serve(index, listening, theirs, context, self.shared, self.factory.limits,
                   self.factory.max_frame_size, self.service_module,
                   {session.session_id: session for session in self.registry},
-                  self.tokens.snapshot(), position, self.keep)
+                  self.tokens.snapshot(), position, self.channels, self.keep)
         theirs.close()
         worker = WorkerProcess(index, pid, None, position,  # type: ignore[arg-type]
                                self.reactor.seconds())
@@ -541,7 +553,7 @@ class WorkerPool(Service):
         if worker.ack_deadline is not None and worker.ack_deadline.active():
             worker.ack_deadline.cancel()
         worker.ack_deadline = None
-        self.shared.reset(worker.index)
+        self.shared.absent(worker.index)
         if worker.channel.open:
             worker.channel.transport.loseConnection()
         for number in list(self._syncs):
@@ -554,6 +566,8 @@ class WorkerPool(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self._stopping = True
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
         for call in self._restarts.values():
             if call.active():
                 call.cancel()

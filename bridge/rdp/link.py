@@ -185,6 +185,17 @@ class RdpServerLink(Factory):
             return fail(IcpNotConnectedError("no RDP server is connected"))
         return current.call(msg_type, request, timeout)
 
+    def call_payload(self, msg_type: int, payload: bytes, timeout: float | None = None
+                     ) -> Deferred[bytes]:
+        """Call the RDP server with a request serialized elsewhere (an OTS
+        API worker's); fires with the answer's payload (see
+        IcpProtocol.call_payload)."""
+        current = self.current
+        if current is None:
+            self.call_counts[method_name(msg_type), "not_connected"] += 1
+            return fail(IcpNotConnectedError("no RDP server is connected"))
+        return current.call_payload(msg_type, payload, timeout)
+
     def set_latency_observer(self, observe: Callable[[str, float], None]) -> None:
         """Give each call's seconds to ``observe`` (the metrics)."""
         self.protocol_options["observe_latency"] = observe

@@ -18,7 +18,7 @@ import pytest
 import pytest_twisted
 from thrift.protocol import TBinaryProtocol
 from thrift.transport import TTransport
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThread
 
 from bridge.otsapi import workers as workers_module
@@ -27,7 +27,7 @@ from bridge.rdp.standin import StandInRdpServer
 from bridge.security.permissions import FULL
 from protocols.generated.otsapi_blocking import otsapi as blocking
 from protocols.thrift_server import Outcome
-from tests.conftest import BridgeUnderTest, start_bridge
+from tests.conftest import BridgeUnderTest, kill_process_groups, start_bridge
 from tests.e2e.otsapi_client import twisted_client
 from tests.e2e.sse import get
 from tests.e2e.test_admin import samples
@@ -259,6 +259,43 @@ async def test_a_hung_worker_is_killed_so_answers_do_not_wait_for_it(
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_idle_hung_worker_is_found_by_the_heartbeat(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no state change to acknowledge, a stopped worker still goes: it
+    does not answer a heartbeat, the next heartbeat kills it, and a live
+    worker that answered stays."""
+    pool = cluster.pool
+    assert pool._heartbeat is not None
+    pool._heartbeat.stop()  # the test drives the heartbeats
+    clients = await cluster.connections_on_every_worker()
+    stopped = next(w for w in pool.workers.values() if w.connections)
+    live = next(w for w in pool.workers.values() if w is not stopped)
+    os.kill(stopped.pid, signal.SIGSTOP)
+    answered: Deferred[None] = Deferred()
+    synced = pool._synced
+
+    def watch(worker: Any, number: int) -> None:
+        synced(worker, number)
+        if worker is live and worker.heartbeat_sent is None and not answered.called:
+            answered.callback(None)
+
+    monkeypatch.setattr(pool, "_synced", watch)
+    pool._check_alive()
+    await answered
+    pool._check_alive()
+    await stopped.gone
+    assert live.alive and stopped.pid not in workers_pids(pool)
+    served = 0
+    for c in clients:
+        try:
+            served += await c.client.ping(1)
+        except Exception:  # this client's connection was the killed worker's
+            pass
+        c.transport.loseConnection()
+    assert served >= 1, "the live worker's clients are still served"
+
+
+@pytest_twisted.ensureDeferred
 async def test_max_connections_counts_every_process(short_dir: Path) -> None:
     bridge = await start_bridge(short_dir, otsapi_workers=WORKERS, max_connections=3)
     pool = bridge.service.workers
@@ -356,3 +393,90 @@ async def test_a_reload_gives_the_workers_the_new_connection_limits(short_dir: P
         assert answered.count(True) == 2, answered
     finally:
         await bridge.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_virtual_channels_are_opened_by_the_worker_through_the_main_process(
+        cluster: Cluster) -> None:
+    """virtualChannelOpen/Close are answered by the worker, which asks the RDP
+    server through the main process (its one ICP connection); whatever would
+    be refused goes to the main process; the RDP server failing a call is
+    the worker's failure value, as the main process's would be."""
+    pool, peer = cluster.pool, cluster.peer
+    client = await twisted_client(cluster.bridge.thrift_port)
+    api = client.client
+    token = (await api.logonConnection("alice", "alice-pw", "")).authToken
+    before = pool.forwarded
+    opened = await api.virtualChannelOpen(token, cluster.bob, "CLIPRDR", False, 0)
+    assert opened.pipeName.endswith("_svc_CLIPRDR_1") and opened.instance == 1
+    name, request = peer.requests_seen[-1]
+    assert name == "OtsApiVirtualChannelOpenRequest"
+    assert (request.connectionId, request.dynamicChannel, request.flags) == (2, False, 0)
+    dynamic = await api.virtualChannelOpen(token, cluster.bob, "echo", True, 0x5)
+    assert "_dvc_echo_" in dynamic.pipeName
+    assert (peer.requests_seen[-1][1].dynamicChannel, peer.requests_seen[-1][1].flags) == (
+        True, 5)
+    assert await api.virtualChannelClose(token, cluster.bob, "CLIPRDR", opened.instance)
+    assert not await api.virtualChannelClose(token, cluster.bob, "CLIPRDR", opened.instance)
+    assert pool.forwarded == before, "answered by the worker"
+
+    for args in [("x" * 43, cluster.bob, "CLIPRDR", False, 0),
+                 (token, cluster.bob, "blocked", False, 0),  # channels_deny
+                 (token, 999, "CLIPRDR", False, 0)]:
+        before = pool.forwarded
+        refused = await api.virtualChannelOpen(*args)
+        assert (refused.pipeName, refused.instance) == ("", 0)
+        assert pool.forwarded == before + 1, f"refused by the main process: {args}"
+
+    peer.refuse.add("OtsApiVirtualChannelOpenRequest")
+    before = pool.forwarded
+    failed = await api.virtualChannelOpen(token, cluster.bob, "CLIPRDR", False, 0)
+    assert (failed.pipeName, failed.instance) == ("", 0) and pool.forwarded == before
+    await pool.sync()
+    counts = cluster.bridge.service.thrift_factory.call_counts
+    assert counts["virtualChannelOpen", "failed"] == 1
+    assert counts["virtualChannelOpen", "answered"] == 2
+    link_counts = cluster.bridge.service.link.call_counts
+    assert link_counts["OtsApiVirtualChannelOpen", "failed"] == 1, link_counts
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_gives_the_workers_the_new_channel_policy(short_dir: Path) -> None:
+    from tests.e2e.test_reload import start, toml
+
+    bridge, reloader, path = await start(short_dir, toml(short_dir, otsapi_workers=WORKERS))
+    pids: list[int] = []
+    try:
+        pool = bridge.service.workers
+        assert pool is not None
+        await pool.when_serving()
+        peer = await bridge.peer()
+        await peer.logon(1, "alice", "alice-pw")
+        pids = bridge.backend_pids()
+        session_id = bridge.service.registry.by_connection(1).session_id
+        clients = [await twisted_client(bridge.thrift_port) for _ in range(4)]
+        token = (await clients[0].client.logonConnection("alice", "alice-pw", "")).authToken
+        for c in clients:
+            assert (await c.client.virtualChannelOpen(token, session_id, "rdpsnd", False,
+                                                      0)).pipeName
+        path.write_text(toml(short_dir, otsapi_workers=WORKERS,
+                             properties='"virtualChannel.whiteList" = "cliprdr"'))
+        assert reloader.reload()
+        await pool.sync()  # the new policy is the workers' a round trip later
+        for c in clients:
+            assert not (await c.client.virtualChannelOpen(token, session_id, "rdpsnd", False,
+                                                          0)).pipeName
+            assert (await c.client.virtualChannelOpen(token, session_id, "CLIPRDR", False,
+                                                      0)).pipeName
+        path.write_text(toml(short_dir, otsapi_workers=WORKERS, channels_deny='["cliprdr"]',
+                             properties='"virtualChannel.whiteList" = "cliprdr"'))
+        assert reloader.reload()
+        await pool.sync()
+        for c in clients:
+            assert not (await c.client.virtualChannelOpen(token, session_id, "CLIPRDR", False,
+                                                          0)).pipeName
+            c.transport.loseConnection()
+    finally:
+        await bridge.stop()
+        kill_process_groups(pids)
