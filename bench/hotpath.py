@@ -214,6 +214,14 @@ class _NoForwarding:
 
     local = __import__("bridge.otsapi.worker", fromlist=["LOCAL_METHODS"]).LOCAL_METHODS
 
+    def __init__(self) -> None:
+        from bridge.otsapi.channel import PublishedPosition
+
+        self.published = PublishedPosition()  # read per call, as a worker does
+
+    def behind(self) -> bool:
+        return self.published.read() > 0
+
     def forward(self, proto: Any, message: bytes, host: str) -> None:
         raise AssertionError("a local call was forwarded")
 

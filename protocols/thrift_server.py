@@ -89,6 +89,10 @@ class CallForwarder(Protocol_):
     #: Methods answered in this process; every other one is forwarded.
     local: frozenset[str]
 
+    def behind(self) -> bool:
+        """Whether this process's state may be older than what a client
+        has seen: then every call is forwarded."""
+
     def forward(self, proto: ThriftServerProtocol, message: bytes, host: str) -> None:
         """Send ``message`` (one whole Thrift message) on; its reply comes
         back through ``proto.forwarded_reply``."""
@@ -599,7 +603,8 @@ class ThriftServerProtocol(Protocol):
             return
         forwarder = self.forwarder
         if forwarder is not None and (self.forwarded_in_flight
-                                      or method.name not in forwarder.local):
+                                      or method.name not in forwarder.local
+                                      or forwarder.behind()):
             self._forward(data, method)
             return
         args = method.args_type()

@@ -26,12 +26,21 @@ connection and the answer back), ``ACK``, ``TOUCH``
 (tokens used, for their sliding lifetime), ``COUNTS`` (the metrics it
 counts), ``SYNCED`` and ``LOG`` (its log events, written by the main
 process's log).
+
+Beside the channel, ``PublishedPosition``: the position of the last change
+the main process made, in memory both share. The main process sets it
+before the change can be seen anywhere (an ICP answer, a D-Bus signal, a
+token file, an OTS API answer); a worker whose own position is behind it
+when a call comes forwards the call instead of answering from an older
+copy (``Worker.behind``). So a call made after any sign of a change sees
+the change, whichever process answers it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +91,23 @@ _ICP_CALL = struct.Struct("!IId")  # call id, ICP msgType, timeout (< 0: the def
 _ICP_ANSWER = struct.Struct("!IB")  # call id, 1: the payload follows, 0: a failure (JSON)
 # Far above any Thrift frame (max_thrift_frame) plus its header.
 MAX_MESSAGE = 64 * 1024 * 1024
+
+
+class PublishedPosition:
+    """The main process's position in shared anonymous memory (made
+    before the workers are forked: they inherit the mapping). One aligned
+    8-byte word, written by the main process only."""
+
+    _WORD = struct.Struct("=q")
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, self._WORD.size)
+
+    def publish(self, position: int) -> None:
+        self._WORD.pack_into(self._map, 0, position)
+
+    def read(self) -> int:
+        return self._WORD.unpack_from(self._map, 0)[0]
 
 
 def session_to_json(session: Session) -> dict[str, Any]:

@@ -208,8 +208,10 @@ class Worker:
     local = LOCAL_METHODS
 
     def __init__(self, index: int, reactor: Any, sessions: ReplicaSessions,
-                 tokens: ReplicaTokens, factory: ThriftServerFactory, position: int) -> None:
+                 tokens: ReplicaTokens, factory: ThriftServerFactory, position: int,
+                 published: wire.PublishedPosition) -> None:
         self.index = index
+        self.published = published
         self.reactor = reactor
         self.sessions = sessions
         self.tokens = tokens
@@ -230,6 +232,12 @@ class Worker:
         self._applied = False
 
     # -- forwarding (CallForwarder) ---------------------------------------------
+
+    def behind(self) -> bool:
+        """Whether the main process made a change this worker has not
+        applied yet (it is on its way): a call now is forwarded, so that
+        it sees what a client may already have seen of the change."""
+        return self.published.read() > self.position
 
     def forward(self, proto: ThriftServerProtocol, message: bytes, host: str) -> None:
         key = id(proto)
@@ -422,7 +430,8 @@ _inherited: list[Any] = []
 
 def serve(index: int, listening: socket.socket, channel_socket: socket.socket,
           context: ssl.SSLContext | None, count: SharedConnectionCount,
-          limits: ConnectionLimits, max_frame: int, service_module: Any,
+          published: wire.PublishedPosition, limits: ConnectionLimits, max_frame: int,
+          service_module: Any,
           sessions: dict[int, Session], tokens: dict[str, TokenRecord], position: int,
           channels: ChannelPolicy, keep: Any) -> NoReturn:
     """Run worker ``index`` in this (just forked) process until its channel
@@ -444,7 +453,8 @@ def serve(index: int, listening: socket.socket, channel_socket: socket.socket,
         replica_sessions = ReplicaSessions(dict(sessions), reactor)
         replica_tokens = ReplicaTokens(dict(tokens), reactor)
         factory = _WorkerFactory(service_module, None, max_frame, replace(limits, clock=reactor))
-        worker = Worker(index, reactor, replica_sessions, replica_tokens, factory, position)
+        worker = Worker(index, reactor, replica_sessions, replica_tokens, factory, position,
+                        published)
         factory.handler = WorkerCalls(replica_sessions, replica_tokens, worker.rdp, channels)
         factory.worker = worker
         factory.forwarder = worker

@@ -238,6 +238,7 @@ class WorkerPool(Service):
         self.position = 0
         self.workers: dict[int, WorkerProcess] = {}
         self.shared = SharedConnectionCount(count + 1)
+        self.published = wire.PublishedPosition()
         for index in range(1, count + 1):
             self.shared.absent(index)
         self._held: deque[tuple[int, Callable[[], None]]] = deque()
@@ -253,7 +254,9 @@ class WorkerPool(Service):
         self.forwarded = 0
         factory.count = self.shared.for_slot(0)
         factory.gate = self
-        registry.observe(self._session_changed)
+        # First: the position is published before any other observer can
+        # show the change (a D-Bus signal, the event stream).
+        registry.observe(self._session_changed, first=True)
 
     # -- the gate: answers wait for every worker to have every change -----------
 
@@ -288,6 +291,7 @@ class WorkerPool(Service):
         if not live:
             return
         self.position += 1
+        self.published.publish(self.position)  # before anything can show the change
         change["p"] = self.position
         message = wire.encode_json(kind, change)
         for worker in live:
@@ -481,7 +485,8 @@ class WorkerPool(Service):
             stream.flush()
         pid = os.fork()
         if pid == 0:  # the worker; serve() never returns
-            serve(index, listening, theirs, context, self.shared, self.factory.limits,
+            serve(index, listening, theirs, context, self.shared, self.published,
+                  self.factory.limits,
                   self.factory.max_frame_size, self.service_module,
                   {session.session_id: session for session in self.registry},
                   self.tokens.snapshot(), position, self.channels, self.keep)

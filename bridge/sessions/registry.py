@@ -99,8 +99,13 @@ class SessionRegistry:
 
     # -- observing and storing ------------------------------------------------
 
-    def observe(self, observer: SessionObserver) -> None:
-        self._observers.append(observer)
+    def observe(self, observer: SessionObserver, first: bool = False) -> None:
+        """Call ``observer`` with every change; ``first``: before the
+        observers already there."""
+        if first:
+            self._observers.insert(0, observer)
+        else:
+            self._observers.append(observer)
 
     def _notify(self, change: SessionChange) -> None:
         for observer in list(self._observers):

@@ -209,6 +209,50 @@ async def test_a_connections_calls_see_each_others_changes_in_order(cluster: Clu
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_worker_behind_the_main_process_forwards_what_it_would_answer(
+        cluster: Cluster) -> None:
+    """A change the main process made (and may have shown: an ICP answer, a
+    D-Bus signal) that a worker has not applied yet: the worker's calls go
+    to the main process until it has."""
+    client = await twisted_client(cluster.bridge.thrift_port)
+    api, pool = client.client, cluster.pool
+    token = (await api.logonConnection("alice", "alice-pw", "")).authToken
+    handler = cluster.bridge.service.otsapi
+
+    async def enumerate_forwarded() -> bool:
+        before = pool.forwarded
+        answer = await api.enumerateSessions(token, 1)
+        assert plain(answer) == plain(handler.enumerateSessions(token, 1))
+        return pool.forwarded > before
+
+    assert not await enumerate_forwarded()
+    pool.published.publish(pool.position + 1)  # made, not yet sent to the workers
+    assert await enumerate_forwarded()
+    pool.published.publish(pool.position)
+    assert not await enumerate_forwarded()
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_answered_over_icp_is_seen_at_once_through_any_worker(
+        cluster: Cluster) -> None:
+    """The RDP server's LogonUser answer, then at once a new OTS API
+    connection (whichever process takes it) lists the session, connected."""
+    admin = await twisted_client(cluster.bridge.thrift_port)
+    token = (await admin.client.logonConnection("alice", "alice-pw", "")).authToken
+    admin.transport.loseConnection()
+    registry = cluster.bridge.service.registry
+    for connection_id in range(10, 30):
+        await cluster.peer.logon(connection_id, "bob", "bob-pw")
+        session_id = registry.by_connection(connection_id).session_id
+        client = await twisted_client(cluster.bridge.thrift_port)
+        listed = await client.client.enumerateSessions(token, 1)
+        client.transport.loseConnection()
+        states = {s.sessionId: s.connectState for s in listed.sessionInfoList}
+        assert states.get(session_id) == 0, (connection_id, session_id, states)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_dead_worker_is_survived_and_forked_again(cluster: Cluster) -> None:
     pool = cluster.pool
     clients = await cluster.connections_on_every_worker(at_least=4)
