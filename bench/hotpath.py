@@ -11,13 +11,21 @@ where the time goes. Paths:
 - ``bridged`` (the default): ``virtualChannelOpen`` on a connection of the
   main process: Thrift bytes in, the ICP request out, its answer in, the
   Thrift reply out;
-- ``forwarded``: the same call as an OTS API worker forwards it: the
-  channel's CALL message in, the ICP request out, its answer in, the
-  channel's REPLY out (the worker's side is ``local``'s plus a frame);
+- ``relayed``: the main process's side of the same call answered by an
+  OTS API worker: the channel's ICP_CALL in, the ICP request out, its
+  answer in, the channel's ICP_ANSWER out;
+- ``worker-vc``: the worker's side of it: Thrift bytes in, the checks on
+  its copy of the sessions and tokens, ICP_CALL out on its channel,
+  ICP_ANSWER in, the Thrift reply out;
+- ``forwarded``: the main process's side of a call a worker forwards
+  (anything but the read-only and channel calls): the channel's CALL
+  message in, served as a connection's, the channel's REPLY out
+  (measured with the same virtualChannelOpen);
 - ``local``: ``ping`` answered by a worker's connection (what a worker
   does for a read-only call): Thrift bytes in, the reply out.
 
-usage: python -m bench.hotpath [--path bridged|forwarded|local] [--calls N] [--profile]
+usage: python -m bench.hotpath [--path bridged|relayed|worker-vc|forwarded|local]
+                               [--calls N] [--profile]
 """
 
 from __future__ import annotations
@@ -92,6 +100,8 @@ class HotPath:
         self.answer_payload = ICP_pb2.OtsApiVirtualChannelOpenResponse(
             connectionString="\\\\.\\pipe\\ogon_1_svc_CLIPRDR_1", instance=1
         ).SerializeToString()
+        # What a worker relays for the same call: its ICP request's payload.
+        self.relay_payload = pbRPC_pb2.RPCBase.FromString(self.icp_request()).payload
 
     def _rdp_request(self, tag: int, msg_type: int, **fields: Any) -> None:
         self.icp.dataReceived(frame(pbRPC_pb2.RPCBase(
@@ -160,27 +170,100 @@ class HotPath:
             icp_transport.clear()
         return (time.thread_time() - started) / len(answers)
 
-    def local(self) -> tuple[Any, StringTransport, bytes]:
-        """A worker's connection (its read-only handler, a forwarder) and a ping."""
-        from bridge.otsapi.worker import LOCAL_METHODS, ReplicaSessions, ReplicaTokens, WorkerCalls
+    def run_relayed(self, answers: list[bytes]) -> float:
+        """The main process's side of a worker's virtualChannelOpen."""
+        from bridge.otsapi import channel as wire
+        from bridge.otsapi.forwarding import IcpRelay
+        from bridge.otsapi.workers import WorkerProcess
+
+        worker = WorkerProcess(1, 0, None, 0, 0.0)  # type: ignore[arg-type]
+        relay = IcpRelay(self.service.link)
+        channel = wire.Channel(Clock(), {wire.ICP_CALL: lambda body: relay.call(worker, body)})
+        worker.channel = channel
+        channel_transport = StringTransport()
+        channel.makeConnection(channel_transport)
+        call = wire.encode_icp_call(1, icp.MSG_VIRTUAL_CHANNEL_OPEN, None, self.relay_payload)
+        icp_proto, icp_transport = self.icp, self.icp_transport
+        started = time.thread_time()
+        for answer in answers:
+            channel.dataReceived(call)
+            icp_proto.dataReceived(answer)
+            channel.flush()
+            channel_transport.clear()
+            icp_transport.clear()
+        return (time.thread_time() - started) / len(answers)
+
+    def icp_request(self) -> bytes:
+        """The ICP request ``self.request`` makes (one call, answered)."""
+        [answer] = self.answers(1)
+        self.thrift.dataReceived(self.request)
+        sent = self.icp_transport.value()[4:]
+        self.icp.dataReceived(answer)
+        self.thrift_transport.clear()
+        self.icp_transport.clear()
+        return sent
+
+    def worker(self) -> tuple[Any, Any, StringTransport, StringTransport]:
+        """A worker (its state: this bridge's sessions and tokens, as a fork
+        copies them), one of its connections, and their transports."""
+        from bridge.otsapi import channel as wire
+        from bridge.otsapi.worker import (
+            ReplicaSessions,
+            ReplicaTokens,
+            Worker,
+            WorkerCalls,
+            _WorkerFactory,
+        )
 
         clock = Clock()
-        calls = WorkerCalls(ReplicaSessions({}, clock), ReplicaTokens({}, clock))
-        factory = ThriftServerFactory(twisted_otsapi, calls)
-        factory.forwarder = _NoForwarding()
+        service = self.service
+        sessions = ReplicaSessions({s.session_id: s for s in service.registry}, clock)
+        tokens = ReplicaTokens(service.tokens.snapshot(), clock)
+        factory = _WorkerFactory(twisted_otsapi, None)
+        worker = Worker(1, clock, sessions, tokens, factory, 0, wire.PublishedPosition())
+        factory.handler = WorkerCalls(sessions, tokens, worker.rdp, service.channels)
+        factory.worker = worker
+        factory.forwarder = worker
+        channel_transport = StringTransport()
+        worker.channel.makeConnection(channel_transport)
         proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
         transport = StringTransport()
         proto.makeConnection(transport)
-        assert LOCAL_METHODS
-        return proto, transport, thrift_call("ping", input=7)
+        return worker, proto, transport, channel_transport
+
+    def run_worker_vc(self, count: int) -> float:
+        """The worker's side of a virtualChannelOpen it answers."""
+        from bridge.otsapi import channel as wire
+
+        worker, proto, transport, channel_transport = self.worker()
+        payload = ICP_pb2.OtsApiVirtualChannelOpenResponse(
+            connectionString="\\\\.\\pipe\\ogon_1_svc_CLIPRDR_1", instance=1
+        ).SerializeToString()
+        # Call ids are handed out in order from 1.
+        answers = [wire.encode_icp_answer(worker.rdp._next_id + i, payload) for i in range(count)]
+        channel, request = worker.channel, self.request
+        started = time.thread_time()
+        for answer in answers:
+            proto.dataReceived(request)
+            channel.dataReceived(answer)
+            transport.clear()
+            channel_transport.clear()
+        spent = (time.thread_time() - started) / count
+        assert proto.calls_in_flight == 0, "every call was answered"
+        return spent
 
     def run_local(self, count: int) -> float:
-        proto, transport, ping = self.local()
+        """A worker's connection answering ping."""
+        worker, proto, transport, _ = self.worker()
+        ping = thrift_call("ping", input=7)
+        before = worker._calls_out
         started = time.thread_time()
         for _ in range(count):
             proto.dataReceived(ping)
             transport.clear()
-        return (time.thread_time() - started) / count
+        spent = (time.thread_time() - started) / count
+        assert worker._calls_out == before, "answered by the worker itself"
+        return spent
 
     def check(self) -> None:
         """One call, checked: the ICP request and the Thrift reply."""
@@ -209,25 +292,10 @@ class _AlwaysOpen:
         send()
 
 
-class _NoForwarding:
-    """A CallForwarder for the local path (ping is never forwarded)."""
-
-    local = __import__("bridge.otsapi.worker", fromlist=["LOCAL_METHODS"]).LOCAL_METHODS
-
-    def __init__(self) -> None:
-        from bridge.otsapi.channel import PublishedPosition
-
-        self.published = PublishedPosition()  # read per call, as a worker does
-
-    def behind(self) -> bool:
-        return self.published.read() > 0
-
-    def forward(self, proto: Any, message: bytes, host: str) -> None:
-        raise AssertionError("a local call was forwarded")
-
-
 WHAT = {"bridged": "bridged virtualChannelOpen on a main-process connection",
-        "forwarded": "bridged virtualChannelOpen forwarded by a worker (main's side)",
+        "relayed": "a worker's virtualChannelOpen, main process's side (ICP relay)",
+        "worker-vc": "a worker's virtualChannelOpen, worker's side",
+        "forwarded": "a call forwarded by a worker, main process's side (virtualChannelOpen)",
         "local": "ping answered by a worker's connection"}
 
 
@@ -245,7 +313,11 @@ def main() -> None:
         def one_round() -> float:
             if args.path == "local":
                 return path.run_local(args.calls)
+            if args.path == "worker-vc":
+                return path.run_worker_vc(args.calls)
             answers = path.answers(args.calls)
+            if args.path == "relayed":
+                return path.run_relayed(answers)
             return path.run_forwarded(answers) if args.path == "forwarded" \
                 else path.run(answers)
 

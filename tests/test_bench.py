@@ -43,6 +43,18 @@ def test_hot_path_harness_runs_real_bridged_calls(tmp_path: Path) -> None:
     assert path.icp.pending_calls == 0, "every call was answered"
 
 
+def test_hot_path_harness_runs_the_worker_paths(tmp_path: Path) -> None:
+    """The paths of a call answered by an OTS API worker (each checks that
+    its calls were answered where they should be)."""
+    path = HotPath(tmp_path)
+    path.check()
+    assert path.run_relayed(path.answers(5)) > 0
+    assert path.run_forwarded(path.answers(5)) > 0
+    assert path.run_worker_vc(5) > 0
+    assert path.run_local(5) > 0
+    assert path.icp.pending_calls == 0
+
+
 def test_a_short_soak_runs_every_load_without_errors(tmp_path: Path) -> None:
     """A few seconds of bench.soak: every kind of load ran, nothing failed."""
     summary_path = tmp_path / "soak.json"
