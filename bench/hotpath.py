@@ -156,7 +156,7 @@ class HotPath:
         transport = StringTransport()
         worker.channel.makeConnection(transport)
         worker.calls = ForwardedCalls(factory, worker, _AlwaysOpen())
-        return worker.channel, transport, wire.encode_call(7, "", self.request[4:])
+        return worker.channel, transport, wire.encode_call(7, "", "", self.request[4:])
 
     def run_forwarded(self, answers: list[bytes]) -> float:
         channel, channel_transport, call = self.forwarded()

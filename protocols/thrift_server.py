@@ -93,9 +93,12 @@ class CallForwarder(Protocol_):
         """Whether this process's state may be older than what a client
         has seen: then every call is forwarded."""
 
-    def forward(self, proto: ThriftServerProtocol, message: bytes, host: str) -> None:
-        """Send ``message`` (one whole Thrift message) on; its reply comes
-        back through ``proto.forwarded_reply``."""
+    def forward(self, proto: ThriftServerProtocol, message: bytes, host: str,
+                source: str) -> None:
+        """Send ``message`` (one whole Thrift message) on, with the client's
+        ``host`` and ``source`` (current_peer's and current_source's values,
+        "" for a method that reads neither); its reply comes back through
+        ``proto.forwarded_reply``."""
 
 
 class ReplyGate(Protocol_):
@@ -668,7 +671,10 @@ class ThriftServerProtocol(Protocol):
             if self.calls_in_flight >= self._max_in_flight:
                 self.pause("calls in flight")
         wants_peer = self._peer_methods is None or method.name in self._peer_methods
-        self.forwarder.forward(self, data, self._peer_host() if wants_peer else "")
+        if wants_peer:
+            self.forwarder.forward(self, data, self._peer_host(), self._peer_source())
+        else:
+            self.forwarder.forward(self, data, "", "")
 
     def forwarded_reply(self, payload: bytes) -> None:
         """The reply (a whole Thrift message) to the oldest forwarded call."""

@@ -20,7 +20,7 @@ Main process to worker:
   or how the call failed).
 
 Worker to main process: ``HELLO`` (serving), ``CALL`` (a call forwarded,
-with the client's address when the method needs it), ``ICP_CALL`` (an ICP
+with the client's address and source when the method needs them), ``ICP_CALL`` (an ICP
 request for the RDP server, serialized: the main process relays it on its
 connection and the answer back), ``ACK``, ``TOUCH``
 (tokens used, for their sliding lifetime), ``COUNTS`` (the metrics it
@@ -85,7 +85,7 @@ LOG = b"l"
 
 _HEADER = struct.Struct("!IB")  # length of kind and body; kind
 _CONNECTION = struct.Struct("!I")
-_CALL = struct.Struct("!IH")  # connection id, length of the client's address
+_CALL = struct.Struct("!IHH")  # connection id, lengths of the client's address and source
 _NUMBER = struct.Struct("!Q")
 _ICP_CALL = struct.Struct("!IId")  # call id, ICP msgType, timeout (< 0: the default)
 _ICP_ANSWER = struct.Struct("!IB")  # call id, 1: the payload follows, 0: a failure (JSON)
@@ -145,10 +145,10 @@ def encode_reply(connection_id: int, message: bytes) -> bytes:
             + _CONNECTION.pack(connection_id) + message)
 
 
-def encode_call(connection_id: int, host: str, message: bytes) -> bytes:
-    address = host.encode()
-    return (_HEADER.pack(_CALL.size + len(address) + len(message) + 1, CALL[0])
-            + _CALL.pack(connection_id, len(address)) + address + message)
+def encode_call(connection_id: int, host: str, source: str, message: bytes) -> bytes:
+    address, who = host.encode(), source.encode()
+    return (_HEADER.pack(_CALL.size + len(address) + len(who) + len(message) + 1, CALL[0])
+            + _CALL.pack(connection_id, len(address), len(who)) + address + who + message)
 
 
 def encode_icp_call(call_id: int, msg_type: int, timeout: float | None,
@@ -214,10 +214,12 @@ def decode_reply(body: bytes) -> tuple[int, bytes]:
     return _CONNECTION.unpack_from(body)[0], body[_CONNECTION.size:]
 
 
-def decode_call(body: bytes) -> tuple[int, str, bytes]:
-    connection_id, length = _CALL.unpack_from(body)
-    start = _CALL.size + length
-    return connection_id, body[_CALL.size:start].decode(), body[start:]
+def decode_call(body: bytes) -> tuple[int, str, str, bytes]:
+    connection_id, address, who = _CALL.unpack_from(body)
+    source = _CALL.size + address
+    start = source + who
+    return (connection_id, body[_CALL.size:source].decode(), body[source:start].decode(),
+            body[start:])
 
 
 class Channel(Protocol):

@@ -42,8 +42,11 @@ class ForwardedCalls(ThriftServerProtocol):
         self._max_in_flight = sys.maxsize
         self._host = ""
 
-    def call(self, connection_id: int, host: str, message: bytes) -> None:
+    def call(self, connection_id: int, host: str, source: str, message: bytes) -> None:
+        # Who the client is, as the worker's connection found it (its
+        # address; a loopback client's uid, asked of the kernel there).
         self._host = host
+        self._source = source
         self.worker.calls_here += 1
         self._message(message, connection_id)
 

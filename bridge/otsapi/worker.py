@@ -239,14 +239,15 @@ class Worker:
         it sees what a client may already have seen of the change."""
         return self.published.read() > self.position
 
-    def forward(self, proto: ThriftServerProtocol, message: bytes, host: str) -> None:
+    def forward(self, proto: ThriftServerProtocol, message: bytes, host: str,
+                source: str) -> None:
         key = id(proto)
         connection_id = self._ids.get(key)
         if connection_id is None:
             connection_id = self._ids[key] = self._next_id
             self._next_id += 1
             self._connections[connection_id] = proto
-        self.send_call(wire.encode_call(connection_id, host, message))
+        self.send_call(wire.encode_call(connection_id, host, source, message))
 
     def send_call(self, message: bytes) -> None:
         """A CALL or ICP_CALL: the main process answers each."""

@@ -388,9 +388,9 @@ class WorkerPool(Service):
 
     def _call(self, worker: WorkerProcess, body: bytes) -> None:
         self.forwarded += 1
-        connection_id, host, message = wire.decode_call(body)
+        connection_id, host, source, message = wire.decode_call(body)
         assert worker.calls is not None
-        worker.calls.call(connection_id, host, message)
+        worker.calls.call(connection_id, host, source, message)
 
     def _ack(self, worker: WorkerProcess, position: int) -> None:
         worker.acked = max(worker.acked, position)

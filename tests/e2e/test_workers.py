@@ -253,6 +253,30 @@ async def test_a_session_answered_over_icp_is_seen_at_once_through_any_worker(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_forwarded_logon_is_throttled_by_who_the_client_is(cluster: Cluster) -> None:
+    """A failed logonConnection on a worker's connection is counted against
+    the client as the main process would see it on its own: a loopback
+    client is its local user (uid:N, found by the worker, which holds the
+    connection), not the shared address nor nobody."""
+    failed: list[tuple[str, str]] = []
+
+    class Seen:
+        def logon_failed(self, username: str, source: str, kind: str, failures: int) -> None:
+            failed.append((username, source))
+
+        def locked_out(self, *args: Any) -> None:
+            pass
+
+    cluster.bridge.service.guard.observers.append(Seen())
+    client = await twisted_client(cluster.bridge.thrift_port)
+    before = cluster.pool.forwarded
+    answer = await client.client.logonConnection("alice", "not-her-password", "")
+    assert not answer.success and cluster.pool.forwarded == before + 1
+    assert failed == [("alice", f"uid:{os.geteuid()}")]
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_dead_worker_is_survived_and_forked_again(cluster: Cluster) -> None:
     pool = cluster.pool
     clients = await cluster.connections_on_every_worker(at_least=4)
