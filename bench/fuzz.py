@@ -230,6 +230,13 @@ class _Backend:
         self.running = False
         return Deferred()
 
+    # ogon's module Connect/Disconnect (the lifecycle tells every backend).
+    def connected(self) -> None:
+        pass
+
+    def disconnected(self) -> None:
+        pass
+
 
 class _Launcher:
     def start(self, module: Module, context: LaunchContext) -> Deferred[_Backend]:

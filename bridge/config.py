@@ -178,8 +178,7 @@ class Config:
     authenticator: str = "users-file"
     # ogon's own config.ini, read with ogon's rules (bridge.sessions.ogon_config);
     # the TOML file's properties override it. None: none. The configuration's
-    # sources make /etc/ogon/config.ini the default when it exists
-    # (with_ogon_defaults).
+    # sources make /etc/ogon/config.ini the default when it exists (with_ogon_defaults).
     ogon_config: Path | None = None
     call_timeout: float = 10.0
     token_lifetime: float = 24 * 3600.0
@@ -189,8 +188,6 @@ class Config:
     # Hardening: what a storm, a slow or idle client, a client that does not
     # read, an RDP server that stops reading may take. 0 disables a timeout.
     listen_backlog: int = 4096
-    # OTS API worker processes (see bridge.otsapi.workers): -1 one per core
-    # when there is more than one, 0 none (the main process serves alone).
     otsapi_workers: int = -1
     max_connections: int = 16384
     frame_timeout: float = 10.0
@@ -284,9 +281,8 @@ class Config:
                 found.append((name, f"{name}: must be positive"))
         if self.max_icp_send < 256:
             found.append(("max_icp_send", "max_icp_send: must be at least 256 bytes"))
-        if not -1 <= self.otsapi_workers <= 64:
-            found.append(("otsapi_workers", "otsapi_workers: must be -1 (one per core), 0 "
-                          "(none) or up to 64"))
+        if not -1 <= self.otsapi_workers <= 64:  # bridge.otsapi.workers
+            found.append(("otsapi_workers", "otsapi_workers: -1 (one per core), 0 to 64"))
         for name in ("frame_timeout", "first_call_timeout", "tls_handshake_timeout",
                      "idle_timeout", "icp_handshake_timeout", "logon_delay_max", "lockout_time"):
             if getattr(self, name) < 0:
@@ -548,8 +544,7 @@ _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "call_timeout": _number, "token_lifetime": _number,
     "max_icp_frame": _integer, "max_icp_send": _integer, "max_thrift_frame": _integer,
     "listen_backlog": _integer, "otsapi_workers": _integer, "max_connections": _integer,
-    "frame_timeout": _seconds,
-    "first_call_timeout": _seconds, "tls_handshake_timeout": _seconds,
+    "frame_timeout": _seconds, "first_call_timeout": _seconds, "tls_handshake_timeout": _seconds,
     "idle_timeout": _seconds, "max_calls_per_connection": _integer,
     "max_output_buffer": _integer, "icp_handshake_timeout": _seconds,
     "max_icp_pending": _integer, "max_icp_queued": _integer,

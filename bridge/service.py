@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +11,9 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from bridge.backends.launcher import BackendLauncher
 from bridge.backends.logs import BackendLogs
@@ -65,6 +62,7 @@ from bridge.sessions.registry import SessionRegistry
 from bridge.state.journal import EventHub, LogonEvents
 from bridge.state.lock import StateDirectoryLock
 from bridge.state.store import SpawnRecords, StateStore, restore, state_database
+from bridge.watch import lazy
 from bridge.watch.dbus import SessionNotifier
 from bridge.watch.metrics import Metrics
 from bridge.watch.operations import OperationsState
@@ -352,9 +350,9 @@ class BridgeService(MultiService):
         self.metrics = Metrics(self.registry, self.link, self.thrift_factory, self.store,
                                self.events, self.guard, self.launcher, self.dbus,
                                self.logon_events, self.workers)
-        self.metrics.collectors.append(lambda: _operations_collector(self))
+        self.metrics.collectors.append(lambda: lazy.operations_collector(self))
         if self.farm is not None:
-            self.metrics.collectors.append(lambda: _farm_collector(self))
+            self.metrics.collectors.append(lambda: lazy.farm_collector(self))
         self.admin_listener: ListeningService | None = None
         self.admin_events: EventsResource | None = None
         if config.admin_endpoint:
@@ -363,7 +361,7 @@ class BridgeService(MultiService):
             # The OTS API's backlog too: Twisted's 50 drops a burst's SYNs.
             self.admin_listener = ListeningService(
                 "admin (HTTP)", with_backlog(config.admin_endpoint, config.listen_backlog),
-                LazyFactory(lambda: _admin_site(self)), reactor, lock_dir)
+                LazyFactory(lambda: lazy.admin_site_factory(self)), reactor, lock_dir)
             self.admin_listener.setServiceParent(self)
 
     def reload_properties(self) -> bool:
@@ -516,7 +514,7 @@ class BridgeService(MultiService):
                     self.log.error("session {session_id}: token not stored: {error}",
                                    session_id=session.session_id, error=str(e))
         self._kept, self._dropped = [], []
-        self.reactor.callWhenRunning(_warm_up, self)
+        self.reactor.callWhenRunning(lazy.warm_up, self)
         # What startup built lives as long as the process: out of the
         # collector's way, so that collections during calls scan less.
         gc.freeze()
@@ -586,65 +584,3 @@ class BridgeService(MultiService):
         self.store.close()
         self.lockouts.close()
         self.state_lock.release()
-
-
-def _operations_collector(service: BridgeService) -> Any:
-    """/metrics of an operator's day (made with the first scrape)."""
-    from bridge.watch.exposition import OperationsCollector
-
-    return OperationsCollector(service.operations)
-
-
-def _farm_collector(service: BridgeService) -> Any:
-    """/metrics of the farm (made with the first scrape)."""
-    from bridge.watch.farm_metrics import FarmCollector
-
-    return FarmCollector(service.farm)
-
-
-def _admin_site(service: BridgeService) -> Factory:
-    """The admin endpoint's site, built for its first client: twisted.web and
-    prometheus-client are imported then, not at startup."""
-    from bridge.watch.actions import SessionActionRoutes
-    from bridge.watch.admin import HealthResource, admin_site
-
-    config = service.config
-    health = HealthResource(service.icp_listener, service.thrift_listener, service.link,
-                            service.registry, service.dbus,
-                            [config.state_dir, service.launcher.logs.directory],
-                            config.min_free_disk, service.operations.degraded)
-    # Real time, not ``clock``: keepalives and stalls are the network's.
-    site, service.admin_events = admin_site(
-        service.tokens, service.registry, service.events, service.metrics.registry, health,
-        service.reactor, SessionActionRoutes(service.tokens, service.registry, service.actions),
-        service.farm,
-        # This host's own name too (a farm's hosts are named so).
-        allowed_hosts=[*config.admin_allowed_hosts, config.host_name],
-        max_connections=config.admin_max_connections, dropped=service.metrics.admin_dropped,
-        refresh_metrics=service.workers.sync if service.workers is not None else None)
-    if service.running:
-        service.admin_events.start()
-    return site
-
-
-def _warm_up(service: BridgeService) -> Deferred[None]:
-    """Load, off the reactor thread and after the start, what the first
-    logon and the first admin request would load on their way (the reactor
-    would stand still meanwhile): libpam (python-pam finds it with
-    ldconfig), inotify for backends' endpoints (ctypes finds libc the same
-    way), the admin endpoint's twisted.web and prometheus-client."""
-    def warm() -> None:
-        names = ["twisted.internet.inotify"]
-        if service.config.admin_endpoint:
-            names += ["bridge.watch.admin", "bridge.watch.exposition", "bridge.watch.actions"]
-        for name in names:
-            importlib.import_module(name)
-        warm_authenticator = getattr(service.authenticator, "warm", None)
-        if warm_authenticator is not None:
-            warm_authenticator()
-
-    def failed(failure: Failure) -> None:
-        service.log.info("not loaded ahead of the first logon: {error}",
-                         error=failure.getErrorMessage())
-
-    return service._run_blocking(warm).addErrback(failed)

@@ -192,7 +192,8 @@ async def test_head_requests_and_idle_clients_do_not_flood_the_log(short_dir: Pa
                 status, _ = await deferToThread(request, port, "HEAD /metrics HTTP/1.1")
                 assert status == 200
         assert len(twisted_web_lines(events)) <= 2, twisted_web_lines(events)[:3]
-        site = bridge.service.admin_listener.factory  # type: ignore[union-attr]
+        # The site the LazyFactory built for the first client.
+        site = bridge.service.admin_listener.factory.factory  # type: ignore[union-attr]
         site.timeOut = 0.2  # Twisted's idle timeout (60 s), shortened for the test
         with capturedLogs() as events:
             sockets, _ = await deferToThread(hold_connections, port, 30)
