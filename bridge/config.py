@@ -282,7 +282,7 @@ class Config:
         if self.max_icp_send < 256:
             found.append(("max_icp_send", "max_icp_send: must be at least 256 bytes"))
         if not -1 <= self.otsapi_workers <= 64:  # bridge.otsapi.workers
-            found.append(("otsapi_workers", "otsapi_workers: -1 (one per core), 0 to 64"))
+            found.append(("otsapi_workers", "otsapi_workers: -1 (by the cores), 0 to 64"))
         for name in ("frame_timeout", "first_call_timeout", "tls_handshake_timeout",
                      "idle_timeout", "icp_handshake_timeout", "logon_delay_max", "lockout_time"):
             if getattr(self, name) < 0:

@@ -73,9 +73,13 @@ STOP_TIMEOUT = 5.0
 
 
 def default_worker_count() -> int:
-    """One worker per core this process may run on, when it has more than one."""
-    cores = len(os.sched_getaffinity(0))
-    return cores if cores > 1 else 0
+    """``otsapi_workers = -1``: one worker per core this process may run on
+    but two (none with one or two cores). A worker pays for its IPC: a call
+    it forwards or relays costs ~50% more CPU in all than one the main
+    process answers alone (bench/README.md), which is a gain only with cores
+    to spare beyond the main process's (the RDP server's relay, state
+    writes) and the RDP server's own."""
+    return max(0, len(os.sched_getaffinity(0)) - 2)
 
 
 class Accepting:

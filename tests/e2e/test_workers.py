@@ -548,3 +548,10 @@ async def test_a_reload_gives_the_workers_the_new_channel_policy(short_dir: Path
     finally:
         await bridge.stop()
         kill_process_groups(pids)
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 0), (2, 0), (3, 1), (4, 2), (16, 14)])
+def test_the_default_worker_count_leaves_two_cores(
+        monkeypatch: pytest.MonkeyPatch, cores: int, workers: int) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert workers_module.default_worker_count() == workers
