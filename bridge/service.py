@@ -31,9 +31,6 @@ from bridge.endpoints import (
     validate_endpoint,
     with_backlog,
 )
-from bridge.farm.commands import SharedActions
-from bridge.farm.service import FarmService, FarmSettings, read_password
-from bridge.farm.signing import read_command_key
 from bridge.lifecycle.facade import SessionLifecycle
 from bridge.lifecycle.runtime import RdpPeer
 from bridge.otsapi.actions import SessionActions
@@ -71,6 +68,7 @@ from protocols.generated.otsapi_blocking import otsapi
 from protocols.thrift_server import ConnectionLimits, ThriftServerFactory
 
 if TYPE_CHECKING:
+    from bridge.farm.service import FarmService
     from bridge.watch.admin import EventsResource
 
 TOKEN_SWEEP_INTERVAL = 60.0
@@ -87,8 +85,11 @@ FAILURE_EXPIRY_INTERVAL = 60.0
 def make_farm(config: Config, secrets: tuple[str | None, bytes | None], reactor: Any,
               clock: IReactorTime, store: StateStore, registry: SessionRegistry,
               properties: PropertyTable, actions: SessionActions) -> FarmService:
-    """The farm's part of a bridge (config.farm_database is set), with the
-    secrets read_farm_secrets read."""
+    """The farm's part of a bridge (config.farm_database is set; imported
+    only then), with the secrets read_farm_secrets read."""
+    from bridge.farm.commands import SharedActions
+    from bridge.farm.service import FarmService, FarmSettings
+
     password, command_key = secrets
     settings = FarmSettings(
         database=config.farm_database, password=password, host=config.host_name,
@@ -120,6 +121,9 @@ def read_farm_secrets(config: Config) -> tuple[str | None, bytes | None]:
     the bridge is in a farm."""
     if not config.farm_database:
         return None, None
+    from bridge.farm.service import read_password
+    from bridge.farm.signing import read_command_key
+
     secrets: list[Any] = []
     for key, read in (("farm_password_file", read_password),
                       ("farm_command_key_file", read_command_key)):

@@ -47,11 +47,9 @@ from bridge.backends.ogon.properties import (
     choose_kind,
     selects_kind,
 )
-from bridge.backends.ogon.remote import LauncherBackend
 from bridge.backends.ogon.x11 import X11Backend
 from bridge.backends.processes import find
 from bridge.sessions.model import BackendRecord
-from protocols.generated import Module_pb2
 
 #: qt_module.cpp and weston_module.cpp wait 5 s for the pipe, stop with 2 s.
 READY_TIMEOUT = 5.0
@@ -190,6 +188,11 @@ class OgonModules:
         executable = find(argv[0], self.search_path)
         if executable is None:
             raise BackendError(f"{argv[0]!r} not found in PATH ({self.search_path})")
+        # ogon's module protocol (its generated code): loaded by the first
+        # module run through the launcher, not by every start of the bridge.
+        from bridge.backends.ogon.remote import LauncherBackend
+        from protocols.generated import Module_pb2
+
         env = session_environment(context, self.launcher.manager_env, user)
         request = Module_pb2.ModuleStartRequest(
             sessionId=context.session_id, userName=context.username,
@@ -212,6 +215,8 @@ class OgonModules:
                     lookup: PropertyLookup) -> SessionBackend | None:
         """Take a recorded ogon module back after a restart; None when it is gone."""
         if record.launcher:
+            from bridge.backends.ogon.remote import LauncherBackend
+
             backend = LauncherBackend(self.launcher, self.keeper, context.session_id,
                                       record.module, record.kind, lookup)
             return backend if await backend.adopt(record) else None
