@@ -1,7 +1,7 @@
 """Logons over ICP: how long the RDP server waits for LogonUser, alone and in a
 storm.
 
-Runs a real ``twistd -n icp-bridge`` (its default OTS API workers included)
+Runs a real ``twistd -n icp-bridge`` (its default OTS API workers included, if any)
 whose desktop and greeter modules start the stand-in backend
 (``bridge/backends/standin.py``, a Python program that makes its socket and
 waits, as ogon-check's stand-in does), and an RDP server stand-in in another
@@ -39,31 +39,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.run import CLK_TCK, ROOT, free_port, port_open, wait_for
+from bench.run import ROOT, cpu_seconds, free_port, port_open, serving_processes, wait_for
 
 PASSWORD = "bench-pw"
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of the bridge and its OTS API workers (its children that
-    run the same program), not of the backends it started."""
-    def read(p: str) -> tuple[list[str], bytes] | None:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            return fields, Path(f"/proc/{p}/cmdline").read_bytes()
-        except OSError:
-            return None
-
-    own = read(str(pid))
-    if own is None:
-        return 0.0
-    total = (int(own[0][11]) + int(own[0][12])) / CLK_TCK
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != pid:
-            found = read(entry)
-            if found is not None and int(found[0][1]) == pid and found[1] == own[1]:
-                total += (int(found[0][11]) + int(found[0][12])) / CLK_TCK
-    return total
+    """CPU seconds of the bridge and its OTS API workers (its serving
+    processes), not of the backends it started."""
+    return sum(cpu_seconds(p) for p in serving_processes(pid))
 
 
 def summary(latencies: list[float]) -> dict[str, float]:

@@ -60,6 +60,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def serving_processes(pid: int) -> list[int]:
+    """``pid`` and the processes it forked to serve (the bridge's OTS API
+    workers): its children running the same program in its session. The
+    backends it starts lead sessions of their own and are left out."""
+    def stat(p: int | str) -> list[str]:
+        return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+
+    try:
+        exe, session = os.readlink(f"/proc/{pid}/exe"), stat(pid)[3]
+    except (OSError, IndexError):
+        return [pid]
+    found = [pid]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == pid:
+            continue
+        try:
+            fields = stat(entry)
+            if int(fields[1]) == pid and fields[3] == session \
+                    and os.readlink(f"/proc/{entry}/exe") == exe:
+                found.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -130,10 +155,11 @@ def fast_peer_argv(binary: Path, sock: Path, answer_delay: float) -> list[str]:
             *(f"{msg_type}={m.SerializeToString().hex()}" for msg_type, m in answers.items())]
 
 
-def bench_config(base: Path, backend_logs: bool = True) -> Path:
+def bench_config(base: Path, backend_logs: bool = True, workers: int | None = None) -> Path:
     """A config whose sessions run the stand-in backend (a logon starts one).
     ``backend_logs``: the backends' output goes under ``base`` too (older
-    checkouts do not know the key)."""
+    checkouts do not know the key); ``workers``: otsapi_workers (None: the
+    default)."""
     backend = [sys.executable, str(ROOT / "bridge" / "backends" / "standin.py"), "--socket",
                "{pipe_dir}/{endpoint}"]
     user = pwd.getpwuid(os.geteuid()).pw_name
@@ -142,6 +168,7 @@ def bench_config(base: Path, backend_logs: bool = True) -> Path:
         f'pipe_dir = "{base}/pipes"\nadmin_endpoint = "tcp:0:interface=127.0.0.1"\n'
         'dbus_address = ""\n'
         + (f'backend_log_dir = "{base}/logs"\n' if backend_logs else "")
+        + (f"otsapi_workers = {workers}\n" if workers is not None else "")
         + "".join(f'[modules.{name}]\ncommand = {json.dumps(backend)}\n'
                   f'endpoint = "ogon_{{session_id}}_{name}"\nuser = "{user}"\n'
                   for name in ("greeter", "xsession")))
@@ -178,7 +205,8 @@ class Process:
         return self.popen.pid
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        """CPU seconds of the process and its serving processes (workers)."""
+        return sum(cpu_seconds(pid) for pid in serving_processes(self.pid))
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -216,8 +244,8 @@ def baseline(workdir: Path, bridge_reactor: bool = False) -> Iterator[tuple[int,
 
 
 @contextmanager
-def bridge(workdir: Path, fast_peer: Path | None, answer_delay: float = 0.0
-           ) -> Iterator[tuple[int, list[Process], str, int]]:
+def bridge(workdir: Path, fast_peer: Path | None, answer_delay: float = 0.0,
+           workers: int | None = None) -> Iterator[tuple[int, list[Process], str, int]]:
     """The bridge under twistd, a stand-in RDP server (the C++ one unless
     ``fast_peer`` is None) with one logged-on user, and a token: yields
     (port, [bridge, peer], token, session id)."""
@@ -231,7 +259,7 @@ def bridge(workdir: Path, fast_peer: Path | None, answer_delay: float = 0.0
     sock = base / "icp.sock"
     server = Process("bridge", [
         sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-        "--pidfile=", "icp-bridge", "--config", str(bench_config(base)),
+        "--pidfile=", "icp-bridge", "--config", str(bench_config(base, workers=workers)),
         "--icp", f"unix:{sock}:mode=600",
         "--thrift", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
         "--state", str(base / "state"), "--users", str(users), "--token-dir", str(base),
@@ -310,8 +338,8 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run(quick: bool, python_peer: bool = False, baseline_reactor: str = "default"
-        ) -> dict[str, Any]:
+def run(quick: bool, python_peer: bool = False, baseline_reactor: str = "default",
+        workers: int | None = None) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="ib-bench-run-"))
     binary = build(workdir, "loadgen")
     fast_peer = None if python_peer else build(workdir, "fast_peer")
@@ -323,13 +351,14 @@ def run(quick: bool, python_peer: bool = False, baseline_reactor: str = "default
     hold = 0.2 if quick else 2.0
     report: dict[str, Any] = {"baseline": {}, "bridge": {},
                               "peer": "Python" if python_peer else "C++",
-                              "baseline_reactor": baseline_reactor}
+                              "baseline_reactor": baseline_reactor, "workers": workers}
 
     # Both servers run at once and the measurements alternate in short
     # rounds, so that the machine's drift (large on a shared VM) hits both
     # sides alike. Only the side being measured has any load.
     with baseline(workdir, baseline_reactor == "bridge") as (base_port, base_processes), \
-            bridge(workdir, fast_peer) as (bridge_port, bridge_processes, token, session_id):
+            bridge(workdir, fast_peer, workers=workers) as (bridge_port, bridge_processes, token,
+                                                            session_id):
         sides = {
             "baseline": (base_port, base_processes, encode_call("ping", input=7)),
             "bridge": (bridge_port, bridge_processes, encode_call(
@@ -352,7 +381,8 @@ def run(quick: bool, python_peer: bool = False, baseline_reactor: str = "default
             for side in sides:
                 report[side][n] = combine(results[side])
 
-    with bridge(workdir, fast_peer, answer_delay=hold) as (port, processes, token, session_id):
+    with bridge(workdir, fast_peer, answer_delay=hold, workers=workers) as (
+            port, processes, token, session_id):
         vc_open = encode_call("virtualChannelOpen", authToken=token, sessionId=session_id,
                               virtualName="CLIPRDR", isDynChannel=False, flags=0)
         server = processes[0]
@@ -400,7 +430,8 @@ def goals(report: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
 def print_report(report: dict[str, Any]) -> bool:
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
           f"{report['peer']} stand-in RDP server, baseline on the "
-          f"{report['baseline_reactor']} reactor")
+          f"{report['baseline_reactor']} reactor, otsapi_workers "
+          f"{'default' if report.get('workers') is None else report['workers']}")
     print()
     print("side      conns   calls/s     p50 us    p99 us    CPU s (server / peer / loadgen)")
     for side in ("baseline", "bridge"):
@@ -434,9 +465,12 @@ def main() -> int:
     parser.add_argument("--baseline-reactor", choices=("default", "bridge"), default="default",
                         help="run the baseline on Twisted's default reactor (as users would) "
                              "or on the bridge's BridgeReactor")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="the bridge's otsapi_workers (default: its default; the CPU "
+                             "figures count the workers' CPU too)")
     args = parser.parse_args()
     started = time.monotonic()
-    report = run(args.quick, args.python_peer, args.baseline_reactor)
+    report = run(args.quick, args.python_peer, args.baseline_reactor, args.workers)
     ok = print_report(report)
     print(f"\nbench took {time.monotonic() - started:.0f} s")
     if args.json:

@@ -70,3 +70,15 @@ def test_a_short_soak_runs_every_load_without_errors(tmp_path: Path) -> None:
     counts = summary["counts"]
     for load in ("bridged", "logon", "churn", "storm", "rdp reconnect"):
         assert counts.get(load, 0) > 0, (load, counts)
+
+
+def test_footprint_measures_a_real_start(tmp_path: Path) -> None:
+    """bench.footprint starts a real twistd and reads its startup and idle
+    memory (values checked for sense, never for speed)."""
+    from bench.footprint import _setup, one_start
+
+    config = _setup(tmp_path, workers=0)
+    row = one_start(tmp_path, config, idle=0.0)
+    assert row["processes"] == 1
+    assert row["startup_s"] > 0 and row["startup_cpu_s"] > 0
+    assert 0 < row["main_private_mb"] <= row["main_rss_mb"] and row["pss_mb"] > 0
