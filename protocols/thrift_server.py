@@ -128,9 +128,15 @@ current_peer: contextvars.ContextVar[str] = contextvars.ContextVar("current_peer
 #: Alongside: who the client is, for per-client policies such as logon
 #: throttling: its address, but for a client on this host's loopback
 #: ``uid:N`` of the local user who opened the connection (every local
-#: client shares the address); "" when unknown.
+#: client shares the address), or UNKNOWN_LOCAL_SOURCE; "" when unknown
+#: (a UNIX socket endpoint).
 current_source: contextvars.ContextVar[str] = contextvars.ContextVar("current_source",
                                                                     default="")
+#: The source of every loopback client whose socket's owner the kernel
+#: could not name (its socket was gone by the time the connection was
+#: accepted): one shared source that locks out like any other, so that
+#: vanishing cannot escape counting.
+UNKNOWN_LOCAL_SOURCE = "uid:unknown"
 
 
 def _protocol_factory(string_limit: int = DEFAULT_STRING_LIMIT,
@@ -349,6 +355,11 @@ class ThriftServerProtocol(Protocol):
             self._closing = True
             self.transport.abortConnection()
             return
+        # Who the client is, asked now, before any frame is read: the
+        # kernel names a loopback client's owner only while the client's
+        # socket exists, and a client that sends a call and resets at once
+        # has none by the time its frame is handled.
+        self._source = self._identify()
         self._handshaking = self.tls_pending
         if self._handshaking and factory is not None:
             factory.handshake_started(self)
@@ -536,19 +547,25 @@ class ThriftServerProtocol(Protocol):
         return host
 
     def _peer_source(self) -> str:
-        """current_source's value for this connection (asked of the kernel
-        once, for a loopback client)."""
+        """current_source's value for this connection (found when it was
+        accepted)."""
         source = self._source
-        if source is None:
-            source = self._peer_host()
-            if source and is_loopback(source):
-                try:
-                    peer, local = self.transport.getPeer(), self.transport.getHost()
-                    uid = tcp_owner_uid((peer.host, peer.port), (local.host, local.port))
-                except Exception:
-                    uid = None
-                source = f"uid:{uid}" if uid is not None else ""
-            self._source = source
+        if source is None:  # a protocol never connected through connectionMade
+            source = self._source = self._identify()
+        return source
+
+    def _identify(self) -> str:
+        """Who the client is: its address, or for a loopback client the
+        uid owning its socket (asked of the kernel), UNKNOWN_LOCAL_SOURCE
+        when the kernel cannot name one."""
+        source = self._peer_host()
+        if source and is_loopback(source):
+            try:
+                peer, local = self.transport.getPeer(), self.transport.getHost()
+                uid = tcp_owner_uid((peer.host, peer.port), (local.host, local.port))
+            except Exception:
+                uid = None
+            source = f"uid:{uid}" if uid is not None else UNKNOWN_LOCAL_SOURCE
         return source
 
     def _peer(self) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocols.logtext import escaped
+from protocols.thrift_server import UNKNOWN_LOCAL_SOURCE
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS lockouts (
@@ -55,13 +56,15 @@ def source_identity(source: str) -> str:
     """How a client's ``source`` is counted: "" when it cannot be told apart
     from other clients (unknown, or a loopback address every local client
     shares) or is no address at all (text is never a source: it could hold
-    anything, a line break included); ``uid:N`` as given; an IPv6 address as
-    its /64 (one host may pick any address in it); an IPv4-mapped one as its
-    IPv4 address."""
+    anything, a line break included); ``uid:N`` and ``uid:unknown`` (the
+    local callers whose owner the kernel could not name, one shared source)
+    as given; an IPv6 address as its /64 (one host may pick any address in
+    it); an IPv4-mapped one as its IPv4 address."""
     if not source:
         return ""
     if source.startswith("uid:"):
-        return source if source[4:].isascii() and source[4:].isdigit() else ""
+        named = source[4:].isascii() and source[4:].isdigit()
+        return source if named or source == UNKNOWN_LOCAL_SOURCE else ""
     address = _address(source)
     if address is None or address.is_loopback:
         return ""

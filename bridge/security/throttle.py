@@ -8,9 +8,10 @@ legitimate user out).
 
 On the OTS API side a source is one the bridge saw itself: the TCP peer's
 address (an IPv6 address counts as its /64), or for a local caller its uid
-(``uid:N``, which the OTS API finds for loopback connections through
-sock_diag); a loopback address it cannot attribute is no source at all,
-since every local client would share it. Failures are counted three ways:
+(``uid:N``, which the OTS API asks of the kernel through sock_diag when it
+accepts a loopback connection; ``uid:unknown``, one source shared by every
+local caller whose owner the kernel could not name). Failures are counted
+three ways:
 
 - per user *and* source together (a "pair"): after ``lockout_failures`` in
   a row that source may not try that user for ``lockout_time``; so is a

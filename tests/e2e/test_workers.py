@@ -276,6 +276,54 @@ async def test_a_forwarded_logon_is_throttled_by_who_the_client_is(cluster: Clus
     client.transport.loseConnection()
 
 
+#: A client in a process of its own (so that it closes while the bridge
+#: works, as an attacker's would): a ping answered, then the frame given in
+#: hex, then a reset at once (SO_LINGER {1, 0}).
+RESET_CLIENT = """
+import socket, struct, sys
+port, ping, frame = int(sys.argv[1]), bytes.fromhex(sys.argv[2]), bytes.fromhex(sys.argv[3])
+s = socket.create_connection(("127.0.0.1", port), timeout=30)
+s.sendall(ping)
+reply = b""
+while len(reply) < 4 or len(reply) < 4 + struct.unpack_from("!i", reply)[0]:
+    chunk = s.recv(4096)
+    if not chunk:
+        sys.exit("closed before the ping's answer")
+    reply += chunk
+s.sendall(frame)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forwarded_logon_reset_at_once_still_carries_the_local_user(
+        cluster: Cluster) -> None:
+    """The worker that accepts a loopback connection asks the kernel for
+    its owner then, and every call it forwards carries it: a logon whose
+    client reset the connection right after the frame is counted against
+    that local user in the main process (redteam finding 8)."""
+    import subprocess
+    import sys
+
+    from tests.e2e.test_lockouts import FailuresSeen
+    from tests.test_thrift_server import call_bytes, framed
+
+    seen = FailuresSeen()
+    cluster.bridge.service.guard.observers.append(seen)
+    before = cluster.pool.forwarded
+    ping = framed(call_bytes("ping", 1, input=1))
+    logon = framed(call_bytes("logonConnection", 2, username="alice",
+                              password="not-her-password", domain=""))
+    done = await deferToThread(subprocess.run, [
+        sys.executable, "-c", RESET_CLIENT, str(cluster.bridge.thrift_port), ping.hex(),
+        logon.hex()], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    await seen.until(1)
+    assert seen.failed == [("alice", f"uid:{os.geteuid()}")]
+    assert cluster.pool.forwarded == before + 1
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_dead_worker_is_survived_and_forked_again(cluster: Cluster) -> None:
     pool = cluster.pool
