@@ -23,9 +23,8 @@ Keeping the copies current, and never wrong:
 - A worker that does not acknowledge within ACK_TIMEOUT is killed: a dead
   worker answers nothing, and the others go on.
 - A worker that dies is forked again (after RESTART_DELAY, doubling while
-  it keeps dying); its clients lose their connection, as with any server
-  restart, and connect again to the others. With no worker serving, this
-  process accepts again.
+  it keeps dying); its clients lose their connection, as at any restart,
+  and connect again to the others. With none serving, this process accepts.
 """
 
 from __future__ import annotations
@@ -74,11 +73,10 @@ STOP_TIMEOUT = 5.0
 
 def default_worker_count() -> int:
     """``otsapi_workers = -1``: one worker per core this process may run on
-    but two (none with one or two cores). A worker pays for its IPC: a call
-    it forwards or relays costs ~50% more CPU in all than one the main
-    process answers alone (bench/README.md), which is a gain only with cores
-    to spare beyond the main process's (the RDP server's relay, state
-    writes) and the RDP server's own."""
+    but two (none with one or two). A call a worker forwards or relays costs
+    ~50% more CPU in all than one the main process answers alone (IPC;
+    bench/README.md): a gain only with cores to spare beyond the main
+    process's (relay, state writes) and the RDP server's own."""
     return max(0, len(os.sched_getaffinity(0)) - 2)
 
 
