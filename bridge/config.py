@@ -154,14 +154,12 @@ class Config:
     # twisted.web: /metrics, /events, /sessions, /healthz and a status page.
     # "" turns it off.
     admin_endpoint: str = "tcp:9092:interface=127.0.0.1"
-    # Host names the admin endpoint answers besides the loopback names and
-    # the address it is reached at ("name" any port, "name:port" that one):
-    # against DNS rebinding, others get 421.
+    # Host names the admin endpoint answers besides the loopback names and the
+    # address it is reached at ("name": any port, "name:port"); others get 421 (DNS rebinding).
     admin_allowed_hosts: list[str] = field(default_factory=list)
     # Admin endpoint connections at once (more are closed at once).
     admin_max_connections: int = 512
-    # The session event journal keeps events_keep seconds, at most
-    # events_keep_count events.
+    # The session event journal keeps events_keep seconds, events_keep_count events.
     events_keep: float = 7 * 24 * 3600.0
     events_keep_count: int = 1_000_000
     # ogon's SessionNotification signals: "system" (the system bus), a D-Bus
