@@ -408,6 +408,9 @@ class BackendLauncher:
         finally:
             os.close(log_fd)
             os.close(null_fd)
+        if child.pid is None:  # Twisted reaped it in spawnProcess: it exited at once
+            log_path.unlink(missing_ok=True)
+            raise BackendError(f"{module.name} exited at once")
         backend._process = child
         backend.record = dataclasses.replace(
             backend.record, pid=child.pid, start_ticks=process_start_ticks(child.pid) or 0,
