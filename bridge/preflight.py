@@ -46,7 +46,7 @@ from pathlib import Path
 from bridge.backends.environment import STANDARD_PATH
 from bridge.backends.modules import Module
 from bridge.backends.ogon.properties import KINDS
-from bridge.config import Config, Problem, default_modules
+from bridge.config import Config, Problem, backend_log_directory, default_modules
 from bridge.config_sources import load_properties
 from bridge.endpoints import split_endpoint
 from bridge.security.file_trust import untrusted
@@ -59,6 +59,7 @@ from bridge.security.tls import (
 )
 from bridge.sessions.ogon_config import MergedProperties
 from bridge.sessions.properties import PropertyTable
+from bridge.state.trust import state_dir_problem
 
 #: A certificate expiring sooner than this is warned about.
 CERTIFICATE_WARNING = datetime.timedelta(days=30)
@@ -347,6 +348,35 @@ class _Checker:
             if problem is not None:
                 self.error("authenticator", problem)
 
+    # -- directories ------------------------------------------------------------------------
+
+    def state_dir(self) -> None:
+        """The state database is root's word on what to signal and remove:
+        a state_dir others could write to stops startup (StateStore checks
+        the same at its open)."""
+        problem = state_dir_problem(self.config.state_dir)
+        if problem is not None:
+            self.error("state_dir", f"state_dir: {problem}")
+
+    def backend_log_filesystem(self) -> None:
+        """Backends write their output through a root-opened descriptor: on
+        a shared filesystem a desktop can fallocate() all of its free space
+        in one call, before the bridge cuts the file back (README, "Backend
+        output")."""
+        if not self.as_root:
+            return  # backends run as the bridge's own user, on its own quota
+        directory = backend_log_directory(self.config)
+        shared = [str(other) for other in (Path("/"), Path("/run"), self.config.state_dir)
+                  if _same_filesystem(directory, other)]
+        if not shared:
+            return
+        self.warn("backend_log_dir", f"backend_log_dir: {directory} is on the filesystem of "
+                                     f"{' and '.join(shared)}: a desktop can reserve all its "
+                                     f"free space at once (fallocate() on its output) before "
+                                     f"the bridge cuts its file back, and whatever else writes "
+                                     f"there fails meanwhile; mount a size-limited tmpfs on "
+                                     f"it (contrib/systemd/run-icp\\x2dbridge-backends.mount)")
+
     # -- TLS and listeners ------------------------------------------------------------------
 
     def certificate(self) -> None:
@@ -392,6 +422,24 @@ class _Checker:
 def _is_file_line(where: str) -> bool:
     """Whether ``where`` (see _Checker.named_by) is a config.ini line."""
     return where.rpartition(":")[2].isdigit()
+
+
+def _existing(path: Path) -> Path:
+    """``path``, or the nearest directory above it that exists (where it
+    would be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _same_filesystem(path: Path, other: Path) -> bool:
+    """Whether ``path`` (or where it would be created) is on the
+    filesystem of ``other`` (its device number: a mount of its own has
+    another)."""
+    try:
+        return _existing(path).stat().st_dev == _existing(other).stat().st_dev
+    except OSError:
+        return False
 
 
 def _own_name() -> str:
@@ -471,4 +519,6 @@ def preflight(config: Config, origins: dict[str, str] | None = None,
     checker.trusted_files(files, modules)
     checker.certificate()
     checker.listeners()
+    checker.state_dir()
+    checker.backend_log_filesystem()
     return checker.findings

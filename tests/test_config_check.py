@@ -391,7 +391,9 @@ def test_preflight_modules_commands_and_accounts(tmp_path: Path) -> None:
         "/etc/b.toml: user_properties.bob.module: names module 'gnome', which is not defined "
         "(add [modules.gnome] or module.gnome.modulename, or name one of: chosen, greeter, kde, "
         "xsession)"]
-    assert lines(found.warnings) == [
+    # (Whether backend_log_dir has a filesystem of its own depends on the
+    # machine: tests/test_backend_log_filesystem.py.)
+    assert [w for w in lines(found.warnings) if not w.startswith("backend_log_dir")] == [
         "/etc/b.toml: modules.xsession.command: "
         f"{script} is not an executable file; xsession backends cannot start (logons get the "
         "greeter instead of their desktop)",

@@ -414,7 +414,8 @@ class BackendLauncher:
         backend._process = child
         backend.record = dataclasses.replace(
             backend.record, pid=child.pid, start_ticks=process_start_ticks(child.pid) or 0,
-            log_path=str(log_path), station=f"{module.kind or module.name}:{child.pid}")
+            log_path=str(log_path), station=f"{module.kind or module.name}:{child.pid}",
+            uid=os.getuid() if uid is None else uid)
         backend.follow_output(self.logs.attach(log_path, f"session {backend.session_id} "
                                                          f"{module.name}"), from_end=False)
         self._track(backend)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import secrets
 import signal
 import stat
@@ -43,6 +44,8 @@ from protocols.loglimit import LogLimiter
 POLL_INTERVAL = 1.0
 #: What a file's name looks like (the leftovers of a previous run are swept).
 PREFIX, SUFFIX = "session-", ".log"
+#: A name ``create`` makes: session id, module, random hex digits.
+_OWN_NAME = re.compile(re.escape(PREFIX) + r"[0-9]+-[^/]+\.[0-9a-f]+" + re.escape(SUFFIX))
 #: inotify's "a descriptor open for writing was closed" (linux/inotify.h).
 _IN_CLOSE_WRITE = 0x00000008
 
@@ -246,8 +249,28 @@ class BackendLogs:
         self._remove_if_left(log)
 
     def attach_path(self, path: str, label: str) -> LogFile | None:
-        """``attach`` for a path as a backend record keeps it ("": none)."""
-        return self.attach(Path(path), label) if path else None
+        """``attach`` for a path as a backend record keeps it ("": none).
+        Only a file of this directory named as the bridge names them: a
+        record comes from the state database, and a path elsewhere would
+        make root truncate and remove a file it never made."""
+        if not path:
+            return None
+        if not self.is_own_name(path):
+            self._log_limit.warn(
+                self.log, ("foreign", path),
+                "{label}: not following or removing {path}: not a backend log of {directory}",
+                label=label, path=path, directory=str(self.directory))
+            return None
+        return self.attach(Path(path), label)
+
+    def is_own_name(self, path: str) -> bool:
+        """Whether ``path`` names a file as ``create`` makes them: right in
+        this directory (no "..", no other directory), with the bridge's
+        file name pattern."""
+        candidate = Path(path)
+        return (candidate.is_absolute() and ".." not in candidate.parts
+                and candidate.parent == self.directory
+                and _OWN_NAME.fullmatch(candidate.name) is not None)
 
     def release_path(self, path: str) -> None:
         """A backend of a previous run is gone: its file too, once left alone."""

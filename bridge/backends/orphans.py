@@ -23,8 +23,30 @@ if TYPE_CHECKING:
 
 
 def same_process(record: BackendRecord) -> bool:
-    """Whether the process ``record`` names still runs (not a reused pid)."""
-    return record.pid > 0 and process_start_ticks(record.pid) == record.start_ticks
+    """Whether the process ``record`` names still runs (not a reused pid):
+    its start time, and its real uid when the record knows it. A record
+    with no start time (0) never matches: signalling its pid would be a
+    guess. The uid keeps a record the bridge did not write (a state
+    database someone else could replace) from naming another account's
+    process -- root's, say -- by its pid and start time, which
+    /proc/PID/stat shows to everyone."""
+    if record.pid <= 0 or record.start_ticks <= 0:
+        return False
+    if process_start_ticks(record.pid) != record.start_ticks:
+        return False
+    return record.uid < 0 or process_uid(record.pid) == record.uid
+
+
+def process_uid(pid: int) -> int | None:
+    """The real uid of process ``pid`` (/proc/PID/status), None if gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _chained(d: Deferred[None]) -> Deferred[None]:
@@ -92,6 +114,13 @@ class Orphans:
         if key in self._stopping:
             return _chained(self._stopping[key].gone)
         if not same_process(record):
+            if record.start_ticks > 0 and process_start_ticks(record.pid) == record.start_ticks:
+                self.log.warn("session {session_id}: not stopping pid {pid}: it runs as uid "
+                              "{found}, and the {module} backend recorded with its pid and "
+                              "start time ran as uid {uid}; record forgotten",
+                              session_id=session_id, pid=record.pid,
+                              found=process_uid(record.pid), module=record.module,
+                              uid=record.uid)
             orphan = _Orphan(record, None)
             self._gone(orphan)
             return orphan.gone

@@ -92,7 +92,10 @@ class BackendRecord:
     module), whether ogon-backend-launcher runs it (``pid`` is then the
     launcher's), the WinStationName (``station``, ogon's
     ``<kind>:<custom info>``), its other processes, and what its stop needs
-    (``details``: the display, the stopwm command, ...)."""
+    (``details``: the display, the stopwm command, ...). ``uid``: the real
+    uid it was spawned as (-1: not known, a record of an older version or
+    of a process another program spawned); no process of another uid is
+    ever signalled as this one."""
 
     module: str
     pid: int
@@ -104,6 +107,7 @@ class BackendRecord:
     station: str = ""
     processes: list[ProcessRecord] = field(default_factory=list)
     details: dict[str, str] = field(default_factory=dict)
+    uid: int = -1
 
     @classmethod
     def from_dict(cls, data: dict) -> BackendRecord:

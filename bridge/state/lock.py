@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from bridge.endpoints import StartupError, open_lock_file
+from bridge.state.trust import check_state_dir
 
 LOCK_NAME = "state.lock"
 #: What the holder writes after its pid, so that the refusal can name it.
@@ -55,12 +56,11 @@ class StateDirectoryLock:
     @classmethod
     def claim(cls, state_dir: Path, what: str = BRIDGE) -> StateDirectoryLock:
         """Take the lock of ``state_dir`` (created 0700 when missing), or
-        raise StateDirectoryBusyError naming the holder."""
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as e:
-            raise StartupError(f"state_dir: {state_dir} cannot be used: "
-                               f"{e.strerror or e}") from None
+        raise StateDirectoryBusyError naming the holder (StartupError: a
+        state_dir others could write to)."""
+        # Made 0700, or refused when others could write to it, before
+        # anything is opened in it (bridge.state.trust).
+        check_state_dir(state_dir)
         path = state_dir / LOCK_NAME
         fd = open_lock_file(path)
         try:

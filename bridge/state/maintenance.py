@@ -25,6 +25,7 @@ from bridge.state.lock import RESTORE, StateDirectoryBusyError, StateDirectoryLo
 from bridge.state.rows import session_from_json
 from bridge.state.schema import latest, version_of
 from bridge.state.store import OPENED_BY, TABLES
+from bridge.state.trust import backup_problem
 
 #: meta rows a backup carries: when it was taken, and of which file.
 BACKUP_TIME = "backup_time"
@@ -278,6 +279,11 @@ def _restore(backup_file: Path, live: Path) -> Path | None:
     if pid is not None:
         raise MaintenanceError(f"a bridge (pid {pid}) has {live} open: stop it first "
                                f"(systemctl stop icp-bridge)")
+    # Checked before it is read: a backup another user could write (or swap
+    # in its directory) would become root's word on what to signal and remove.
+    problem = backup_problem(backup_file)
+    if problem is not None:
+        raise MaintenanceError(f"not restoring {backup_file}: {problem}")
     found = inspect(backup_file)
     if found.problems:
         raise MaintenanceError(f"{backup_file} is not sound: {found.problems[0]}")

@@ -38,6 +38,7 @@ from bridge.sessions.model import (
 from bridge.sessions.registry import SessionRegistry
 from bridge.state.rows import RowReading, read_row, session_to_json
 from bridge.state.schema import migrate
+from bridge.state.trust import check_state_dir, file_problem
 
 #: The tables ``icp-bridge state check`` expects (``bridge.state.schema`` makes them).
 TABLES = ("meta", "sessions", "tokens", "events", "lockouts", "backends")
@@ -100,7 +101,12 @@ class StateStore:
         memory = path == ":memory:"
         try:
             if not memory:
-                Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                # Refused when others could write it: it is root's word to itself.
+                check_state_dir(Path(path).parent)
+                for name in (str(path), f"{path}-wal", f"{path}-shm"):
+                    problem = file_problem(Path(name), missing_ok=True)
+                    if problem is not None:
+                        raise StartupError(f"state database: {problem}")
                 _private(Path(path))
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -200,7 +200,7 @@ class X11Backend:
         mark = start_mark()
         self.x = self._spawn_command(line, "x", X_STOP, self.cwd, {DISPLAY_FD: "r"})
         self.record = BackendRecord(self.config_name, self.x.pid, self.x.record.start_ticks, "",
-                                    self.x.record.log_path, kind="X11")
+                                    self.x.record.log_path, kind="X11", uid=self.x.record.uid)
         try:
             self.display = await self._read_display(self.x)
         except BackendError:
@@ -230,7 +230,7 @@ class X11Backend:
             self.x.record.log_path, kind="X11", station=f"X11:{self.display}",
             processes=[ProcessRecord("window-manager", self.wm.pid, self.wm.record.start_ticks,
                                      self.wm.record.log_path)],
-            details=self._details())
+            details=self._details(), uid=self.x.record.uid)
         return self
 
     def _uid(self) -> int:
