@@ -17,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "contrib" / "systemd"
 SHIPPED_TWISTD = "/opt/icp-bridge/bin/twistd"
+#: backend_log_dir's default on a tmpfs of its own (its name is its path, escaped).
+LOG_MOUNT = "run-icp\\x2dbridge-backends.mount"
 
 
 def tool(name: str) -> str:
@@ -38,9 +40,10 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     (tmp_path / "icp-bridge.service").write_text(
         service.replace(SHIPPED_TWISTD, str(twistd)))
     shutil.copy(UNITS / "icp-bridge.socket", tmp_path / "icp-bridge.socket")
+    shutil.copy(UNITS / LOG_MOUNT, tmp_path / LOG_MOUNT)
     result = subprocess.run(
-        [tool("systemd-analyze"), "verify", "icp-bridge.socket", "icp-bridge.service"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        [tool("systemd-analyze"), "verify", "icp-bridge.socket", "icp-bridge.service",
+         LOG_MOUNT], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     # Unknown keys and bad values are only warnings for verify: none may appear.
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
@@ -84,3 +87,30 @@ def test_tmpfiles_makes_the_pipe_directory_as_winpr_does(tmp_path: Path) -> None
     made = (root / "tmp" / ".pipe").stat()
     assert stat.S_ISDIR(made.st_mode) and stat.S_IMODE(made.st_mode) == 0o1777
     assert made.st_uid == 0 or made.st_uid == Path(root).stat().st_uid
+
+
+def test_backend_logs_get_a_size_limited_tmpfs_of_their_own(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           ) -> None:
+    """The mount unit is at backend_log_dir's default as root, the service
+    pulls it in, and its name must match its Where= (verify refuses a
+    mismatch: the name is not just a label)."""
+    from bridge import config as config_module
+    from bridge.config import Config, backend_log_directory
+
+    monkeypatch.setattr(config_module, "_running_as_root", lambda: True)
+    where = str(backend_log_directory(Config()))
+    mount = unit_text(LOG_MOUNT)
+    settings = dict(line.split("=", 1) for line in mount.splitlines()
+                    if "=" in line and not line.startswith("#"))
+    assert settings["Where"] == where == "/run/icp-bridge/backends"
+    assert settings["Type"] == "tmpfs"
+    options = settings["Options"].split(",")
+    assert "mode=0700" in options and "uid=0" in options, "as backend_log_dir must be"
+    assert any(option.startswith("size=") for option in options), "size-limited"
+    assert f"RequiresMountsFor={where}" in unit_text("icp-bridge.service").splitlines()
+    renamed = tmp_path / "icp-bridge-backends.mount"
+    renamed.write_text(mount)
+    result = subprocess.run([tool("systemd-analyze"), "verify", renamed.name], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert "doesn't match unit name" in result.stderr
