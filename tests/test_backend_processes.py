@@ -208,7 +208,8 @@ async def test_an_orphan_is_stopped_and_forgotten(tmp_path: Path) -> None:
     assert child.stderr is not None and child.stderr.readline() == "ready\n"
     ticks = process_start_ticks(child.pid)
     assert ticks is not None
-    record = BackendRecord("xsession", child.pid, ticks, "ogon_9_X11", str(output))
+    record = BackendRecord("xsession", child.pid, ticks, "ogon_9_X11", str(output),
+                           uid=os.getuid())
     ledger = MemoryLedger()
     ledger.spawned(9, record)
     logs = BackendLogs(reactor, reactor, tmp_path)

@@ -124,6 +124,17 @@ class Orphans:
             orphan = _Orphan(record, None)
             self._gone(orphan)
             return orphan.gone
+        if record.uid < 0 and process_uid(record.pid) == 0:
+            # A record that does not say whose process it is (an older
+            # version's, or not the bridge's) never makes root signal root's.
+            self.log.warn("session {session_id}: not stopping pid {pid} ({module} backend "
+                          "by its record): it is root's, and the record does not say whose "
+                          "process it is (written by an older version?); record forgotten, "
+                          "stop it by hand if it is that backend",
+                          session_id=session_id, pid=record.pid, module=record.module)
+            orphan = _Orphan(record, None)
+            self._gone(orphan)
+            return orphan.gone
         self.log.warn("session {session_id}: stopping {module} backend (pid {pid}): {why}",
                       session_id=session_id, module=record.module, pid=record.pid, why=why)
         output = self.logs.attach_path(record.log_path, f"session {session_id} {record.module}")

@@ -198,8 +198,9 @@ class LauncherBackend:
         finally:
             for fd in (stdin_read, stdout_write, errors):
                 os.close(fd)
+        # The keeper runs it as the keeper runs: as the bridge's own user.
         self.record = BackendRecord(self.config_name, pid, ticks, "", str(log_path),
-                                    kind=self.kind, launcher=True)
+                                    kind=self.kind, launcher=True, uid=os.getuid())
         self._output = self.launcher.logs.attach(log_path, f"session {self.session_id} "
                                                            f"{self.config_name} launcher")
         self._record_spawn()
@@ -234,7 +235,7 @@ class LauncherBackend:
                           session_id=self.session_id, error=str(e))
         self.record = BackendRecord(self.config_name, pid, ticks, endpoint.rpartition("\\")[2],
                                     str(log_path), kind=self.kind, launcher=True,
-                                    station=station)
+                                    station=station, uid=os.getuid())
         return self
 
     def _record_spawn(self) -> None:
