@@ -205,12 +205,13 @@ async def test_a_record_naming_root_s_process_under_another_uid_is_not_signalled
         assert not same_process(no_ticks)
         await settle(orphans, orphans.stop(7, no_ticks, 0.1, "no session owns it"))
         assert root_sleeper.poll() is None
-        # A record that does not say whose (an older version's, or forged without
-        # it) never makes root signal root's process.
+        # A ledger row that does not say whose (an older version's, or forged
+        # without it) never makes root signal root's process.
         unknown = BackendRecord("xsession", root_sleeper.pid, ticks, "")
         ledger.spawned(7, unknown)
         with capturedLogs() as events:
-            await settle(orphans, orphans.stop(7, unknown, 0.1, "no session owns it"))
+            await settle(orphans, orphans.stop(7, unknown, 0.1, "no session owns it",
+                                               from_ledger=True))
         assert root_sleeper.poll() is None and ledger.recorded() == []
         assert any("does not say whose" in e.get("log_format", "") for e in events)
         # Recorded as root's (as the bridge records a greeter it runs as root): stopped.

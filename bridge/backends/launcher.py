@@ -560,7 +560,8 @@ class BackendLauncher:
             self.orphans.stop(session_id, record,
                               module.stop_timeout if module is not None else 5.0,
                               "started by the last run, and no session owns it (it was still "
-                              "starting, or its session ended with that run)")
+                              "starting, or its session ended with that run)",
+                              from_ledger=True)
         self.logs.sweep({Path(b.record.log_path) for b in self._backends.values()})
 
     # -- bookkeeping --------------------------------------------------------------

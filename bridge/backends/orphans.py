@@ -106,10 +106,12 @@ class Orphans:
         self._stopping: dict[tuple[int, int], _Orphan] = {}
 
     def stop(self, session_id: int, record: BackendRecord, stop_timeout: float,
-             why: str) -> Deferred[None]:
+             why: str, from_ledger: bool = False) -> Deferred[None]:
         """Stop the process ``record`` names (logged with ``why``); fires
         once it is gone (never, when pidfds are missing and it outlives the
-        SIGKILL: the next run finds it in the ledger)."""
+        SIGKILL: the next run finds it in the ledger). ``from_ledger``: a
+        spawn ledger row, which this version always writes with the uid; a
+        row without one never makes root signal root's own process."""
         key = (record.pid, record.start_ticks)
         if key in self._stopping:
             return _chained(self._stopping[key].gone)
@@ -124,7 +126,7 @@ class Orphans:
             orphan = _Orphan(record, None)
             self._gone(orphan)
             return orphan.gone
-        if record.uid < 0 and process_uid(record.pid) == 0:
+        if from_ledger and record.uid < 0 and process_uid(record.pid) == 0:
             # A record that does not say whose process it is (an older
             # version's, or not the bridge's) never makes root signal root's.
             self.log.warn("session {session_id}: not stopping pid {pid} ({module} backend "
