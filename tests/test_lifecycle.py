@@ -125,7 +125,7 @@ class FakeLauncher:
                     session_id: int = 0, why: str = "") -> None:
         self.orphans_killed.append(record)
 
-    def stop_unowned(self, modules: Any) -> None:
+    def stop_unowned(self, modules: Any, also_owned: Any = ()) -> None:
         self.unowned_stopped = True
 
     def close(self) -> None:
