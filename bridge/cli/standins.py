@@ -45,6 +45,10 @@ def cmd_peer(args: argparse.Namespace) -> int:
             # osError is the errno for a UNIX socket (ENOENT, ECONNREFUSED, EACCES).
             why = os.strerror(e.osError) if isinstance(e.osError, int) else str(e)
             fail(f"no bridge at {args.socket} ({why})")
+        except IcpError as e:
+            # It serves one RDP server at a time: another one is connected.
+            fail(f"the bridge at {args.socket} closed the connection ({e}); is another RDP "
+                 f"server connected to it?")
         print(f"connected to {args.socket}, ICP {proto.peer_version[0]}.{proto.peer_version[1]}",
               flush=True)
         for connection_id in range(args.first_connection,

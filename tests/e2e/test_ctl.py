@@ -576,5 +576,10 @@ async def test_peer_without_user_brings_a_client_to_the_greeter(short_dir: Path)
                                    "--once", "--quiet")
         assert code == 1 and "Traceback" not in err
         assert f"no bridge at {short_dir / 'none.sock'} (No such file or directory)" in err
+
+        await bridge.peer()  # the RDP server: the bridge serves one at a time
+        out, err, code = await cli(*peer)
+        assert code == 1 and "Traceback" not in err, err
+        assert f"icp-bridge peer: the bridge at {bridge.icp_path} closed the connection" in err
     finally:
         await bridge.stop()
