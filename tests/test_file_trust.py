@@ -8,6 +8,7 @@ config_perms.sh is re-run as test_config_check_refuses_the_reviews_files."""
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import sys
@@ -76,6 +77,29 @@ def test_a_directory_above_that_others_may_write_is_not(tmp_path: Path) -> None:
     # theirs: fine when the file is the bridge's (or root's).
     (tmp_path / "open").chmod(0o1777)
     assert untrusted(path, "users file") is None
+
+
+@needs_root
+def test_a_directory_above_that_its_group_may_write_is_not(tmp_path: Path) -> None:
+    """Its group's members could rename another file over it (the review of
+    the security round); a group of root's own (root, Debian's staff) may."""
+    shared = tmp_path / "conf"
+    shared.mkdir()
+    path = shared / "icp-bridge.toml"
+    path.write_text("")
+    path.chmod(0o644)
+    users = grp.getgrnam("users").gr_gid
+    os.chown(shared, 0, users)
+    shared.chmod(0o775)
+    assert untrusted(path, "configuration file") == (
+        f"configuration file {path}: the directory {shared} above it is writable by its group "
+        f"users (mode 0775), whose members can replace it, and it names the commands the "
+        f"bridge runs as root: chmod g-w {shared}")
+    os.chown(shared, 0, 0)
+    assert untrusted(path, "configuration file") is None
+    os.chown(shared, 0, users)
+    shared.chmod(0o755)
+    assert untrusted(path, "configuration file") is None
 
 
 @needs_root

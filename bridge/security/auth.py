@@ -454,8 +454,9 @@ class UsersFileAuthenticator:
         at the next logon."""
         self.users()
         if self.stale:
-            return [f"users file {self.path} has bad entries; an older version is in use "
-                    f"({self.problems[0] if self.problems else ''})"]
+            return [f"users file {self.path} on disk is not used "
+                    f"({self.problems[0] if self.problems else ''}); the version read before "
+                    f"serves"]
         if self._current.problems:
             return [f"users file {self.path}: {len(self._current.problems)} bad entries "
                     f"({self._current.problems[0]})"]

@@ -7,14 +7,16 @@ finding 14).
 Such a file must belong to root or the bridge's user and not be writable
 by its group or others; every directory above it must belong to root or
 the bridge's user too (a directory's owner can swap what it holds) and not
-be writable by others unless it is sticky (in ``/tmp``, 1777, others may
-add names but not replace a file that is not theirs). Symbolic links are
+be writable by others or by its group unless it is sticky (in ``/tmp``,
+1777, others may add names but not replace a file that is not theirs; a
+group of root's own, ``root`` or Debian's ``staff``, may write). Symbolic links are
 followed, and the directories above both the path given and the file it
 leads to are checked.
 """
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import stat
@@ -81,4 +83,22 @@ def untrusted(path: Path, what: str, own_uid: int | None = None) -> str | None:
             return (f"{what} {path}: the directory {directory} above it is writable by "
                     f"others without the sticky bit (mode {dir_mode:04o}), so anyone can "
                     f"replace it, and {why}: chmod o-w {directory}")
+        if dir_mode & 0o020 and not dir_mode & stat.S_ISVTX \
+                and _group_name(held.st_gid) not in ROOTS_GROUPS:
+            return (f"{what} {path}: the directory {directory} above it is writable by its "
+                    f"group {_group_name(held.st_gid)} (mode {dir_mode:04o}), whose members "
+                    f"can replace it, and {why}: chmod g-w {directory}")
     return None
+
+
+#: Groups whose members may write where root's programs live: root's own,
+#: and Debian's ``staff`` (older installs make /usr/local root:staff 2775;
+#: Debian documents staff as able to become root through it).
+ROOTS_GROUPS = {"root", "staff"}
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return f"gid {gid}"
