@@ -144,6 +144,10 @@ class FarmSingleSession:
                                   "refused: {refusal}", username=user, host=command.host,
                                   session_id=command.session_id,
                                   refusal=(command.result or {}).get("refused", ""))
+            expired = [f"{c.host}/{c.session_id}" for c in commands if c.state == "expired"]
+            if expired:
+                self.log.warn("user {username}: the logoff of {sessions} expired before its "
+                              "host ran it", username=user, sessions=", ".join(expired))
             pending = [f"{c.host}/{c.session_id}" for c in commands if c.state == "pending"]
             if pending:
                 self.log.warn("user {username}: the logoff of {sessions} is still pending "
