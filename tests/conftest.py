@@ -150,6 +150,24 @@ def kill_process_groups(pids: list[int]) -> None:
             pass
 
 
+def kill_and_wait(pid: int, timeout: float = 30.0) -> None:
+    """SIGKILL ``pid``'s process group and return once the process has
+    exited (its pidfd is readable): kill() only queues the signal, and a
+    check made at once could still see it running on a busy machine."""
+    import select
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+        readable, _, _ = select.select([pidfd], [], [], timeout)
+        assert readable, f"pid {pid} still runs {timeout} s after SIGKILL"
+    finally:
+        os.close(pidfd)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

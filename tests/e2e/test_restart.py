@@ -8,7 +8,7 @@ import pytest_twisted
 
 from bridge.sessions.model import ConnectState
 from bridge.state.store import StateStore
-from tests.conftest import kill_process_groups, start_bridge
+from tests.conftest import kill_and_wait, kill_process_groups, start_bridge
 from tests.e2e.otsapi_client import BlockingClient
 
 
@@ -106,7 +106,7 @@ async def test_a_backend_gone_during_the_restart_ends_its_session(short_dir: Pat
     bob = first.service.registry.by_connection(2)
     pids = first.backend_pids()
     await first.stop(kill_backends=False)
-    kill_process_groups([alice.backend.pid])  # e.g. the machine's OOM killer
+    kill_and_wait(alice.backend.pid)  # e.g. the machine's OOM killer
     second = await start_bridge(short_dir)
     try:
         registry = second.service.registry
