@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from bridge.otsapi import channel as wire
 from bridge.otsapi.handler import OtsApiHandler
 from bridge.otsapi.virtual_channels import VirtualChannelCalls
-from bridge.security.tokens import _DIGEST_CACHE_SIZE, TokenRecord, token_digest, well_formed
+from bridge.security.tokens import DigestCache, TokenRecord
 from bridge.sessions.model import Session
 from bridge.sessions.properties import ChannelPolicy
 from protocols import icp
@@ -96,17 +96,12 @@ class ReplicaTokens:
         self.records = records
         self.clock = clock
         self.touched: dict[str, float] = {}
-        self._digests: dict[str, str] = {}
+        self._digests = DigestCache()
 
     def lookup(self, token: str) -> TokenRecord | None:
-        digest = self._digests.get(token)
+        digest = self._digests.digest(token)
         if digest is None:
-            if not well_formed(token):
-                return None
-            digest = token_digest(token)
-            if len(self._digests) >= _DIGEST_CACHE_SIZE:
-                self._digests.clear()
-            self._digests[token] = digest
+            return None
         record = self.records.get(digest)
         if record is None:
             return None

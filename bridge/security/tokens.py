@@ -43,6 +43,26 @@ def well_formed(token: str) -> bool:
 _DIGEST_CACHE_SIZE = 4096
 
 
+class DigestCache:
+    """The digests of the well-formed tokens callers present, so that a
+    token used again is not hashed again (bounded: see above)."""
+
+    def __init__(self) -> None:
+        self._digests: dict[str, str] = {}
+
+    def digest(self, token: str) -> str | None:
+        """``token``'s digest; None for what is not of the issued shape."""
+        digest = self._digests.get(token)
+        if digest is None:
+            if not well_formed(token):
+                return None
+            digest = token_digest(token)
+            if len(self._digests) >= _DIGEST_CACHE_SIZE:
+                self._digests.clear()
+            self._digests[token] = digest
+        return digest
+
+
 @dataclass
 class TokenRecord:
     digest: str
@@ -69,7 +89,7 @@ class TokenStore:
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self._records: dict[str, TokenRecord] = {}
-        self._digests: dict[str, str] = {}
+        self._digests = DigestCache()
         self._persisted_expiry: dict[str, float | None] = {}
         self._unremoved: set[str] = set()
         self.listener: TokenListener | None = None
@@ -135,14 +155,9 @@ class TokenStore:
 
     def lookup(self, token: str) -> TokenRecord | None:
         """The live record of ``token`` (sliding its expiry), else None."""
-        digest = self._digests.get(token)  # only well-formed tokens are in it
+        digest = self._digests.digest(token)
         if digest is None:
-            if not well_formed(token):
-                return None
-            digest = token_digest(token)
-            if len(self._digests) >= _DIGEST_CACHE_SIZE:
-                self._digests.clear()
-            self._digests[token] = digest
+            return None
         record = self._records.get(digest)
         if record is None:
             return None
