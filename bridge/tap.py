@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 import tomllib
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ from twisted.python import usage
 from bridge.config import Config, ConfigError, default_config_file
 from bridge.daemon.logs import BridgeLogging, is_journal_stream
 from bridge.daemon.notify import SystemdNotifier
+from bridge.sessions.model import state_name
 
 if TYPE_CHECKING:
     from bridge.config_sources import ConfigSources, LoadedConfig
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 
 #: Seconds between reminders of a certificate close to its expiry.
 CERTIFICATE_REMINDER_INTERVAL = 24 * 3600.0
+#: systemd's STATUS follows the sessions at most this often (seconds).
+STATUS_INTERVAL = 1.0
 
 # flag name -> config key; every flag overrides the config file.
 FLAG_KEYS = {
@@ -197,6 +201,8 @@ class DaemonService(MultiService):
         # meanwhile (at startup, preflight says so).
         self.reminder = LoopingCall(self.certificate_reminder)
         self.reminder.clock = bridge.reactor
+        self.clock: Any = bridge.reactor
+        self._status_call: Any = None
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd begins logging to the application's ILogObserver, when it
@@ -212,11 +218,33 @@ class DaemonService(MultiService):
                                 (signal.SIGUSR1, self.reopen_log)):
             # Signal handlers run between bytecodes: hand the work to the reactor.
             signal.signal(signum, lambda *_, h=handler: reactor.callFromThread(h))
-        self.notifier.ready(f"{len(self.bridge.registry)} sessions")
+        self.notifier.ready(self.status_text())
+        self.follow_sessions()
         self.notifier.start_watchdog(reactor)
         self.reminder.start(CERTIFICATE_REMINDER_INTERVAL, now=False)
         if self.notifier.enabled:
             self.log.info("told systemd the bridge is ready")
+
+    def status_text(self) -> str:
+        """What ``systemctl status`` shows: the sessions, by state."""
+        by_state = Counter(state_name(session.state) for session in self.bridge.registry)
+        states = ", ".join(f"{count} {state}" for state, count in sorted(by_state.items()))
+        count = len(self.bridge.registry)
+        return f"{count} session{'' if count == 1 else 's'}" + (f" ({states})" if states else "")
+
+    def follow_sessions(self) -> None:
+        """Keep systemd's STATUS current as sessions change, at most once
+        a second."""
+        if self.notifier.enabled:
+            self.bridge.registry.observe(self._sessions_changed)
+
+    def _sessions_changed(self, change: object) -> None:
+        if self._status_call is None or not self._status_call.active():
+            self._status_call = self.clock.callLater(STATUS_INTERVAL, self._tell_status)
+
+    def _tell_status(self) -> None:
+        self._status_call = None
+        self.notifier.status(self.status_text())
 
     def certificate_reminder(self) -> None:
         """Once a day: a line while the served certificate expires within
@@ -256,6 +284,8 @@ class DaemonService(MultiService):
         self.log.info("SIGUSR1: log file {what}", what=what)
 
     def stopService(self) -> Deferred[None]:
+        if self._status_call is not None and self._status_call.active():
+            self._status_call.cancel()
         self.notifier.stopping()
         self.notifier.stop_watchdog()
         if self.reminder.running:

@@ -7,6 +7,7 @@ with one line while the running one stays."""
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from bridge.config_sources import ConfigSources
@@ -256,3 +258,42 @@ async def test_a_daily_line_while_the_certificate_nears_its_end(short_dir: Path)
             assert [e["log_level"].name for e in events] == ([level] if level else [])
     finally:
         await bridge.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_systemds_status_follows_the_sessions(short_dir: Path) -> None:
+    """STATUS= (what `systemctl status` shows) is the sessions by state, kept
+    current at most once a second; not only what it was at READY=1."""
+    bridge, _, path = await start(short_dir, toml(short_dir))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(short_dir / "notify"))
+    listener.setblocking(False)
+
+    def received() -> list[str]:
+        messages = []
+        while True:
+            try:
+                messages.append(listener.recv(4096).decode())
+            except BlockingIOError:
+                return messages
+
+    pids: list[int] = []
+    try:
+        daemon = DaemonService(bridge.service, ConfigSources.for_service(path), None,
+                               SystemdNotifier({"NOTIFY_SOCKET": str(short_dir / "notify")}))
+        daemon.clock = clock = Clock()
+        daemon.follow_sessions()
+        peer = await bridge.peer()
+        await peer.logon(1, "alice", "alice-pw")
+        await peer.logon(2, "", "")  # the greeter
+        pids = bridge.backend_pids()
+        assert received() == [], "not at every change"
+        clock.advance(1)
+        assert received() == ["STATUS=2 sessions (1 Active, 1 Connected)"]
+        await peer.client_disconnected(1)
+        clock.advance(1)
+        assert received() == ["STATUS=2 sessions (1 Connected, 1 Disconnected)"]
+    finally:
+        listener.close()
+        await bridge.stop()
+        kill_process_groups(pids)
