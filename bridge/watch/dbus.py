@@ -96,6 +96,11 @@ def reasons(change: SessionChange) -> list[int]:
     return []
 
 
+#: How long the bus may take to authenticate us and answer Hello and
+#: RequestName (a local daemon answers in milliseconds).
+HANDSHAKE_TIMEOUT = 10.0
+
+
 class _BusProtocol(Protocol):
     """One connection to the bus: authenticate, Hello, RequestName, then
     send signals."""
@@ -107,9 +112,17 @@ class _BusProtocol(Protocol):
         self.serials = count(1)
         self.ready = False
         self._name_serial = -1
+        self._silent: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self.transport.write(self.auth.data_to_send())
+        # A bus that accepts and never answers (a hung dbus-daemon) is said,
+        # and tried again like one that refuses.
+        self._silent = self.notifier.clock.callLater(HANDSHAKE_TIMEOUT, self._no_answer)
+
+    def _no_answer(self) -> None:
+        self.notifier.failed(f"the bus did not answer within {HANDSHAKE_TIMEOUT:g} s")
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if not self.auth.authenticated:
@@ -142,6 +155,8 @@ class _BusProtocol(Protocol):
             # owns it before it notifies); signals so far waited.
             if not self.ready:
                 self.ready = True
+                if self._silent is not None and self._silent.active():
+                    self._silent.cancel()
                 self.notifier.connected_to(self)
 
     def _send(self, message: Any) -> int:
@@ -154,6 +169,8 @@ class _BusProtocol(Protocol):
                               (reason, session_id)))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._silent is not None and self._silent.active():
+            self._silent.cancel()
         self.ready = False
         self.notifier.lost(self, reason)
 

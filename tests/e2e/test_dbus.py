@@ -16,6 +16,7 @@ import pytest_twisted
 from jeepney import HeaderFields, MatchRule
 from jeepney.bus_messages import message_bus
 from jeepney.io.blocking import open_dbus_connection
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 
@@ -205,3 +206,45 @@ async def test_other_users_cannot_send_ogons_notifications(short_dir: Path, poli
         if bridge is not None:
             await bridge.stop()
         listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bus_that_never_answers_is_said_and_tried_again(short_dir: Path) -> None:
+    """A bus socket that accepts and then says nothing (a hung dbus-daemon):
+    one line after the handshake timeout, the connection dropped, and a
+    retry later; before, the bridge waited on it forever, silently."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import UNIXServerEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.task import Clock
+
+    from bridge.sessions.registry import SessionRegistry
+
+    accepted: list[Protocol] = []
+
+    class Silent(Protocol):
+        def connectionMade(self) -> None:
+            accepted.append(self)
+
+    path = short_dir / "silent-bus"
+    port = await UNIXServerEndpoint(reactor, str(path)).listen(Factory.forProtocol(Silent))
+    clock = Clock()
+    notifier = dbus.SessionNotifier(reactor, clock, SessionRegistry(clock), f"unix:path={path}")
+    try:
+        with capturedLogs() as events:
+            notifier.start()
+            while not (accepted and clock.getDelayedCalls()):  # connected: the timer runs
+                await deferLater(reactor, 0, lambda: None)
+            assert [e for e in events if "D-Bus" in e.get("log_format", "")] == []
+            clock.advance(dbus.HANDSHAKE_TIMEOUT)
+            lines = [e["log_format"].format(**e) for e in events
+                     if "D-Bus" in e.get("log_format", "")]
+        assert lines == [f"D-Bus session notifications are off for now: the bus did not answer "
+                         f"within {dbus.HANDSHAKE_TIMEOUT:g} s; everything else works, and the "
+                         f"bridge keeps trying"]
+        assert not notifier.connected
+        assert any(call.getTime() > clock.seconds() for call in clock.getDelayedCalls()), \
+            "a retry is scheduled"
+    finally:
+        notifier.stop()
+        await port.stopListening()
