@@ -22,8 +22,8 @@ from typing import Any
 
 from google.protobuf.message import Message
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString, connectProtocol, quoteStringArgument
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import clientFromString, quoteStringArgument
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -37,6 +37,14 @@ BACKEND_CONNECT_TRIES = 10
 BACKEND_CONNECT_RETRY = 0.02
 IDOK = 1
 
+
+
+def _connect(endpoint: Any, protocol: Any) -> Deferred[Any]:
+    """``connectProtocol`` without its factory's "Starting factory" lines in
+    the peer's output (one per connection)."""
+    factory = Factory.forProtocol(lambda: protocol)
+    factory.noisy = False
+    return endpoint.connect(factory)
 
 class _BackendLink(Protocol):
     """The stand-in RDP server's connection to a backend's endpoint."""
@@ -111,8 +119,7 @@ class StandInRdpServer:
     async def connect(self, endpoint: str) -> icp.IcpProtocol:
         """Connect to the bridge's ICP endpoint (a client endpoint string,
         e.g. ``unix:/tmp/.pipe/ogon_SessionManager``) and finish the handshake."""
-        proto = await connectProtocol(clientFromString(self.reactor, endpoint),
-                                      self.build_protocol())
+        proto = await _connect(clientFromString(self.reactor, endpoint), self.build_protocol())
         await proto.when_ready()
         return proto
 
@@ -221,10 +228,10 @@ class StandInRdpServer:
         endpoint = clientFromString(self.reactor, f"unix:{quoteStringArgument(str(path))}")
         for _ in range(BACKEND_CONNECT_TRIES - 1):
             try:
-                return await connectProtocol(endpoint, _BackendLink())
+                return await _connect(endpoint, _BackendLink())
             except ConnectionRefusedError:
                 await deferLater(self.reactor, BACKEND_CONNECT_RETRY, lambda: None)
-        return await connectProtocol(endpoint, _BackendLink())
+        return await _connect(endpoint, _BackendLink())
 
     def _drop(self, connection_id: int) -> ClientConnection | None:
         connection = self.connections.pop(connection_id, None)

@@ -571,6 +571,8 @@ async def test_peer_without_user_brings_a_client_to_the_greeter(short_dir: Path)
         assert "connection 1: logon (greeter) -> \\\\.\\pipe\\ogon_1_greeter" in out
         events = [(e.event, e.reason) for e in bridge.service.store.events_after(0)]
         assert ("created", "greeter") in events
+        out, err, code = await cli(*peer[:-1])  # its log on stderr: no factory noise
+        assert code == 0 and "Starting factory" not in err and "Stopping factory" not in err, err
 
         out, err, code = await cli("peer", "--socket", str(short_dir / "none.sock"),
                                    "--once", "--quiet")
