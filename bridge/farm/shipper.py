@@ -36,6 +36,10 @@ from bridge.state.store import StateStore
 #: Journal events per PostgreSQL transaction.
 PAGE = 500
 RETRY_FIRST, RETRY_MAX = 0.25, 2.0
+#: A failure that repeats is said again at most this often (seconds).
+REPEAT_EVERY = 60.0
+#: PostgreSQL's SQLSTATE for a write its policies refuse.
+INSUFFICIENT_PRIVILEGE = "42501"
 
 
 def session_row(session: Session) -> dict[str, Any]:
@@ -86,6 +90,9 @@ class FarmShipper:
         self._retry: IDelayedCall | None = None
         self._delay = RETRY_FIRST
         self._outage_since: float | None = None
+        #: The last failure said in full, and when, so that one that repeats
+        #: at every retry (every 2 s) is a line a minute, not a traceback each.
+        self._said: tuple[str, float] | None = None
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
         self._interval = heartbeat
@@ -156,6 +163,7 @@ class FarmShipper:
                 await self._ship_outbox()
                 if not self._again or self._stopped:
                     break
+            self._said = None  # all shipped: a failure after this is news
         finally:
             self._pumping = False
             waiting, self._pumped = self._pumped, []
@@ -234,12 +242,30 @@ class FarmShipper:
             if self._outage_since is None:
                 self._outage_since = self.clock.seconds()
         else:
-            self.log.failure("farm: shipping failed", failure)
+            self._say(failure)
         self.connected = False
         if self._stopped or (self._retry is not None and self._retry.active()):
             return
         self._retry = self.clock.callLater(self._delay, self._retry_now)
         self._delay = min(RETRY_MAX, self._delay * 2)
+
+    def _say(self, failure: Any) -> None:
+        error = failure.getErrorMessage()
+        now = self.clock.seconds()
+        if self._said is not None and self._said[0] == error:
+            if now - self._said[1] >= REPEAT_EVERY:
+                self._said = (error, now)
+                self.log.error("farm: shipping still fails: {error}", error=error)
+            return
+        self._said = (error, now)
+        if getattr(failure.value, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+            # Row-level security (contrib/postgresql/farm-host-roles.sql)
+            # lets a role write only rows of the host named as the role.
+            self.log.error("farm: PostgreSQL refused a write of host {host} ({error}): with "
+                           "a role per host, the role must be named as host_name and be in "
+                           "icpbridge_hosts", host=self.host, error=error)
+        else:
+            self.log.failure("farm: shipping failed", failure)
 
     def _retry_now(self) -> None:
         self._retry = None

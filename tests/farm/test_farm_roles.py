@@ -112,3 +112,56 @@ async def test_a_host_role_writes_only_its_own_rows(short_dir: Path,
     finally:
         for bridge in bridges.values():
             await bridge.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_whose_role_is_another_hosts_is_told_why_once(
+        short_dir: Path, farm_db: FarmDatabase) -> None:
+    """host-c connecting as host-a's role: every write of its own rows is
+    refused by the policies. One line says why; the retries (every 2 s) do
+    not repeat it, nor a traceback, more than once a minute."""
+    import psycopg
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+    from twisted.logger import globalLogPublisher
+    from twisted.python.failure import Failure
+
+    await deferToThread(set_up_roles, farm_db)
+    lines: list[str] = []
+    told: Deferred[None] = Deferred()
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace", "").startswith("bridge.farm.shipper") and \
+                event.get("log_level") is not None and event["log_level"].name == "error":
+            lines.append(event["log_format"].format(**event))
+            if not told.called:
+                told.callback(None)
+
+    globalLogPublisher.addObserver(observe)
+    bridge = None
+    try:
+        bridge = await farm_bridge(short_dir / "host-c", farm_db, "host-c",
+                                   farm_database=farm_db.conninfo.replace("user=farm",
+                                                                          "user=host-a"))
+        await told
+        assert len(lines) == 1 and lines[0].startswith("farm: PostgreSQL refused a write of "
+                                                       "host host-c (")
+        assert lines[0].endswith("with a role per host, the role must be named as host_name "
+                                 "and be in icpbridge_hosts")
+        assert "row-level security" in lines[0]
+        # The same failure again at each retry: quiet, then one line a minute.
+        shipper = bridge.service.farm.shipper  # type: ignore[union-attr]
+        shipper.clock = clock = Clock()
+        error = lines[0].split("host host-c (", 1)[1].rsplit("): with a role", 1)[0]
+        shipper._said = (error, 0.0)
+        again = Failure(psycopg.errors.InsufficientPrivilege(error))
+        for _ in range(3):
+            shipper._say(again)
+        assert len(lines) == 1
+        clock.advance(60)
+        shipper._say(again)
+        assert lines[1:] == [f"farm: shipping still fails: {error}"]
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        if bridge is not None:
+            await bridge.stop()
