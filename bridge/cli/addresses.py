@@ -97,19 +97,16 @@ def bridge_addresses(named_config: str | None) -> BridgeAddresses:
     /etc/icp-bridge/bridge.toml when it exists; its ogon_config, else
     /etc/ogon/config.ini when it exists). Raises CtlError (usage) naming
     what cannot be read."""
-    from bridge.cli.common import config_file
+    from bridge.cli.common import config_values
     from bridge.config import Config, ConfigError, check_values, with_ogon_defaults
-    from bridge.config_sources import TomlFile, load_properties
+    from bridge.config_sources import load_properties
     from bridge.sessions.ogon_config import OgonConfigError
 
-    path = config_file(named_config)
-    values = {}
-    if path is not None:
-        try:
-            values = TomlFile(path).read()
-        except ConfigError as e:
-            raise _unusable(str(e)) from None
-    wanted = with_ogon_defaults({key: values[key] for key in _KEYS if key in values})
+    try:
+        path, wanted = config_values(named_config, _KEYS)
+    except ConfigError as e:
+        raise _unusable(str(e)) from None
+    wanted = with_ogon_defaults(wanted)
     parsed, problems = check_values(wanted, str(path or ""))
     if problems:
         raise _unusable(str(problems[0]))

@@ -8,7 +8,9 @@ import getpass
 import os
 import stat
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 TOKEN_ENV = "ICP_BRIDGE_TOKEN"  # noqa: S105 - the variable name, not a secret
 
@@ -89,21 +91,28 @@ def config_file(named: str | None) -> Path | None:
     return Path(named) if named else default_config_file()
 
 
+def config_values(named_config: str | None, keys: Iterable[str]
+                  ) -> tuple[Path | None, dict[str, Any]]:
+    """(the configuration file a tool reads, its values of ``keys`` only):
+    a tool reads no more than it needs, so that a file with a mistake
+    elsewhere still serves it. Raises ConfigError when it cannot be read."""
+    from bridge.config_sources import TomlFile
+
+    path = config_file(named_config)
+    values = TomlFile(path).read() if path is not None else {}
+    return path, {key: values[key] for key in keys if key in values}
+
+
 def service_paths(named_config: str | None) -> tuple[Path, Path]:
     """(users_file, state_dir) as the service would use them: from the
     configuration file (only these keys are read, so that a file with
     another mistake still lets the users be managed), else the defaults."""
     from bridge.config import ConfigError, check_values, default_state_dir, default_users_file
-    from bridge.config_sources import TomlFile
 
-    path = config_file(named_config)
-    values = {}
-    if path is not None:
-        try:
-            values = TomlFile(path).read()
-        except ConfigError as e:
-            raise SystemExit(str(e)) from None
-    wanted = {key: values[key] for key in ("users_file", "state_dir") if key in values}
+    try:
+        path, wanted = config_values(named_config, ("users_file", "state_dir"))
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
     parsed, problems = check_values(wanted, str(path))
     if problems:
         raise SystemExit(str(problems[0]))
@@ -116,16 +125,11 @@ def service_authenticator(named_config: str | None) -> tuple[str, str]:
     ``authenticator``, else PAM when ogon's config.ini is read (as ogon
     authenticates), else the users file. Only those keys are read."""
     from bridge.config import ConfigError, with_ogon_defaults
-    from bridge.config_sources import TomlFile
 
-    path = config_file(named_config)
-    values = {}
-    if path is not None:
-        try:
-            values = TomlFile(path).read()
-        except ConfigError:
-            return "users-file", ""  # the users file is the question here; config check says
-    wanted = {key: values[key] for key in ("authenticator", "ogon_config") if key in values}
+    try:
+        path, wanted = config_values(named_config, ("authenticator", "ogon_config"))
+    except ConfigError:
+        return "users-file", ""  # the users file is the question here; config check says
     merged = with_ogon_defaults(wanted)
     authenticator = str(merged.get("authenticator", "users-file"))
     if "authenticator" in wanted:
