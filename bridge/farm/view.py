@@ -13,7 +13,9 @@ from far back is read page by page as the reader takes it.
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_right
 from collections import deque
+from operator import attrgetter
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -129,7 +131,7 @@ class FarmEventHub:
             if subscription.position < self.recent_after or not self.loaded:
                 self._read_for(subscription)
                 return
-            index = _index_after(recent, subscription.position)
+            index = bisect_right(recent, subscription.position, key=attrgetter("id"))
             for event in itertools.islice(recent, index, index + PAGE):
                 if subscription.paused or subscription.closed:
                     return
@@ -164,15 +166,6 @@ class FarmEventHub:
                 if s.paused_since is not None and now - s.paused_since > longer_than]
 
 
-def _index_after(recent: deque[FarmEvent], after: int) -> int:
-    low, high = 0, len(recent)
-    while low < high:
-        middle = (low + high) // 2
-        if recent[middle].id <= after:
-            low = middle + 1
-        else:
-            high = middle
-    return low
 
 
 async def farm_sessions(farm: FarmStore, stale_after: float) -> dict[str, Any]:

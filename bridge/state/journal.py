@@ -15,7 +15,9 @@ position kept), and caught up from the journal when it reads again.
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_right
 from collections import Counter, deque
+from operator import attrgetter
 from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
@@ -179,7 +181,7 @@ class EventHub:
     def _after(self, after: int) -> list[JournalEvent]:
         recent = self.recent
         if recent and recent[0].id <= after + 1:
-            index = _index_after(recent, after)
+            index = bisect_right(recent, after, key=attrgetter("id"))
             return list(itertools.islice(recent, index, index + PAGE))
         return self.store.events_after(after, PAGE)
 
@@ -227,15 +229,3 @@ class LogonEvents:
                   "pair": f"user {user} from {address}"}.get(what, key)
         self.hub.record(LOCKED_OUT, username,
                         f"{locked} locked out for {seconds:g} s after {failures} failed logons")
-
-
-def _index_after(recent: deque[JournalEvent], after: int) -> int:
-    """Index of the first event with an id above ``after`` (ids ascend)."""
-    low, high = 0, len(recent)
-    while low < high:
-        middle = (low + high) // 2
-        if recent[middle].id <= after:
-            low = middle + 1
-        else:
-            high = middle
-    return low
