@@ -166,8 +166,6 @@ class FarmEventHub:
                 if s.paused_since is not None and now - s.paused_since > longer_than]
 
 
-
-
 async def farm_sessions(farm: FarmStore, stale_after: float) -> dict[str, Any]:
     """The farm view: each host (stale when its last heartbeat is older
     than ``stale_after`` seconds) with its sessions, as the farm has them."""
