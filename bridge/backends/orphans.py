@@ -161,9 +161,8 @@ class Orphans:
         elif orphan.pidfd is None:
             self._gone(orphan)
 
-    def _gone(self, orphan: _Orphan) -> None:
-        record = orphan.record
-        self._stopping.pop((record.pid, record.start_ticks), None)
+    def _unwatch(self, orphan: _Orphan) -> None:
+        """No more signals for ``orphan``, and its pidfd closed."""
         for call in orphan.calls:
             if call.active():
                 call.cancel()
@@ -171,6 +170,11 @@ class Orphans:
             self.reactor.removeReader(orphan.pidfd)
             os.close(orphan.pidfd.fd)
             orphan.pidfd = None
+
+    def _gone(self, orphan: _Orphan) -> None:
+        record = orphan.record
+        self._stopping.pop((record.pid, record.start_ticks), None)
+        self._unwatch(orphan)
         self.ledger.gone(record)
         if orphan.output is not None:
             self.logs.release(orphan.output)
@@ -185,11 +189,5 @@ class Orphans:
         """The bridge stops: the signals not sent yet stay unsent (the next
         run finds what is left in the ledger)."""
         for orphan in list(self._stopping.values()):
-            for call in orphan.calls:
-                if call.active():
-                    call.cancel()
-            if orphan.pidfd is not None:
-                self.reactor.removeReader(orphan.pidfd)
-                os.close(orphan.pidfd.fd)
-                orphan.pidfd = None
+            self._unwatch(orphan)
         self._stopping.clear()
