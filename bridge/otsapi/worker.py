@@ -123,7 +123,8 @@ class WorkerCalls(VirtualChannelCalls):
     methods_wanting_peer = OtsApiHandler.methods_wanting_peer
 
     def _refuse(self, method: str, session_id: int | None, reason: str) -> None:
-        pass  # the main process says it, if it refuses too
+        """Not logged or counted here: a refused call is forwarded, and the
+        main process, which decides it again, logs and counts it once."""
 
     def getPermissionForToken(self, authToken: str | None) -> Any:
         return _answered(super().getPermissionForToken(authToken))
