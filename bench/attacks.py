@@ -794,14 +794,18 @@ def _open_base(bridge: Bridge) -> None:
     reports.chmod(0o1777)
 
 
-def _account(name: str, *usermod: str) -> str:
+#: The password of the system accounts made for the attacks (and the tests).
+SYSTEM_PASSWORD = "system-pw"
+
+
+def ensure_account(name: str, *usermod: str) -> str:
     """A system account with a password (then ``usermod``), as the tests make."""
     try:
         pwd.getpwnam(name)
     except KeyError:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", "--user-group", name],
                        check=True, capture_output=True)
-        subprocess.run(["chpasswd"], input=f"{name}:system-pw\n", text=True, check=True,
+        subprocess.run(["chpasswd"], input=f"{name}:{SYSTEM_PASSWORD}\n", text=True, check=True,
                        capture_output=True)
         if usermod:
             subprocess.run(["usermod", *usermod, name], check=True, capture_output=True)
@@ -836,7 +840,7 @@ def output_flood(root: Path) -> dict[str, Any]:
     """The review's flood: 7.15 GB in 12 s into the state directory."""
     if os.geteuid() != 0:
         return {"skipped": "needs root (a tmpfs, an unprivileged desktop user)"}
-    flooder_user = _account("icpbtest")
+    flooder_user = ensure_account("icpbtest")
     mount = Path(tempfile.mkdtemp(prefix="ib-small-", dir="/tmp"))
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], check=True)
     admin = free_port()
@@ -1008,8 +1012,8 @@ def _alive(pid: int) -> bool:
 def accounts(root: Path) -> dict[str, Any]:
     if os.geteuid() != 0:
         return {"skipped": "needs root (system accounts, /etc/shadow)"}
-    locked = _account("icpblocked", "-L")
-    expired = _account("icpbexpired", "-e", "1")
+    locked = ensure_account("icpblocked", "-L")
+    expired = ensure_account("icpbexpired", "-e", "1")
     desktop = ["/usr/bin/python3", "BASE/standin_backend.py", "--socket",
                "{pipe_dir}/{endpoint}", "--report", "BASE/reports/report.json"]
     bridge = Bridge(root, users={"root": PASSWORD, locked: PASSWORD, expired: PASSWORD},

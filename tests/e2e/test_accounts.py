@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from thrift.Thrift import TApplicationException
 from twisted.internet import reactor
 from twisted.logger import capturedLogs
 
+from bench.attacks import SYSTEM_PASSWORD as PASSWORD
+from bench.attacks import ensure_account
 from bridge.security.auth import UserEntry, UsersFileAuthenticator, hash_password, write_users
 from bridge.security.permissions import FULL, USER
 from bridge.service import BridgeService
@@ -33,21 +34,6 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0,
 #: Test accounts with a password, as ``usermod`` leaves them (created once, like icpbtest).
 LOCKED = "icpblocked"  # usermod -L: a '!' before the password hash
 EXPIRED = "icpbexpired"  # usermod -e 1: the account expired on 2 January 1970
-PASSWORD = "system-pw"
-
-
-def ensure_account(name: str, *usermod: str) -> str:
-    """A system account with a password, then ``usermod`` ``usermod``."""
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", "--user-group", name],
-                       check=True, capture_output=True)
-        subprocess.run(["chpasswd"], input=f"{name}:{PASSWORD}\n", text=True, check=True,
-                       capture_output=True)
-        if usermod:
-            subprocess.run(["usermod", *usermod, name], check=True, capture_output=True)
-    return name
 
 
 def failures(events: list[dict[str, Any]]) -> list[str]:

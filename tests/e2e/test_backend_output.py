@@ -20,6 +20,7 @@ from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs
 
+from bench.attacks import FLOODER  # the attack bench.attacks output_flood runs too
 from tests.conftest import ME, BridgeUnderTest, start_bridge
 from tests.e2e.sse import get
 from tests.e2e.test_admin import samples
@@ -30,28 +31,6 @@ __all__ = ["open_dir"]  # the fixture, used below
 MiB = 1024 * 1024
 #: The cap a session's log is kept under by default.
 SESSION_CAP = 8 * MiB
-
-#: A desktop that makes its socket, then writes 1 MiB lines to stdout and
-#: stderr as fast as it can; on SIGTERM it says how much it wrote.
-FLOODER = """
-import os, signal, socket, sys
-path, report = sys.argv[1], sys.argv[2]
-server = socket.socket(socket.AF_UNIX)
-server.bind(path + ".tmp"); server.listen(4); os.rename(path + ".tmp", path)
-written = 0
-def done(*_):
-    with open(report, "w") as f:
-        f.write(str(written))
-    os._exit(0)
-signal.signal(signal.SIGTERM, done)
-block = b"flood " * (1024 * 1024 // 6) + b"\\n"
-while True:
-    for fd in (1, 2):
-        try:
-            written += os.write(fd, block)
-        except OSError:
-            pass
-"""
 
 
 def flooder(base: Path, report: Path) -> Any:
