@@ -13,7 +13,6 @@ import shutil
 import signal
 import stat
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +27,14 @@ from twisted.python.filepath import FilePath
 from bridge.rdp.standin import StandInRdpServer
 from tests.conftest import ME, STANDIN_BACKEND, kill_process_groups, plugin_args
 from tests.e2e.test_ogon_install import ask
-from tests.e2e.test_twistd import Twistd
+
+# Its twistd children are killed at the end of each test, as test_twistd's.
+from tests.e2e.test_twistd import RUNNING, TWISTD_ARGS, Twistd
+from tests.e2e.test_twistd import _kill_leftover_twistd as _kill_leftover_twistd
 
 ROOT = Path(__file__).resolve().parents[2]
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-          "--pidfile="]
+TWISTD = [sys.executable, *TWISTD_ARGS]
 BACKEND = [sys.executable, str(STANDIN_BACKEND), "--socket", "{pipe_dir}/{endpoint}"]
-RUNNING: list[Any] = []
-
-
-@pytest.fixture(autouse=True)
-def _kill_leftover_processes() -> Iterator[None]:
-    yield
-    while RUNNING:
-        transport = RUNNING.pop()
-        if transport.pid is not None:
-            try:
-                os.kill(transport.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 class Systemd(DatagramProtocol):
