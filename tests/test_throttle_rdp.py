@@ -165,6 +165,27 @@ class RdpGuardTests(SynchronousTestCase):
         accepted, waited = self.attempt("alice", "alice-pw", "203.0.113.9")
         assert accepted and waited <= CHECK_TIME + 0.05
 
+    def test_a_burst_of_good_logons_is_neither_paced_nor_refused(self) -> None:
+        # A logon storm: more users at once, each with the right password,
+        # than a minute's failure budget. Checks waiting for a thread are no
+        # guesses yet: they must not spend the budget and slow everyone down.
+        policy = ThrottlePolicy(queue_limit=200)
+        count = policy.concurrency + policy.queue_limit
+        assert count > policy.rdp_failures_per_minute
+        inner = InMemoryAuthenticator({f"user{n}": ("pw", 1) for n in range(count)})
+        checked = type("Auth", (), {"authenticate": staticmethod(
+            lambda u, p, d: deferLater(self.clock, CHECK_TIME,
+                                       lambda: inner.authenticate(u, p, d)))})()
+        self.guard = LogonGuard(checked, self.clock, policy)
+        with capturedLogs() as events:
+            batch = [self.start(f"user{n}", "pw", "198.51.100.1") for n in range(count)]
+            took = self.settle(batch)
+        assert all(d.result is not None for d in batch), "every one logged on"
+        # Two at a time, CHECK_TIME each, and no wait beyond that.
+        assert took <= count / policy.concurrency * CHECK_TIME + 0.1, took
+        assert not any("paced" in e.get("log_format", "") for e in events)
+        assert self.guard._rdp_level() == policy.rdp_failures_per_minute
+
     def test_a_check_that_could_not_run_spends_no_rdp_budget(self) -> None:
         def unavailable(username: str, password: str, domain: str) -> Deferred[Any]:
             return fail(AuthenticationUnavailable("users file unreadable"))

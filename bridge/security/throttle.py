@@ -485,10 +485,19 @@ class LogonGuard:
 
     async def _rdp_paced(self, username: str, password: str, domain: str,
                          options: dict[str, Any]) -> Identity | None:
-        """The RDP password check. Each check takes one failure from the
-        RDP-wide budget while it runs (given back if it was no failure), so
-        that checks started together cannot overrun it; once it is spent,
-        checks go one at a time, each when the budget has one again."""
+        """The RDP password check, in the RDP lane: see _rdp_budgeted."""
+        return await self._lanes[RDP].run(
+            lambda: Deferred.fromCoroutine(
+                self._rdp_budgeted(username, password, domain, options)))
+
+    async def _rdp_budgeted(self, username: str, password: str, domain: str,
+                            options: dict[str, Any]) -> Identity | None:
+        """The RDP password check, holding one of the lane's threads. Each
+        check takes one failure from the RDP-wide budget while it runs
+        (given back if it was no failure), so that the checks running
+        together cannot overrun it; checks still waiting for a thread take
+        none (a burst of good logons is no spray of guesses). Once it is
+        spent, checks go one at a time, each when the budget has one again."""
         paced = self._rdp_pace.locked or self._rdp_level() < 1
         if paced:
             await self._rdp_pace.acquire()
@@ -504,8 +513,7 @@ class LogonGuard:
             self._rdp_level()
             self._rdp_budget -= 1
             try:
-                identity = await self._lanes[RDP].run(self._check, username, password, domain,
-                                                      options)
+                identity = await self._check(username, password, domain, options)
             except BaseException:
                 self._rdp_budget += 1  # no guess was checked: given back
                 raise
