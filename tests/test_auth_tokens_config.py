@@ -77,6 +77,33 @@ def test_atomic_write_replaces_a_planted_symlink(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_token_files_are_written_without_fsync_the_users_file_with(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A session's token file is written again from the state database after
+    # a crash (SessionTokenFiles.ensure), so a logon pays no fsync for it;
+    # the users file has no other copy and is synced, file and directory.
+    from bridge.security.token_files import SessionTokenFiles
+    from bridge.sessions.model import ConnectState, Session
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    tokens = TokenStore(Clock())
+    files = SessionTokenFiles(tmp_path / "tokens", tokens)
+    session = Session(session_id=7, username="nobody-such", domain="",
+                      state=ConnectState.ACTIVE, permission=FULL)
+    token = files.issue(session)
+    assert (tmp_path / "tokens" / "ogon.session.7").read_text() == token + "\n"
+    assert synced == []
+    write_users(tmp_path / "users", [UserEntry("alice", FULL, hash_password("pw", n=1024))])
+    assert len(synced) == 2
+    # A file a crash emptied is written again at the next start.
+    (tmp_path / "tokens" / "ogon.session.7").write_text("")
+    files.ensure(session)
+    again = (tmp_path / "tokens" / "ogon.session.7").read_text().strip()
+    assert again and tokens.lookup(again) is not None
+
+
 def test_levels() -> None:
     assert (level_value("FULL"), level_value("user"), level_value("guest")) == (
         0x1FF, 0x049, 0x008)

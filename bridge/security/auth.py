@@ -304,12 +304,14 @@ def check_username(name: str) -> None:
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600, owner: tuple[int, int] | None = None,
-                 ) -> None:
+                 durable: bool = True) -> None:
     """Write ``data`` to ``path`` so readers see the old or the new file,
     never a torn one, and a crash leaves no partial file: a temp file in the
     same directory (O_EXCL, mode set before any byte), fsync, rename over
     the target (which replaces a planted symlink rather than following
-    it), then fsync the directory."""
+    it), then fsync the directory. ``durable=False`` leaves out both
+    fsyncs, for files the bridge writes again after a crash anyway (their
+    readers still never see a torn file)."""
     directory = path.parent
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
     try:
@@ -319,7 +321,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600, owner: tuple[int, i
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         os.unlink(temp_name)
@@ -330,6 +333,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600, owner: tuple[int, i
     except BaseException:
         os.unlink(temp_name)
         raise
+    if not durable:
+        return
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

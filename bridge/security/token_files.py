@@ -125,7 +125,12 @@ class SessionTokenFiles:
             if path.is_dir() and not path.is_symlink():
                 self._clear(path, "is a directory")
             self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, (token + "\n").encode(), mode=0o600, owner=owner)
+            # Not durable: the token itself is in the state database, and
+            # after a crash ensure() writes any file that lost it again. Two
+            # fsyncs per logon held the reactor for milliseconds where /tmp
+            # is a disk (a storm of logons queued behind them).
+            atomic_write(path, (token + "\n").encode(), mode=0o600, owner=owner,
+                         durable=False)
         except OSError as e:
             self.log.error("cannot write token file {path}: {error}", path=str(path),
                            error=e.strerror or str(e))
