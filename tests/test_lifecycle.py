@@ -734,3 +734,20 @@ class PamSessionTests(SynchronousTestCase):
     def test_wrong_password_ends_the_handle(self) -> None:
         self.case.logon(1, "alice", "no")
         assert self.pam_log == ["authenticate alice service=ogon call_end=False", "end"]
+
+
+def test_cookies_are_fifty_alphanumerics_each_character_as_likely() -> None:
+    from collections import Counter
+
+    from bridge.lifecycle.runtime import make_cookie
+
+    cookies = [make_cookie() for _ in range(2000)]
+    assert all(len(c) == 50 and c.isascii() and c.isalnum() for c in cookies)
+    assert len(set(cookies)) == len(cookies)
+    counts = Counter("".join(cookies))
+    assert len(counts) == 62
+    # 100,000 characters, 1,613 expected each: no character is favoured
+    # (a modulo bias of 256 % 62 would put the first 8 at ~1,950; the
+    # bounds are 6 standard deviations).
+    assert max(counts.values()) < 1870 and min(counts.values()) > 1360, counts.most_common(3)
+

