@@ -5,6 +5,7 @@ check of a command line before exec, and where the output goes by default."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import signal
@@ -303,6 +304,60 @@ async def test_a_backend_process_runs_as_its_account_with_the_accounts_groups(
     words = out.read_text().split(" ", 4)
     assert (int(words[2]), int(words[3])) == (account.pw_uid, account.pw_gid)
     assert eval(words[4]) == sorted(set(os.getgrouplist(account.pw_name, account.pw_gid)))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching accounts needs root (CI is root)")
+@pytest_twisted.ensureDeferred
+async def test_another_accounts_backend_is_started_through_setpriv_with_the_same_switch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The usual backend (argv[0] is its path) as another account: setpriv
+    # makes the switch, so that subprocess may vfork. What the process ends
+    # up as must be exactly what subprocess's own switch gave.
+    from bridge.backends import spawning
+    from tests.e2e.test_backends import ensure_test_account
+
+    setpriv = spawning.trusted_setpriv()
+    assert setpriv is not None, "util-linux's setpriv (Debian: essential) is missing"
+    started: list[list[str]] = []
+    real_popen = subprocess.Popen
+
+    def popen(args: list[str], **kwargs: Any) -> Any:
+        started.append(list(args))
+        return real_popen(args, **kwargs)
+
+    monkeypatch.setattr(spawning.subprocess, "Popen", popen)
+    account = pwd.getpwnam(ensure_test_account())
+    tmp_path.chmod(0o777)
+    out = tmp_path / "out"
+    out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    protocol = _Ended()
+    code = ("import json, os, sys; s = open('/proc/self/status').read().splitlines(); "
+            "print(json.dumps([os.getsid(0) == os.getpid(), sys.argv, "
+            "[l.split()[1:] for l in s if l.split(':')[0] in ('Uid', 'Gid', 'CapEff')], "
+            "sorted(os.getgroups())]))")
+    try:
+        child = start_process(reactor, protocol, "/usr/bin/python3",
+                              ["/usr/bin/python3", "-c", code, "an arg"],
+                              {"PATH": "/usr/bin:/bin"}, "/", account.pw_uid, account.pw_gid,
+                              {0: 0, 1: out_fd, 2: out_fd})
+    finally:
+        os.close(out_fd)
+    assert isinstance(child, SpawnedProcess)
+    assert isinstance(await protocol.ended, ProcessDone), out.read_text()
+    assert started[0][0] == setpriv and started[0][-4:] == [
+        "/usr/bin/python3", "-c", code, "an arg"]
+    leader, argv, ids, groups = json.loads(out.read_text())
+    assert leader and argv == ["-c", "an arg"]
+    uid, gid = str(account.pw_uid), str(account.pw_gid)
+    assert ids == [[uid] * 4, [gid] * 4, ["0000000000000000"]], "real, effective, saved, fs"
+    assert groups == sorted(set(os.getgrouplist(account.pw_name, account.pw_gid)))
+    # A program that is not there fails the start itself, as before.
+    with pytest.raises(FileNotFoundError):
+        start_process(reactor, _Ended(), "/nonexistent/backend", ["/nonexistent/backend"], {},
+                      "/", account.pw_uid, account.pw_gid, {0: 0, 1: 1, 2: 2})
+    with pytest.raises(PermissionError):
+        start_process(reactor, _Ended(), str(tmp_path), [str(tmp_path)], {},
+                      "/", account.pw_uid, account.pw_gid, {0: 0, 1: 1, 2: 2})
 
 
 @pytest_twisted.ensureDeferred
