@@ -210,7 +210,7 @@ class Config:
     # Failed-logon records kept in memory and in the state database.
     failure_records_max: int = 10_000
     # Password checks waiting for a thread, per kind (RDP server / OTS API).
-    password_check_queue: int = 32
+    password_check_queue: int = 256
     # Empty: any peer uid may connect (the socket mode still applies).
     allowed_peer_uids: list[int] = field(default_factory=list)
     # Checked before ogon's virtualChannel.whiteList property.

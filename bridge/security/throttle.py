@@ -99,7 +99,9 @@ class ThrottlePolicy:
     # failed are forgotten first.
     records_max: int = 10_000
     concurrency: int = 2
-    queue_limit: int = 32
+    # A burst of good logons (200 users within 2 s) fits; each waiting check is
+    # a Deferred, not a thread.
+    queue_limit: int = 256
     # Failed RDP logons for all users together: a minute's worth may come at
     # once, then checks are paced to this rate.
     rdp_failures_per_minute: int = 60
