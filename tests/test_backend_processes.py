@@ -306,6 +306,21 @@ async def test_a_backend_process_runs_as_its_account_with_the_accounts_groups(
     assert eval(words[4]) == sorted(set(os.getgrouplist(account.pw_name, account.pw_gid)))
 
 
+def _start_as(account: Any, code: str, env: dict[str, str], tmp_path: Path
+              ) -> tuple[Any, _Ended, Path]:
+    """``python3 -c code "an arg"`` as ``account``, argv[0] its path."""
+    out = tmp_path / "out"
+    out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    protocol = _Ended()
+    try:
+        child = start_process(reactor, protocol, "/usr/bin/python3",
+                              ["/usr/bin/python3", "-c", code, "an arg"], env, "/",
+                              account.pw_uid, account.pw_gid, {0: 0, 1: out_fd, 2: out_fd})
+    finally:
+        os.close(out_fd)
+    return child, protocol, out
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching accounts needs root (CI is root)")
 @pytest_twisted.ensureDeferred
 async def test_another_accounts_backend_is_started_through_setpriv_with_the_same_switch(
@@ -328,20 +343,11 @@ async def test_another_accounts_backend_is_started_through_setpriv_with_the_same
     monkeypatch.setattr(spawning.subprocess, "Popen", popen)
     account = pwd.getpwnam(ensure_test_account())
     tmp_path.chmod(0o777)
-    out = tmp_path / "out"
-    out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    protocol = _Ended()
     code = ("import json, os, sys; s = open('/proc/self/status').read().splitlines(); "
             "print(json.dumps([os.getsid(0) == os.getpid(), sys.argv, "
             "[l.split()[1:] for l in s if l.split(':')[0] in ('Uid', 'Gid', 'CapEff')], "
             "sorted(os.getgroups())]))")
-    try:
-        child = start_process(reactor, protocol, "/usr/bin/python3",
-                              ["/usr/bin/python3", "-c", code, "an arg"],
-                              {"PATH": "/usr/bin:/bin"}, "/", account.pw_uid, account.pw_gid,
-                              {0: 0, 1: out_fd, 2: out_fd})
-    finally:
-        os.close(out_fd)
+    child, protocol, out = _start_as(account, code, {"PATH": "/usr/bin:/bin"}, tmp_path)
     assert isinstance(child, SpawnedProcess)
     assert isinstance(await protocol.ended, ProcessDone), out.read_text()
     assert started[0][0] == setpriv and started[0][-4:] == [
@@ -351,6 +357,12 @@ async def test_another_accounts_backend_is_started_through_setpriv_with_the_same
     uid, gid = str(account.pw_uid), str(account.pw_gid)
     assert ids == [[uid] * 4, [gid] * 4, ["0000000000000000"]], "real, effective, saved, fs"
     assert groups == sorted(set(os.getgrouplist(account.pw_name, account.pw_gid)))
+    # An environment the loader acts on (LD_PRELOAD meant for the backend)
+    # must not reach setpriv, which runs as root: subprocess switches then.
+    _, protocol, _ = _start_as(account, code, {"PATH": "/usr/bin:/bin", "LD_PRELOAD": ""},
+                               tmp_path)
+    assert isinstance(await protocol.ended, ProcessDone)
+    assert started[-1][0] == "/usr/bin/python3"
     # A program that is not there fails the start itself, as before.
     with pytest.raises(FileNotFoundError):
         start_process(reactor, _Ended(), "/nonexistent/backend", ["/nonexistent/backend"], {},

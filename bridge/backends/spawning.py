@@ -17,8 +17,11 @@ So a backend that runs as another account is started through util-linux's
 ``setpriv`` instead, which makes the same switch (real, effective and
 saved ids, the account's groups, no capabilities left) and then execs the
 command: the bridge itself changes no id and keeps vfork. Without a
-trustworthy setpriv (root's, not writable by others) or when the command's
-argv[0] is not its path, subprocess switches as before."""
+trustworthy setpriv (root's, not writable by others), when the command's
+argv[0] is not its path, or when the environment names anything the
+dynamic loader or libc acts on (setpriv runs as root with the backend's
+environment: an LD_PRELOAD meant for the backend must not load into it),
+subprocess switches as before."""
 
 from __future__ import annotations
 
@@ -73,6 +76,20 @@ def trusted_setpriv() -> str | None:
                 _setpriv = os.path.realpath(candidate)
                 break
     return _setpriv  # type: ignore[return-value]
+
+
+#: What glibc drops from the environment of a setuid program (its
+#: unsecure-envvars list), besides every LD_* and GLIBC_* name.
+_LOADER_VARIABLES = frozenset((
+    "GCONV_PATH", "GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "MALLOC_ARENA_MAX",
+    "MALLOC_ARENA_TEST", "MALLOC_CHECK_", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_PERTURB_", "MALLOC_TOP_PAD_", "MALLOC_TRACE", "MALLOC_TRIM_THRESHOLD_",
+    "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TMPDIR", "TZDIR"))
+
+
+def _loader_sensitive(env: Mapping[str, str]) -> bool:
+    return any(name.startswith(("LD_", "GLIBC_")) or name in _LOADER_VARIABLES
+               for name in env)
 
 
 def _check_executable(executable: str) -> None:
@@ -135,7 +152,8 @@ class SpawnedProcess:
             group = gid if gid is not None else entry.pw_gid
             groups = os.getgrouplist(entry.pw_name, group)
             setpriv = trusted_setpriv()
-            if setpriv is not None and args and args[0] == executable:
+            if setpriv is not None and args and args[0] == executable \
+                    and not _loader_sensitive(env):
                 _check_executable(executable)
                 args = [setpriv, f"--reuid={uid}", f"--regid={group}",
                         f"--groups={','.join(map(str, groups))}" if groups
