@@ -320,6 +320,26 @@ class ThrottleTests(SynchronousTestCase):
         held[2].callback(Identity("alice", "", 1))
         assert self.successResultOf(rdp) is not None
 
+    def test_a_burst_of_guesses_queued_at_once_gets_no_more_checks_than_the_lockout(
+            self) -> None:
+        # 258 guesses from one source at once, pipelined on its connections
+        # before the first failure is counted: all pass the door, all wait
+        # in the queue; a lock set while they wait refuses the rest unchecked.
+        checked: list[Deferred[Any]] = []
+        self.inner.authenticate = lambda u, p, d: checked.append(Deferred()) or checked[-1]
+        policy = ThrottlePolicy(failures_before_delay=100)
+        guard = LogonGuard(self.inner, self.clock, policy)
+        burst = [Deferred.fromCoroutine(guard.authenticate("alice", "guess", "", "uid:1000",
+                                                           OTSAPI))
+                 for _ in range(policy.concurrency + policy.queue_limit)]
+        while not all(d.called for d in burst):
+            for d in [d for d in checked if not d.called]:
+                d.callback(None)  # a wrong password
+            self.clock.advance(0)
+        assert all(d.called and d.result is None for d in burst)
+        assert len(checked) <= policy.lockout_failures + policy.concurrency, len(checked)
+        assert guard.outcomes[OTSAPI, "locked_out"] >= len(burst) - len(checked)
+
     def test_lockouts_survive_a_restart_and_an_admin_clears_them(self) -> None:
         path = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, path, True)

@@ -25,6 +25,7 @@ from bridge.security.auth import AuthenticationUnavailable, Identity, InMemoryAu
 from bridge.security.throttle import (
     OTSAPI,
     RDP,
+    RDP_PATIENCE,
     USER_QUEUE_MAX,
     LogonGuard,
     ThrottlePolicy,
@@ -153,12 +154,17 @@ class RdpGuardTests(SynchronousTestCase):
         per_minute = POLICY.rdp_failures_per_minute
         for n in range(per_minute):
             assert self.attempt(f"name{n}", "guess", "198.51.100.1")[1] <= CHECK_TIME + 0.05
-        # The budget is spent: the next failures come at its rate.
+        # The budget is spent: the next failures come at its rate, and those
+        # left waiting past the RDP server's patience are not checked at all.
+        checks = self.checks
         with capturedLogs() as events:
             batch = [self.start(f"more{n}", "guess", "198.51.100.1") for n in range(30)]
             took = self.settle(batch)
+        made = self.checks - checks
         # (What the clock took for the first ones refilled a few.)
-        assert took >= 20 * 60 / per_minute, took
+        assert made >= 5 and made <= took * per_minute / 60 + 3, (made, took)
+        assert made + self.guard.outcomes[RDP, "expired"] == 30
+        assert all(d.result is None for d in batch)
         assert any("paced" in e.get("log_format", "") for e in events)
         # A success spends nothing, and the budget refills.
         self.clock.advance(60)
@@ -185,6 +191,22 @@ class RdpGuardTests(SynchronousTestCase):
         assert took <= count / policy.concurrency * CHECK_TIME + 0.1, took
         assert not any("paced" in e.get("log_format", "") for e in events)
         assert self.guard._rdp_level() == policy.rdp_failures_per_minute
+
+    def test_a_check_waiting_past_the_rdp_servers_patience_is_not_made(self) -> None:
+        per_minute = POLICY.rdp_failures_per_minute
+        for n in range(per_minute):
+            self.attempt(f"name{n}", "guess", "198.51.100.1")
+        # The budget is spent: the next guesses go one per second, and a good
+        # logon queued behind 20 of them would be answered after the RDP
+        # server stopped waiting (RDP_PATIENCE).
+        spray = [self.start(f"more{n}", "guess", "198.51.100.1") for n in range(20)]
+        good = self.start("alice", "alice-pw", "203.0.113.9")
+        with capturedLogs() as events:
+            self.settle([*spray, good])
+        assert good.result is None and self.guard.outcomes[RDP, "expired"] >= 1
+        assert user_key("alice") not in self.guard.counts, "not counted as a failure"
+        assert any("not checked" in e.get("log_format", "") for e in events)
+        assert RDP_PATIENCE == 10.0, "ogon's PBRPC_TIMEOUT"
 
     def test_a_check_that_could_not_run_spends_no_rdp_budget(self) -> None:
         def unavailable(username: str, password: str, domain: str) -> Deferred[Any]:

@@ -80,6 +80,12 @@ from protocols.loglimit import LogLimiter
 #: The kinds of logon that queue apart.
 RDP = "rdp"
 OTSAPI = "otsapi"
+#: What a check that waited answers when it was not made after all (a lock
+#: set meanwhile; an RDP logon the RDP server has given up on): no failure.
+_NOT_CHECKED = object()
+#: Seconds ogon's RDP server waits for an ICP answer (PBRPC_TIMEOUT): an RDP
+#: password check still waiting for a thread after this is not made.
+RDP_PATIENCE = 10.0
 #: RDP attempts of one user waiting their turn (one is checked at a time);
 #: more are refused at once, uncounted. A person has one or two at a time.
 USER_QUEUE_MAX = 8
@@ -455,10 +461,14 @@ class LogonGuard:
         self._waiting[kind] += 1
         try:
             if kind == RDP:
-                identity = await self._rdp_paced(username, password, domain, options)
+                admitted = await self._rdp_paced(username, password, domain, options)
             else:
-                identity = await self._lanes[kind].run(
-                    self._check, username, password, domain, options)
+                admitted = await self._lanes[kind].run(
+                    lambda: Deferred.fromCoroutine(self._admitted(
+                        username, password, domain, origin, kind, shown, options)))
+            if admitted is _NOT_CHECKED:
+                return None
+            identity = admitted
         except AuthenticationUnavailable as e:
             # Not a guess of theirs: no failure is counted toward a lockout.
             self.outcomes[kind, "unavailable"] += 1
@@ -475,6 +485,21 @@ class LogonGuard:
             self._succeeded(username, origin)
         return identity
 
+    async def _admitted(self, username: str, password: str, domain: str, origin: str,
+                        kind: str, shown: str, options: dict[str, Any]) -> Any:
+        """The check, once it holds one of the lane's threads; unchecked
+        (_NOT_CHECKED, not counted) if a lock was set while it
+        waited: a burst of guesses queued before the first failure was
+        counted gets no more checks than lockout_failures (and the checks
+        running) allow."""
+        if self._refused(username, origin, kind, shown):
+            # Answered on the next turn: refusals answered at once would
+            # hand the thread on to the next waiter inside this call, a
+            # recursion as deep as the queue is long.
+            await deferLater(self.clock, 0, lambda: None)
+            return _NOT_CHECKED
+        return await self._check(username, password, domain, options)
+
     def _rdp_level(self) -> float:
         """RDP failures that may come now before checks are paced (the
         budget refills at rdp_failures_per_minute, up to a minute's worth)."""
@@ -486,11 +511,27 @@ class LogonGuard:
         return self._rdp_budget
 
     async def _rdp_paced(self, username: str, password: str, domain: str,
-                         options: dict[str, Any]) -> Identity | None:
-        """The RDP password check, in the RDP lane: see _rdp_budgeted."""
-        return await self._lanes[RDP].run(
-            lambda: Deferred.fromCoroutine(
-                self._rdp_budgeted(username, password, domain, options)))
+                         options: dict[str, Any]) -> Any:
+        """The RDP password check, in the RDP lane (see _rdp_budgeted), or
+        _NOT_CHECKED when it waited for a thread longer than the RDP server
+        waits for the answer (RDP_PATIENCE): a spray being paced must not
+        leave good logons checked long after their client was failed."""
+        queued_at = self.clock.seconds()
+
+        async def admitted() -> Any:
+            waited = self.clock.seconds() - queued_at
+            if waited > RDP_PATIENCE:
+                self.outcomes[RDP, "expired"] += 1
+                self.log_limit.warn(self.log, "rdp expired",
+                                    "RDP logon of user {username} not checked: it waited "
+                                    "{waited:.0f} s for its turn, and the RDP server waits "
+                                    "{patience:.0f} s", username=username, waited=waited,
+                                    patience=RDP_PATIENCE)
+                await deferLater(self.clock, 0, lambda: None)  # see _admitted
+                return _NOT_CHECKED
+            return await self._rdp_budgeted(username, password, domain, options)
+
+        return await self._lanes[RDP].run(lambda: Deferred.fromCoroutine(admitted()))
 
     async def _rdp_budgeted(self, username: str, password: str, domain: str,
                             options: dict[str, Any]) -> Identity | None:
