@@ -5,6 +5,7 @@ check of a command line before exec, and where the output goes by default."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -363,6 +364,25 @@ async def test_another_accounts_backend_is_started_through_setpriv_with_the_same
                                tmp_path)
     assert isinstance(await protocol.ended, ProcessDone)
     assert started[-1][0] == "/usr/bin/python3"
+    for env in ({"PATH": "/usr/bin:/bin", "LANGUAGE": "../../tmp/x"},
+                {"PATH": "/usr/bin:/bin", "LC_MESSAGES": "/tmp/x"}):
+        _, protocol, _ = _start_as(account, code, env, tmp_path)
+        assert isinstance(await protocol.ended, ProcessDone)
+        assert started[-1][0] == "/usr/bin/python3", env
+    # What exec as the account would refuse fails the start itself, as
+    # subprocess's own switch made it fail: a program that is not there,
+    # one the account may not execute, one that is no script or binary.
+    no_shebang = tmp_path / "no-shebang"
+    no_shebang.write_text("echo hi\n")
+    no_shebang.chmod(0o755)
+    root_only = tmp_path / "root-only"
+    root_only.write_text("#!/bin/sh\nexit 0\n")
+    root_only.chmod(0o700)
+    for program, error in ((no_shebang, OSError), (root_only, PermissionError)):
+        with pytest.raises(error) as raised:
+            start_process(reactor, _Ended(), str(program), [str(program)], {}, "/",
+                          account.pw_uid, account.pw_gid, {0: 0, 1: 1, 2: 2})
+        assert raised.value.errno in (errno.ENOEXEC, errno.EACCES)
     # A program that is not there fails the start itself, as before.
     with pytest.raises(FileNotFoundError):
         start_process(reactor, _Ended(), "/nonexistent/backend", ["/nonexistent/backend"], {},
@@ -379,3 +399,18 @@ async def test_a_backend_process_with_a_pipe_to_read_goes_through_twisted(
     assert not isinstance(child, SpawnedProcess)
     assert isinstance(await protocol.ended, ProcessDone)
     assert protocol.data[3] == b"12\n"
+
+
+def test_setpriv_is_trusted_only_where_only_root_can_change_it(tmp_path: Path) -> None:
+    from bridge.backends.spawning import _loader_sensitive, _only_root_can_change
+
+    assert _only_root_can_change("/usr/bin/setpriv"), "Debian's, root's own"
+    copy = tmp_path / "setpriv"
+    copy.write_bytes(Path("/usr/bin/setpriv").read_bytes())
+    copy.chmod(0o755)
+    assert not _only_root_can_change(str(copy)), "a directory above it (/tmp) is everyone's"
+    assert not _loader_sensitive({"PATH": "/usr/bin", "LANG": "C.UTF-8", "TZ": "UTC",
+                                  "OGON_USER": "../LD_PRELOAD=/x"})
+    for env in ({"LD_PRELOAD": ""}, {"GLIBC_TUNABLES": "x"}, {"TMPDIR": "/tmp"},
+                {"LANGUAGE": "de"}, {"LC_ALL": "/home/u/x"}, {"TZ": "/home/u/zone"}):
+        assert _loader_sensitive(env), env

@@ -17,20 +17,22 @@ So a backend that runs as another account is started through util-linux's
 ``setpriv`` instead, which makes the same switch (real, effective and
 saved ids, the account's groups, no capabilities left) and then execs the
 command: the bridge itself changes no id and keeps vfork. Without a
-trustworthy setpriv (root's, not writable by others), when the command's
-argv[0] is not its path, or when the environment names anything the
-dynamic loader or libc acts on (setpriv runs as root with the backend's
-environment: an LD_PRELOAD meant for the backend must not load into it),
-subprocess switches as before."""
+trustworthy setpriv (util-linux's, only root can change it), under secure
+bits, when the command is not an absolute path that is also its argv[0],
+or when the environment names anything the dynamic loader or libc acts on
+(setpriv runs as root with the backend's environment: an LD_PRELOAD meant
+for the backend must not load into it), subprocess switches as before."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import pwd
 import stat
 import subprocess
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import process
@@ -59,49 +61,90 @@ _setpriv: str | bool | None = False  # False: not looked for yet
 
 
 def trusted_setpriv() -> str | None:
-    """The path of a setpriv only root can change (the file and the
-    directory it is in), or None; looked for once."""
+    """The path of util-linux's setpriv if only root can change it (the
+    file and every directory above it) and the bridge runs without secure
+    bits (setpriv's switch fails under keep-caps-locked, subprocess's does
+    not), or None; looked for once."""
     global _setpriv
     if _setpriv is False:
         _setpriv = None
-        for candidate in SETPRIV_PATHS:
-            try:
-                program = os.stat(candidate)
-                directory = os.stat(os.path.dirname(os.path.realpath(candidate)))
-            except OSError:
-                continue
-            if (stat.S_ISREG(program.st_mode) and program.st_uid == 0
-                    and not program.st_mode & 0o022 and program.st_mode & 0o100
-                    and directory.st_uid == 0 and not directory.st_mode & 0o022):
-                _setpriv = os.path.realpath(candidate)
-                break
+        if _secure_bits() == 0:
+            for candidate in SETPRIV_PATHS:
+                real = os.path.realpath(candidate)
+                # BusyBox's setpriv (a link to busybox) lacks --groups.
+                if os.path.basename(real) == "setpriv" and _only_root_can_change(real):
+                    _setpriv = real
+                    break
     return _setpriv  # type: ignore[return-value]
 
 
+def _only_root_can_change(path: str) -> bool:
+    try:
+        program = os.stat(path)
+        if not (stat.S_ISREG(program.st_mode) and program.st_mode & 0o100):
+            return False
+        for held in (program, *(os.stat(d) for d in Path(path).parents)):
+            if held.st_uid != 0 or held.st_mode & 0o022:
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def _secure_bits() -> int | None:
+    """prctl(PR_GET_SECUREBITS), None if it cannot be asked."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        bits = libc.prctl(27, 0, 0, 0, 0)  # PR_GET_SECUREBITS
+    except (OSError, AttributeError):
+        return None
+    return None if bits < 0 else int(bits)
+
+
 #: What glibc drops from the environment of a setuid program (its
-#: unsecure-envvars list), besides every LD_* and GLIBC_* name.
+#: unsecure-envvars list), besides every LD_* and GLIBC_* name; and
+#: LANGUAGE, whose value is a path into the message catalogues.
 _LOADER_VARIABLES = frozenset((
-    "GCONV_PATH", "GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "MALLOC_ARENA_MAX",
-    "MALLOC_ARENA_TEST", "MALLOC_CHECK_", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
-    "MALLOC_PERTURB_", "MALLOC_TOP_PAD_", "MALLOC_TRACE", "MALLOC_TRIM_THRESHOLD_",
-    "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TMPDIR", "TZDIR"))
+    "GCONV_PATH", "GETCONF_DIR", "HOSTALIASES", "LANGUAGE", "LOCALDOMAIN", "LOCPATH",
+    "MALLOC_ARENA_MAX", "MALLOC_ARENA_TEST", "MALLOC_CHECK_", "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_", "MALLOC_PERTURB_", "MALLOC_TOP_PAD_", "MALLOC_TRACE",
+    "MALLOC_TRIM_THRESHOLD_", "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS",
+    "TMPDIR", "TZDIR"))
 
 
 def _loader_sensitive(env: Mapping[str, str]) -> bool:
-    return any(name.startswith(("LD_", "GLIBC_")) or name in _LOADER_VARIABLES
-               for name in env)
+    """Whether ``env`` could make setpriv, running as root, load or read
+    anything of another's choosing: loader and libc variables, and a
+    locale or time zone that is a path rather than a name."""
+    for name, value in env.items():
+        if name.startswith(("LD_", "GLIBC_")) or name in _LOADER_VARIABLES:
+            return True
+        if (name in ("LANG", "TZ") or name.startswith("LC_")) and "/" in value:
+            return True
+    return False
 
 
-def _check_executable(executable: str) -> None:
-    """Raise the OSError exec would give for a program that is not there or
-    not executable at all, as subprocess would have: through setpriv the
-    exec that fails is setpriv's, which only exits 127 (its message in the
-    backend's output)."""
-    if os.sep not in executable:
-        return  # looked up in PATH by setpriv as by subprocess
+def _check_executable(executable: str, uid: int, groups: list[int]) -> None:
+    """Raise the OSError subprocess's exec as ``uid`` would have given for a
+    program that is missing, not executable by that account, or neither a
+    script nor a binary: through setpriv, the exec that could fail is
+    setpriv's own, which only exits (126, 127) with its message in the
+    backend's output. (What this does not see, a directory on the way the
+    account may not search or a noexec mount, still shows that way.)"""
     info = os.stat(executable)  # FileNotFoundError, as exec gives
-    if stat.S_ISDIR(info.st_mode) or not info.st_mode & 0o111:
+    if info.st_uid == uid:
+        allowed = info.st_mode & 0o100
+    elif info.st_gid in groups:
+        allowed = info.st_mode & 0o010
+    else:
+        allowed = info.st_mode & 0o001
+    if stat.S_ISDIR(info.st_mode) or not allowed:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), executable)
+    with open(executable, "rb") as program:
+        start = program.read(4)
+    if not (start.startswith(b"#!") or start == b"\x7fELF"):
+        # execve refuses it; setpriv's execvp would run it with /bin/sh.
+        raise OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC), executable)
 
 
 class GroupLeaderProcess(process.Process):
@@ -153,8 +196,8 @@ class SpawnedProcess:
             groups = os.getgrouplist(entry.pw_name, group)
             setpriv = trusted_setpriv()
             if setpriv is not None and args and args[0] == executable \
-                    and not _loader_sensitive(env):
-                _check_executable(executable)
+                    and os.path.isabs(executable) and not _loader_sensitive(env):
+                _check_executable(executable, uid, groups)
                 args = [setpriv, f"--reuid={uid}", f"--regid={group}",
                         f"--groups={','.join(map(str, groups))}" if groups
                         else "--clear-groups", "--", *args]
