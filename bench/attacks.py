@@ -1394,7 +1394,7 @@ def _failure_flood(root: Path, config_lines: str, rounds: int) -> dict[str, Any]
 
             async def attack(round_: int = round_) -> int:
                 # 10 connections of 3 calls: within the password-check
-                # queue (2 running, 32 waiting), so every logon is checked.
+                # queue (2 running, 256 waiting), so every logon is checked.
                 semaphore = asyncio.Semaphore(10)
 
                 async def one(n: int) -> int:
