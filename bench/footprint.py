@@ -15,11 +15,15 @@ for each start measures:
   where RSS would count shared pages once per process).
 
 ``--workers N`` sets otsapi_workers (default: the bridge's default).
+``--like-ogon-check`` configures what ogon-check's harness does besides:
+PAM (``authenticator = "pam"``) and D-Bus notifications (to a bus address
+nothing listens on: connecting is the reactor's, after the start, either
+way).
 ``--importtime`` also prints the imports of one start with the most
 cumulative time (``python -X importtime``).
 
 usage: python -m bench.footprint [--rounds 5] [--workers N] [--idle 1.5]
-                                 [--importtime] [--json FILE]
+                                 [--like-ogon-check] [--importtime] [--json FILE]
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def _wait_listening(process: subprocess.Popen[bytes], sock: Path, port: int) -> 
         time.sleep(0.001)
 
 
-def _setup(base: Path, workers: int | None) -> Path:
+def _setup(base: Path, workers: int | None, like_ogon_check: bool = False) -> Path:
     """A config, a users file and a TLS pair under ``base``."""
     sys.path.insert(0, str(ROOT))
     from bridge.security.auth import UserEntry, hash_password, write_users
@@ -81,7 +85,9 @@ def _setup(base: Path, workers: int | None) -> Path:
     config = base / "bridge.toml"
     config.write_text(
         f'pipe_dir = "{base}/pipes"\nbackend_log_dir = "{base}/logs"\n'
-        'admin_endpoint = "tcp:0:interface=127.0.0.1"\ndbus_address = ""\n'
+        'admin_endpoint = "tcp:0:interface=127.0.0.1"\n'
+        + ('authenticator = "pam"\n' f'dbus_address = "unix:path={base}/no-bus"\n'
+           if like_ogon_check else 'dbus_address = ""\n')
         + (f"otsapi_workers = {workers}\n" if workers is not None else "")
         + f'[properties]\n"ssl.certificate" = "{base}/tls/ogon.crt"\n'
         f'"ssl.key" = "{base}/tls/ogon.key"\n')
@@ -146,16 +152,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--like-ogon-check", action="store_true")
     parser.add_argument("--idle", type=float, default=1.5)
     parser.add_argument("--importtime", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="ib-fp-", dir="/tmp"))
     try:
-        config = _setup(base, args.workers)
+        config = _setup(base, args.workers, args.like_ogon_check)
         rows = [one_start(base, config, args.idle) for _ in range(args.rounds)]
         print(f"{args.rounds} starts, otsapi_workers "
               f"{'default' if args.workers is None else args.workers}, "
+              f"{'PAM and D-Bus, ' if args.like_ogon_check else ''}"
               f"{len(os.sched_getaffinity(0))} cores; median [min..max]")
         for key, what in (("startup_s", "startup until ICP socket + TLS port accept (s)"),
                           ("startup_cpu_s", "CPU until then (s)"),
