@@ -215,12 +215,15 @@ class BridgeService(MultiService):
                  authenticator: Authenticator | None = None, clock: Any | None = None,
                  exit_on_startup_error: bool = False,
                  launcher: BackendLauncher | None = None,
-                 properties: MergedProperties | None = None) -> None:
+                 properties: MergedProperties | None = None, pam_checked: bool = False) -> None:
         """``clock`` (default: the reactor) times bridged calls, tokens and
         session times; tests pass a Clock. With ``exit_on_startup_error``
         (under twistd) a failure to start is one line and exit status 1, not
         a traceback. ``properties``: what load_properties(config) says, when
-        the caller has read it already (twistd's makeService)."""
+        the caller has read it already (twistd's makeService).
+        ``pam_checked``: the caller's preflight found PAM usable (twistd's
+        makeService), so it is not looked for again (each look runs
+        ldconfig)."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -240,7 +243,7 @@ class BridgeService(MultiService):
         report_properties(self.log, merged, self.properties, self.config.authenticator)
         self.channels = ChannelPolicy(self.properties, config.channels_allow,
                                       config.channels_deny)
-        check_before_writing(config, reactor, pam=authenticator is None)
+        check_before_writing(config, reactor, pam=authenticator is None and not pam_checked)
         farm_secrets = read_farm_secrets(config)
         # One bridge per state directory (a second one would take this one's
         # sessions for a restart's); released when the service stops.
@@ -464,10 +467,13 @@ class BridgeService(MultiService):
             def level_of(username: str) -> int:
                 return ogon_level(properties.get_string("permission.level", username))
 
-            try:
-                authenticator = PamAuthenticator(level_of, run_blocking=self._run_blocking)
-            except RuntimeError as e:
-                raise StartupError(str(e)) from None
+            # PAM was found usable before anything was written (by
+            # check_before_writing, or by the caller's preflight): python-pam
+            # is handed in rather than looked for a third time.
+            import pam  # type: ignore[import-not-found]
+
+            authenticator = PamAuthenticator(level_of, run_blocking=self._run_blocking,
+                                             pam_module=pam)
             if ogon_pam_service() == "ogon":
                 self.log.info("PAM service ogon ({path})", path=str(PAM_DIR / "ogon"))
             else:

@@ -349,7 +349,9 @@ def makeService(options: Options) -> DaemonService:
     # Read before the endpoints are parsed: a systemd: endpoint needs LISTEN_FDS.
     notifier = SystemdNotifier(unset=True)
     try:
-        bridge = BridgeService(config, exit_on_startup_error=True, properties=properties)
+        # preflight found PAM usable (it stops the start when not).
+        bridge = BridgeService(config, exit_on_startup_error=True, properties=properties,
+                               pam_checked=True)
     except StartupError as e:
         raise _exit([str(e)]) from None
     return DaemonService(bridge, sources, logging, notifier,
