@@ -10,6 +10,7 @@ import argparse
 import datetime
 import os
 import pwd
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from bridge.config import Config, ConfigError, Problem
 from bridge.config_sources import ConfigSources, Flags, TomlFile, load_config
 from bridge.endpoints import StartupError
 from bridge.preflight import preflight
-from bridge.security.tls import generate_pair
+from bridge.security.tls import certificate_not_after, generate_pair, openssl_time
 from bridge.tap import Options
 from tests.conftest import no_ogon_config
 
@@ -458,6 +459,25 @@ def test_preflight_certificate_expiry(tmp_path: Path) -> None:
                         now=lambda: now + datetime.timedelta(days=10 * 365 + 1))
     assert len(expired.alerts) == 1 and " EXPIRED on " in expired.alerts[0].text
     assert expired.errors == [], "an expired certificate is said loudly, not refused"
+
+
+def test_certificate_time_is_read_as_the_ssl_module_reads_it(tmp_path: Path) -> None:
+    """openssl_time (the start's reading, without time.strptime) answers what
+    ssl.cert_time_to_seconds answers, and refuses what it refuses."""
+    for text in ("Dec  2 05:51:55 2027 GMT", "Jan 31 23:59:59 2049 GMT",
+                 "Feb 29 00:00:00 2028 GMT", "jan  1 00:00:00 1970 GMT"):
+        assert openssl_time(text) == datetime.datetime.fromtimestamp(
+            ssl.cert_time_to_seconds(text), datetime.UTC), text
+    for text in ("Foo  2 05:51:55 2027 GMT", "Dec  2 05:51:55 2027 UTC",
+                 "Dec 32 05:51:55 2027 GMT", "Dec  2 05:51 2027 GMT", ""):
+        with pytest.raises(ValueError):
+            ssl.cert_time_to_seconds(text)
+        with pytest.raises(ValueError):
+            openssl_time(text)
+    generate_pair(tmp_path / "c.crt", tmp_path / "c.key")
+    decoded = ssl._ssl._test_decode_cert(str(tmp_path / "c.crt"))  # type: ignore[attr-defined]
+    assert certificate_not_after(tmp_path / "c.crt") == datetime.datetime.fromtimestamp(
+        ssl.cert_time_to_seconds(decoded["notAfter"]), datetime.UTC)
 
 
 def test_preflight_plaintext_and_off_loopback_listeners(tmp_path: Path) -> None:

@@ -143,6 +143,22 @@ def endpoint_certificate(description: str) -> Path | None:
     return Path(named) if named else None
 
 
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def openssl_time(text: str) -> datetime.datetime:
+    """A time as OpenSSL prints it in a decoded certificate ("Dec  2 05:51:55
+    2027 GMT"), what ssl.cert_time_to_seconds reads. Read here without
+    time.strptime, whose first use (importing _strptime, its locale data
+    and patterns) cost every start ~3 ms; ValueError when it is not one."""
+    month, day, clock, year, zone = text.split()
+    hour, minute, second = clock.split(":")
+    if zone != "GMT" or month.title() not in _MONTHS:
+        raise ValueError(f"not a certificate time: {text!r}")
+    return datetime.datetime(int(year), _MONTHS.index(month.title()) + 1, int(day), int(hour),
+                             int(minute), int(second), tzinfo=datetime.UTC)
+
+
 def certificate_not_after(path: Path) -> datetime.datetime | None:
     """When the (first) certificate in a PEM file expires; None when the
     file cannot be read or holds no certificate.
@@ -155,9 +171,7 @@ def certificate_not_after(path: Path) -> datetime.datetime | None:
     decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
     if decode is not None:
         try:
-            not_after = decode(str(path))["notAfter"]
-            return datetime.datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after),
-                                                   datetime.UTC)
+            return openssl_time(decode(str(path))["notAfter"])
         except (OSError, ssl.SSLError, KeyError, ValueError):
             return None
     from cryptography import x509
