@@ -190,7 +190,7 @@ class RdpGuardTests(SynchronousTestCase):
         # Two at a time, CHECK_TIME each, and no wait beyond that.
         assert took <= count / policy.concurrency * CHECK_TIME + 0.1, took
         assert not any("paced" in e.get("log_format", "") for e in events)
-        assert self.guard._rdp_level() == policy.rdp_failures_per_minute
+        assert self.guard.rdp_budget.level() == policy.rdp_failures_per_minute
 
     def test_a_check_waiting_past_the_rdp_servers_patience_is_not_made(self) -> None:
         per_minute = POLICY.rdp_failures_per_minute
@@ -216,7 +216,7 @@ class RdpGuardTests(SynchronousTestCase):
         for n in range(2 * POLICY.rdp_failures_per_minute):
             assert self.attempt(f"name{n}", "guess", "198.51.100.1") == (False, 0.0)
         assert self.guard.outcomes[RDP, "unavailable"] == 2 * POLICY.rdp_failures_per_minute
-        assert self.guard._rdp_level() == POLICY.rdp_failures_per_minute, "all given back"
+        assert self.guard.rdp_budget.level() == POLICY.rdp_failures_per_minute, "all given back"
 
     def test_the_log_names_the_claimed_address_as_a_claim(self) -> None:
         with capturedLogs() as events:

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -160,9 +161,8 @@ class LogonGuard:
         # any waits), and paced RDP-wide once the failure budget is spent.
         self._user_lanes: dict[str, DeferredLock] = {}
         self._user_waiting: Counter[str] = Counter()
-        self._rdp_budget = float(self.policy.rdp_failures_per_minute)
-        self._rdp_budget_at = clock.seconds()
-        self._rdp_pace = DeferredLock()
+        self.rdp_budget = RdpFailureBudget(clock, self.policy.rdp_failures_per_minute,
+                                           self.log, self.log_limit)
         # For the metrics: logons by (kind, outcome: ok, failed, locked_out,
         # queue_full, unavailable).
         self.outcomes: Counter[tuple[str, str]] = Counter()
@@ -500,19 +500,9 @@ class LogonGuard:
             return _NOT_CHECKED
         return await self._check(username, password, domain, options)
 
-    def _rdp_level(self) -> float:
-        """RDP failures that may come now before checks are paced (the
-        budget refills at rdp_failures_per_minute, up to a minute's worth)."""
-        now = self.clock.seconds()
-        per_minute = self.policy.rdp_failures_per_minute
-        self._rdp_budget = min(float(per_minute), self._rdp_budget
-                               + (now - self._rdp_budget_at) * per_minute / 60)
-        self._rdp_budget_at = now
-        return self._rdp_budget
-
     async def _rdp_paced(self, username: str, password: str, domain: str,
                          options: dict[str, Any]) -> Any:
-        """The RDP password check, in the RDP lane (see _rdp_budgeted), or
+        """The RDP password check, in the RDP lane (see RdpFailureBudget), or
         _NOT_CHECKED when it waited for a thread longer than the RDP server
         waits for the answer (RDP_PATIENCE): a spray being paced must not
         leave good logons checked long after their client was failed."""
@@ -529,44 +519,70 @@ class LogonGuard:
                                     patience=RDP_PATIENCE)
                 await deferLater(self.clock, 0, lambda: None)  # see _admitted
                 return _NOT_CHECKED
-            return await self._rdp_budgeted(username, password, domain, options)
+            return await self.rdp_budget.spend(
+                lambda: self._check(username, password, domain, options))
 
         return await self._lanes[RDP].run(lambda: Deferred.fromCoroutine(admitted()))
-
-    async def _rdp_budgeted(self, username: str, password: str, domain: str,
-                            options: dict[str, Any]) -> Identity | None:
-        """The RDP password check, holding one of the lane's threads. Each
-        check takes one failure from the RDP-wide budget while it runs
-        (given back if it was no failure), so that the checks running
-        together cannot overrun it; checks still waiting for a thread take
-        none (a burst of good logons is no spray of guesses). Once it is
-        spent, checks go one at a time, each when the budget has one again."""
-        paced = self._rdp_pace.locked or self._rdp_level() < 1
-        if paced:
-            await self._rdp_pace.acquire()
-        try:
-            if paced:
-                wait = (1 - self._rdp_level()) * 60 / self.policy.rdp_failures_per_minute
-                if wait > 0:
-                    self.log_limit.warn(self.log, "rdp paced",
-                                        "failed RDP logons past rdp_failures_per_minute "
-                                        "({limit}): RDP password checks paced",
-                                        limit=self.policy.rdp_failures_per_minute)
-                    await deferLater(self.clock, wait, lambda: None)
-            self._rdp_level()
-            self._rdp_budget -= 1
-            try:
-                identity = await self._check(username, password, domain, options)
-            except BaseException:
-                self._rdp_budget += 1  # no guess was checked: given back
-                raise
-            if identity is not None:
-                self._rdp_budget += 1  # a success spends nothing
-            return identity
-        finally:
-            if paced:
-                self._rdp_pace.release()
 
     def _check(self, username: str, password: str, domain: str,
                options: dict[str, Any]) -> Deferred[Identity | None]:
         return self.authenticator.authenticate(username, password, domain, **options)
+
+
+class RdpFailureBudget:
+    """Failed RDP logons for all users together: ``per_minute`` may come at
+    once, then checks are paced to that rate (RDP clients name no source a
+    guesser could be told apart by, so spraying one guess over many names
+    is bounded here)."""
+
+    def __init__(self, clock: IReactorTime, per_minute: int, log: Logger,
+                 log_limit: LogLimiter) -> None:
+        self.clock = clock
+        self.per_minute = per_minute
+        self.log = log
+        self.log_limit = log_limit
+        self._budget = float(per_minute)
+        self._budget_at = clock.seconds()
+        self._pace = DeferredLock()
+
+    def level(self) -> float:
+        """Failures that may come now before checks are paced (the budget
+        refills at per_minute, up to a minute's worth)."""
+        now = self.clock.seconds()
+        self._budget = min(float(self.per_minute),
+                           self._budget + (now - self._budget_at) * self.per_minute / 60)
+        self._budget_at = now
+        return self._budget
+
+    async def spend(self, check: Callable[[], Deferred[Identity | None]]) -> Identity | None:
+        """Run ``check`` (an RDP password check holding one of the lane's
+        threads). It takes one failure from the budget while it runs (given
+        back if it was no failure), so that the checks running together
+        cannot overrun it; checks still waiting for a thread take none (a
+        burst of good logons is no spray of guesses). Once it is spent,
+        checks go one at a time, each when the budget has one again."""
+        paced = self._pace.locked or self.level() < 1
+        if paced:
+            await self._pace.acquire()
+        try:
+            if paced:
+                wait = (1 - self.level()) * 60 / self.per_minute
+                if wait > 0:
+                    self.log_limit.warn(self.log, "rdp paced",
+                                        "failed RDP logons past rdp_failures_per_minute "
+                                        "({limit}): RDP password checks paced",
+                                        limit=self.per_minute)
+                    await deferLater(self.clock, wait, lambda: None)
+            self.level()
+            self._budget -= 1
+            try:
+                identity = await check()
+            except BaseException:
+                self._budget += 1  # no guess was checked: given back
+                raise
+            if identity is not None:
+                self._budget += 1  # a success spends nothing
+            return identity
+        finally:
+            if paced:
+                self._pace.release()
