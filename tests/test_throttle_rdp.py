@@ -11,6 +11,7 @@ sending the spoofed addresses."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,9 @@ class RdpGuardTests(SynchronousTestCase):
         assert took <= count / policy.concurrency * CHECK_TIME + 0.1, took
         assert not any("paced" in e.get("log_format", "") for e in events)
         assert self.guard.rdp_budget.level() == policy.rdp_failures_per_minute
+        # A reload replaces the policy: the budget follows its rate.
+        self.guard.policy = dataclasses.replace(policy, rdp_failures_per_minute=5)
+        assert self.guard.rdp_budget.level() == 5
 
     def test_a_check_waiting_past_the_rdp_servers_patience_is_not_made(self) -> None:
         per_minute = POLICY.rdp_failures_per_minute

@@ -161,7 +161,8 @@ class LogonGuard:
         # any waits), and paced RDP-wide once the failure budget is spent.
         self._user_lanes: dict[str, DeferredLock] = {}
         self._user_waiting: Counter[str] = Counter()
-        self.rdp_budget = RdpFailureBudget(clock, self.policy.rdp_failures_per_minute,
+        # The rate is read from the policy at each use: a reload replaces it.
+        self.rdp_budget = RdpFailureBudget(clock, lambda: self.policy.rdp_failures_per_minute,
                                            self.log, self.log_limit)
         # For the metrics: logons by (kind, outcome: ok, failed, locked_out,
         # queue_full, unavailable).
@@ -530,18 +531,18 @@ class LogonGuard:
 
 
 class RdpFailureBudget:
-    """Failed RDP logons for all users together: ``per_minute`` may come at
-    once, then checks are paced to that rate (RDP clients name no source a
-    guesser could be told apart by, so spraying one guess over many names
+    """Failed RDP logons for all users together: ``per_minute()`` may come
+    at once, then checks are paced to that rate (RDP clients name no source
+    a guesser could be told apart by, so spraying one guess over many names
     is bounded here)."""
 
-    def __init__(self, clock: IReactorTime, per_minute: int, log: Logger,
+    def __init__(self, clock: IReactorTime, per_minute: Callable[[], int], log: Logger,
                  log_limit: LogLimiter) -> None:
         self.clock = clock
         self.per_minute = per_minute
         self.log = log
         self.log_limit = log_limit
-        self._budget = float(per_minute)
+        self._budget = float(per_minute())
         self._budget_at = clock.seconds()
         self._pace = DeferredLock()
 
@@ -549,8 +550,9 @@ class RdpFailureBudget:
         """Failures that may come now before checks are paced (the budget
         refills at per_minute, up to a minute's worth)."""
         now = self.clock.seconds()
-        self._budget = min(float(self.per_minute),
-                           self._budget + (now - self._budget_at) * self.per_minute / 60)
+        per_minute = self.per_minute()
+        self._budget = min(float(per_minute),
+                           self._budget + (now - self._budget_at) * per_minute / 60)
         self._budget_at = now
         return self._budget
 
@@ -566,12 +568,12 @@ class RdpFailureBudget:
             await self._pace.acquire()
         try:
             if paced:
-                wait = (1 - self.level()) * 60 / self.per_minute
+                wait = (1 - self.level()) * 60 / self.per_minute()
                 if wait > 0:
                     self.log_limit.warn(self.log, "rdp paced",
                                         "failed RDP logons past rdp_failures_per_minute "
                                         "({limit}): RDP password checks paced",
-                                        limit=self.per_minute)
+                                        limit=self.per_minute())
                     await deferLater(self.clock, wait, lambda: None)
             self.level()
             self._budget -= 1
