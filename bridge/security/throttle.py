@@ -461,12 +461,10 @@ class LogonGuard:
             return None
         self._waiting[kind] += 1
         try:
-            if kind == RDP:
-                admitted = await self._rdp_paced(username, password, domain, options)
-            else:
-                admitted = await self._lanes[kind].run(
-                    lambda: Deferred.fromCoroutine(self._admitted(
-                        username, password, domain, origin, kind, shown, options)))
+            queued_at = self.clock.seconds()
+            admitted = await self._lanes[kind].run(
+                lambda: Deferred.fromCoroutine(self._admitted(
+                    username, password, domain, origin, kind, shown, options, queued_at)))
             if admitted is _NOT_CHECKED:
                 return None
             identity = admitted
@@ -487,43 +485,35 @@ class LogonGuard:
         return identity
 
     async def _admitted(self, username: str, password: str, domain: str, origin: str,
-                        kind: str, shown: str, options: dict[str, Any]) -> Any:
-        """The check, once it holds one of the lane's threads; unchecked
-        (_NOT_CHECKED, not counted) if a lock was set while it
-        waited: a burst of guesses queued before the first failure was
-        counted gets no more checks than lockout_failures (and the checks
-        running) allow."""
-        if self._refused(username, origin, kind, shown):
-            # Answered on the next turn: refusals answered at once would
-            # hand the thread on to the next waiter inside this call, a
-            # recursion as deep as the queue is long.
-            await deferLater(self.clock, 0, lambda: None)
-            return _NOT_CHECKED
-        return await self._check(username, password, domain, options)
-
-    async def _rdp_paced(self, username: str, password: str, domain: str,
-                         options: dict[str, Any]) -> Any:
-        """The RDP password check, in the RDP lane (see RdpFailureBudget), or
-        _NOT_CHECKED when it waited for a thread longer than the RDP server
-        waits for the answer (RDP_PATIENCE): a spray being paced must not
-        leave good logons checked long after their client was failed."""
-        queued_at = self.clock.seconds()
-
-        async def admitted() -> Any:
+                        kind: str, shown: str, options: dict[str, Any], queued_at: float
+                        ) -> Any:
+        """The check, once it holds one of its lane's threads; an RDP check
+        spends from the RDP-wide budget (RdpFailureBudget). Not made
+        (_NOT_CHECKED, no failure counted) when, while it waited, a lock
+        was set on an OTS API attempt (a burst of guesses queued before the
+        first failure was counted gets no more checks than lockout_failures
+        and the running checks allow), or an RDP logon waited longer than
+        the RDP server waits for its answer (RDP_PATIENCE: a spray being
+        paced must not leave good logons checked long after their client
+        was failed)."""
+        if kind == RDP:
             waited = self.clock.seconds() - queued_at
-            if waited > RDP_PATIENCE:
-                self.outcomes[RDP, "expired"] += 1
-                self.log_limit.warn(self.log, "rdp expired",
-                                    "RDP logon of user {username} not checked: it waited "
-                                    "{waited:.0f} s for its turn, and the RDP server waits "
-                                    "{patience:.0f} s", username=username, waited=waited,
-                                    patience=RDP_PATIENCE)
-                await deferLater(self.clock, 0, lambda: None)  # see _admitted
-                return _NOT_CHECKED
-            return await self.rdp_budget.spend(
-                lambda: self._check(username, password, domain, options))
-
-        return await self._lanes[RDP].run(lambda: Deferred.fromCoroutine(admitted()))
+            if waited <= RDP_PATIENCE:
+                return await self.rdp_budget.spend(
+                    lambda: self._check(username, password, domain, options))
+            self.outcomes[RDP, "expired"] += 1
+            self.log_limit.warn(self.log, "rdp expired",
+                                "RDP logon of user {username} not checked: it waited "
+                                "{waited:.0f} s for its turn, and the RDP server waits "
+                                "{patience:.0f} s", username=username, waited=waited,
+                                patience=RDP_PATIENCE)
+        elif not self._refused(username, origin, kind, shown):
+            return await self._check(username, password, domain, options)
+        # Answered on the next turn: answered at once, it would hand the
+        # thread on to the next waiter inside this call, a recursion as
+        # deep as the queue is long.
+        await deferLater(self.clock, 0, lambda: None)
+        return _NOT_CHECKED
 
     def _check(self, username: str, password: str, domain: str,
                options: dict[str, Any]) -> Deferred[Identity | None]:
