@@ -167,6 +167,27 @@ async def test_a_token_is_honoured_at_once_and_never_after_its_revocation(
         c.transport.loseConnection()
 
 
+def _connect_and_ping(port: int, count: int) -> list[bool]:
+    """``count`` connections open at once (blocking, in a thread), a ping on
+    each: answered? One False per connection refused or reset."""
+    socks, answered = [], []
+    for _ in range(count):
+        try:
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=20))
+        except OSError:  # refused (reset) before the connect returned
+            answered.append(False)
+    data = _frames(("ping", (9,)))
+    for s in socks:
+        try:
+            s.sendall(data)
+            answered.append(len(s.recv(100)) > 0)
+        except OSError:
+            answered.append(False)
+    for s in socks:
+        s.close()
+    return answered
+
+
 def _frames(*calls: tuple[str, tuple[Any, ...]]) -> bytes:
     out = b""
     for seqid, (name, args) in enumerate(calls, 1):
@@ -417,27 +438,7 @@ async def test_max_connections_counts_every_process(short_dir: Path) -> None:
     pool = bridge.service.workers
     assert pool is not None
     await pool.when_serving()
-    port = bridge.thrift_port
-
-    def storm() -> list[bool]:
-        socks, answered = [], []
-        for _ in range(8):
-            try:
-                socks.append(socket.create_connection(("127.0.0.1", port), timeout=20))
-            except OSError:  # refused (reset) before the connect returned
-                answered.append(False)
-        data = _frames(("ping", (9,)))
-        for s in socks:
-            try:
-                s.sendall(data)
-                answered.append(len(s.recv(100)) > 0)
-            except OSError:
-                answered.append(False)
-        for s in socks:
-            s.close()
-        return answered
-
-    answered = await deferToThread(storm)
+    answered = await deferToThread(_connect_and_ping, bridge.thrift_port, 8)
     assert answered.count(True) == 3, answered
     await bridge.stop()
 
@@ -479,33 +480,14 @@ async def test_a_reload_gives_the_workers_the_new_connection_limits(short_dir: P
         assert pool is not None
         await pool.when_serving()
         port = bridge.thrift_port
-
-        def connect_and_ping(count: int) -> list[bool]:
-            """``count`` connections open at once, a ping on each: answered?"""
-            socks, answered = [], []
-            for _ in range(count):
-                try:
-                    socks.append(socket.create_connection(("127.0.0.1", port), timeout=20))
-                except OSError:  # refused (reset) before the handshake's end was seen
-                    answered.append(False)
-            for s in socks:
-                try:
-                    s.sendall(_frames(("ping", (9,))))
-                    answered.append(len(s.recv(100)) > 0)
-                except OSError:
-                    answered.append(False)
-            for s in socks:
-                s.close()
-            return answered
-
-        first = await deferToThread(connect_and_ping, 5)
+        first = await deferToThread(_connect_and_ping, port, 5)
         assert all(first), first
         path.write_text(toml(short_dir, otsapi_workers=WORKERS, max_connections=2))
         assert reloader.reload()
         # The workers have the new limits a channel round trip later (the
         # reload itself does not wait): after a SYNC, which comes after them.
         await pool.sync()
-        answered = await deferToThread(connect_and_ping, 5)
+        answered = await deferToThread(_connect_and_ping, port, 5)
         assert answered.count(True) == 2, answered
     finally:
         await bridge.stop()
