@@ -11,7 +11,8 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +223,36 @@ async def test_filled_directories_at_the_next_names_are_moved_aside(bridge_with:
     assert any("moved aside" in str(e.get("found", "")) for e in events)
 
 
+@contextmanager
+def socket_planted_at_start(pipes: Path, owner: tuple[int, int], listen: bool
+                            ) -> Iterator[list[socket.socket]]:
+    """While inside: the moment the bridge logs that it started an xsession,
+    another user's socket (``owner``; listening with ``listen``) is bound at
+    that backend's endpoint. Yields the planted sockets, closed on leaving."""
+    from twisted.logger import globalLogPublisher
+
+    planted: list[socket.socket] = []
+
+    def plant(event: dict[str, Any]) -> None:
+        if event.get("module") == "xsession" and "started" in event.get("log_format", "") \
+                and not planted:
+            path = pipes / f"ogon_{event['session_id']}_xsession"
+            sock = socket.socket(socket.AF_UNIX)
+            sock.bind(str(path))
+            if listen:
+                sock.listen(1)
+            os.chown(path, *owner)
+            planted.append(sock)
+
+    globalLogPublisher.addObserver(plant)
+    try:
+        yield planted
+    finally:
+        globalLogPublisher.removeObserver(plant)
+        for sock in planted:
+            sock.close()
+
+
 @needs_root
 @pytest_twisted.ensureDeferred
 async def test_a_name_taken_during_the_start_is_started_again_unguessably(
@@ -236,31 +267,14 @@ async def test_a_name_taken_during_the_start_is_started_again_unguessably(
     running = await bridge_with(
         greeter=stand_in(open_dir, "greeter"),
         xsession=stand_in(open_dir, "xsession", "--delay", "0.3", user=account))
-    pipes = running.service.config.pipe_dir
-    planted: list[socket.socket] = []
-
-    def plant(event: dict[str, Any]) -> None:
-        if event.get("module") == "xsession" and "started" in event.get("log_format", "") \
-                and not planted:
-            path = pipes / f"ogon_{event['session_id']}_xsession"
-            sock = socket.socket(socket.AF_UNIX)
-            sock.bind(str(path))
-            os.chown(path, 65534, 65534)  # nobody's: neither the bridge's nor the user's
-            planted.append(sock)
-
     # The squatter wins every race for the name: the bridge's take-back fails.
     monkeypatch.setattr(launcher_module, "clear",
                         lambda path: ("a socket of uid 65534", "Operation not permitted"))
     peer = await running.peer()
-    from twisted.logger import globalLogPublisher
-    globalLogPublisher.addObserver(plant)
-    try:
-        with capturedLogs() as events:
-            answer = await peer.logon(1, "alice", "alice-pw")
-    finally:
-        globalLogPublisher.removeObserver(plant)
-        for sock in planted:
-            sock.close()
+    # nobody's socket: neither the bridge's nor the user's
+    with socket_planted_at_start(running.service.config.pipe_dir, (65534, 65534), False), \
+            capturedLogs() as events:
+        answer = await peer.logon(1, "alice", "alice-pw")
     name = answer.serviceEndpoint.rpartition("\\")[2]
     assert re.fullmatch(r"ogon_1_xsession-[0-9a-f]{8}", name), name
     session = running.service.registry.by_connection(1)
@@ -278,32 +292,15 @@ async def test_a_socket_planted_during_the_start_is_taken_back(bridge_with: Any,
     squatter = pwd.getpwnam(ensure_test_account())
     running = await bridge_with(greeter=stand_in(open_dir, "greeter"),
                                 xsession=stand_in(open_dir, "xsession", "--delay", "0.5"))
-    pipes = running.service.config.pipe_dir
-    planted: list[socket.socket] = []
-
-    def plant(event: dict[str, Any]) -> None:
-        if event.get("module") == "xsession" and "started" in event.get("log_format", "") \
-                and not planted:
-            path = pipes / f"ogon_{event['session_id']}_xsession"
-            sock = socket.socket(socket.AF_UNIX)
-            sock.bind(str(path))
-            sock.listen(1)
-            os.chown(path, squatter.pw_uid, squatter.pw_gid)
-            planted.append(sock)
-
     peer = await running.peer()
-    with capturedLogs() as events:
-        from twisted.logger import globalLogPublisher
-        globalLogPublisher.addObserver(plant)
-        try:
-            await peer.logon(1, "alice", "alice-pw")
-        finally:
-            globalLogPublisher.removeObserver(plant)
+    with socket_planted_at_start(running.service.config.pipe_dir,
+                                 (squatter.pw_uid, squatter.pw_gid), True) as planted, \
+            capturedLogs() as events:
+        await peer.logon(1, "alice", "alice-pw")
     assert planted, "the socket was planted"
     session = running.service.registry.by_connection(1)
     assert session.logged_on and peer.connections[1].backend_session == session.session_id
     assert any("taken by someone else" in str(e.get("log_format", "")) for e in events)
-    planted[0].close()
 
 
 def test_what_counts_as_the_backends_socket(tmp_path: Path) -> None:
