@@ -23,10 +23,11 @@ from bridge.farm.haproxy import RuntimeApi, UnsafeLineError
 from tests.conftest import BridgeUnderTest
 from tests.farm.pg import FarmDatabase
 from tests.farm.test_haproxy import (  # noqa: F401 - a fixture
-    Haproxy,
     admin_socket,
     haproxy_binary,
     haproxy_config,
+    haproxy_listening,
+    spawn_haproxy,
     until,
 )
 from tests.farm.test_shipping import farm_bridge
@@ -80,17 +81,11 @@ async def test_injected_host_names_never_reach_haproxy_nor_the_map_file(
     map_path.write_text("")
     a = await farm_bridge(short_dir / "a", farm_db, "host-a", haproxy_socket=f"unix:{socket}",
                           haproxy_map=map_path)
-    proc = Haproxy()
-    transport = reactor.spawnProcess(
-        proc, haproxy_binary, [haproxy_binary, "-db", "-f",
-                               str(haproxy_config(short_dir, frontend, ports, map_path, socket))],
-        env={"PATH": "/usr/sbin:/usr/bin:/bin"})
+    proc, transport = spawn_haproxy(
+        haproxy_binary, haproxy_config(short_dir, frontend, ports, map_path, socket))
     admin = RuntimeApi(reactor, f"unix:{admin_socket(socket)}")
     try:
-        async def sockets_up() -> bool:
-            return admin_socket(socket).exists() or bool(proc.ended.called)
-        await until(sockets_up, "HAProxy's stats sockets")
-        assert not proc.ended.called, proc.output
+        await haproxy_listening(proc, admin_socket(socket))
         servers_before = await admin.send(["show servers state"])
         await farm_db.until("SELECT count(*) FROM farm_hosts", (), lambda rows: rows[0][0] >= 1)
         with LogLines() as log:

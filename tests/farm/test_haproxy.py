@@ -98,6 +98,22 @@ def admin_socket(socket: Path) -> Path:
     return socket.with_name("admin.sock")
 
 
+def spawn_haproxy(binary: str, config: Path) -> tuple[Haproxy, Any]:
+    """HAProxy in the foreground on ``config``: its protocol and process."""
+    proc = Haproxy()
+    transport = reactor.spawnProcess(proc, binary, [binary, "-db", "-f", str(config)],
+                                     env={"PATH": "/usr/sbin:/usr/bin:/bin"})
+    return proc, transport
+
+
+async def haproxy_listening(proc: Haproxy, socket: Path) -> None:
+    """Once HAProxy's ``socket`` exists (fails if HAProxy ended first)."""
+    async def up() -> bool:
+        return socket.exists() or bool(proc.ended.called)
+    await until(up, f"HAProxy's socket {socket.name}")
+    assert not proc.ended.called, proc.output
+
+
 @pytest.fixture
 def haproxy_binary() -> str:
     if not os.path.exists(HAPROXY):
@@ -136,17 +152,11 @@ async def test_a_cookie_lands_on_the_host_of_the_users_session(
     a = await farm_bridge(short_dir / "a", farm_db, "host-a", haproxy_socket=f"unix:{socket}",
                           haproxy_map=map_path, users=users)
     b = await farm_bridge(short_dir / "b", farm_db, "host-b", users=users)
-    proc = Haproxy()
-    transport = reactor.spawnProcess(
-        proc, haproxy_binary, [haproxy_binary, "-db", "-f",
-                               str(haproxy_config(short_dir, frontend, ports, map_path, socket))],
-        env={"PATH": "/usr/sbin:/usr/bin:/bin"})
+    proc, transport = spawn_haproxy(
+        haproxy_binary, haproxy_config(short_dir, frontend, ports, map_path, socket))
     api = RuntimeApi(reactor, f"unix:{socket}")
     try:
-        async def socket_up() -> bool:
-            return socket.exists() or bool(proc.ended.called)
-        await until(socket_up, "HAProxy's stats socket")
-        assert not proc.ended.called, proc.output
+        await haproxy_listening(proc, socket)
         peer_b = await b.peer()
         await peer_b.logon(1, "alice", "alice-pw")
         await peer_b.client_disconnected(1)
